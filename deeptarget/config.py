@@ -1,0 +1,175 @@
+"""One settings object for every process: scraper, workers, API, CLI.
+
+Values come, highest priority first, from keyword arguments, ``DEEPTARGET_*`` environment variables,
+a TOML file named by ``DEEPTARGET_CONFIG`` (or passed as ``Settings.load(path)``), and the defaults below.
+Components receive a ``Settings`` instance; nothing reads the environment deep inside a module.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+CONFIG_ENV = "DEEPTARGET_CONFIG"
+
+FacePolicy = Literal["require", "tag", "off"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPTARGET_", extra="forbid", validate_default=True)
+
+    # -- where things live ---------------------------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="Metadata DB, blobs, index snapshots, models, embedded Redis.")
+    redis_url: str | None = Field(
+        None, description="External Redis (redis://host:port/db). Unset: the project starts its own embedded Redis."
+    )
+    database_url: str | None = Field(None, description="SQLite path; default <data_dir>/metadata.sqlite3.")
+
+    # -- source and scraper ----------------------------------------------------------------------------------
+    source_url: str = Field("http://127.0.0.1:8700", description="Base URL of a Graph-API-shaped source.")
+    source_user_id: str = Field("17841400000000000", description="IG user id the API calls are made on behalf of.")
+    access_tokens: list[SecretStr] = Field(default_factory=lambda: [SecretStr("sandbox-token")])
+    hashtags: list[str] = Field(default_factory=list, description="Hashtags to follow (with or without '#').")
+    accounts: list[str] = Field(default_factory=list, description="Usernames to follow via business_discovery.")
+    hashtag_edge: Literal["recent_media", "top_media"] = "recent_media"
+    page_size: int = Field(25, ge=1, le=50)
+    max_pages_per_target: int = Field(0, ge=0, description="0 = follow the cursor to the end.")
+    download_concurrency: int = Field(16, ge=1)
+    target_concurrency: int = Field(4, ge=1)
+    http_timeout_s: float = Field(20.0, gt=0)
+    http_retries: int = Field(3, ge=0)
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    batch_size: int = Field(16, ge=1, description="Posts per infer task.")
+    claim_ttl_s: int = Field(900, gt=0, description="How long a scraper may hold a post before another may take it.")
+
+    # -- workers -------------------------------------------------------------------------------------------------
+    backbone: Literal["mobilenet_v2", "resnet50", "efficientnet_b0"] = "mobilenet_v2"
+    weights: str = Field(
+        "auto",
+        description="'imagenet' (torchvision cache, error if missing), 'none' (random), a .pth path, "
+        "or 'auto' (imagenet when cached, else random with a warning).",
+    )
+    weights_normalization: Literal["imagenet", "inception"] = Field(
+        "imagenet", description="Input scaling the weights were trained with: ImageNet mean/std or [-1, 1]."
+    )
+    image_size: int = Field(224, ge=32)
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Larger images are rejected (decompression bombs).")
+    decode_long_side: int = Field(640, ge=64, description="Images are decoded down to this long side at most.")
+    face_policy: FacePolicy = "tag"
+    face_min_size: int = Field(24, ge=8)
+    torch_threads: int = Field(0, ge=0, description="0 = one per core.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    visibility_timeout_s: int = Field(3600, gt=0, description="Unacked tasks come back after this; above the longest task.")
+    worker_concurrency: int = Field(1, ge=1)
+
+    # -- index and models -----------------------------------------------------------------------------------------
+    snapshot_every_adds: int = Field(1000, ge=1)
+    snapshot_every_s: float = Field(5.0, ge=0)
+    snapshots_kept: int = Field(3, ge=1)
+    als_factors: int = Field(32, ge=2)
+    als_iterations: int = Field(20, ge=1)
+    als_regularization: float = Field(0.05, ge=0)
+    als_neighbours: int = Field(10, ge=1, description="FAISS neighbours whose ALS factors describe a new image.")
+    stop_hashtags: list[str] = Field(default_factory=list)
+    train_every_s: float = Field(3600.0, gt=0, description="Celery beat refits the hashtag model this often.")
+    profile_half_life_days: float = Field(30.0, gt=0)
+
+    # -- API -------------------------------------------------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8800, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="Required by write endpoints when set.")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0)
+
+    # -- sandbox ------------------------------------------------------------------------------------------------------
+    sandbox_seed: int = 7
+    sandbox_posts: int = Field(300, ge=1)
+    sandbox_users: int = Field(30, ge=1)
+    sandbox_hashtags: int = Field(10, ge=1, le=10)
+
+    @field_validator("hashtags", "stop_hashtags")
+    @classmethod
+    def _normalise_hashtags(cls, tags: list[str]) -> list[str]:
+        from deeptarget.schema import normalise_hashtag
+
+        return [normalise_hashtag(t) for t in tags]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get(CONFIG_ENV)
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment, optionally on top of a TOML file."""
+        if path is None:
+            return cls(**overrides)
+        if not path.is_file():
+            raise FileNotFoundError(f"settings file {path} does not exist")
+        previous = os.environ.get(CONFIG_ENV)
+        os.environ[CONFIG_ENV] = str(path)
+        try:
+            return cls(**overrides)
+        finally:
+            if previous is None:
+                os.environ.pop(CONFIG_ENV, None)
+            else:
+                os.environ[CONFIG_ENV] = previous
+
+    # -- derived paths -----------------------------------------------------------------------------------------------
+    @property
+    def sqlite_path(self) -> Path:
+        return Path(self.database_url) if self.database_url else self.data_dir / "metadata.sqlite3"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+    @property
+    def hashtag_model_dir(self) -> Path:
+        return self.data_dir / "models" / "hashtags"
+
+    @property
+    def heads_dir(self) -> Path:
+        return self.data_dir / "models" / "heads"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.data_dir / "redis"
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as DEEPTARGET_* variables, to hand to child processes (secrets included, never logged)."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is None:
+                continue
+            raw = getattr(self, name)
+            if isinstance(raw, SecretStr):
+                value = raw.get_secret_value()
+            elif isinstance(raw, list) and raw and isinstance(raw[0], SecretStr):
+                value = [s.get_secret_value() for s in raw]
+            env[f"DEEPTARGET_{name.upper()}"] = value if isinstance(value, str) else _json(value)
+        return env
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value)

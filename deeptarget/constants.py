@@ -1,0 +1,54 @@
+"""Redis key names, queue and task names, in one place.
+
+Every key starts with ``deeptarget:`` so that one Redis can be shared with other applications.
+"""
+
+key_prefix = "deeptarget:"
+
+seen_posts_key = key_prefix + "seen"
+"""SET of post ids whose image was fetched and handed to the workers. Membership means 'never fetch again'."""
+
+claim_key_prefix = key_prefix + "claim:"
+"""``claim:<post id>``: a scraper is working on this post; expires after ``claim_ttl_s`` so a crashed scraper's
+posts become available again."""
+
+owner_known_key = key_prefix + "owner-known"
+"""SET of post ids whose owner (and follower count) the workers have been told about."""
+
+cursor_key = key_prefix + "cursors"
+"""HASH ``<source>|<kind>|<target>`` -> next-page cursor; ``<...>|done`` once a target was crawled to the end."""
+
+scraper_stats_key = key_prefix + "stats:scraper"
+"""HASH of scraper counters (pages, posts enqueued, duplicates, rejections by reason)."""
+
+profiles_stream = key_prefix + "profiles"
+"""STREAM of updated user profiles (field ``profile``: JSON) for downstream consumers."""
+
+profiles_stream_maxlen = 100_000
+"""Approximate cap on the profiles stream; consumers that fall further behind read profiles from the API."""
+
+hashtag_model_version_key = key_prefix + "models:hashtags:version"
+"""STRING: the newest published hashtag model version."""
+
+# Celery queues. The index queue must have exactly one consumer: FAISS indexes are not safe to write concurrently.
+infer_queue = "infer"
+index_queue = "index"
+train_queue = "train"
+profiles_queue = "profiles"
+all_queues = (infer_queue, index_queue, train_queue, profiles_queue)
+
+infer_task = "deeptarget.infer"
+index_task = "deeptarget.index"
+snapshot_task = "deeptarget.snapshot"
+train_task = "deeptarget.train_hashtags"
+profiles_task = "deeptarget.update_profiles"
+merge_task = "deeptarget.merge_posts"
+
+task_queues = {
+    infer_task: infer_queue,
+    index_task: index_queue,
+    snapshot_task: index_queue,
+    train_task: train_queue,
+    profiles_task: profiles_queue,
+    merge_task: profiles_queue,
+}

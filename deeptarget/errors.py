@@ -1,0 +1,56 @@
+"""Exceptions raised by deeptarget.
+
+    DeepTargetError
+     +-- ConfigurationError      settings that cannot work (missing weights file, bad URL scheme)
+     +-- SourceError             a source answered something unusable
+     |    +-- GraphApiError       the Graph API returned an error object (carries its code)
+     +-- ImageRejected           one image cannot be used; carries a short machine-readable reason
+     +-- IndexMismatchError      embeddings from a different backbone/weights than the index holds
+     +-- ModelNotReadyError      a query needs a model or index that has not been built yet
+     +-- ModelFitError           model fitting produced unusable factors (NaN)
+
+Per-item failures (one bad image) are data: they end as a rejected post with a reason. Exceptions that escape a task
+are task-level failures that Celery may retry.
+"""
+
+from __future__ import annotations
+
+
+class DeepTargetError(Exception):
+    """Base class of every deeptarget error."""
+
+
+class ConfigurationError(DeepTargetError):
+    pass
+
+
+class SourceError(DeepTargetError):
+    pass
+
+
+class GraphApiError(SourceError):
+    def __init__(self, message: str, *, code: int | None = None, status: int | None = None) -> None:
+        super().__init__(f"{message} (code={code}, http={status})")
+        self.code = code
+        self.status = status
+
+
+class ImageRejected(DeepTargetError):
+    """An image that cannot be used. ``reason`` is short and stable (it is counted), ``detail`` is for humans."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class IndexMismatchError(DeepTargetError):
+    pass
+
+
+class ModelNotReadyError(DeepTargetError):
+    pass
+
+
+class ModelFitError(DeepTargetError):
+    pass

@@ -1,0 +1,88 @@
+"""Bytes -> RGB uint8 array, or ImageRejected with a reason. Limits are checked before pixels are decoded."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from deeptarget.errors import ImageRejected
+
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+
+# Magic bytes of the formats above; a download is checked against these before it is stored.
+_MAGIC = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+
+
+def sniff_image_type(head: bytes) -> str | None:
+    """The image type the first bytes announce, or None when they are not an image we accept."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    return None
+
+
+def decode_image(data: bytes, *, max_pixels: int, long_side: int) -> np.ndarray:
+    """Decode to RGB with EXIF orientation applied, downscaled so the long side is at most ``long_side``.
+
+    JPEGs are decoded at reduced size by the DCT (PIL ``draft``), which is most of what keeps decoding cheap.
+    """
+    if not data:
+        raise ImageRejected("empty_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in ALLOWED_FORMATS:
+                raise ImageRejected("unsupported_format", str(image.format))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageRejected("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
+            if width < 8 or height < 8:
+                raise ImageRejected("too_small", f"{width}x{height}")
+            if image.format == "JPEG":
+                image.draft("RGB", (long_side, long_side))
+            image.seek(0)  # first frame of a GIF / multi-page TIFF
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = _to_rgb(image)
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageRejected("too_many_pixels", str(err)) from err
+    except UnidentifiedImageError as err:
+        raise ImageRejected("not_an_image", "unrecognised image data") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        reason = "truncated_image" if "truncated" in str(err) else "corrupt_image"
+        raise ImageRejected(reason, str(err)) from err
+    if max(rgb.size) > long_side:
+        rgb.thumbnail((long_side, long_side), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits by the image's own range instead of clipping.
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        # Transparent pixels over white, as they are shown in a feed.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

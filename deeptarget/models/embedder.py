@@ -1,0 +1,191 @@
+"""Image embeddings from a torchvision backbone: L2-normalised float32 vectors, batched, on CUDA when present.
+
+Weights never come from the network at run time. They are one of:
+- ``imagenet``: torchvision's pretrained file, which must already be in torchvision's cache (the error says which file
+  to put where);
+- a path to a ``.pth`` state dict for the stock torchvision architecture;
+- ``none``: random weights from a fixed seed, so every process (workers, API) computes the same embeddings;
+- ``auto``: ``imagenet`` when cached, else ``none`` with a warning.
+
+``model_id`` names backbone and weights; the index refuses to mix embeddings from different model ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torchvision
+
+from deeptarget.errors import ConfigurationError
+
+LOG = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_SEED = 0
+
+_NORMALIZATION = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # RGB scaled to [-1, 1]
+}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    dim: int
+    weights_enum: Any  # torchvision WeightsEnum member
+
+    def build(self) -> torch.nn.Module:
+        model = getattr(torchvision.models, self.name)(weights=None)
+        return model
+
+    @staticmethod
+    def strip_classifier(model: torch.nn.Module) -> torch.nn.Module:
+        """Replace the ImageNet classifier with identity: the forward pass then ends at the pooled features."""
+        if hasattr(model, "fc"):
+            model.fc = torch.nn.Identity()
+        else:
+            model.classifier = torch.nn.Identity()
+        return model
+
+
+BACKBONES: dict[str, Backbone] = {
+    "mobilenet_v2": Backbone("mobilenet_v2", 1280, torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1),
+    "resnet50": Backbone("resnet50", 2048, torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
+    "efficientnet_b0": Backbone("efficientnet_b0", 1280, torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1),
+}
+
+
+def torchvision_cache_file(backbone: Backbone) -> Path:
+    """Where torchvision looks for the backbone's pretrained weights (TORCH_HOME/hub/checkpoints/<file>)."""
+    url: str = backbone.weights_enum.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError("device = 'cuda' but torch sees no CUDA device")
+    return torch.device(device)
+
+
+class Embedder:
+    """``Embedder(...)(images) -> (n, dim) float32``, rows L2-normalised. Images are RGB uint8 arrays of any size."""
+
+    def __init__(
+        self,
+        backbone: str = "mobilenet_v2",
+        weights: str = "auto",
+        normalization: str = "imagenet",
+        image_size: int = 224,
+        device: str = "auto",
+        micro_batch: int = 32,
+    ) -> None:
+        if backbone not in BACKBONES:
+            raise ConfigurationError(f"unknown backbone {backbone!r}: choose one of {sorted(BACKBONES)}")
+        if normalization not in _NORMALIZATION:
+            raise ConfigurationError(f"unknown normalization {normalization!r}: 'imagenet' or 'inception'")
+        self.backbone = BACKBONES[backbone]
+        self.image_size = image_size
+        self.micro_batch = micro_batch
+        self.device = resolve_device(device)
+        mean, std = _NORMALIZATION[normalization]
+        self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
+
+        model, weights_tag = self._load(weights)
+        self.model_id = f"{backbone}:{weights_tag}:{normalization}:{image_size}"
+        model = Backbone.strip_classifier(model).eval().to(self.device)
+        self.model = model.to(memory_format=torch.channels_last)
+        self.dim = self.backbone.dim
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """Autocast dtype on CUDA (bf16 where supported); None on CPU, where float32 is fastest."""
+        if self.device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def _load(self, weights: str) -> tuple[torch.nn.Module, str]:
+        cache_file = torchvision_cache_file(self.backbone)
+        if weights == "auto":
+            if cache_file.is_file():
+                weights = "imagenet"
+            else:
+                LOG.warning(
+                    "no pretrained %s weights: embeddings come from RANDOM weights. For real ones put %s at %s "
+                    "(or set DEEPTARGET_WEIGHTS to a .pth file)",
+                    self.backbone.name,
+                    cache_file.name,
+                    cache_file,
+                )
+                weights = "none"
+        if weights == "none":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_WEIGHTS_SEED)
+                return self.backbone.build(), f"random{RANDOM_WEIGHTS_SEED}"
+        if weights == "imagenet":
+            if not cache_file.is_file():
+                raise ConfigurationError(
+                    f"pretrained {self.backbone.name} weights are not in torchvision's cache and deeptarget does not "
+                    f"download at run time: put {cache_file.name} (from {self.backbone.weights_enum.url}) at "
+                    f"{cache_file}, or set weights to a .pth path or 'none'"
+                )
+            return self._from_file(cache_file), "imagenet"
+        path = Path(weights)
+        if not path.is_file():
+            raise ConfigurationError(
+                f"weights file {path} not found: give a .pth state dict for torchvision's {self.backbone.name}, "
+                "'imagenet' (torchvision cache) or 'none'"
+            )
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        return self._from_file(path), f"file-{digest}"
+
+    def _from_file(self, path: Path) -> torch.nn.Module:
+        model = self.backbone.build()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigurationError(
+                f"{path} does not fit torchvision's {self.backbone.name}: "
+                f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+            )
+        return model
+
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """Resize the short side to ``image_size`` and centre-crop a square: HWC uint8."""
+        height, width = image.shape[:2]
+        scale = self.image_size / min(height, width)
+        new_w, new_h = max(self.image_size, round(width * scale)), max(self.image_size, round(height * scale))
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+        top, left = (new_h - self.image_size) // 2, (new_w - self.image_size) // 2
+        return resized[top : top + self.image_size, left : left + self.image_size]
+
+    def __call__(self, images: list[np.ndarray]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        batch = np.stack([self.preprocess(im) for im in images])
+        return self.embed_preprocessed(batch)
+
+    @torch.inference_mode()
+    def embed_preprocessed(self, batch: np.ndarray) -> np.ndarray:
+        """(n, size, size, 3) uint8 -> (n, dim) float32, L2-normalised, in micro-batches."""
+        out = []
+        for start in range(0, len(batch), self.micro_batch):
+            chunk = torch.from_numpy(batch[start : start + self.micro_batch])
+            if self.device.type == "cuda":
+                chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+            x = chunk.permute(0, 3, 1, 2).float()
+            x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                features = self.model(x)
+            out.append(torch.nn.functional.normalize(features.float(), dim=1).cpu().numpy())
+        return np.concatenate(out).astype(np.float32, copy=False)

@@ -1,0 +1,129 @@
+"""Face detectors behind one interface (boxes + confidences) and the face filter policy built on them.
+
+Detectors: ``haar`` (OpenCV cascade, always available, the baseline) and ``yunet`` (OpenCV's CNN detector, when its
+ONNX model file is configured; measured precision 0.989 / recall 0.950 against Haar's 0.775 / 0.972).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import cv2
+import numpy as np
+
+from deeptarget.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class Face:
+    box: tuple[int, int, int, int]  # x, y, width, height in the decoded image
+    confidence: float
+
+
+@runtime_checkable
+class FaceDetector(Protocol):
+    name: str
+
+    def __call__(self, image_rgb: np.ndarray) -> list[Face]: ...
+
+
+class HaarFaceDetector:
+    """OpenCV's frontal-face Haar cascade. Confidence is the cascade's level weight through a logistic."""
+
+    name = "haar"
+
+    def __init__(self, min_size: int = 24, cascade: str = "haarcascade_frontalface_default.xml") -> None:
+        path = Path(cv2.data.haarcascades) / cascade
+        self._cascade = cv2.CascadeClassifier(str(path))
+        if self._cascade.empty():
+            raise ConfigurationError(f"could not load Haar cascade {path} (opencv-python-headless must be < 5)")
+        self.min_size = min_size
+
+    def __call__(self, image_rgb: np.ndarray) -> list[Face]:
+        grey = cv2.equalizeHist(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY))
+        boxes, _levels, weights = self._cascade.detectMultiScale3(
+            grey,
+            scaleFactor=1.1,
+            minNeighbors=5,
+            minSize=(self.min_size, self.min_size),
+            outputRejectLevels=True,
+        )
+        return [
+            Face(tuple(int(v) for v in box), 1.0 / (1.0 + math.exp(-float(w))))  # type: ignore[arg-type]
+            for box, w in zip(boxes, np.ravel(weights), strict=False)
+        ]
+
+
+class YuNetFaceDetector:
+    """OpenCV's YuNet CNN (``cv2.FaceDetectorYN``) from a local ONNX file; works best with the long side <= 640."""
+
+    name = "yunet"
+
+    def __init__(self, model_path: Path, min_size: int = 24, score_threshold: float = 0.6) -> None:
+        if not Path(model_path).is_file():
+            raise ConfigurationError(
+                f"YuNet model file {model_path} not found: put face_detection_yunet_2023mar.onnx there "
+                "(OpenCV Zoo) or set face_detector = 'haar'"
+            )
+        self._detector = cv2.FaceDetectorYN.create(str(model_path), "", (320, 320), score_threshold)
+        self.min_size = min_size
+
+    def __call__(self, image_rgb: np.ndarray) -> list[Face]:
+        height, width = image_rgb.shape[:2]
+        self._detector.setInputSize((width, height))
+        _, found = self._detector.detect(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+        faces = []
+        for row in [] if found is None else found:
+            x, y, w, h = (int(round(v)) for v in row[:4])
+            if min(w, h) >= self.min_size:
+                faces.append(Face((x, y, w, h), float(row[-1])))
+        return faces
+
+
+@dataclass(frozen=True)
+class FaceResult:
+    faces: list[Face] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.faces)
+
+    @property
+    def best_confidence(self) -> float | None:
+        return max((f.confidence for f in self.faces), default=None)
+
+
+class FaceFilter:
+    """Runs a detector under a policy: ``require`` a face, ``tag`` (record only) or ``off``."""
+
+    def __init__(self, detector: FaceDetector | None, policy: str = "tag", min_confidence: float = 0.0) -> None:
+        if policy not in ("require", "tag", "off"):
+            raise ConfigurationError(f"face policy must be 'require', 'tag' or 'off', not {policy!r}")
+        if policy != "off" and detector is None:
+            raise ConfigurationError(f"face policy {policy!r} needs a detector")
+        self.detector = detector
+        self.policy = policy
+        self.min_confidence = min_confidence
+
+    def __call__(self, image_rgb: np.ndarray) -> tuple[FaceResult, str | None]:
+        """(faces found, rejection reason or None)."""
+        if self.policy == "off" or self.detector is None:
+            return FaceResult(), None
+        faces = [f for f in self.detector(image_rgb) if f.confidence >= self.min_confidence]
+        result = FaceResult(faces)
+        if self.policy == "require" and not faces:
+            return result, "no_face"
+        return result, None
+
+
+def build_face_detector(kind: str, min_size: int, model_path: Path | None = None) -> FaceDetector:
+    if kind == "haar":
+        return HaarFaceDetector(min_size=min_size)
+    if kind == "yunet":
+        if model_path is None:
+            raise ConfigurationError("face_detector = 'yunet' needs face_model_path (the YuNet .onnx file)")
+        return YuNetFaceDetector(model_path, min_size=min_size)
+    raise ConfigurationError(f"unknown face detector {kind!r}: expected 'haar' or 'yunet'")

@@ -1,0 +1,130 @@
+"""Classification heads on top of embeddings: versioned linear (softmax) heads stored as ``.npz`` files.
+
+Layout: ``<heads_dir>/<name>/v<version>.npz`` holding ``weight`` (classes x dim), ``bias`` (classes), ``classes``,
+``model_id`` (the embedder the head was trained on) and optional ``metrics`` JSON. ``<name>/CURRENT`` names the
+published version; without it the newest file is used. ``HeadSet.refresh()`` picks up newly published versions, so
+running workers switch without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deeptarget.errors import ConfigurationError
+from deeptarget.versioned import VersionedDir, atomic_write
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    name: str
+    version: int
+    classes: list[str]
+    weight: np.ndarray
+    bias: np.ndarray
+    model_id: str
+    metrics: dict[str, float]
+
+    def __call__(self, embeddings: np.ndarray) -> np.ndarray:
+        """(n, dim) -> (n, classes) probabilities."""
+        logits = embeddings @ self.weight.T + self.bias
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    def save(self, heads_dir: Path) -> Path:
+        """Write this version (not yet published: see ``publish_head``)."""
+        versions = head_versions(heads_dir, self.name)
+        versions.root.mkdir(parents=True, exist_ok=True)
+        path = versions.path(self.version)
+        atomic_write(
+            path,
+            lambda handle: np.savez(
+                handle,
+                weight=self.weight.astype(np.float32),
+                bias=self.bias.astype(np.float32),
+                classes=np.array(self.classes),
+                model_id=np.array(self.model_id),
+                metrics=np.array(json.dumps(self.metrics)),
+            ),
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> LinearHead:
+        with np.load(path, allow_pickle=False) as data:
+            return cls(
+                name=Path(path).parent.name,
+                version=int(Path(path).stem.lstrip("v")),
+                classes=[str(c) for c in data["classes"]],
+                weight=data["weight"].astype(np.float32),
+                bias=data["bias"].astype(np.float32),
+                model_id=str(data["model_id"]),
+                metrics=json.loads(str(data["metrics"])),
+            )
+
+
+def head_versions(heads_dir: Path, name: str) -> VersionedDir:
+    return VersionedDir(Path(heads_dir) / name, ".npz")
+
+
+def publish_head(heads_dir: Path, name: str, version: int) -> None:
+    versions = head_versions(heads_dir, name)
+    if version not in versions.versions():
+        raise ConfigurationError(f"head {name} has no version {version} in {versions.root}")
+    versions.publish(version)
+
+
+class HeadSet:
+    """The published version of every head in ``heads_dir`` that fits the embedder ``model_id``."""
+
+    def __init__(self, heads_dir: Path, model_id: str) -> None:
+        self.heads_dir = Path(heads_dir)
+        self.model_id = model_id
+        self.heads: dict[str, LinearHead] = {}
+        self._seen: dict[str, tuple[str, float]] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        if not self.heads_dir.is_dir():
+            return
+        for folder in sorted(p for p in self.heads_dir.iterdir() if p.is_dir()):
+            path = _published_file(head_versions(self.heads_dir, folder.name))
+            if path is None:
+                continue
+            stamp = (path.name, path.stat().st_mtime)
+            if self._seen.get(folder.name) == stamp:
+                continue
+            self._seen[folder.name] = stamp
+            head = LinearHead.load(path)
+            if head.model_id != self.model_id:
+                LOG.warning("head %s v%d was trained on %s, not %s: skipped", head.name, head.version,
+                            head.model_id, self.model_id)
+                self.heads.pop(head.name, None)
+                continue
+            LOG.info("head %s v%d loaded (%d classes)", head.name, head.version, len(head.classes))
+            self.heads[head.name] = head
+
+    def __call__(self, embeddings: np.ndarray) -> list[dict[str, dict[str, float]]]:
+        """Per image: head -> class -> probability."""
+        per_image: list[dict[str, dict[str, float]]] = [{} for _ in range(len(embeddings))]
+        for name, head in self.heads.items():
+            probs = head(embeddings)
+            for row, out in zip(probs, per_image, strict=True):
+                out[name] = {c: round(float(p), 6) for c, p in zip(head.classes, row, strict=True)}
+        return per_image
+
+
+def _published_file(versions: VersionedDir) -> Path | None:
+    """The published version, or the newest when none was published explicitly."""
+    version = versions.current()
+    if version is None:
+        known = versions.versions()
+        version = known[-1] if known else None
+    return None if version is None or not versions.path(version).is_file() else versions.path(version)

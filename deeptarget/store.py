@@ -1,0 +1,343 @@
+"""Metadata store: posts, their predictions and embeddings, rejections, user profiles. SQLite by default.
+
+Several processes share the file (WAL mode, busy timeout). Every write is an upsert keyed by post id, so a post that
+is processed twice (at-least-once delivery) is overwritten, never duplicated.
+
+Post status: ``queued`` (known, not processed) -> ``embedded`` (embedding stored) -> ``indexed`` (in the FAISS
+writer's index), or ``rejected`` with a reason at any point.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deeptarget.schema import Owner, Post, Prediction, Profile, vector_id
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS posts (
+    post_id TEXT PRIMARY KEY,
+    vector_id INTEGER NOT NULL UNIQUE,
+    source TEXT NOT NULL,
+    media_url TEXT, permalink TEXT, caption TEXT,
+    hashtags TEXT NOT NULL DEFAULT '[]',
+    like_count INTEGER, comments_count INTEGER, timestamp TEXT,
+    owner_id TEXT, owner_username TEXT, owner_followers INTEGER,
+    blob TEXT,
+    status TEXT NOT NULL DEFAULT 'queued',
+    reason TEXT,
+    faces INTEGER, face_confidence REAL, face_boxes TEXT,
+    classes TEXT,
+    model_id TEXT,
+    embedding BLOB,
+    indexed_seq INTEGER,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS posts_owner ON posts(owner_id);
+CREATE INDEX IF NOT EXISTS posts_status ON posts(status);
+CREATE INDEX IF NOT EXISTS posts_indexed_seq ON posts(indexed_seq);
+CREATE TABLE IF NOT EXISTS profiles (
+    user_id TEXT PRIMARY KEY,
+    profile TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+# Owner fields only ever get better: a later observation without an owner keeps what an earlier one knew.
+_UPSERT_POST = """
+INSERT INTO posts (post_id, vector_id, source, media_url, permalink, caption, hashtags, like_count, comments_count,
+                   timestamp, owner_id, owner_username, owner_followers, updated_at)
+VALUES (:post_id, :vector_id, :source, :media_url, :permalink, :caption, :hashtags, :like_count, :comments_count,
+        :timestamp, :owner_id, :owner_username, :owner_followers, :now)
+ON CONFLICT(post_id) DO UPDATE SET
+    media_url = COALESCE(excluded.media_url, media_url),
+    permalink = COALESCE(excluded.permalink, permalink),
+    caption = COALESCE(excluded.caption, caption),
+    hashtags = CASE WHEN excluded.hashtags != '[]' THEN excluded.hashtags ELSE hashtags END,
+    like_count = COALESCE(excluded.like_count, like_count),
+    comments_count = COALESCE(excluded.comments_count, comments_count),
+    timestamp = COALESCE(excluded.timestamp, timestamp),
+    owner_id = COALESCE(excluded.owner_id, owner_id),
+    owner_username = COALESCE(excluded.owner_username, owner_username),
+    owner_followers = COALESCE(excluded.owner_followers, owner_followers),
+    updated_at = excluded.updated_at
+"""
+
+
+@dataclass(frozen=True)
+class StoredPost:
+    """A post row as the query side needs it."""
+
+    post: Post
+    vector_id: int
+    status: str
+    reason: str | None
+    faces: int | None
+    classes: dict[str, dict[str, float]]
+    blob: str | None
+
+
+@dataclass(frozen=True)
+class EmbeddingRows:
+    post_ids: list[str]
+    vector_ids: np.ndarray  # int64 (n,)
+    vectors: np.ndarray  # float32 (n, d)
+    model_ids: list[str]
+
+
+class MetadataStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=60000")
+        with self._lock:
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- transactions --------------------------------------------------------------------------------------------------
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db, self._lock)
+
+    # -- writes ----------------------------------------------------------------------------------------------------------------
+    def upsert_posts(self, posts: Iterable[Post]) -> None:
+        with self._transaction() as db:
+            db.executemany(_UPSERT_POST, [_post_params(p) for p in posts])
+
+    def record_results(
+        self,
+        results: Iterable[tuple[Post, str | None, Prediction, np.ndarray | None]],
+    ) -> None:
+        """Store what the infer task found: (post, blob sha, prediction, embedding or None) per post, atomically."""
+        with self._transaction() as db:
+            for post, blob, prediction, embedding in results:
+                db.execute(_UPSERT_POST, _post_params(post))
+                db.execute(
+                    """UPDATE posts SET blob = :blob, status = :status, reason = :reason, faces = :faces,
+                       face_confidence = :conf, face_boxes = :boxes, classes = :classes, model_id = :model_id,
+                       embedding = :embedding, indexed_seq = NULL, updated_at = :now WHERE post_id = :post_id""",
+                    {
+                        "post_id": post.id,
+                        "blob": blob,
+                        "status": prediction.status,
+                        "reason": prediction.reason,
+                        "faces": prediction.faces,
+                        "conf": prediction.face_confidence,
+                        "boxes": json.dumps(prediction.face_boxes),
+                        "classes": json.dumps(prediction.classes),
+                        "model_id": prediction.model_id,
+                        "embedding": None if embedding is None else np.asarray(embedding, np.float32).tobytes(),
+                        "now": time.time(),
+                    },
+                )
+
+    def mark_indexed(self, post_ids: list[str], first_seq: int) -> None:
+        """Record that the index writer added these posts, with its own increasing sequence numbers."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE posts SET status = 'indexed', indexed_seq = ? WHERE post_id = ? AND embedding IS NOT NULL",
+                [(first_seq + i, pid) for i, pid in enumerate(post_ids)],
+            )
+
+    def save_profile(self, profile: Profile) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO profiles (user_id, profile, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(user_id) DO UPDATE SET profile = excluded.profile, updated_at = excluded.updated_at",
+                (profile.user_id, profile.model_dump_json(), time.time()),
+            )
+
+    # -- reads ---------------------------------------------------------------------------------------------------------------------
+    def embeddings(self, post_ids: list[str]) -> EmbeddingRows:
+        """Embeddings of these posts (those that have one), in the order asked."""
+        rows = self._fetch_in(
+            "SELECT post_id, vector_id, embedding, model_id FROM posts WHERE embedding IS NOT NULL AND post_id IN",
+            post_ids,
+        )
+        by_id = {r["post_id"]: r for r in rows}
+        return _embedding_rows([by_id[p] for p in post_ids if p in by_id])
+
+    def embeddings_to_index(self, after_seq: int, batch: int = 4096) -> Iterator[EmbeddingRows]:
+        """What a restarted index writer must replay: never indexed, or indexed after its snapshot."""
+        return self._scan_embeddings(
+            "(status = 'embedded' OR (status = 'indexed' AND indexed_seq > ?))", (after_seq,), batch
+        )
+
+    def _scan_embeddings(self, where: str, params: tuple[Any, ...], batch: int) -> Iterator[EmbeddingRows]:
+        last_rowid = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT rowid, post_id, vector_id, embedding, model_id FROM posts "
+                    f"WHERE embedding IS NOT NULL AND rowid > ? AND {where} ORDER BY rowid LIMIT ?",
+                    (last_rowid, *params, batch),
+                ).fetchall()
+            if not rows:
+                return
+            last_rowid = rows[-1]["rowid"]
+            yield _embedding_rows(rows)
+
+    def all_embeddings(self, batch: int = 4096) -> Iterator[EmbeddingRows]:
+        """Every stored embedding, for a rebuild."""
+        return self._scan_embeddings("status IN ('embedded', 'indexed')", (), batch)
+
+    def max_indexed_seq(self) -> int:
+        with self._lock:
+            value = self._db.execute("SELECT MAX(indexed_seq) FROM posts").fetchone()[0]
+        return int(value or 0)
+
+    def post(self, post_id: str) -> StoredPost | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM posts WHERE post_id = ?", (post_id,)).fetchone()
+        return None if row is None else _stored_post(row)
+
+    def posts_by_vector_ids(self, vector_ids: Iterable[int]) -> dict[int, StoredPost]:
+        rows = self._fetch_in("SELECT * FROM posts WHERE vector_id IN", [int(v) for v in vector_ids])
+        return {int(r["vector_id"]): _stored_post(r) for r in rows}
+
+    def user_posts(self, user_id: str) -> list[StoredPost]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM posts WHERE owner_id = ? ORDER BY post_id", (user_id,)).fetchall()
+        return [_stored_post(r) for r in rows]
+
+    def image_hashtags(self) -> tuple[np.ndarray, list[list[str]]]:
+        """(vector ids, hashtags) of every usable post: the rows of the hashtag model's matrix."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT vector_id, hashtags FROM posts WHERE status IN ('embedded', 'indexed') ORDER BY vector_id"
+            ).fetchall()
+        ids = np.array([r["vector_id"] for r in rows], dtype=np.int64)
+        return ids, [json.loads(r["hashtags"]) for r in rows]
+
+    def profile(self, user_id: str) -> Profile | None:
+        with self._lock:
+            row = self._db.execute("SELECT profile FROM profiles WHERE user_id = ?", (user_id,)).fetchone()
+        return None if row is None else Profile.model_validate_json(row["profile"])
+
+    def profiles(self) -> list[Profile]:
+        with self._lock:
+            rows = self._db.execute("SELECT profile FROM profiles ORDER BY user_id").fetchall()
+        return [Profile.model_validate_json(r["profile"]) for r in rows]
+
+    def owner_ids(self) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT owner_id FROM posts WHERE owner_id IS NOT NULL AND status IN ('embedded', 'indexed')"
+            ).fetchall()
+        return sorted(r[0] for r in rows)
+
+    def status_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM posts GROUP BY status").fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def rejection_reasons(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT reason, COUNT(*) FROM posts WHERE status = 'rejected' GROUP BY reason ORDER BY 2 DESC"
+            ).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def _fetch_in(self, sql: str, values: list[Any], chunk: int = 500) -> list[sqlite3.Row]:
+        out: list[sqlite3.Row] = []
+        with self._lock:
+            for start in range(0, len(values), chunk):
+                part = values[start : start + chunk]
+                marks = ",".join("?" * len(part))
+                out.extend(self._db.execute(f"{sql} ({marks})", part).fetchall())
+        return out
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT under the store's lock: takes the write lock up front, so no deadlock upgrade."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock) -> None:
+        self._db = db
+        self._lock = lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        try:
+            self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self._lock.release()
+
+
+def _post_params(post: Post) -> dict[str, Any]:
+    owner = post.owner
+    return {
+        "post_id": post.id,
+        "vector_id": vector_id(post.id),
+        "source": post.source,
+        "media_url": post.media_url,
+        "permalink": post.permalink,
+        "caption": post.caption,
+        "hashtags": json.dumps(post.hashtags),
+        "like_count": post.like_count,
+        "comments_count": post.comments_count,
+        "timestamp": post.timestamp.isoformat() if post.timestamp else None,
+        "owner_id": owner.id if owner else None,
+        "owner_username": owner.username if owner else None,
+        "owner_followers": owner.followers_count if owner else None,
+        "now": time.time(),
+    }
+
+
+def _stored_post(row: sqlite3.Row) -> StoredPost:
+    owner = None
+    if row["owner_id"] is not None:
+        owner = Owner(id=row["owner_id"], username=row["owner_username"], followers_count=row["owner_followers"])
+    post = Post(
+        id=row["post_id"],
+        source=row["source"],
+        media_url=row["media_url"],
+        permalink=row["permalink"],
+        caption=row["caption"],
+        hashtags=json.loads(row["hashtags"]),
+        like_count=row["like_count"],
+        comments_count=row["comments_count"],
+        timestamp=datetime.fromisoformat(row["timestamp"]) if row["timestamp"] else None,
+        owner=owner,
+    )
+    return StoredPost(
+        post=post,
+        vector_id=int(row["vector_id"]),
+        status=row["status"],
+        reason=row["reason"],
+        faces=row["faces"],
+        classes=json.loads(row["classes"]) if row["classes"] else {},
+        blob=row["blob"],
+    )
+
+
+def _embedding_rows(rows: list[sqlite3.Row]) -> EmbeddingRows:
+    if not rows:
+        return EmbeddingRows([], np.zeros(0, np.int64), np.zeros((0, 0), np.float32), [])
+    vectors = np.stack([np.frombuffer(r["embedding"], dtype=np.float32) for r in rows])
+    return EmbeddingRows(
+        post_ids=[r["post_id"] for r in rows],
+        vector_ids=np.array([r["vector_id"] for r in rows], dtype=np.int64),
+        vectors=vectors,
+        model_ids=[r["model_id"] for r in rows],
+    )
