@@ -60,7 +60,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, gt=0, description="Larger images are rejected (decompression bombs).")
     decode_long_side: int = Field(640, ge=64, description="Images are decoded down to this long side at most.")
     face_policy: FacePolicy = "tag"
+    face_detector: Literal["haar", "yunet"] = "haar"
+    face_model_path: Path | None = Field(None, description="YuNet .onnx file when face_detector = 'yunet'.")
     face_min_size: int = Field(24, ge=8)
+    face_min_confidence: float = Field(0.0, ge=0, le=1)
+    micro_batch: int = Field(32, ge=1, description="Images per forward pass.")
+    decode_threads: int = Field(2, ge=1)
     torch_threads: int = Field(0, ge=0, description="0 = one per core.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     visibility_timeout_s: int = Field(3600, gt=0, description="Unacked tasks come back after this; above the longest task.")

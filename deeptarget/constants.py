@@ -40,6 +40,7 @@ all_queues = (infer_queue, index_queue, train_queue, profiles_queue)
 infer_task = "deeptarget.infer"
 index_task = "deeptarget.index"
 snapshot_task = "deeptarget.snapshot"
+rebuild_task = "deeptarget.rebuild_index"
 train_task = "deeptarget.train_hashtags"
 profiles_task = "deeptarget.update_profiles"
 merge_task = "deeptarget.merge_posts"
@@ -48,6 +49,7 @@ task_queues = {
     infer_task: infer_queue,
     index_task: index_queue,
     snapshot_task: index_queue,
+    rebuild_task: index_queue,
     train_task: train_queue,
     profiles_task: profiles_queue,
     merge_task: profiles_queue,

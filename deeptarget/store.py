@@ -124,10 +124,14 @@ class MetadataStore:
     def record_results(
         self,
         results: Iterable[tuple[Post, str | None, Prediction, np.ndarray | None]],
-    ) -> None:
-        """Store what the infer task found: (post, blob sha, prediction, embedding or None) per post, atomically."""
+    ) -> set[str]:
+        """Store what the infer task found: (post, blob sha, prediction, embedding or None) per post, atomically.
+
+        Returns the owner ids of the posts (as the store knows them, which may be more than the posts said)."""
+        post_ids: list[str] = []
         with self._transaction() as db:
             for post, blob, prediction, embedding in results:
+                post_ids.append(post.id)
                 db.execute(_UPSERT_POST, _post_params(post))
                 db.execute(
                     """UPDATE posts SET blob = :blob, status = :status, reason = :reason, faces = :faces,
@@ -147,6 +151,11 @@ class MetadataStore:
                         "now": time.time(),
                     },
                 )
+        return self.owners_of(post_ids)
+
+    def owners_of(self, post_ids: list[str]) -> set[str]:
+        rows = self._fetch_in("SELECT DISTINCT owner_id FROM posts WHERE owner_id IS NOT NULL AND post_id IN", post_ids)
+        return {r[0] for r in rows}
 
     def mark_indexed(self, post_ids: list[str], first_seq: int) -> None:
         """Record that the index writer added these posts, with its own increasing sequence numbers."""
@@ -235,6 +244,24 @@ class MetadataStore:
         with self._lock:
             rows = self._db.execute("SELECT profile FROM profiles ORDER BY user_id").fetchall()
         return [Profile.model_validate_json(r["profile"]) for r in rows]
+
+    def user_id_for_username(self, username: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT owner_id FROM posts WHERE owner_username = ? LIMIT 1", (username,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def profile_backlog(self) -> int:
+        """Owners whose stored profile does not count all their usable posts yet (0 when profiles are current)."""
+        with self._lock:
+            counts = self._db.execute(
+                "SELECT owner_id, COUNT(*) FROM posts WHERE owner_id IS NOT NULL "
+                "AND status IN ('embedded', 'indexed') GROUP BY owner_id"
+            ).fetchall()
+            stored = {
+                r[0]: json.loads(r[1]).get("post_count", 0)
+                for r in self._db.execute("SELECT user_id, profile FROM profiles").fetchall()
+            }
+        return sum(1 for owner, n in counts if stored.get(owner) != n)
 
     def owner_ids(self) -> list[str]:
         with self._lock:

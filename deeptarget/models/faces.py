@@ -7,6 +7,7 @@ ONNX model file is configured; measured precision 0.989 / recall 0.950 against H
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -31,20 +32,32 @@ class FaceDetector(Protocol):
 
 
 class HaarFaceDetector:
-    """OpenCV's frontal-face Haar cascade. Confidence is the cascade's level weight through a logistic."""
+    """OpenCV's frontal-face Haar cascade. Confidence is the cascade's level weight through a logistic.
+
+    A CascadeClassifier must not be shared between threads (concurrent calls corrupt it and can crash the process),
+    so each thread that calls the detector gets its own.
+    """
 
     name = "haar"
 
     def __init__(self, min_size: int = 24, cascade: str = "haarcascade_frontalface_default.xml") -> None:
-        path = Path(cv2.data.haarcascades) / cascade
-        self._cascade = cv2.CascadeClassifier(str(path))
-        if self._cascade.empty():
-            raise ConfigurationError(f"could not load Haar cascade {path} (opencv-python-headless must be < 5)")
+        self.path = Path(cv2.data.haarcascades) / cascade
         self.min_size = min_size
+        self._local = threading.local()
+        self._cascade()  # fail at construction, not at the first image
+
+    def _cascade(self) -> cv2.CascadeClassifier:
+        cascade = getattr(self._local, "cascade", None)
+        if cascade is None:
+            cascade = cv2.CascadeClassifier(str(self.path))
+            if cascade.empty():
+                raise ConfigurationError(f"could not load Haar cascade {self.path} (opencv-python-headless must be < 5)")
+            self._local.cascade = cascade
+        return cascade
 
     def __call__(self, image_rgb: np.ndarray) -> list[Face]:
         grey = cv2.equalizeHist(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY))
-        boxes, _levels, weights = self._cascade.detectMultiScale3(
+        boxes, _levels, weights = self._cascade().detectMultiScale3(
             grey,
             scaleFactor=1.1,
             minNeighbors=5,
@@ -68,16 +81,27 @@ class YuNetFaceDetector:
                 f"YuNet model file {model_path} not found: put face_detection_yunet_2023mar.onnx there "
                 "(OpenCV Zoo) or set face_detector = 'haar'"
             )
-        self._detector = cv2.FaceDetectorYN.create(str(model_path), "", (320, 320), score_threshold)
+        self.model_path = Path(model_path)
         self.min_size = min_size
+        self.score_threshold = score_threshold
+        self._local = threading.local()  # one detector per thread: it keeps per-call state (input size)
+        self._detector()
+
+    def _detector(self) -> cv2.FaceDetectorYN:
+        detector = getattr(self._local, "detector", None)
+        if detector is None:
+            detector = cv2.FaceDetectorYN.create(str(self.model_path), "", (320, 320), self.score_threshold)
+            self._local.detector = detector
+        return detector
 
     def __call__(self, image_rgb: np.ndarray) -> list[Face]:
         height, width = image_rgb.shape[:2]
-        self._detector.setInputSize((width, height))
-        _, found = self._detector.detect(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+        detector = self._detector()
+        detector.setInputSize((width, height))
+        _, found = detector.detect(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
         faces = []
         for row in [] if found is None else found:
-            x, y, w, h = (int(round(v)) for v in row[:4])
+            x, y, w, h = (round(float(v)) for v in row[:4])
             if min(w, h) >= self.min_size:
                 faces.append(Face((x, y, w, h), float(row[-1])))
         return faces

@@ -1,6 +1,6 @@
 """The built-in sample source: a small social network served over HTTP on loopback in the Graph API's shape."""
 
 from deeptarget.sandbox.network import SandboxNetwork
-from deeptarget.sandbox.server import SandboxServer, create_app
+from deeptarget.sandbox.server import create_app, sandbox_server
 
-__all__ = ["SandboxNetwork", "SandboxServer", "create_app"]
+__all__ = ["SandboxNetwork", "create_app", "sandbox_server"]

@@ -25,6 +25,7 @@ from datetime import timedelta
 
 from aiohttp import web
 
+from deeptarget.http_server import AppServer
 from deeptarget.sandbox.network import Media, SandboxNetwork
 
 NETWORK_KEY = web.AppKey("network", SandboxNetwork)
@@ -245,34 +246,6 @@ def create_app(network: SandboxNetwork, tokens: Iterable[str] = ()) -> web.Appli
     return app
 
 
-class SandboxServer:
-    """Serve the sandbox on loopback from inside an event loop: ``async with SandboxServer(network) as server``."""
-
-    def __init__(self, network: SandboxNetwork, host: str = "127.0.0.1", port: int = 0, tokens: Iterable[str] = ()):
-        self.app = create_app(network, tokens)
-        self.host = host
-        self.port = port
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def start(self) -> SandboxServer:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> SandboxServer:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+def sandbox_server(network: SandboxNetwork, host: str = "127.0.0.1", port: int = 0, tokens: Iterable[str] = ()):
+    """The sandbox as a server to start inside an event loop (``async with sandbox_server(network) as server``)."""
+    return AppServer(create_app(network, tokens), host, port)

@@ -1,0 +1,5 @@
+import sys
+
+from deeptarget.cli import main
+
+sys.exit(main())

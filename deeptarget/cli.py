@@ -1,0 +1,280 @@
+"""``deeptarget`` command line.
+
+    deeptarget demo [--once]              everything on the embedded default, with the sandbox as the source
+    deeptarget redis                      run the embedded Redis for the data dir in the foreground
+    deeptarget sandbox [--port N]         serve the sandbox social network
+    deeptarget scrape [--forever]         crawl the configured hashtags/accounts into the infer queue
+    deeptarget worker --queues infer,...  a Celery worker
+    deeptarget serve                      the query API
+    deeptarget query similar|hashtags|user ...
+    deeptarget train | index snapshot|rebuild
+
+Settings come from DEEPTARGET_* variables and ``--config FILE`` (TOML); see deeptarget/config.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from deeptarget import constants
+from deeptarget.config import Settings
+from deeptarget.errors import DeepTargetError
+
+LOG = logging.getLogger("deeptarget")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "data_dir", None):
+        overrides["data_dir"] = Path(args.data_dir)
+    return Settings.load(Path(args.config) if args.config else None, **overrides)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports which CPU build it picked, at INFO
+
+
+# -- commands ---------------------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from deeptarget.demo import run_demo
+
+    settings = _settings(args)
+    if args.posts:
+        settings = settings.model_copy(update={"sandbox_posts": args.posts})
+    return asyncio.run(run_demo(settings, once=args.once))
+
+
+def cmd_redis(args: argparse.Namespace) -> int:
+    from deeptarget.runtime import start_embedded_redis
+
+    settings, server = start_embedded_redis(_settings(args))
+    print(f"embedded Redis for {settings.data_dir} at {server.url} (AOF in {settings.redis_dir}); Ctrl-C stops it")
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        server.stop()
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from deeptarget.runtime import wait_for_signal
+    from deeptarget.sandbox import SandboxNetwork, sandbox_server
+
+    settings = _settings(args)
+    network = SandboxNetwork(settings.sandbox_seed, settings.sandbox_posts, settings.sandbox_users,
+                             settings.sandbox_hashtags)
+
+    async def serve() -> None:
+        async with sandbox_server(network, args.host, args.port) as server:
+            print(f"sandbox at {server.url}: {len(network.media)} posts by {len(network.accounts)} accounts, "
+                  f"hashtags {', '.join(network.hashtags)}", flush=True)
+            await wait_for_signal()
+
+    asyncio.run(serve())
+    return 0
+
+
+def cmd_scrape(args: argparse.Namespace) -> int:
+    from deeptarget.runtime import connect_redis
+
+    settings = connect_redis(_settings(args))
+    return asyncio.run(_scrape(settings, forever=args.forever, interval_s=args.interval))
+
+
+async def _scrape(settings: Settings, *, forever: bool, interval_s: float) -> int:
+    import redis.asyncio as aioredis
+
+    from deeptarget.blobs import BlobStore
+    from deeptarget.scraper import CelerySink, Crawler
+    from deeptarget.workers.app import create_celery
+
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    crawler = Crawler(settings, client, CelerySink(create_celery(settings)), BlobStore(settings.blob_dir))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, crawler.stop)
+    try:
+        while True:
+            counts = await crawler.run()
+            LOG.info("crawl round finished: %s", json.dumps(counts, sort_keys=True))
+            if not forever or crawler.stopping or await crawler.wait_stopped(interval_s):
+                return 0
+    finally:
+        await client.aclose()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from deeptarget.runtime import connect_redis
+    from deeptarget.workers.app import create_celery
+
+    settings = connect_redis(_settings(args))
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = set(queues) - set(constants.all_queues)
+    if unknown:
+        raise DeepTargetError(f"unknown queue(s) {sorted(unknown)}: choose from {constants.all_queues}")
+    if constants.index_queue in queues and args.concurrency != 1:
+        raise DeepTargetError("the index queue needs exactly one consumer: use --concurrency 1")
+    app = create_celery(settings)
+    app.deeptarget_warm_infer = constants.infer_queue in queues  # type: ignore[attr-defined]
+    argv = [
+        "worker", "--queues", ",".join(queues), "--concurrency", str(args.concurrency), "--pool", args.pool,
+        "--hostname", f"{args.name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deeptarget.api.app import create_app
+    from deeptarget.http_server import AppServer
+    from deeptarget.runtime import connect_redis, wait_for_signal
+
+    settings = connect_redis(_settings(args))
+
+    async def serve() -> None:
+        async with AppServer(create_app(settings), settings.api_host, settings.api_port) as server:
+            print(f"deeptarget API at {server.url}", flush=True)
+            await wait_for_signal()
+
+    asyncio.run(serve())
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from deeptarget.query import QueryService
+
+    service = QueryService(_settings(args))
+    if args.what == "similar":
+        if args.post_id:
+            results = service.similar_to_post(args.post_id, args.k)
+        elif args.image:
+            results = service.similar_to_image(Path(args.image).read_bytes(), args.k)
+        else:
+            raise DeepTargetError("query similar needs --post-id or --image")
+        _print_json([r.to_json() for r in results])
+    elif args.what == "hashtags":
+        if not args.image:
+            raise DeepTargetError("query hashtags needs --image")
+        tags, _ = service.suggest_hashtags(Path(args.image).read_bytes(), args.k)
+        _print_json([{"hashtag": t, "score": round(s, 6)} for t, s in tags])
+    else:
+        if not args.user:
+            raise DeepTargetError("query user needs a user id or username")
+        _print_json(service.profile(args.user).model_dump(mode="json"))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.local:
+        from deeptarget.index.hashtags import HashtagModel
+        from deeptarget.store import MetadataStore
+
+        ids, tags = MetadataStore(settings.sqlite_path).image_hashtags()
+        model = HashtagModel.fit(ids, tags, factors=settings.als_factors, iterations=settings.als_iterations,
+                                 regularization=settings.als_regularization)
+        print(f"hashtag model v{model.save(settings.hashtag_model_dir)} published")
+        return 0
+    return _send(settings, constants.train_task)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.action == "rebuild" and args.local:
+        from deeptarget.index.vectors import SnapshotStore
+        from deeptarget.index.writer import IndexWriter
+        from deeptarget.store import MetadataStore
+
+        writer = IndexWriter(MetadataStore(settings.sqlite_path), SnapshotStore(settings.index_dir))
+        print(f"rebuilt the index from the metadata store: {writer.rebuild()} vectors")
+        return 0
+    return _send(settings, constants.snapshot_task if args.action == "snapshot" else constants.rebuild_task)
+
+
+def _send(settings: Settings, task: str) -> int:
+    from deeptarget.runtime import connect_redis
+    from deeptarget.workers.app import create_celery
+
+    settings = connect_redis(settings)
+    create_celery(settings).send_task(task, queue=constants.task_queues[task])
+    print(f"sent {task} to the {constants.task_queues[task]} queue")
+    return 0
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deeptarget", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="TOML settings file (DEEPTARGET_* variables override it)")
+    parser.add_argument("--data-dir", help="data directory (default: ./data)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the whole flow on the embedded default with the sandbox source")
+    demo.add_argument("--once", action="store_true", help="exit after the crawl and the example queries")
+    demo.add_argument("--posts", type=int, help="sandbox size in posts (default from settings: 300)")
+    demo.set_defaults(func=cmd_demo)
+
+    sub.add_parser("redis", help="run the embedded Redis for the data dir").set_defaults(func=cmd_redis)
+
+    sandbox = sub.add_parser("sandbox", help="serve the sandbox social network")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8700)
+    sandbox.set_defaults(func=cmd_sandbox)
+
+    scrape = sub.add_parser("scrape", help="crawl the configured hashtags and accounts")
+    scrape.add_argument("--forever", action="store_true", help="crawl again every --interval seconds")
+    scrape.add_argument("--interval", type=float, default=600.0)
+    scrape.set_defaults(func=cmd_scrape)
+
+    worker = sub.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--queues", default=",".join(q for q in constants.all_queues if q != constants.index_queue))
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    worker.add_argument("--name", default="worker")
+    worker.set_defaults(func=cmd_worker)
+
+    sub.add_parser("serve", help="run the query API").set_defaults(func=cmd_serve)
+
+    query = sub.add_parser("query", help="query the index and profiles locally")
+    query.add_argument("what", choices=["similar", "hashtags", "user"])
+    query.add_argument("user", nargs="?", help="user id or username (query user)")
+    query.add_argument("--post-id")
+    query.add_argument("--image", help="path of an image file")
+    query.add_argument("-k", type=int, default=10, help="how many results")
+    query.set_defaults(func=cmd_query)
+
+    train = sub.add_parser("train", help="refit the hashtag model (a task on the train queue)")
+    train.add_argument("--local", action="store_true", help="fit in this process instead")
+    train.set_defaults(func=cmd_train)
+
+    index = sub.add_parser("index", help="index maintenance (tasks on the index queue)")
+    index.add_argument("action", choices=["snapshot", "rebuild"])
+    index.add_argument("--local", action="store_true", help="rebuild in this process (stop the index worker first)")
+    index.set_defaults(func=cmd_index)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except DeepTargetError as err:
+        print(f"deeptarget: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

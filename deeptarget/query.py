@@ -1,0 +1,130 @@
+"""The read side, shared by the API and the query CLI: similar images, hashtag suggestions, user profiles.
+
+Reads the newest published index snapshot and hashtag model (both reload when a new version is published) and the
+metadata store. Needs neither Celery nor Redis.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from deeptarget.config import Settings
+from deeptarget.errors import ModelNotReadyError
+from deeptarget.index.hashtags import HashtagModel
+from deeptarget.index.vectors import SnapshotReader, SnapshotStore, VectorIndex
+from deeptarget.models.decode import decode_image
+from deeptarget.models.embedder import Embedder
+from deeptarget.schema import Profile, vector_id
+from deeptarget.store import MetadataStore, StoredPost
+from deeptarget.versioned import VersionedDir
+
+
+class NotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    post_id: str
+    score: float
+    hashtags: list[str]
+    owner: str | None
+    permalink: str | None
+    faces: int | None
+
+    @classmethod
+    def of(cls, stored: StoredPost, score: float) -> Neighbour:
+        owner = stored.post.owner
+        return cls(
+            post_id=stored.post.id,
+            score=round(float(score), 6),
+            hashtags=stored.post.hashtags,
+            owner=(owner.username or owner.id) if owner else None,
+            permalink=stored.post.permalink,
+            faces=stored.faces,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class QueryService:
+    def __init__(self, settings: Settings, store: MetadataStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or MetadataStore(settings.sqlite_path)
+        self.snapshots = SnapshotReader(SnapshotStore(settings.index_dir))
+        self._model_versions = VersionedDir(settings.hashtag_model_dir, ".npz")
+        self._model: HashtagModel | None = None
+        self._model_stamp: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+
+    @cached_property
+    def embedder(self) -> Embedder:
+        """Built on first use: only image queries need it."""
+        s = self.settings
+        return Embedder(s.backbone, s.weights, s.weights_normalization, s.image_size, s.device, s.micro_batch)
+
+    def index(self) -> VectorIndex:
+        index = self.snapshots.get()
+        if index is None:
+            raise ModelNotReadyError("no index snapshot yet: nothing has been indexed")
+        return index
+
+    def hashtag_model(self) -> HashtagModel:
+        stamp = self._model_versions.stamp()
+        with self._lock:
+            if self._model is None or stamp != self._model_stamp:
+                self._model = HashtagModel.load(self.settings.hashtag_model_dir)
+                self._model_stamp = stamp
+            return self._model
+
+    # -- queries -------------------------------------------------------------------------------------------------
+    def embed_image(self, data: bytes) -> np.ndarray:
+        """Raises ImageRejected for bytes that are not a usable image (size and pixel limits included)."""
+        image = decode_image(data, max_pixels=self.settings.max_image_pixels, long_side=self.settings.decode_long_side)
+        embedding = self.embedder([image])[0]
+        index = self.snapshots.get()
+        if index is not None:
+            index.check_compatible(len(embedding), self.embedder.model_id)
+        return embedding
+
+    def similar_to_vector(self, vector: np.ndarray, k: int = 10) -> list[Neighbour]:
+        scores, ids = self.index().search(vector[None, :], k)
+        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        posts = self.store.posts_by_vector_ids(i for i, _ in found)
+        return [Neighbour.of(posts[i], s) for i, s in found if i in posts]
+
+    def similar_to_post(self, post_id: str, k: int = 10) -> list[Neighbour]:
+        vector = self.index().reconstruct(vector_id(post_id))
+        if vector is None:
+            raise NotFound(f"post {post_id} is not in the index")
+        return self.similar_to_vector(vector, k)
+
+    def similar_to_image(self, data: bytes, k: int = 10) -> list[Neighbour]:
+        return self.similar_to_vector(self.embed_image(data), k)
+
+    def suggest_hashtags(self, data: bytes, n: int = 10) -> tuple[list[tuple[str, float]], list[Neighbour]]:
+        """Hashtags for a new image: FAISS neighbours -> their mean ALS factors -> hashtag scores."""
+        neighbours = self.similar_to_vector(self.embed_image(data), self.settings.als_neighbours)
+        if not neighbours:
+            raise ModelNotReadyError("the index is empty")
+        model = self.hashtag_model()
+        tags = model.suggest(
+            np.array([vector_id(nb.post_id) for nb in neighbours], np.int64), n=n, exclude=self.settings.stop_hashtags
+        )
+        return tags, neighbours
+
+    def profile(self, user: str) -> Profile:
+        """A profile by user id or username."""
+        profile = self.store.profile(user)
+        if profile is None:
+            user_id = self.store.user_id_for_username(user)
+            profile = self.store.profile(user_id) if user_id else None
+        if profile is None:
+            raise NotFound(f"no profile for user {user!r}")
+        return profile

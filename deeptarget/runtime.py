@@ -1,0 +1,102 @@
+"""Process plumbing shared by the CLI, the demo and the tests: which Redis to use, how to start worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import redis
+
+from deeptarget.config import Settings
+from deeptarget.errors import ConfigurationError
+from deeptarget.redis_server import EmbeddedRedis
+
+LOG = logging.getLogger(__name__)
+
+
+def _url_file(settings: Settings) -> Path:
+    return settings.redis_dir / "url"
+
+
+def _alive(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def start_embedded_redis(settings: Settings) -> tuple[Settings, EmbeddedRedis]:
+    """Start the project's own Redis in the data dir; returns settings pointing at it."""
+    server = EmbeddedRedis(settings.redis_dir).start()
+    _url_file(settings).write_text(server.url)
+    return settings.model_copy(update={"redis_url": server.url}), server
+
+
+def connect_redis(settings: Settings) -> Settings:
+    """Settings with a Redis URL: the configured one, or the embedded Redis already running for this data dir."""
+    if settings.redis_url:
+        return settings
+    url_file = _url_file(settings)
+    if url_file.is_file():
+        url = url_file.read_text().strip()
+        if _alive(url):
+            return settings.model_copy(update={"redis_url": url})
+    raise ConfigurationError(
+        f"no Redis: set DEEPTARGET_REDIS_URL, or start the embedded one for {settings.data_dir} "
+        "with 'deeptarget redis' (or run everything with 'deeptarget demo')"
+    )
+
+
+def spawn_worker(
+    settings: Settings,
+    queues: Sequence[str],
+    *,
+    name: str,
+    pool: str = "prefork",
+    concurrency: int = 1,
+    log_file: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """A real Celery worker process (``deeptarget worker``) configured through DEEPTARGET_* variables."""
+    env = {**os.environ, **settings.to_env(), **(extra_env or {})}
+    command = [
+        sys.executable, "-m", "deeptarget", "worker",
+        "--queues", ",".join(queues), "--name", name, "--pool", pool, "--concurrency", str(concurrency),
+    ]  # fmt: skip
+    output = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if log_file:
+            output.close()  # type: ignore[union-attr]
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """SIGTERM (Celery's warm shutdown: finish the task in hand), then SIGKILL after ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        LOG.warning("process %d did not stop in %.0f s: killed", process.pid, timeout_s)
+        process.kill()
+        process.wait()
+
+
+async def wait_for_signal() -> None:
+    """Return on SIGINT or SIGTERM (long-running commands: serve, sandbox, demo)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

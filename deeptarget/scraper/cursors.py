@@ -1,0 +1,38 @@
+"""Resumable crawl positions per (source, kind, target), in Redis."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from deeptarget import constants
+
+DONE = "\x00done"
+
+
+class CursorStore:
+    def __init__(self, redis: aioredis.Redis, source: str) -> None:
+        self.redis = redis
+        self.source = source
+
+    def _field(self, kind: str, target: str) -> str:
+        return f"{self.source}|{kind}|{target}"
+
+    async def get(self, kind: str, target: str) -> str | None:
+        """The cursor of the next page to fetch; None to start at the beginning."""
+        value = await self.redis.hget(constants.cursor_key, self._field(kind, target))
+        if value is None or value == DONE:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    async def save(self, kind: str, target: str, cursor: str) -> None:
+        await self.redis.hset(constants.cursor_key, self._field(kind, target), cursor)
+
+    async def mark_done(self, kind: str, target: str) -> None:
+        await self.redis.hset(constants.cursor_key, self._field(kind, target), DONE)
+
+    async def is_done(self, kind: str, target: str) -> bool:
+        value = await self.redis.hget(constants.cursor_key, self._field(kind, target))
+        return value is not None and (value.decode() if isinstance(value, bytes) else value) == DONE
+
+    async def reset(self, kind: str, target: str) -> None:
+        await self.redis.hdel(constants.cursor_key, self._field(kind, target))

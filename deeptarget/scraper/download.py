@@ -1,0 +1,93 @@
+"""Image downloads into the content-addressed blob store, with type and size limits.
+
+The body is streamed to a temporary file and renamed under its sha256 only when complete; a download that breaks a
+limit is abandoned on the spot. Transient failures are retried with backoff; the rest become ``ImageRejected``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from deeptarget.blobs import BlobStore
+from deeptarget.errors import ImageRejected
+from deeptarget.models.decode import sniff_image_type
+
+LOG = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+
+
+class _Transient(Exception):
+    pass
+
+
+class ImageDownloader:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        blobs: BlobStore,
+        *,
+        max_bytes: int,
+        timeout_s: float = 20.0,
+        retries: int = 3,
+    ) -> None:
+        self.session = session
+        self.blobs = blobs
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.retries = retries
+
+    async def __call__(self, url: str) -> tuple[str, int]:
+        """Download ``url``; returns (sha256, bytes). Raises ``ImageRejected`` with the reason it gave up."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.retries + 1),
+            wait=wait_random_exponential(multiplier=0.2, max=5),
+            retry=retry_if_exception_type(_Transient),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._once(url)
+        except _Transient as err:
+            raise ImageRejected("download_failed", str(err)) from err
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _once(self, url: str) -> tuple[str, int]:
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        writer = None
+        try:
+            async with self.session.get(url, timeout=timeout) as response:
+                if response.status >= 500 or response.status == 429:
+                    raise _Transient(f"HTTP {response.status}")
+                if response.status != 200:
+                    raise ImageRejected("http_error", f"HTTP {response.status}")
+                content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+                if content_type and not content_type.startswith("image/") and content_type != "application/octet-stream":
+                    raise ImageRejected("not_an_image", f"content-type {content_type}")
+                if response.content_length is not None and response.content_length > self.max_bytes:
+                    raise ImageRejected("too_large", f"{response.content_length} bytes > {self.max_bytes}")
+                writer = self.blobs.writer()
+                head = b""
+                async for chunk in response.content.iter_chunked(CHUNK):
+                    if len(head) < 16:
+                        head += chunk[:16]
+                        if len(head) >= 12 and sniff_image_type(head) is None:
+                            raise ImageRejected("not_an_image", f"magic bytes {head[:8]!r}")
+                    writer.write(chunk)
+                    if writer.size > self.max_bytes:
+                        raise ImageRejected("too_large", f"more than {self.max_bytes} bytes")
+                if writer.size == 0:
+                    raise ImageRejected("empty_image")
+                if sniff_image_type(head) is None:
+                    raise ImageRejected("not_an_image", f"magic bytes {head[:8]!r}")
+                size = writer.size
+                return writer.commit(), size
+        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
+            raise _Transient(f"{type(err).__name__}: {err}") from err
+        finally:
+            if writer is not None:
+                writer.abort()

@@ -1,0 +1,224 @@
+"""The crawl engine: follow hashtags and accounts page by page, fetch each new post's image once, hand the posts to
+the workers in batches, and remember where each target stopped.
+
+Per page: parse -> claim each post (dedup) -> download the claimed ones concurrently -> send their references
+(``PostRef``) to the infer queue -> mark them seen -> save the cursor. A page is finished before a stop request is
+honoured, so a stopped crawl leaves no post half-handled, and a restart resumes at the saved cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from deeptarget.blobs import BlobStore
+from deeptarget.config import Settings
+from deeptarget.errors import GraphApiError, ImageRejected, SourceError
+from deeptarget.schema import Owner, Post, PostRef
+from deeptarget.scraper.claims import Claim, PostClaims
+from deeptarget.scraper.cursors import CursorStore
+from deeptarget.scraper.download import ImageDownloader
+from deeptarget.scraper.graph import GraphApiClient, Page
+from deeptarget.scraper.sink import PostSink
+from deeptarget.scraper.stats import ScraperStats
+from deeptarget.scraper.structures import MEDIA_FIELDS, is_image, post_from_media
+
+LOG = logging.getLogger(__name__)
+
+HASHTAG = "hashtag"
+ACCOUNT = "account"
+
+
+class Crawler:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        sink: PostSink,
+        blobs: BlobStore,
+        *,
+        source: str = "graph",
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.sink = sink
+        self.blobs = blobs
+        self.source = source
+        self.claims = PostClaims(redis, ttl_s=settings.claim_ttl_s)
+        self.cursors = CursorStore(redis, source)
+        self.stats = ScraperStats(redis)
+        self._downloads = asyncio.Semaphore(settings.download_concurrency)
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Finish the pages in hand, save cursors, return. Safe to call from a signal handler."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def wait_stopped(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a stop request; True if one came."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    @property
+    def targets(self) -> list[tuple[str, str]]:
+        return [(ACCOUNT, a) for a in self.settings.accounts] + [(HASHTAG, h) for h in self.settings.hashtags]
+
+    async def run(self) -> dict[str, int]:
+        """One crawl round over every target; resumes an unfinished round. Returns this run's counters."""
+        targets = self.targets
+        if targets and all([await self.cursors.is_done(k, t) for k, t in targets]):
+            LOG.info("every target was crawled to the end: starting a new round (seen posts are skipped)")
+            for kind, target in targets:
+                await self.cursors.reset(kind, target)
+        connector = aiohttp.TCPConnector(
+            limit=self.settings.download_concurrency + self.settings.target_concurrency, keepalive_timeout=30
+        )
+        async with aiohttp.ClientSession(connector=connector) as session:
+            tokens = [t.get_secret_value() for t in self.settings.access_tokens]
+            if not tokens:
+                raise SourceError("no access token configured (access_tokens)")
+            downloader = ImageDownloader(
+                session,
+                self.blobs,
+                max_bytes=self.settings.max_image_bytes,
+                timeout_s=self.settings.http_timeout_s,
+                retries=self.settings.http_retries,
+            )
+            target_slots = asyncio.Semaphore(self.settings.target_concurrency)
+
+            async def crawl(i: int, kind: str, target: str) -> None:
+                client = GraphApiClient(
+                    session,
+                    self.settings.source_url,
+                    self.settings.source_user_id,
+                    token=tokens[i % len(tokens)],  # targets spread over the tokens
+                    retries=self.settings.http_retries,
+                    timeout_s=self.settings.http_timeout_s,
+                )
+                async with target_slots:
+                    await self._crawl_target(client, downloader, kind, target)
+
+            await asyncio.gather(*(crawl(i, k, t) for i, (k, t) in enumerate(targets)))
+        return dict(self.stats.local)
+
+    async def _crawl_target(self, client: GraphApiClient, downloader: ImageDownloader, kind: str, target: str) -> None:
+        if await self.cursors.is_done(kind, target):
+            return
+        try:
+            hashtag_id = await client.hashtag_id(target) if kind == HASHTAG else None
+            if kind == HASHTAG and hashtag_id is None:
+                LOG.warning("hashtag #%s is unknown to the source: skipped", target)
+                await self.stats.add("unknown_hashtag")
+                await self.cursors.mark_done(kind, target)
+                return
+            after = await self.cursors.get(kind, target)
+            pages = 0
+            while not self._stop.is_set():
+                owner, page = await self._fetch_page(client, kind, target, hashtag_id, after)
+                pages += 1
+                await self.stats.add(f"page:{kind}")
+                await self._handle_page(downloader, page.items, owner)
+                if page.after is None or not page.items:
+                    await self.cursors.mark_done(kind, target)
+                    LOG.info("%s %s: crawled to the end (%d pages)", kind, target, pages)
+                    return
+                after = page.after
+                await self.cursors.save(kind, target, after)
+                if self.settings.max_pages_per_target and pages >= self.settings.max_pages_per_target:
+                    return
+        except GraphApiError as err:
+            await self.stats.add(f"target_error:{err.code}")
+            LOG.error("%s %s: %s; its cursor is kept for the next run", kind, target, err)
+        except SourceError as err:
+            await self.stats.add("bad_page")
+            LOG.error("%s %s: %s; its cursor is kept for the next run", kind, target, err)
+
+    async def _fetch_page(
+        self, client: GraphApiClient, kind: str, target: str, hashtag_id: str | None, after: str | None
+    ) -> tuple[Owner | None, Page]:
+        limit = self.settings.page_size
+        if kind == HASHTAG:
+            assert hashtag_id is not None
+            return None, await client.hashtag_media(hashtag_id, self.settings.hashtag_edge, MEDIA_FIELDS, after, limit)
+        account, page = await client.business_discovery(target, MEDIA_FIELDS, after, limit)
+        owner = Owner(
+            id=str(account.get("id") or target),
+            username=account.get("username") or target,
+            followers_count=account.get("followers_count"),
+        )
+        return owner, page
+
+    async def _handle_page(self, downloader: ImageDownloader, items: Sequence[Any], owner: Owner | None) -> None:
+        posts: dict[str, Post] = {}
+        for node in items:
+            if isinstance(node, dict) and not is_image(node):
+                await self.stats.add("skipped_video")
+                continue
+            try:
+                post = post_from_media(node, source=self.source, owner=owner)
+            except ValueError as err:
+                await self.stats.add("malformed_media")
+                LOG.warning("malformed media node skipped: %s", err)
+                continue
+            posts.setdefault(post.id, post)  # a page that repeats a post handles it once
+        claims = await asyncio.gather(*(self.claims.claim(pid) for pid in posts))
+        taken = [p for p, c in zip(posts.values(), claims, strict=True) if c is Claim.TAKEN]
+        seen = [p for p, c in zip(posts.values(), claims, strict=True) if c is Claim.SEEN]
+        await self.stats.add("duplicate", len(seen))
+        await self.stats.add("held_elsewhere", sum(c is Claim.HELD for c in claims))
+        try:
+            results = await asyncio.gather(*(self._fetch(downloader, p) for p in taken))
+            refs = [r for r in results if r is not None]
+            for start in range(0, len(refs), self.settings.batch_size):
+                await asyncio.to_thread(self.sink.send_refs, refs[start : start + self.settings.batch_size])
+        except BaseException:
+            await self.claims.release([p.id for p in taken])
+            raise
+        await self.claims.commit([r.post.id for r in refs])
+        retry_later = [p.id for p, r in zip(taken, results, strict=True) if r is None]
+        await self.claims.release(retry_later)
+        await self.stats.add("enqueued", len(refs))
+        await self.stats.add("rejected", sum(r.rejected is not None for r in refs))
+        if owner is not None:
+            await self._merge_owner(refs, seen)
+
+    async def _merge_owner(self, refs: list[PostRef], seen: list[Post]) -> None:
+        """Posts first met under a hashtag learn their owner when met again through the owner's account."""
+        await self.claims.mark_owner_known([r.post.id for r in refs])
+        known = await self.claims.owner_known([p.id for p in seen])
+        merges = [p for p, k in zip(seen, known, strict=True) if not k]
+        if merges:
+            await asyncio.to_thread(self.sink.send_merges, merges)
+            await self.claims.mark_owner_known([p.id for p in merges])
+            await self.stats.add("merged_owner", len(merges))
+
+    async def _fetch(self, downloader: ImageDownloader, post: Post) -> PostRef | None:
+        """The post's reference: with its stored image, or rejected with a reason; None to retry in a later run."""
+        if not post.media_url:
+            await self.stats.add("rejected:no_media_url")
+            return PostRef(post=post, rejected="no_media_url")
+        async with self._downloads:
+            try:
+                sha, size = await downloader(post.media_url)
+            except ImageRejected as err:
+                if err.reason == "download_failed":
+                    await self.stats.add("download_failed")
+                    LOG.warning("post %s: download failed after retries (%s); left for a later run", post.id, err)
+                    return None
+                await self.stats.add(f"rejected:{err.reason}")
+                LOG.warning("post %s rejected: %s", post.id, err)
+                return PostRef(post=post, rejected=err.reason)
+        await self.stats.add("bytes", size)
+        return PostRef(post=post, blob=sha)

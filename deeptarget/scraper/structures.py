@@ -1,0 +1,48 @@
+"""Graph API JSON -> the project's Post record, in one place."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from deeptarget.schema import Owner, Post, hashtags_in
+
+MEDIA_FIELDS = "id,caption,media_type,media_url,permalink,timestamp,like_count,comments_count"
+IMAGE_TYPES = {"IMAGE", "CAROUSEL_ALBUM"}
+
+
+def parse_timestamp(value: str | None) -> datetime | None:
+    """Graph timestamps look like ``2026-11-23T07:00:00+0000``."""
+    if not value:
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S%z")
+    except ValueError:
+        return datetime.fromisoformat(value)
+
+
+def post_from_media(node: dict[str, Any], *, source: str, owner: Owner | None = None) -> Post:
+    """One media node as a Post. Raises ``ValueError`` (pydantic's or ours) on a node that makes no sense."""
+    if not isinstance(node, dict) or not node.get("id"):
+        raise ValueError(f"media node without id: {str(node)[:200]}")
+    media_url = node.get("media_url")
+    if node.get("media_type") == "CAROUSEL_ALBUM" and not media_url:
+        children = (node.get("children") or {}).get("data") or []
+        media_url = next((c.get("media_url") for c in children if c.get("media_type") == "IMAGE"), None)
+    caption = node.get("caption")
+    return Post(
+        id=str(node["id"]),
+        source=source,
+        media_url=media_url,
+        permalink=node.get("permalink"),
+        caption=caption,
+        hashtags=hashtags_in(caption),
+        like_count=node.get("like_count"),
+        comments_count=node.get("comments_count"),
+        timestamp=parse_timestamp(node.get("timestamp")),
+        owner=owner,
+    )
+
+
+def is_image(node: dict[str, Any]) -> bool:
+    return node.get("media_type", "IMAGE") in IMAGE_TYPES

@@ -1,0 +1,67 @@
+"""What a worker process holds between tasks: stores, and models loaded once (per process, after the fork)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cached_property
+
+import redis
+import torch
+
+from deeptarget.blobs import BlobStore
+from deeptarget.config import Settings
+from deeptarget.index.vectors import SnapshotStore
+from deeptarget.index.writer import IndexWriter
+from deeptarget.store import MetadataStore
+from deeptarget.workers.pipeline import InferencePipeline
+
+LOG = logging.getLogger(__name__)
+
+
+class WorkerContext:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pid = os.getpid()
+
+    @cached_property
+    def store(self) -> MetadataStore:
+        return MetadataStore(self.settings.sqlite_path)
+
+    @cached_property
+    def blobs(self) -> BlobStore:
+        return BlobStore(self.settings.blob_dir)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        assert self.settings.redis_url
+        return redis.Redis.from_url(self.settings.redis_url)
+
+    @cached_property
+    def pipeline(self) -> InferencePipeline:
+        threads = self.settings.torch_threads or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        pipeline = InferencePipeline(self.settings, self.blobs)
+        LOG.info("models loaded in pid %d: %s on %s, %d threads", self.pid, pipeline.model_id,
+                 pipeline.embedder.device, threads)
+        return pipeline
+
+    @cached_property
+    def writer(self) -> IndexWriter:
+        return IndexWriter(
+            self.store,
+            SnapshotStore(self.settings.index_dir, keep=self.settings.snapshots_kept),
+            snapshot_every_adds=self.settings.snapshot_every_adds,
+            snapshot_every_s=self.settings.snapshot_every_s,
+        )
+
+
+_contexts: dict[tuple[int, int], WorkerContext] = {}
+
+
+def context_for(settings: Settings) -> WorkerContext:
+    """One context per (process, settings object): a forked child never reuses its parent's connections."""
+    key = (os.getpid(), id(settings))
+    if key not in _contexts:
+        _contexts[key] = WorkerContext(settings)
+    return _contexts[key]

@@ -1,0 +1,151 @@
+"""Celery tasks. Each is idempotent: running it twice for the same input leaves the same state (at-least-once delivery).
+
+- ``infer`` (queue infer): a batch of PostRefs -> predictions and embeddings in the metadata store -> ``index`` and
+  ``update_profiles`` work.
+- ``index`` / ``snapshot`` (queue index, one consumer): embeddings into FAISS; snapshot.
+- ``train_hashtags`` (queue train): refit and publish the hashtag model.
+- ``update_profiles`` / ``merge_posts`` (queue profiles): recompute users' profiles; learn owners of known posts.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import Any
+
+import redis
+from celery import Task, shared_task
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
+from kombu.exceptions import OperationalError
+from prometheus_client import Counter
+from pydantic import ValidationError
+
+from deeptarget import constants
+from deeptarget.index.hashtags import HashtagModel
+from deeptarget.profiles import build_profile
+from deeptarget.schema import Post, PostRef
+from deeptarget.workers.app import settings_of
+from deeptarget.workers.context import WorkerContext, context_for
+
+LOG = logging.getLogger(__name__)
+
+POSTS = Counter("deeptarget_worker_posts_total", "Posts through the infer task, by outcome", ["outcome"])
+
+# Task-level failures worth retrying: the store or the broker briefly unavailable.
+TRANSIENT = (sqlite3.OperationalError, redis.ConnectionError, redis.TimeoutError, OperationalError)
+RETRY = {"autoretry_for": TRANSIENT, "retry_backoff": 2, "retry_backoff_max": 120, "max_retries": 8}
+
+
+def _context(task: Task) -> WorkerContext:
+    return context_for(settings_of(task.app))
+
+
+@shared_task(name=constants.infer_task, bind=True, **RETRY)
+def infer(self: Task, refs: list[dict[str, Any]]) -> dict[str, int]:
+    ctx = _context(self)
+    valid: list[PostRef] = []
+    for i, raw in enumerate(refs):
+        try:
+            valid.append(PostRef.model_validate(raw))
+        except ValidationError as err:
+            POSTS.labels("invalid_record").inc()
+            LOG.error("infer: record %d of the batch is not a PostRef, dropped: %s", i, err)
+    results = ctx.pipeline(valid)
+    owners = ctx.store.record_results((r.post, r.blob, r.prediction, r.embedding) for r in results)
+    embedded = [r.post.id for r in results if r.embedding is not None]
+    rejected = len(results) - len(embedded)
+    POSTS.labels("embedded").inc(len(embedded))
+    POSTS.labels("rejected").inc(rejected)
+    if embedded:
+        self.app.send_task(constants.index_task, args=[embedded], queue=constants.index_queue)
+    if owners:
+        self.app.send_task(constants.profiles_task, args=[sorted(owners)], queue=constants.profiles_queue)
+    LOG.info("infer: %d embedded, %d rejected", len(embedded), rejected)
+    return {"embedded": len(embedded), "rejected": rejected}
+
+
+@shared_task(name=constants.index_task, bind=True, **RETRY)
+def index(self: Task, post_ids: list[str]) -> int:
+    ctx = _context(self)
+    return ctx.writer.add(ctx.store.embeddings(post_ids))
+
+
+@shared_task(name=constants.snapshot_task, bind=True, **RETRY)
+def snapshot(self: Task) -> int | None:
+    """Write a snapshot now (and give readers its version)."""
+    return _context(self).writer.snapshot()
+
+
+@shared_task(name=constants.rebuild_task, bind=True, **RETRY)
+def rebuild_index(self: Task) -> int:
+    """A fresh index from every embedding in the metadata store (after a backbone change, or to compact)."""
+    return _context(self).writer.rebuild()
+
+
+@shared_task(name=constants.train_task, bind=True, **RETRY)
+def train_hashtags(self: Task) -> int:
+    ctx = _context(self)
+    s = ctx.settings
+    ids, tags = ctx.store.image_hashtags()
+    model = HashtagModel.fit(
+        ids, tags, factors=s.als_factors, iterations=s.als_iterations, regularization=s.als_regularization
+    )
+    version = model.save(s.hashtag_model_dir)
+    ctx.redis.set(constants.hashtag_model_version_key, version)
+    return version
+
+
+@shared_task(name=constants.profiles_task, bind=True, **RETRY)
+def update_profiles(self: Task, user_ids: list[str]) -> int:
+    ctx = _context(self)
+    for user_id in user_ids:
+        profile = build_profile(
+            user_id, ctx.store.user_posts(user_id), half_life_days=ctx.settings.profile_half_life_days
+        )
+        ctx.store.save_profile(profile)
+        ctx.redis.xadd(
+            constants.profiles_stream,
+            {"user_id": user_id, "profile": profile.model_dump_json()},
+            maxlen=constants.profiles_stream_maxlen,
+            approximate=True,
+        )
+    return len(user_ids)
+
+
+@shared_task(name=constants.merge_task, bind=True, **RETRY)
+def merge_posts(self: Task, posts: list[dict[str, Any]]) -> int:
+    """Owner details learnt for posts that were first met without them (e.g. under a hashtag)."""
+    ctx = _context(self)
+    parsed = [Post.model_validate(p) for p in posts]
+    ctx.store.upsert_posts(parsed)
+    owners = ctx.store.owners_of([p.id for p in parsed])
+    if owners:
+        self.app.send_task(constants.profiles_task, args=[sorted(owners)], queue=constants.profiles_queue)
+    return len(parsed)
+
+
+@worker_process_init.connect
+def _load_models(sender: Any = None, **_: Any) -> None:
+    """Prefork children load the models before their first task, once."""
+    from celery import current_app
+
+    settings = getattr(current_app, "deeptarget_settings", None)
+    if settings is not None and getattr(current_app, "deeptarget_warm_infer", False):
+        _ = context_for(settings).pipeline
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _final_snapshot(sender: Any = None, **_: Any) -> None:
+    """A clean stop leaves a snapshot of everything indexed (a crash is covered by the replay on start)."""
+    from celery import current_app
+
+    settings = getattr(current_app, "deeptarget_settings", None)
+    if settings is None:
+        return
+    ctx = context_for(settings)
+    if "writer" in ctx.__dict__:
+        try:
+            ctx.writer.snapshot()
+        except Exception:  # shutting down: report, never raise from a signal handler
+            LOG.exception("final index snapshot failed; the next start replays from the metadata store")
