@@ -70,11 +70,12 @@ class HashtagModel:
             (np.full(len(rows), alpha, np.float32), (remap[np.array(rows)], np.array(cols))),
             shape=(len(kept_ids), len(vocabulary)),
         )
-        model = AlternatingLeastSquares(
-            factors=factors, iterations=iterations, regularization=regularization, random_state=seed
-        )
-        # implicit warns (and slows down) when BLAS runs its own threads inside its parallel loops.
+        # implicit warns (and slows down) when BLAS runs its own threads inside its parallel loops; it checks
+        # when the model is built, so build it inside the limit too.
         with threadpool_limits(1, "blas"):
+            model = AlternatingLeastSquares(
+                factors=factors, iterations=iterations, regularization=regularization, random_state=seed
+            )
             model.fit(matrix, show_progress=False)
         image_factors = np.asarray(model.user_factors, np.float32)
         hashtag_factors = np.asarray(model.item_factors, np.float32)

@@ -1,0 +1,102 @@
+"""Fixtures on real parts: a real redis-server (the embedded one), real Celery worker processes, the sandbox served
+over HTTP on loopback. No fakes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from deeptarget.config import Settings
+from deeptarget.redis_server import EmbeddedRedis
+from deeptarget.runtime import spawn_worker, stop_process
+from deeptarget.workers.app import create_celery
+
+# Settings come from the test, never from the machine's environment.
+for _name in [n for n in os.environ if n.startswith("DEEPTARGET_")]:
+    del os.environ[_name]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> Iterator[str]:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield redis_server.url
+    client.flushall()
+    client.close()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def make_settings(data_dir: Path, redis_url: str | None = None, **overrides: object) -> Settings:
+    """Small, fast settings for tests: random weights (no files needed), small images and snapshots often."""
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "redis_url": redis_url,
+        "weights": "none",
+        "image_size": 96,
+        "decode_long_side": 320,
+        "snapshot_every_s": 0.5,
+        "torch_threads": 1,
+        "sandbox_posts": 60,
+        "sandbox_users": 12,
+        "sandbox_hashtags": 6,
+        "als_factors": 8,
+        "api_port": 0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str) -> Settings:
+    return make_settings(tmp_path / "data", redis_url)
+
+
+WorkerFactory = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
+    """Start real ``deeptarget worker`` processes; waits until each answers a ping; stops them at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(settings: Settings, queues: list[str], name: str, pool: str = "prefork") -> subprocess.Popen[bytes]:
+        log_file = tmp_path / f"worker-{name}.log"
+        process = spawn_worker(settings, queues, name=name, pool=pool, log_file=log_file)
+        started.append(process)
+        wait_for_worker(settings, name, process, log_file)
+        return process
+
+    yield start
+    for process in started:
+        stop_process(process, timeout_s=20)
+
+
+def wait_for_worker(settings: Settings, name: str, process: subprocess.Popen[bytes], log_file: Path) -> None:
+    app = create_celery(settings)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker {name} exited with {process.returncode}:\n{log_file.read_text()[-3000:]}")
+        replies = app.control.ping(timeout=0.5) or []
+        if any(key.startswith(f"{name}@") for reply in replies for key in reply):
+            return
+    raise RuntimeError(f"worker {name} did not answer a ping in 90 s:\n{log_file.read_text()[-3000:]}")

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import skimage.data
+
+from deeptarget.errors import ConfigurationError
+from deeptarget.models.faces import FaceFilter, HaarFaceDetector, build_face_detector
+
+
+@pytest.fixture(scope="module")
+def haar() -> HaarFaceDetector:
+    return HaarFaceDetector(min_size=24)
+
+
+def test_haar_finds_the_astronauts_face(haar: HaarFaceDetector) -> None:
+    faces = haar(skimage.data.astronaut())
+    assert len(faces) == 1
+    x, y, w, h = faces[0].box
+    assert 150 < x + w / 2 < 300 and 60 < y + h / 2 < 200  # Eileen Collins' face, not the suit or the shuttle
+    assert 0.5 < faces[0].confidence <= 1.0
+
+
+def test_haar_finds_no_face_in_a_cup_of_coffee(haar: HaarFaceDetector) -> None:
+    assert haar(skimage.data.coffee()) == []
+
+
+def test_policy_require_rejects_faceless_images_and_tag_does_not(haar: HaarFaceDetector) -> None:
+    coffee, astronaut = skimage.data.coffee(), skimage.data.astronaut()
+    assert FaceFilter(haar, "require")(coffee)[1] == "no_face"
+    result, reason = FaceFilter(haar, "require")(astronaut)
+    assert reason is None and result.count == 1
+    assert FaceFilter(haar, "tag")(coffee)[1] is None
+    assert FaceFilter(None, "off")(astronaut)[0].count == 0
+
+
+def test_minimum_confidence_filters_faces(haar: HaarFaceDetector) -> None:
+    result, _ = FaceFilter(haar, "tag", min_confidence=1.0)(skimage.data.astronaut())
+    assert result.count == 0
+
+
+def test_detectors_are_configured_with_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="onnx"):
+        build_face_detector("yunet", 24, None)
+    with pytest.raises(ConfigurationError, match="not found"):
+        build_face_detector("yunet", 24, tmp_path / "yunet.onnx")
+    with pytest.raises(ConfigurationError, match="unknown face detector"):
+        build_face_detector("mtcnn?", 24)
