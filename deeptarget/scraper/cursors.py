@@ -17,12 +17,14 @@ class CursorStore:
     def _field(self, kind: str, target: str) -> str:
         return f"{self.source}|{kind}|{target}"
 
+    async def _read(self, kind: str, target: str) -> str | None:
+        value = await self.redis.hget(constants.cursor_key, self._field(kind, target))
+        return value.decode() if isinstance(value, bytes) else value
+
     async def get(self, kind: str, target: str) -> str | None:
         """The cursor of the next page to fetch; None to start at the beginning."""
-        value = await self.redis.hget(constants.cursor_key, self._field(kind, target))
-        if value is None or value == DONE:
-            return None
-        return value.decode() if isinstance(value, bytes) else str(value)
+        value = await self._read(kind, target)
+        return None if value == DONE else value
 
     async def save(self, kind: str, target: str, cursor: str) -> None:
         await self.redis.hset(constants.cursor_key, self._field(kind, target), cursor)
@@ -31,8 +33,7 @@ class CursorStore:
         await self.redis.hset(constants.cursor_key, self._field(kind, target), DONE)
 
     async def is_done(self, kind: str, target: str) -> bool:
-        value = await self.redis.hget(constants.cursor_key, self._field(kind, target))
-        return value is not None and (value.decode() if isinstance(value, bytes) else value) == DONE
+        return await self._read(kind, target) == DONE
 
     async def reset(self, kind: str, target: str) -> None:
         await self.redis.hdel(constants.cursor_key, self._field(kind, target))

@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import redis
+import redis.asyncio as aioredis
+
+from deeptarget import constants
+from deeptarget.blobs import BlobStore
+from deeptarget.config import Settings
+from deeptarget.sandbox import SandboxNetwork, sandbox_server
+from deeptarget.scraper import CelerySink, Crawler
+from deeptarget.workers.app import create_celery
+from tests.conftest import make_settings
+from tests.queue_messages import queued_post_refs, queued_task_args
+
+
+def crawl_settings(tmp_path: Path, redis_url: str, network: SandboxNetwork, url: str, **extra: object) -> Settings:
+    values: dict[str, object] = {
+        "source_url": url,
+        "hashtags": network.hashtags,
+        "accounts": [a.username for a in network.accounts],
+        "page_size": 10,
+        "batch_size": 8,
+    }
+    return make_settings(tmp_path / "data", redis_url, **{**values, **extra})
+
+
+async def crawl(settings: Settings) -> dict[str, int]:
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    try:
+        crawler = Crawler(settings, client, CelerySink(create_celery(settings)), BlobStore(settings.blob_dir))
+        return await crawler.run()
+    finally:
+        await client.aclose()
+
+
+async def server_stats(url: str) -> dict:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/sandbox/stats") as response:
+        return await response.json()
+
+
+async def test_a_crawl_enqueues_every_post_once_and_rejects_broken_images(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    network = SandboxNetwork(seed=11, n_posts=70, n_users=10, n_hashtags=5, corrupt_share=0.1)
+    async with sandbox_server(network) as server:
+        settings = crawl_settings(tmp_path, redis_url, network, server.url)
+        counts = await crawl(settings)
+        stats = await server_stats(server.url)
+
+    refs = queued_post_refs(redis_client)
+    ids = Counter(r["post"]["id"] for r in refs)
+    assert set(ids) == {m.id for m in network.media} and max(ids.values()) == 1  # all of them, each once
+    assert set(stats["image_fetches"]) == set(ids) and max(stats["image_fetches"].values()) == 1
+    by_id = {r["post"]["id"]: r for r in refs}
+    for media in network.media:
+        ref = by_id[media.id]
+        if media.corruption == "html":
+            assert ref["rejected"] == "not_an_image" and ref["blob"] is None
+        elif media.corruption is None:
+            assert ref["rejected"] is None and ref["blob"] in BlobStore(settings.blob_dir)
+            assert ref["post"]["owner"]["followers_count"] == media.owner.followers_count  # accounts come first
+            assert ref["post"]["hashtags"] == list(media.hashtags)
+    assert counts["enqueued"] == len(network.media)
+    assert counts["duplicate"] > 0  # every post met twice: by account and by hashtag
+    batches = [args[0] for name, args in queued_task_args(redis_client, "infer")]
+    assert batches and all(1 <= len(batch) <= settings.batch_size for batch in batches)
+    # Tokens travel in headers only: the stats name them by fingerprint.
+    assert all(len(fp) == 10 for fp in stats["requests"])
+
+
+async def test_a_second_run_fetches_nothing_again(tmp_path: Path, redis_url: str, redis_client: redis.Redis) -> None:
+    network = SandboxNetwork(seed=12, n_posts=30, n_users=6, n_hashtags=3)
+    async with sandbox_server(network) as server:
+        settings = crawl_settings(tmp_path, redis_url, network, server.url)
+        await crawl(settings)
+        second = await crawl(settings)  # all targets were done: a new round that only meets seen posts
+        stats = await server_stats(server.url)
+    assert second.get("enqueued", 0) == 0 and second["duplicate"] > 0
+    assert max(stats["image_fetches"].values()) == 1
+    assert len(queued_post_refs(redis_client)) == len(network.media)
+
+
+async def test_posts_met_first_under_a_hashtag_learn_their_owner_later(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    network = SandboxNetwork(seed=13, n_posts=25, n_users=5, n_hashtags=3)
+    async with sandbox_server(network) as server:
+        hashtags_only = crawl_settings(tmp_path, redis_url, network, server.url, accounts=[])
+        await crawl(hashtags_only)
+        accounts_only = crawl_settings(tmp_path, redis_url, network, server.url, hashtags=[])
+        counts = await crawl(accounts_only)
+    refs = queued_post_refs(redis_client)
+    assert all(r["post"]["owner"] is None for r in refs)  # hashtag media carry no owner, as on the real API
+    merges = [
+        p for name, args in queued_task_args(redis_client, "profiles") if name == constants.merge_task for p in args[0]
+    ]
+    assert {p["id"] for p in merges} == {m.id for m in network.media}
+    assert counts["merged_owner"] == len(network.media) and counts.get("enqueued", 0) == 0
+
+
+async def test_unknown_accounts_and_hashtags_do_not_stop_the_crawl(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    network = SandboxNetwork(seed=14, n_posts=20, n_users=4, n_hashtags=2)
+    async with sandbox_server(network) as server:
+        settings = crawl_settings(tmp_path, redis_url, network, server.url, accounts=["nobody_here"],
+                                  hashtags=[*network.hashtags, "neverused"])
+        counts = await crawl(settings)
+    assert counts["target_error:110"] == 1 and counts["unknown_hashtag"] == 1
+    assert {r["post"]["id"] for r in queued_post_refs(redis_client)} == {
+        m.id for m in network.media if set(m.hashtags) & set(network.hashtags)
+    }
+
+
+async def test_a_scraper_stopped_half_way_resumes_without_fetching_any_post_twice(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    network = SandboxNetwork(seed=15, n_posts=120, n_users=10, n_hashtags=4)
+    async with sandbox_server(network) as server:
+        settings = crawl_settings(tmp_path, redis_url, network, server.url, page_size=5, download_concurrency=2,
+                                  target_concurrency=1)
+        env = {**os.environ, **settings.to_env()}
+
+        async def scrape() -> asyncio.subprocess.Process:
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "deeptarget", "scrape", env=env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+
+        first = await scrape()
+        while redis_client.scard(constants.seen_posts_key) < 20:
+            assert first.returncode is None, (await first.stderr.read()).decode()[-2000:]
+            await asyncio.sleep(0.05)
+        first.send_signal(signal.SIGTERM)  # graceful: finish the page in hand, save the cursor, exit
+        _, stderr = await asyncio.wait_for(first.communicate(), timeout=60)
+        assert first.returncode == 0, stderr.decode()[-2000:]
+        half = redis_client.scard(constants.seen_posts_key)
+        assert 20 <= half < len(network.media)
+
+        second = await scrape()
+        _, stderr = await asyncio.wait_for(second.communicate(), timeout=120)
+        assert second.returncode == 0, stderr.decode()[-2000:]
+        stats = await server_stats(server.url)
+
+    ids = Counter(r["post"]["id"] for r in queued_post_refs(redis_client))
+    assert set(ids) == {m.id for m in network.media} and max(ids.values()) == 1
+    assert set(stats["image_fetches"]) == set(ids) and max(stats["image_fetches"].values()) == 1
