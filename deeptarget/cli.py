@@ -5,6 +5,7 @@
     deeptarget sandbox [--port N]         serve the sandbox social network
     deeptarget scrape [--forever]         crawl the configured hashtags/accounts into the infer queue
     deeptarget worker --queues infer,...  a Celery worker
+    deeptarget beat                       periodic tasks (hashtag model refits)
     deeptarget serve                      the query API
     deeptarget query similar|hashtags|user ...
     deeptarget train | index snapshot|rebuild
@@ -45,7 +46,7 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports which CPU build it picked, at INFO
 
 
-# -- commands ---------------------------------------------------------------------------------------------------------
+# -- commands ----------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from deeptarget.demo import run_demo
 
@@ -72,13 +73,17 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from deeptarget.sandbox import SandboxNetwork, sandbox_server
 
     settings = _settings(args)
-    network = SandboxNetwork(settings.sandbox_seed, settings.sandbox_posts, settings.sandbox_users,
-                             settings.sandbox_hashtags)
+    network = SandboxNetwork(
+        settings.sandbox_seed, settings.sandbox_posts, settings.sandbox_users, settings.sandbox_hashtags
+    )
 
     async def serve() -> None:
         async with sandbox_server(network, args.host, args.port) as server:
-            print(f"sandbox at {server.url}: {len(network.media)} posts by {len(network.accounts)} accounts, "
-                  f"hashtags {', '.join(network.hashtags)}", flush=True)
+            print(
+                f"sandbox at {server.url}: {len(network.media)} posts by {len(network.accounts)} accounts, "
+                f"hashtags {', '.join(network.hashtags)}",
+                flush=True,
+            )
             await wait_for_signal()
 
     asyncio.run(serve())
@@ -135,6 +140,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_beat(args: argparse.Namespace) -> int:
+    from deeptarget.runtime import connect_redis
+    from deeptarget.workers.app import create_celery
+
+    settings = connect_redis(_settings(args))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    create_celery(settings).Beat(schedule=str(settings.data_dir / "celerybeat-schedule"), loglevel="INFO").run()
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from deeptarget.api.app import create_app
     from deeptarget.http_server import AppServer
@@ -182,8 +197,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         from deeptarget.store import MetadataStore
 
         ids, tags = MetadataStore(settings.sqlite_path).image_hashtags()
-        model = HashtagModel.fit(ids, tags, factors=settings.als_factors, iterations=settings.als_iterations,
-                                 regularization=settings.als_regularization)
+        model = HashtagModel.fit(
+            ids,
+            tags,
+            factors=settings.als_factors,
+            iterations=settings.als_iterations,
+            regularization=settings.als_regularization,
+        )
         print(f"hashtag model v{model.save(settings.hashtag_model_dir)} published")
         return 0
     return _send(settings, constants.train_task)
@@ -247,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", default="worker")
     worker.set_defaults(func=cmd_worker)
 
+    sub.add_parser("beat", help="run Celery beat (periodic hashtag-model refits)").set_defaults(func=cmd_beat)
     sub.add_parser("serve", help="run the query API").set_defaults(func=cmd_serve)
 
     query = sub.add_parser("query", help="query the index and profiles locally")

@@ -22,14 +22,14 @@ FacePolicy = Literal["require", "tag", "off"]
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPTARGET_", extra="forbid", validate_default=True)
 
-    # -- where things live ---------------------------------------------------------------------------------
+    # -- where things live ----------------------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Metadata DB, blobs, index snapshots, models, embedded Redis.")
     redis_url: str | None = Field(
         None, description="External Redis (redis://host:port/db). Unset: the project starts its own embedded Redis."
     )
     database_url: str | None = Field(None, description="SQLite path; default <data_dir>/metadata.sqlite3.")
 
-    # -- source and scraper ----------------------------------------------------------------------------------
+    # -- source and scraper ---------------------------------------------------------------------------------------
     source_url: str = Field("http://127.0.0.1:8700", description="Base URL of a Graph-API-shaped source.")
     source_user_id: str = Field("17841400000000000", description="IG user id the API calls are made on behalf of.")
     access_tokens: list[SecretStr] = Field(default_factory=lambda: [SecretStr("sandbox-token")])
@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     batch_size: int = Field(16, ge=1, description="Posts per infer task.")
     claim_ttl_s: int = Field(900, gt=0, description="How long a scraper may hold a post before another may take it.")
 
-    # -- workers -------------------------------------------------------------------------------------------------
+    # -- workers --------------------------------------------------------------------------------------------------
     backbone: Literal["mobilenet_v2", "resnet50", "efficientnet_b0"] = "mobilenet_v2"
     weights: str = Field(
         "auto",
@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     decode_threads: int = Field(2, ge=1)
     torch_threads: int = Field(0, ge=0, description="0 = one per core.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    visibility_timeout_s: int = Field(3600, gt=0, description="Unacked tasks come back after this; above the longest task.")
+    visibility_timeout_s: int = Field(
+        3600, gt=0, description="Unacked tasks come back after this; above the longest task."
+    )
     worker_concurrency: int = Field(1, ge=1)
 
     # -- index and models -----------------------------------------------------------------------------------------
@@ -83,13 +85,13 @@ class Settings(BaseSettings):
     train_every_s: float = Field(3600.0, gt=0, description="Celery beat refits the hashtag model this often.")
     profile_half_life_days: float = Field(30.0, gt=0)
 
-    # -- API -------------------------------------------------------------------------------------------------------------
+    # -- API ------------------------------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(8800, ge=0, le=65535)
     api_key: SecretStr | None = Field(None, description="Required by write endpoints when set.")
     max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0)
 
-    # -- sandbox ------------------------------------------------------------------------------------------------------
+    # -- sandbox --------------------------------------------------------------------------------------------------
     sandbox_seed: int = 7
     sandbox_posts: int = Field(300, ge=1)
     sandbox_users: int = Field(30, ge=1)
@@ -134,7 +136,7 @@ class Settings(BaseSettings):
             else:
                 os.environ[CONFIG_ENV] = previous
 
-    # -- derived paths -----------------------------------------------------------------------------------------------
+    # -- derived paths --------------------------------------------------------------------------------------------
     @property
     def sqlite_path(self) -> Path:
         return Path(self.database_url) if self.database_url else self.data_dir / "metadata.sqlite3"

@@ -62,8 +62,9 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
     started = time.monotonic()
     logs = settings.data_dir / "logs"
     _log_to_file(logs / "demo.log")
-    network = SandboxNetwork(settings.sandbox_seed, settings.sandbox_posts, settings.sandbox_users,
-                             settings.sandbox_hashtags)
+    network = SandboxNetwork(
+        settings.sandbox_seed, settings.sandbox_posts, settings.sandbox_users, settings.sandbox_hashtags
+    )
     workers: list[subprocess.Popen[bytes]] = []
     redis_server = None
     async with AsyncExitStack() as stack:
@@ -84,11 +85,19 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
                 f"[bold]Sandbox[/] at {sandbox.url}: {len(network.media)} posts by {len(network.accounts)} accounts "
                 f"under #{', #'.join(network.hashtags)}"
             )
-            workers.append(spawn_worker(settings, [constants.infer_queue, constants.profiles_queue,
-                                                   constants.train_queue], name="infer",
-                                        log_file=logs / "worker-infer.log"))
-            workers.append(spawn_worker(settings, [constants.index_queue], name="index", pool="solo",
-                                        log_file=logs / "worker-index.log"))
+            workers.append(
+                spawn_worker(
+                    settings,
+                    [constants.infer_queue, constants.profiles_queue, constants.train_queue],
+                    name="infer",
+                    log_file=logs / "worker-infer.log",
+                )
+            )
+            workers.append(
+                spawn_worker(
+                    settings, [constants.index_queue], name="index", pool="solo", log_file=logs / "worker-index.log"
+                )
+            )
             console.print(f"[bold]Workers[/] pids {[w.pid for w in workers]} (logs in {logs})")
             api = await stack.enter_async_context(_api_server(settings))
             console.print(f"[bold]API[/] at {api.url}")
@@ -135,7 +144,9 @@ def _api_server(settings: Settings) -> AppServer:
 def _check_workers(workers: list[subprocess.Popen[bytes]]) -> None:
     for worker in workers:
         if worker.poll() is not None:
-            raise DeepTargetError(f"worker pid {worker.pid} exited with {worker.returncode}: see data/logs/worker-*.log")
+            raise DeepTargetError(
+                f"worker pid {worker.pid} exited with {worker.returncode}: see data/logs/worker-*.log"
+            )
 
 
 async def _crawl_with_progress(
@@ -190,7 +201,9 @@ async def _publish_models(
     app.send_task(constants.train_task, queue=constants.train_queue)
     with console.status("snapshotting the index, fitting the hashtag model, rolling up profiles"):
         deadline = time.monotonic() + 600
-        while (snapshots.current() or 0) <= before[0] or (models.current() or 0) <= before[1] or store.profile_backlog():
+        while (
+            (snapshots.current() or 0) <= before[0] or (models.current() or 0) <= before[1] or store.profile_backlog()
+        ):
             _check_workers(workers)
             if time.monotonic() > deadline:
                 raise DeepTargetError("index snapshot / hashtag model / profiles not ready after 600 s")
@@ -219,8 +232,13 @@ async def _print_examples(console: Console, api_url: str, network: SandboxNetwor
         for column in ("post", "score", "hashtags", "owner", "faces"):
             table.add_column(column)
         for row in similar["results"]:
-            table.add_row(row["post_id"], f"{row['score']:.3f}", " ".join(f"#{t}" for t in row["hashtags"]),
-                          str(row["owner"]), str(row["faces"]))
+            table.add_row(
+                row["post_id"],
+                f"{row['score']:.3f}",
+                " ".join(f"#{t}" for t in row["hashtags"]),
+                str(row["owner"]),
+                str(row["faces"]),
+            )
         console.print(table)
 
         # 2. Hashtags for pictures the system has never seen.

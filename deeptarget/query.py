@@ -83,7 +83,7 @@ class QueryService:
                 self._model_stamp = stamp
             return self._model
 
-    # -- queries -------------------------------------------------------------------------------------------------
+    # -- queries --------------------------------------------------------------------------------------------------
     def embed_image(self, data: bytes) -> np.ndarray:
         """Raises ImageRejected for bytes that are not a usable image (size and pixel limits included)."""
         image = decode_image(data, max_pixels=self.settings.max_image_pixels, long_side=self.settings.decode_long_side)

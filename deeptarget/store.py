@@ -112,11 +112,11 @@ class MetadataStore:
         with self._lock:
             self._db.close()
 
-    # -- transactions --------------------------------------------------------------------------------------------------
+    # -- transactions ---------------------------------------------------------------------------------------------
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db, self._lock)
 
-    # -- writes ----------------------------------------------------------------------------------------------------------------
+    # -- writes ---------------------------------------------------------------------------------------------------
     def upsert_posts(self, posts: Iterable[Post]) -> None:
         with self._transaction() as db:
             db.executemany(_UPSERT_POST, [_post_params(p) for p in posts])
@@ -173,7 +173,7 @@ class MetadataStore:
                 (profile.user_id, profile.model_dump_json(), time.time()),
             )
 
-    # -- reads ---------------------------------------------------------------------------------------------------------------------
+    # -- reads ----------------------------------------------------------------------------------------------------
     def embeddings(self, post_ids: list[str]) -> EmbeddingRows:
         """Embeddings of these posts (those that have one), in the order asked."""
         rows = self._fetch_in(
@@ -247,7 +247,9 @@ class MetadataStore:
 
     def user_id_for_username(self, username: str) -> str | None:
         with self._lock:
-            row = self._db.execute("SELECT owner_id FROM posts WHERE owner_username = ? LIMIT 1", (username,)).fetchone()
+            row = self._db.execute(
+                "SELECT owner_id FROM posts WHERE owner_username = ? LIMIT 1", (username,)
+            ).fetchone()
         return None if row is None else str(row[0])
 
     def profile_backlog(self) -> int:

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from deeptarget.config import Settings
+from deeptarget.index.vectors import SnapshotStore
 from deeptarget.redis_server import EmbeddedRedis
 from deeptarget.runtime import spawn_worker, stop_process
 from deeptarget.workers.app import create_celery
@@ -68,6 +69,12 @@ def make_settings(data_dir: Path, redis_url: str | None = None, **overrides: obj
 @pytest.fixture
 def settings(tmp_path: Path, redis_url: str) -> Settings:
     return make_settings(tmp_path / "data", redis_url)
+
+
+def snapshot_size(index_dir: Path) -> int:
+    """Vectors in the newest published snapshot; -1 before the first one."""
+    index = SnapshotStore(index_dir).load()
+    return -1 if index is None else index.ntotal
 
 
 WorkerFactory = Callable[..., subprocess.Popen[bytes]]

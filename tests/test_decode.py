@@ -33,10 +33,12 @@ def test_formats_decode_to_rgb_within_the_long_side(photo: Image.Image, fmt: str
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK", "P", "I;16"])
 def test_modes_become_rgb(mode: str) -> None:
-    image = Image.new("RGB", (64, 48), (200, 30, 30)).convert(mode) if mode != "I;16" else Image.fromarray(
-        (np.arange(64 * 48).reshape(48, 64) * 13).astype(np.uint16)
+    image = (
+        Image.new("RGB", (64, 48), (200, 30, 30)).convert(mode)
+        if mode != "I;16"
+        else Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 13).astype(np.uint16))
     )
-    fmt = "JPEG" if mode == "CMYK" else "PNG" if mode != "LA" else "PNG"
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
     rgb = decode_image(encode(image, fmt), **LIMITS)
     assert rgb.shape == (48, 64, 3)
 

@@ -25,7 +25,7 @@ def synthetic(n_per_block: int = 60, seed: int = 0) -> tuple[np.ndarray, list[li
             vid = 10_000 * (b + 1) + i
             chosen = list(rng.choice(vocabulary, size=int(rng.integers(2, 4)), replace=False))
             if rng.random() < 0.05:
-                chosen.append(str(rng.choice(sum(BLOCKS.values(), []))))
+                chosen.append(str(rng.choice([t for tags in BLOCKS.values() for t in tags])))
             ids.append(vid)
             tags.append(chosen)
             members[block].append(vid)

@@ -13,8 +13,13 @@ MODEL = "mobilenet_v2:random0:imagenet:96"
 
 def head(version: int, bias: list[float], model_id: str = MODEL) -> LinearHead:
     return LinearHead(
-        name="food", version=version, classes=["sushi", "pizza"], weight=np.zeros((2, 4), np.float32),
-        bias=np.array(bias, np.float32), model_id=model_id, metrics={"top1": 0.9},
+        name="food",
+        version=version,
+        classes=["sushi", "pizza"],
+        weight=np.zeros((2, 4), np.float32),
+        bias=np.array(bias, np.float32),
+        model_id=model_id,
+        metrics={"top1": 0.9},
     )
 
 

@@ -46,7 +46,7 @@ def test_replaced_vector_is_the_new_one_and_removal_works() -> None:
 
 
 def test_search_on_an_empty_index_returns_no_ids() -> None:
-    scores, ids = VectorIndex.empty(16, MODEL).search(np.zeros(16, np.float32), 3)
+    _, ids = VectorIndex.empty(16, MODEL).search(np.zeros(16, np.float32), 3)
     assert ids.tolist() == [[-1, -1, -1]]
 
 
@@ -106,8 +106,8 @@ def test_reindexing_a_post_never_duplicates_it(tmp_path: Path) -> None:
 
 
 def test_embeddings_of_another_model_are_not_mixed_in(tmp_path: Path) -> None:
-    store, ids = _store_with_posts(tmp_path / "meta.sqlite3", 4)
-    _, other = _store_with_posts(tmp_path / "meta.sqlite3", 3, model_id="resnet50:imagenet:imagenet:224", start=100)
+    store, _ = _store_with_posts(tmp_path / "meta.sqlite3", 4)
+    _store_with_posts(tmp_path / "meta.sqlite3", 3, model_id="resnet50:imagenet:imagenet:224", start=100)
     writer = IndexWriter(store, SnapshotStore(tmp_path / "index"))
     assert writer.index.ntotal == 4  # the replay took the first model's rows; the others were refused
 

@@ -12,8 +12,16 @@ NOW = datetime(2026, 11, 23, tzinfo=UTC)
 OWNER = Owner(id="u1", username="sushi_lover", followers_count=1000)
 
 
-def stored(pid: str, tags: list[str], *, likes: int | None = 30, age_days: float = 0, faces: int = 0,
-           status: str = "indexed", classes: dict[str, dict[str, float]] | None = None) -> StoredPost:
+def stored(
+    pid: str,
+    tags: list[str],
+    *,
+    likes: int | None = 30,
+    age_days: float = 0,
+    faces: int = 0,
+    status: str = "indexed",
+    classes: dict[str, dict[str, float]] | None = None,
+) -> StoredPost:
     post = Post(id=pid, hashtags=tags, like_count=likes, owner=OWNER, timestamp=NOW - timedelta(days=age_days))
     return StoredPost(post=post, vector_id=0, status=status, reason=None, faces=faces, classes=classes or {}, blob=None)
 
@@ -24,11 +32,17 @@ def test_recency_halves_the_weight_every_half_life() -> None:
 
 
 def test_engagement_weighs_relative_to_the_users_median_and_is_clipped() -> None:
-    posts = [stored("a", [], likes=10), stored("b", [], likes=20), stored("c", [], likes=40), stored("d", [], likes=None)]
+    posts = [
+        stored("a", [], likes=10),
+        stored("b", [], likes=20),
+        stored("c", [], likes=40),
+        stored("d", [], likes=None),
+    ]
     weights = post_weights(posts, NOW, half_life_days=30)
     assert weights == pytest.approx([0.5, 1.0, 2.0, 1.0])  # median engagement is 0.02; unknown weighs 1
-    extreme = post_weights([stored("a", [], likes=1), stored("b", [], likes=100), stored("c", [], likes=10_000)],
-                           NOW, half_life_days=30)
+    extreme = post_weights(
+        [stored("a", [], likes=1), stored("b", [], likes=100), stored("c", [], likes=10_000)], NOW, half_life_days=30
+    )
     assert extreme == pytest.approx([0.25, 1.0, 4.0])
 
 

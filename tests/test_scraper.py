@@ -111,8 +111,14 @@ async def test_unknown_accounts_and_hashtags_do_not_stop_the_crawl(
 ) -> None:
     network = SandboxNetwork(seed=14, n_posts=20, n_users=4, n_hashtags=2)
     async with sandbox_server(network) as server:
-        settings = crawl_settings(tmp_path, redis_url, network, server.url, accounts=["nobody_here"],
-                                  hashtags=[*network.hashtags, "neverused"])
+        settings = crawl_settings(
+            tmp_path,
+            redis_url,
+            network,
+            server.url,
+            accounts=["nobody_here"],
+            hashtags=[*network.hashtags, "neverused"],
+        )
         counts = await crawl(settings)
     assert counts["target_error:110"] == 1 and counts["unknown_hashtag"] == 1
     assert {r["post"]["id"] for r in queued_post_refs(redis_client)} == {
@@ -125,8 +131,9 @@ async def test_a_scraper_stopped_half_way_resumes_without_fetching_any_post_twic
 ) -> None:
     network = SandboxNetwork(seed=15, n_posts=120, n_users=10, n_hashtags=4)
     async with sandbox_server(network) as server:
-        settings = crawl_settings(tmp_path, redis_url, network, server.url, page_size=5, download_concurrency=2,
-                                  target_concurrency=1)
+        settings = crawl_settings(
+            tmp_path, redis_url, network, server.url, page_size=5, download_concurrency=2, target_concurrency=1
+        )
         env = {**os.environ, **settings.to_env()}
 
         async def scrape() -> asyncio.subprocess.Process:

@@ -97,9 +97,7 @@ class HashtagModel:
         found = self.image_ids[pos] == ids
         return self.image_factors[pos[found]]
 
-    def suggest(
-        self, neighbour_ids: np.ndarray, n: int = 10, exclude: Sequence[str] = ()
-    ) -> list[tuple[str, float]]:
+    def suggest(self, neighbour_ids: np.ndarray, n: int = 10, exclude: Sequence[str] = ()) -> list[tuple[str, float]]:
         """Top-n hashtags for an image described by its FAISS neighbours (or by itself when indexed)."""
         factors = self.factors_of(neighbour_ids)
         if len(factors) == 0:
@@ -110,13 +108,18 @@ class HashtagModel:
         out = [(self.hashtags[i], float(scores[i])) for i in order if self.hashtags[i] not in banned]
         return out[:n]
 
-    # -- persistence --------------------------------------------------------------------------------------------------
+    # -- persistence ----------------------------------------------------------------------------------------------
     def save(self, directory: Path) -> int:
         """Write and publish a new version; returns its number."""
         versions = VersionedDir(directory, ".npz")
         versions.root.mkdir(parents=True, exist_ok=True)
         version = versions.next_version()
-        meta = {"version": version, "created": time.time(), "images": len(self.image_ids), "hashtags": len(self.hashtags)}
+        meta = {
+            "version": version,
+            "created": time.time(),
+            "images": len(self.image_ids),
+            "hashtags": len(self.hashtags),
+        }
         atomic_write(
             versions.path(version),
             lambda handle: np.savez(

@@ -76,7 +76,10 @@ class IndexWriter:
         )
         if not keep.all():
             bad = sorted({m for m, k in zip(rows.model_ids, keep, strict=True) if not k})
-            LOG.error("%s", IndexMismatchError(f"index holds {self.index.model_id}; {int((~keep).sum())} rows from {bad} skipped"))
+            LOG.error(
+                "%s",
+                IndexMismatchError(f"index holds {self.index.model_id}; {int((~keep).sum())} rows from {bad} skipped"),
+            )
         return keep
 
     def maybe_snapshot(self) -> int | None:

@@ -51,7 +51,9 @@ class HaarFaceDetector:
         if cascade is None:
             cascade = cv2.CascadeClassifier(str(self.path))
             if cascade.empty():
-                raise ConfigurationError(f"could not load Haar cascade {self.path} (opencv-python-headless must be < 5)")
+                raise ConfigurationError(
+                    f"could not load Haar cascade {self.path} (opencv-python-headless must be < 5)"
+                )
             self._local.cascade = cascade
         return cascade
 

@@ -104,8 +104,13 @@ class HeadSet:
             self._seen[folder.name] = stamp
             head = LinearHead.load(path)
             if head.model_id != self.model_id:
-                LOG.warning("head %s v%d was trained on %s, not %s: skipped", head.name, head.version,
-                            head.model_id, self.model_id)
+                LOG.warning(
+                    "head %s v%d was trained on %s, not %s: skipped",
+                    head.name,
+                    head.version,
+                    head.model_id,
+                    self.model_id,
+                )
                 self.heads.pop(head.name, None)
                 continue
             LOG.info("head %s v%d loaded (%d classes)", head.name, head.version, len(head.classes))

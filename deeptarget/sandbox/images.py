@@ -126,7 +126,13 @@ def _paste_face(rng: np.random.Generator, image: Image.Image) -> Image.Image:
     side = int(min(image.size) * rng.uniform(0.35, 0.5))
     face = face.resize((side, round(side * face.height / face.width)), Image.BILINEAR)
     image = image.copy()
-    image.paste(face, (int(rng.integers(0, image.width - face.width + 1)), int(rng.integers(0, max(1, image.height - face.height) + 1))))
+    image.paste(
+        face,
+        (
+            int(rng.integers(0, image.width - face.width + 1)),
+            int(rng.integers(0, max(1, image.height - face.height) + 1)),
+        ),
+    )
     return image
 
 

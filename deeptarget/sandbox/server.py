@@ -5,8 +5,8 @@ Endpoints (an optional ``/v21.0``-style version prefix is accepted):
 - ``GET /{hashtag-id}/recent_media`` and ``/top_media`` with ``user_id``, ``fields``, ``limit`` (<= 50), ``after``:
   media of the last 24 hours, cursor-paged; like_count is omitted when the owner hides likes; owner fields cannot be
   requested on hashtag media (error 100), as on the real API.
-- ``GET /{ig-user-id}?fields=business_discovery.username(NAME){followers_count,media_count,media.after(C).limit(N){...}}``
-  -> the account, its follower count and a page of its media.
+- ``GET /{ig-user-id}?fields=business_discovery.username(NAME){followers_count,media_count,media{...}}``
+  (``media.after(C).limit(N){...}`` pages) -> the account, its follower count and a page of its media.
 - ``GET /media/{id}.jpg``: the picture (some are broken on purpose: truncated, garbage, an HTML page).
 - ``GET /sandbox/stats``: what the server saw (requests per token fingerprint, image fetches per media id), for
   tests and the demo; ``GET /sandbox/accounts``: the usernames.
@@ -161,7 +161,9 @@ async def hashtag_media(request: web.Request) -> web.Response:
         return graph_error(400, 100, "(#100) The parameter user_id is required", "GraphMethodException")
     fields = _split_fields(request.query.get("fields", "id"))
     if OWNER_FIELDS & set(fields):
-        return graph_error(400, 100, "(#100) Tried accessing nonexisting field (owner) on hashtag media", "OAuthException")
+        return graph_error(
+            400, 100, "(#100) Tried accessing nonexisting field (owner) on hashtag media", "OAuthException"
+        )
     items = [m for m in network.media if hashtag in m.hashtags]
     if edge == "recent_media":  # the real API only returns media of the last 24 hours
         cutoff = network.now - timedelta(hours=24)
@@ -169,7 +171,9 @@ async def hashtag_media(request: web.Request) -> web.Response:
     else:
         items = sorted(items, key=lambda m: (-m.like_count, m.id))
     origin = str(request.url.origin())
-    base = f"{origin}{request.path}?user_id={request.query['user_id']}&fields={','.join(fields)}&limit={_limit(request)}"
+    base = (
+        f"{origin}{request.path}?user_id={request.query['user_id']}&fields={','.join(fields)}&limit={_limit(request)}"
+    )
     return web.json_response(_page(items, _offset(request.query.get("after")), _limit(request), fields, origin, base))
 
 
@@ -190,9 +194,12 @@ async def node(request: web.Request) -> web.Response:
     out: dict[str, object] = {"id": account.id}
     for field in _split_fields(match.group(2)):
         if field in ("username", "id", "followers_count", "media_count"):
-            out[field] = {"username": account.username, "id": account.id,
-                          "followers_count": account.followers_count,
-                          "media_count": sum(1 for m in network.media if m.owner is account)}[field]
+            out[field] = {
+                "username": account.username,
+                "id": account.id,
+                "followers_count": account.followers_count,
+                "media_count": sum(1 for m in network.media if m.owner is account),
+            }[field]
             continue
         media_match = _MEDIA_EDGE_RE.match(field)
         if not media_match:
@@ -201,7 +208,9 @@ async def node(request: web.Request) -> web.Response:
         limit = max(1, min(MAX_LIMIT, int(modifiers.get("limit", "25"))))
         items = sorted((m for m in network.media if m.owner is account), key=lambda m: m.timestamp, reverse=True)
         media_fields = _split_fields(media_match.group(2))
-        out["media"] = _page(items, _offset(modifiers.get("after")), limit, media_fields, origin, f"{origin}{request.path}?")
+        out["media"] = _page(
+            items, _offset(modifiers.get("after")), limit, media_fields, origin, f"{origin}{request.path}?"
+        )
     return web.json_response({"business_discovery": out, "id": request.match_info["node"]})
 
 

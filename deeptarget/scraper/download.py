@@ -66,7 +66,11 @@ class ImageDownloader:
                 if response.status != 200:
                     raise ImageRejected("http_error", f"HTTP {response.status}")
                 content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-                if content_type and not content_type.startswith("image/") and content_type != "application/octet-stream":
+                if (
+                    content_type
+                    and not content_type.startswith("image/")
+                    and content_type != "application/octet-stream"
+                ):
                     raise ImageRejected("not_an_image", f"content-type {content_type}")
                 if response.content_length is not None and response.content_length > self.max_bytes:
                     raise ImageRejected("too_large", f"{response.content_length} bytes > {self.max_bytes}")

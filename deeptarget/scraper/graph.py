@@ -94,7 +94,7 @@ class GraphApiClient:
             raise GraphApiError(f"GET {path}: {detail.get('message', 'error')}", code=detail.get("code"), status=status)
         return payload
 
-    # -- endpoints -----------------------------------------------------------------------------------------------
+    # -- endpoints ------------------------------------------------------------------------------------------------
     async def hashtag_id(self, hashtag: str) -> str | None:
         payload = await self.get("ig_hashtag_search", {"user_id": self.user_id, "q": hashtag})
         data = payload.get("data") or []
@@ -112,7 +112,8 @@ class GraphApiClient:
         self, username: str, fields: str, after: str | None = None, limit: int = 25
     ) -> tuple[dict[str, Any], Page]:
         modifiers = f".limit({limit})" + (f".after({after})" if after else "")
-        spec = f"business_discovery.username({username}){{id,username,followers_count,media_count,media{modifiers}{{{fields}}}}}"
+        account_fields = f"id,username,followers_count,media_count,media{modifiers}{{{fields}}}"
+        spec = f"business_discovery.username({username}){{{account_fields}}}"
         payload = await self.get(self.user_id, {"fields": spec})
         account = payload.get("business_discovery")
         if not isinstance(account, dict):

@@ -42,8 +42,13 @@ class WorkerContext:
         threads = self.settings.torch_threads or os.cpu_count() or 1
         torch.set_num_threads(threads)
         pipeline = InferencePipeline(self.settings, self.blobs)
-        LOG.info("models loaded in pid %d: %s on %s, %d threads", self.pid, pipeline.model_id,
-                 pipeline.embedder.device, threads)
+        LOG.info(
+            "models loaded in pid %d: %s on %s, %d threads",
+            self.pid,
+            pipeline.model_id,
+            pipeline.embedder.device,
+            threads,
+        )
         return pipeline
 
     @cached_property

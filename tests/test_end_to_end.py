@@ -1,0 +1,232 @@
+"""The whole flow on real parts: embedded Redis, the sandbox over HTTP, the scraper, real Celery worker processes
+(infer/profiles/train and a separate index writer), the metadata store, FAISS snapshots, the API."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+import redis
+
+from deeptarget import constants
+from deeptarget.api.app import create_app
+from deeptarget.config import Settings
+from deeptarget.http_server import AppServer
+from deeptarget.index.vectors import SnapshotStore
+from deeptarget.redis_server import EmbeddedRedis
+from deeptarget.runtime import spawn_worker, stop_process
+from deeptarget.sandbox import SandboxNetwork, sandbox_server
+from deeptarget.schema import vector_id
+from deeptarget.store import MetadataStore
+from deeptarget.versioned import VersionedDir
+from deeptarget.workers.app import create_celery
+from tests.conftest import make_settings, snapshot_size, wait_for_worker
+from tests.test_scraper import crawl
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@dataclass
+class Run:
+    settings: Settings
+    network: SandboxNetwork
+    store: MetadataStore
+    logs: Path
+
+
+def _wait(condition, timeout_s: float, what: str, workers: list[subprocess.Popen[bytes]], logs: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        for worker in workers:
+            assert worker.poll() is None, f"a worker died: see {logs}"
+        if time.monotonic() > deadline:
+            tails = "\n".join(p.read_text()[-3000:] for p in logs.glob("worker-*.log"))
+            raise AssertionError(f"{what} not reached in {timeout_s} s\n{tails}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def run(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    redis.Redis.from_url(redis_server.url).flushall()
+    root = tmp_path_factory.mktemp("e2e")
+    network = SandboxNetwork(seed=21, n_posts=60, n_users=10, n_hashtags=6, corrupt_share=0.08)
+    settings = make_settings(
+        root / "data",
+        redis_server.url,
+        batch_size=8,
+        page_size=10,
+        hashtags=network.hashtags,
+        accounts=[a.username for a in network.accounts],
+    )
+    logs = root / "logs"
+    logs.mkdir()
+    workers = [
+        spawn_worker(
+            settings,
+            [constants.infer_queue, constants.profiles_queue, constants.train_queue],
+            name="infer",
+            log_file=logs / "worker-infer.log",
+        ),
+        spawn_worker(settings, [constants.index_queue], name="index", pool="solo", log_file=logs / "worker-index.log"),
+    ]
+    try:
+        for worker, name in zip(workers, ("infer", "index"), strict=True):
+            wait_for_worker(settings, name, worker, logs / f"worker-{name}.log")
+
+        async def crawl_sandbox() -> None:
+            async with sandbox_server(network) as server:
+                await crawl(settings.model_copy(update={"source_url": server.url}))
+
+        asyncio.run(crawl_sandbox())
+        store = MetadataStore(settings.sqlite_path)
+        seen = redis.Redis.from_url(redis_server.url).scard(constants.seen_posts_key)
+
+        def settled() -> bool:
+            counts = store.status_counts()
+            return counts.get("indexed", 0) + counts.get("rejected", 0) == seen and not counts.get("embedded")
+
+        _wait(settled, 300, "every post indexed or rejected", workers, logs)
+        app = create_celery(settings)
+        app.send_task(constants.snapshot_task, queue=constants.index_queue)
+        app.send_task(constants.train_task, queue=constants.train_queue)
+        snapshots, models = VersionedDir(settings.index_dir, ".faiss"), VersionedDir(settings.hashtag_model_dir, ".npz")
+        indexed = store.status_counts()["indexed"]
+        _wait(
+            lambda: snapshot_size(settings.index_dir) == indexed and models.current(),
+            120,
+            "snapshot with every indexed post and a hashtag model",
+            workers,
+            logs,
+        )
+        _wait(lambda: store.profile_backlog() == 0, 120, "profiles up to date", workers, logs)
+        assert snapshots.current()
+        yield Run(settings, network, store, logs)
+    finally:
+        for worker in workers:
+            stop_process(worker, timeout_s=20)
+
+
+@pytest.fixture
+async def api(run: Run) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
+    settings = run.settings.model_copy(update={"max_upload_bytes": 2_000_000})
+    async with AppServer(create_app(settings)) as server, aiohttp.ClientSession() as http:
+        yield server.url, http
+
+
+def test_every_post_is_indexed_or_rejected_with_a_reason_none_lost_none_twice(run: Run) -> None:
+    media_ids = {m.id for m in run.network.media}
+    stored = {pid: run.store.post(pid) for pid in media_ids}
+    assert all(p is not None for p in stored.values()), "a post was lost"
+    statuses = {pid: p.status for pid, p in stored.items()}
+    assert set(statuses.values()) <= {"indexed", "rejected"}
+    assert all(p.reason for p in stored.values() if p.status == "rejected")
+    index = SnapshotStore(run.settings.index_dir).load()
+    indexed = [pid for pid, s in statuses.items() if s == "indexed"]
+    assert index.ntotal == len(indexed)  # nothing indexed twice
+    assert all(vector_id(pid) in index for pid in indexed)
+    assert sum(s == "indexed" for s in statuses.values()) >= len(media_ids) - 10
+
+
+def test_broken_images_are_rejected_with_their_reasons(run: Run) -> None:
+    broken = [m for m in run.network.media if m.corruption]
+    assert {m.corruption for m in broken} >= {"truncated", "html"}
+    expected = {
+        "html": {"not_an_image"},
+        "truncated": {"truncated_image", "corrupt_image"},
+        "garbage": {"not_an_image", "corrupt_image"},
+    }
+    for media in broken:
+        stored = run.store.post(media.id)
+        assert stored.status == "rejected" and stored.reason in expected[media.corruption], (media, stored)
+
+
+def test_every_user_with_posts_has_a_profile_counting_them(run: Run) -> None:
+    owners = run.store.owner_ids()
+    assert len(owners) >= 5
+    for owner in owners:
+        profile = run.store.profile(owner)
+        assert profile is not None and profile.post_count == sum(
+            1 for p in run.store.user_posts(owner) if p.status == "indexed"
+        )
+        assert abs(sum(profile.hashtags.values()) - 1) < 1e-3
+    published = redis.Redis.from_url(run.settings.redis_url).xlen(constants.profiles_stream)
+    assert published >= len(owners)
+
+
+async def test_similar_by_post_id_returns_the_post_first(run: Run, api) -> None:
+    url, http = api
+    for media in [m for m in run.network.media if run.store.post(m.id).status == "indexed"][:5]:
+        async with http.get(f"{url}/similar", params={"post_id": media.id, "k": "5"}) as response:
+            assert response.status == 200
+            results = (await response.json())["results"]
+        assert results[0]["post_id"] == media.id and results[0]["score"] == pytest.approx(1.0, abs=1e-4)
+        assert len(results) == 5 and results[0]["hashtags"] == list(media.hashtags)
+
+
+async def test_an_uploaded_copy_of_a_posts_image_finds_that_post_first(run: Run, api) -> None:
+    url, http = api
+    for media in [m for m in run.network.media if run.store.post(m.id).status == "indexed"][:5]:
+        async with http.post(f"{url}/similar?k=3", data=media.image_bytes()) as response:
+            assert response.status == 200, await response.text()
+            results = (await response.json())["results"]
+        assert results[0]["post_id"] == media.id and results[0]["score"] > 0.999
+
+
+async def test_hashtag_suggestions_for_uploaded_images(run: Run, api) -> None:
+    url, http = api
+    vocabulary = {t for m in run.network.media for t in m.hashtags}
+    hits = 0
+    indexed = [m for m in run.network.media if run.store.post(m.id).status == "indexed"][:12]
+    for media in indexed:
+        form = aiohttp.FormData()
+        form.add_field("image", media.image_bytes(), filename="upload.jpg", content_type="image/jpeg")
+        async with http.post(f"{url}/hashtags?n=5", data=form) as response:
+            assert response.status == 200, await response.text()
+            payload = await response.json()
+        tags = [h["hashtag"] for h in payload["hashtags"]]
+        assert len(tags) == 5 and set(tags) <= vocabulary
+        assert payload["neighbours"][0] == media.id
+        hits += media.topic.hashtag in tags
+    assert hits >= len(indexed) // 2, f"the post's own topic was in the top 5 for only {hits}/{len(indexed)}"
+
+
+async def test_user_profiles_by_id_and_username(run: Run, api) -> None:
+    url, http = api
+    account = max(run.network.accounts, key=lambda a: sum(m.owner is a for m in run.network.media))
+    async with http.get(f"{url}/users/{account.username}") as by_name, http.get(f"{url}/users/{account.id}") as by_id:
+        assert by_name.status == by_id.status == 200
+        assert (await by_name.json())["user_id"] == (await by_id.json())["user_id"] == account.id
+    async with http.get(f"{url}/users/nobody") as response:
+        assert response.status == 404 and "nobody" in (await response.json())["error"]
+
+
+async def test_bad_requests_get_json_errors(run: Run, api) -> None:
+    url, http = api
+    cases = [
+        (http.get(f"{url}/similar"), 400),
+        (http.get(f"{url}/similar", params={"post_id": "404404"}), 404),
+        (http.get(f"{url}/similar", params={"post_id": run.network.media[0].id, "k": "0"}), 400),
+        (http.post(f"{url}/similar", data=b"<html>not an image</html>"), 422),
+        (http.post(f"{url}/hashtags", data=b""), 400),
+        (http.post(f"{url}/similar", data=np.zeros(3_000_000, np.uint8).tobytes()), 413),
+    ]
+    for request, status in cases:
+        async with request as response:
+            assert response.status == status, await response.text()
+            assert "error" in await response.json()
+
+
+async def test_health_and_metrics(run: Run, api) -> None:
+    url, http = api
+    async with http.get(f"{url}/healthz") as response:
+        health = await response.json()
+        assert response.status == 200 and health["redis"] is True and health["index"]["vectors"] > 0
+    async with http.get(f"{url}/metrics") as response:
+        assert "deeptarget_api_request_seconds" in await response.text()

@@ -1,0 +1,69 @@
+"""Killing a worker with SIGKILL in the middle of its work loses no post and indexes none twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from deeptarget import constants
+from deeptarget.sandbox import SandboxNetwork, sandbox_server
+from deeptarget.store import MetadataStore
+from deeptarget.workers.app import create_celery
+from tests.conftest import WorkerFactory, make_settings, snapshot_size
+from tests.queue_messages import queued_post_refs
+from tests.test_scraper import crawl
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_kill_9_mid_run_then_restart_processes_every_post_exactly_once(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, start_worker: WorkerFactory
+) -> None:
+    network = SandboxNetwork(seed=31, n_posts=80, n_users=8, n_hashtags=4, corrupt_share=0.0)
+    # Unacked tasks of a dead worker come back after the visibility timeout: short here, an hour in production.
+    settings = make_settings(
+        tmp_path / "data",
+        redis_url,
+        batch_size=4,
+        page_size=20,
+        visibility_timeout_s=3,
+        hashtags=network.hashtags,
+        accounts=[a.username for a in network.accounts],
+    )
+
+    async def crawl_sandbox() -> None:
+        async with sandbox_server(network) as server:
+            await crawl(settings.model_copy(update={"source_url": server.url}))
+
+    asyncio.run(crawl_sandbox())  # every post waits on the infer queue before any worker runs
+    assert len(queued_post_refs(redis_client)) == len(network.media)
+    store = MetadataStore(settings.sqlite_path)
+
+    index_worker = start_worker(settings, [constants.index_queue], "index", pool="solo")
+    victim = start_worker(settings, [constants.infer_queue, constants.profiles_queue], "victim")
+    deadline = time.monotonic() + 120
+    while sum(store.status_counts().values()) < 8:
+        assert time.monotonic() < deadline, "the worker processed nothing"
+        time.sleep(0.02)
+    os.killpg(victim.pid, signal.SIGKILL)  # the worker and its pool child, mid-run, no chance to clean up
+    victim.wait()
+    done_at_kill = store.status_counts().get("indexed", 0)
+    assert done_at_kill < len(network.media), "the kill came too late to prove anything"
+
+    start_worker(settings, [constants.infer_queue, constants.profiles_queue], "survivor")
+    deadline = time.monotonic() + 180
+    while store.status_counts().get("indexed", 0) < len(network.media):
+        assert time.monotonic() < deadline, f"posts lost: {store.status_counts()} of {len(network.media)}"
+        time.sleep(0.2)
+    create_celery(settings).send_task(constants.snapshot_task, queue=constants.index_queue)
+    deadline = time.monotonic() + 60
+    while snapshot_size(settings.index_dir) != len(network.media):
+        assert time.monotonic() < deadline and index_worker.poll() is None
+        time.sleep(0.2)
+    assert store.status_counts() == {"indexed": len(network.media)}
