@@ -8,6 +8,7 @@
      +-- IndexMismatchError      embeddings from a different backbone/weights than the index holds
      +-- ModelNotReadyError      a query needs a model or index that has not been built yet
      +-- ModelFitError           model fitting produced unusable factors (NaN)
+     +-- NotFoundError           a query named a post or user the system does not know
 
 Per-item failures (one bad image) are data: they end as a rejected post with a reason. Exceptions that escape a task
 are task-level failures that Celery may retry.
@@ -53,4 +54,8 @@ class ModelNotReadyError(DeepTargetError):
 
 
 class ModelFitError(DeepTargetError):
+    pass
+
+
+class NotFoundError(DeepTargetError, LookupError):
     pass

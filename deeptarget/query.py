@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from deeptarget.config import Settings
-from deeptarget.errors import ModelNotReadyError
+from deeptarget.errors import ModelNotReadyError, NotFoundError
 from deeptarget.index.hashtags import HashtagModel
 from deeptarget.index.vectors import SnapshotReader, SnapshotStore, VectorIndex
 from deeptarget.models.decode import decode_image
@@ -22,10 +22,6 @@ from deeptarget.models.embedder import Embedder
 from deeptarget.schema import Profile, vector_id
 from deeptarget.store import MetadataStore, StoredPost
 from deeptarget.versioned import VersionedDir
-
-
-class NotFound(LookupError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -102,7 +98,7 @@ class QueryService:
     def similar_to_post(self, post_id: str, k: int = 10) -> list[Neighbour]:
         vector = self.index().reconstruct(vector_id(post_id))
         if vector is None:
-            raise NotFound(f"post {post_id} is not in the index")
+            raise NotFoundError(f"post {post_id} is not in the index")
         return self.similar_to_vector(vector, k)
 
     def similar_to_image(self, data: bytes, k: int = 10) -> list[Neighbour]:
@@ -126,5 +122,5 @@ class QueryService:
             user_id = self.store.user_id_for_username(user)
             profile = self.store.profile(user_id) if user_id else None
         if profile is None:
-            raise NotFound(f"no profile for user {user!r}")
+            raise NotFoundError(f"no profile for user {user!r}")
         return profile

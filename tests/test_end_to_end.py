@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from deeptarget.api.app import create_app
 from deeptarget.config import Settings
 from deeptarget.http_server import AppServer
 from deeptarget.index.vectors import SnapshotStore
-from deeptarget.redis_server import EmbeddedRedis
+from deeptarget.redis_server import EmbeddedRedis, free_port
 from deeptarget.runtime import spawn_worker, stop_process
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.schema import vector_id
@@ -230,3 +233,30 @@ async def test_health_and_metrics(run: Run, api) -> None:
         assert response.status == 200 and health["redis"] is True and health["index"]["vectors"] > 0
     async with http.get(f"{url}/metrics") as response:
         assert "deeptarget_api_request_seconds" in await response.text()
+
+
+def test_query_cli_reads_the_newest_snapshot_without_redis(run: Run) -> None:
+    media = next(m for m in run.network.media if run.store.post(m.id).status == "indexed")
+    env = {**os.environ, **run.settings.model_copy(update={"redis_url": None}).to_env()}
+
+    def query(*args: str) -> object:
+        done = subprocess.run([sys.executable, "-m", "deeptarget", "query", *args], env=env, capture_output=True,
+                              text=True, timeout=120, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    assert query("similar", "--post-id", media.id, "-k", "3")[0]["post_id"] == media.id
+    assert query("user", media.owner.username)["user_id"] == media.owner.id
+    done = subprocess.run([sys.executable, "-m", "deeptarget", "query", "user", "nobody"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 2 and "no profile for user 'nobody'" in done.stderr
+
+
+async def test_health_reports_a_dead_redis(run: Run) -> None:
+    dead = run.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    async with AppServer(create_app(dead)) as server, aiohttp.ClientSession() as http:
+        async with http.get(f"{server.url}/healthz") as response:
+            health = await response.json()
+        assert response.status == 503 and health["redis"].startswith("down")
+        async with http.get(f"{server.url}/similar", params={"post_id": run.network.media[0].id}) as response:
+            assert response.status in (200, 404)  # queries need no Redis: they read the snapshot and the store

@@ -22,8 +22,14 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from deeptarget.config import Settings
-from deeptarget.errors import DeepTargetError, ImageRejected, IndexMismatchError, ModelNotReadyError
-from deeptarget.query import NotFound, QueryService
+from deeptarget.errors import (
+    DeepTargetError,
+    ImageRejected,
+    IndexMismatchError,
+    ModelNotReadyError,
+    NotFoundError,
+)
+from deeptarget.query import QueryService
 
 LOG = logging.getLogger(__name__)
 
@@ -54,7 +60,7 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
         response = _error(err.status, err.text if explicit else err.reason)
     except ImageRejected as err:
         response = _error(413 if err.reason == "too_large" else 422, str(err), err.reason)
-    except NotFound as err:
+    except NotFoundError as err:
         response = _error(404, str(err))
     except (ModelNotReadyError, IndexMismatchError) as err:
         response = _error(503, str(err))
