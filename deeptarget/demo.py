@@ -31,7 +31,7 @@ from deeptarget.config import Settings
 from deeptarget.errors import DeepTargetError
 from deeptarget.http_server import AppServer
 from deeptarget.index.vectors import SnapshotStore
-from deeptarget.runtime import spawn_worker, start_embedded_redis, stop_process, wait_for_signal
+from deeptarget.runtime import spawn_worker, start_embedded_redis, stop_processes, wait_for_signal
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.sandbox import images as sandbox_images
 from deeptarget.scraper import CelerySink, Crawler
@@ -122,8 +122,7 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             await wait_for_signal()
             return 0
         finally:
-            for worker in workers:
-                stop_process(worker)
+            stop_processes(workers)
             if redis_server is not None:
                 redis_server.stop()
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,17 +81,21 @@ def spawn_worker(
             output.close()  # type: ignore[union-attr]
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    """SIGTERM (Celery's warm shutdown: finish the task in hand), then SIGKILL after ``timeout_s``."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        LOG.warning("process %d did not stop in %.0f s: killed", process.pid, timeout_s)
-        process.kill()
-        process.wait()
+def stop_processes(processes: Sequence[subprocess.Popen[bytes]], timeout_s: float = 30.0) -> None:
+    """SIGTERM to all (Celery's warm shutdown: finish the task in hand), then SIGKILL what is left after ``timeout_s``.
+
+    All are signalled before any is waited for, so they shut down in parallel."""
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
+        process.terminate()
+    deadline = time.monotonic() + timeout_s
+    for process in running:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            LOG.warning("process %d did not stop in %.0f s: killed", process.pid, timeout_s)
+            process.kill()
+            process.wait()
 
 
 async def wait_for_signal() -> None:

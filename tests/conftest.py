@@ -15,7 +15,7 @@ import redis
 from deeptarget.config import Settings
 from deeptarget.index.vectors import SnapshotStore
 from deeptarget.redis_server import EmbeddedRedis
-from deeptarget.runtime import spawn_worker, stop_process
+from deeptarget.runtime import spawn_worker, stop_processes
 from deeptarget.workers.app import create_celery
 
 # Settings come from the test, never from the machine's environment.
@@ -93,8 +93,7 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
         return process
 
     yield start
-    for process in started:
-        stop_process(process, timeout_s=20)
+    stop_processes(started, timeout_s=20)
 
 
 def wait_for_worker(settings: Settings, name: str, process: subprocess.Popen[bytes], log_file: Path) -> None:

@@ -24,7 +24,7 @@ from deeptarget.config import Settings
 from deeptarget.http_server import AppServer
 from deeptarget.index.vectors import SnapshotStore
 from deeptarget.redis_server import EmbeddedRedis, free_port
-from deeptarget.runtime import spawn_worker, stop_process
+from deeptarget.runtime import spawn_worker, stop_processes
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.schema import vector_id
 from deeptarget.store import MetadataStore
@@ -112,8 +112,7 @@ def run(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -
         assert snapshots.current()
         yield Run(settings, network, store, logs)
     finally:
-        for worker in workers:
-            stop_process(worker, timeout_s=20)
+        stop_processes(workers, timeout_s=20)
 
 
 @pytest.fixture
