@@ -35,7 +35,6 @@ from deeptarget.runtime import spawn_worker, start_embedded_redis, stop_processe
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.sandbox import images as sandbox_images
 from deeptarget.scraper import CelerySink, Crawler
-from deeptarget.scraper.stats import ScraperStats
 from deeptarget.store import MetadataStore
 from deeptarget.versioned import VersionedDir
 from deeptarget.workers.app import create_celery
@@ -179,11 +178,10 @@ async def _crawl_with_progress(
                 break
             if time.monotonic() > deadline:
                 raise DeepTargetError(f"the pipeline did not settle in {SETTLE_TIMEOUT_S:.0f} s")
-        await crawl  # re-raises a crawl failure
-    stats = await ScraperStats.read(redis_client)
+        stats = await crawl  # this run's counters; re-raises a crawl failure
     console.print(
-        f"crawl: {stats.get('page:hashtag', 0)} hashtag pages, {stats.get('page:account', 0)} account pages, "
-        f"{stats.get('enqueued', 0)} posts enqueued, {stats.get('duplicate', 0)} duplicates skipped, "
+        f"this crawl: {stats.get('page:hashtag', 0)} hashtag pages, {stats.get('page:account', 0)} account pages, "
+        f"{stats.get('enqueued', 0)} new posts enqueued, {stats.get('duplicate', 0)} already seen, "
         f"{stats.get('bytes', 0) / 1e6:.1f} MB of images"
     )
 
