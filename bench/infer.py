@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--weights", default="none")
     parser.add_argument("--normalization", default="imagenet")
+    parser.add_argument("--face-policy", default="tag", choices=["tag", "require", "off"])
+    parser.add_argument("--face-detector", default="haar", choices=["haar", "yunet"])
+    parser.add_argument("--face-model", help="YuNet .onnx file (--face-detector yunet)")
     parser.add_argument("--repeats", type=int, default=3, help="best of N timed passes")
     args = parser.parse_args()
     console = Console()
@@ -43,7 +46,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
             data_dir=Path(tmp), backbone=args.backbone, weights=args.weights,
-            weights_normalization=args.normalization, micro_batch=args.batch,
+            weights_normalization=args.normalization, micro_batch=args.batch, face_policy=args.face_policy,
+            face_detector=args.face_detector, face_model_path=args.face_model,
         )  # fmt: skip
         blobs = BlobStore(settings.blob_dir)
         refs = [
@@ -54,7 +58,7 @@ def main() -> None:
         embedder = pipeline.embedder
         console.print(
             f"{embedder.model_id} on {embedder.device}, {torch.get_num_threads()} threads, "
-            f"{len(refs)} images, micro-batch {args.batch}"
+            f"{len(refs)} images, micro-batch {args.batch}, faces: {args.face_policy} ({args.face_detector})"
         )
 
         decoded = [

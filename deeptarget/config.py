@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     face_model_path: Path | None = Field(None, description="YuNet .onnx file when face_detector = 'yunet'.")
     face_min_size: int = Field(24, ge=8)
     face_min_confidence: float = Field(0.0, ge=0, le=1)
+    face_long_side: int = Field(448, ge=64, description="Faces are searched on a copy downscaled to this long side.")
     micro_batch: int = Field(32, ge=1, description="Images per forward pass.")
     decode_threads: int = Field(2, ge=1)
     torch_threads: int = Field(0, ge=0, description="0 = one per core.")

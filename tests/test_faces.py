@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import skimage.data
 
@@ -47,3 +48,12 @@ def test_detectors_are_configured_with_clear_errors(tmp_path: Path) -> None:
         build_face_detector("yunet", 24, tmp_path / "yunet.onnx")
     with pytest.raises(ConfigurationError, match="unknown face detector"):
         build_face_detector("mtcnn?", 24)
+
+
+def test_boxes_come_back_in_the_coordinates_of_the_full_image(haar: HaarFaceDetector) -> None:
+    astronaut = skimage.data.astronaut()
+    large = np.repeat(np.repeat(astronaut, 2, axis=0), 2, axis=1)  # 1024 px: detection runs on a 448 px copy
+    result, _ = FaceFilter(haar, "tag", long_side=448)(large)
+    assert result.count == 1
+    x, y, w, h = result.faces[0].box
+    assert 300 < x + w / 2 < 600 and 120 < y + h / 2 < 400 and w > 120

@@ -123,9 +123,27 @@ class FaceResult:
 
 
 class FaceFilter:
-    """Runs a detector under a policy: ``require`` a face, ``tag`` (record only) or ``off``."""
+    """Runs a detector under a policy: ``require`` a face, ``tag`` (record only) or ``off``.
 
-    def __init__(self, detector: FaceDetector | None, policy: str = "tag", min_confidence: float = 0.0) -> None:
+    Detection runs on a copy downscaled to ``long_side`` (cost grows with pixels; boxes come back in the image's
+    coordinates). Haar on 383 sandbox pictures (68 with a face), by detection size:
+
+        long side   ms/image   recall   false alarms   faces on skimage's astronaut
+        400           51.5      0.971      2.2%             2 (one false)
+        448           59.8      0.985      2.2%             1
+        512           77.2      0.956      4.4%             1
+        640           89.8      0.941      4.7%             1
+
+    Haar is erratic across scales, so 448 is the default here; evaluate on real photos before changing it.
+    """
+
+    def __init__(
+        self,
+        detector: FaceDetector | None,
+        policy: str = "tag",
+        min_confidence: float = 0.0,
+        long_side: int = 448,
+    ) -> None:
         if policy not in ("require", "tag", "off"):
             raise ConfigurationError(f"face policy must be 'require', 'tag' or 'off', not {policy!r}")
         if policy != "off" and detector is None:
@@ -133,12 +151,21 @@ class FaceFilter:
         self.detector = detector
         self.policy = policy
         self.min_confidence = min_confidence
+        self.long_side = long_side
 
     def __call__(self, image_rgb: np.ndarray) -> tuple[FaceResult, str | None]:
         """(faces found, rejection reason or None)."""
         if self.policy == "off" or self.detector is None:
             return FaceResult(), None
-        faces = [f for f in self.detector(image_rgb) if f.confidence >= self.min_confidence]
+        scale = min(1.0, self.long_side / max(image_rgb.shape[:2]))
+        small = (
+            image_rgb if scale == 1.0 else cv2.resize(image_rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        )
+        faces = [
+            Face(tuple(round(v / scale) for v in f.box), f.confidence)  # type: ignore[arg-type]
+            for f in self.detector(small)
+            if f.confidence >= self.min_confidence
+        ]
         result = FaceResult(faces)
         if self.policy == "require" and not faces:
             return result, "no_face"

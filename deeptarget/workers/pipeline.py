@@ -52,7 +52,9 @@ class InferencePipeline:
         detector = None
         if settings.face_policy != "off":
             detector = build_face_detector(settings.face_detector, settings.face_min_size, settings.face_model_path)
-        self.face_filter = FaceFilter(detector, settings.face_policy, settings.face_min_confidence)
+        self.face_filter = FaceFilter(
+            detector, settings.face_policy, settings.face_min_confidence, settings.face_long_side
+        )
         self.heads = HeadSet(settings.heads_dir, self.embedder.model_id)
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
 
