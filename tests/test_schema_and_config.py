@@ -74,3 +74,11 @@ def test_settings_survive_the_trip_through_child_environment(monkeypatch: pytest
     assert again.hashtags == ["a", "b"]
     assert [t.get_secret_value() for t in again.access_tokens] == ["t1", "t2"]
     assert again.batch_size == 3
+
+
+def test_a_bad_record_in_a_task_batch_is_dropped_and_the_rest_go_on() -> None:
+    from deeptarget.schema import PostRef
+    from deeptarget.workers.tasks import _valid
+
+    records = [{"post": {"id": "1"}}, {"post": {"id": ""}}, {"nope": 1}, {"post": {"id": "2"}, "rejected": "x"}]
+    assert [r.post.id for r in _valid(PostRef, records, "infer")] == ["1", "2"]

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import Task, shared_task
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 from kombu.exceptions import OperationalError
 from prometheus_client import Counter
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from deeptarget import constants
 from deeptarget.index.hashtags import HashtagModel
@@ -28,6 +28,7 @@ from deeptarget.workers.app import settings_of
 from deeptarget.workers.context import WorkerContext, context_for
 
 LOG = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 POSTS = Counter("deeptarget_worker_posts_total", "Posts through the infer task, by outcome", ["outcome"])
 
@@ -40,17 +41,22 @@ def _context(task: Task) -> WorkerContext:
     return context_for(settings_of(task.app))
 
 
+def _valid(model: type[M], records: list[dict[str, Any]], task: str) -> list[M]:
+    """The records that parse; a bad one is counted and logged with its position, the rest go on."""
+    valid = []
+    for i, raw in enumerate(records):
+        try:
+            valid.append(model.model_validate(raw))
+        except ValidationError as err:
+            POSTS.labels("invalid_record").inc()
+            LOG.error("%s: record %d of the batch is not a %s, dropped: %s", task, i, model.__name__, err)
+    return valid
+
+
 @shared_task(name=constants.infer_task, bind=True, **RETRY)
 def infer(self: Task, refs: list[dict[str, Any]]) -> dict[str, int]:
     ctx = _context(self)
-    valid: list[PostRef] = []
-    for i, raw in enumerate(refs):
-        try:
-            valid.append(PostRef.model_validate(raw))
-        except ValidationError as err:
-            POSTS.labels("invalid_record").inc()
-            LOG.error("infer: record %d of the batch is not a PostRef, dropped: %s", i, err)
-    results = ctx.pipeline(valid)
+    results = ctx.pipeline(_valid(PostRef, refs, "infer"))
     owners = ctx.store.record_results((r.post, r.blob, r.prediction, r.embedding) for r in results)
     embedded = [r.post.id for r in results if r.embedding is not None]
     rejected = len(results) - len(embedded)
@@ -116,7 +122,7 @@ def update_profiles(self: Task, user_ids: list[str]) -> int:
 def merge_posts(self: Task, posts: list[dict[str, Any]]) -> int:
     """Owner details learnt for posts that were first met without them (e.g. under a hashtag)."""
     ctx = _context(self)
-    parsed = [Post.model_validate(p) for p in posts]
+    parsed = _valid(Post, posts, "merge_posts")
     ctx.store.upsert_posts(parsed)
     owners = ctx.store.owners_of([p.id for p in parsed])
     if owners:
