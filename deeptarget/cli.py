@@ -128,12 +128,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     unknown = set(queues) - set(constants.all_queues)
     if unknown:
         raise DeepTargetError(f"unknown queue(s) {sorted(unknown)}: choose from {constants.all_queues}")
-    if constants.index_queue in queues and args.concurrency != 1:
+    concurrency = args.concurrency or settings.worker_concurrency
+    if constants.index_queue in queues and concurrency != 1:
         raise DeepTargetError("the index queue needs exactly one consumer: use --concurrency 1")
     app = create_celery(settings)
     app.deeptarget_warm_infer = constants.infer_queue in queues  # type: ignore[attr-defined]
     argv = [
-        "worker", "--queues", ",".join(queues), "--concurrency", str(args.concurrency), "--pool", args.pool,
+        "worker", "--queues", ",".join(queues), "--concurrency", str(concurrency), "--pool", args.pool,
         "--hostname", f"{args.name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
     app.worker_main(argv)
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--queues", default=",".join(q for q in constants.all_queues if q != constants.index_queue))
-    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--concurrency", type=int, help="pool processes (default: settings.worker_concurrency)")
     worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
     worker.add_argument("--name", default="worker")
     worker.set_defaults(func=cmd_worker)
