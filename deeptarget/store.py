@@ -23,6 +23,10 @@ import numpy as np
 
 from deeptarget.schema import Owner, Post, Prediction, Profile, vector_id
 
+USABLE_STATUSES = ("embedded", "indexed")
+"""Posts with an embedding that queries, the hashtag model and profiles count."""
+_USABLE = "status IN ({})".format(", ".join(f"'{status}'" for status in USABLE_STATUSES))
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS posts (
     post_id TEXT PRIMARY KEY,
@@ -205,7 +209,7 @@ class MetadataStore:
 
     def all_embeddings(self, batch: int = 4096) -> Iterator[EmbeddingRows]:
         """Every stored embedding, for a rebuild."""
-        return self._scan_embeddings("status IN ('embedded', 'indexed')", (), batch)
+        return self._scan_embeddings(_USABLE, (), batch)
 
     def max_indexed_seq(self) -> int:
         with self._lock:
@@ -230,7 +234,7 @@ class MetadataStore:
         """(vector ids, hashtags) of every usable post: the rows of the hashtag model's matrix."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT vector_id, hashtags FROM posts WHERE status IN ('embedded', 'indexed') ORDER BY vector_id"
+                f"SELECT vector_id, hashtags FROM posts WHERE {_USABLE} ORDER BY vector_id"
             ).fetchall()
         ids = np.array([r["vector_id"] for r in rows], dtype=np.int64)
         return ids, [json.loads(r["hashtags"]) for r in rows]
@@ -256,8 +260,7 @@ class MetadataStore:
         """Owners whose stored profile does not count all their usable posts yet (0 when profiles are current)."""
         with self._lock:
             counts = self._db.execute(
-                "SELECT owner_id, COUNT(*) FROM posts WHERE owner_id IS NOT NULL "
-                "AND status IN ('embedded', 'indexed') GROUP BY owner_id"
+                f"SELECT owner_id, COUNT(*) FROM posts WHERE owner_id IS NOT NULL AND {_USABLE} GROUP BY owner_id"
             ).fetchall()
             stored = {
                 r[0]: json.loads(r[1]).get("post_count", 0)
@@ -268,7 +271,7 @@ class MetadataStore:
     def owner_ids(self) -> list[str]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT DISTINCT owner_id FROM posts WHERE owner_id IS NOT NULL AND status IN ('embedded', 'indexed')"
+                f"SELECT DISTINCT owner_id FROM posts WHERE owner_id IS NOT NULL AND {_USABLE}"
             ).fetchall()
         return sorted(r[0] for r in rows)
 

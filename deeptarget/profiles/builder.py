@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from deeptarget.schema import Profile
-from deeptarget.store import StoredPost
+from deeptarget.store import USABLE_STATUSES, StoredPost
 
 ENGAGEMENT_CLIP = (0.25, 4.0)
 TOP_HASHTAGS = 25
@@ -44,7 +44,7 @@ def build_profile(
 ) -> Profile:
     """The profile of ``user_id`` from their posts; rejected and unprocessed posts are ignored."""
     now = now or datetime.now(UTC)
-    usable = [p for p in posts if p.status in ("embedded", "indexed")]
+    usable = [p for p in posts if p.status in USABLE_STATUSES]
     owner = next((p.post.owner for p in reversed(usable) if p.post.owner is not None), None)
     if not usable:
         return Profile(user_id=user_id, username=owner.username if owner else None, updated_at=now)
