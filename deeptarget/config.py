@@ -60,8 +60,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, gt=0, description="Larger images are rejected (decompression bombs).")
     decode_long_side: int = Field(640, ge=64, description="Images are decoded down to this long side at most.")
     face_policy: FacePolicy = "tag"
-    face_detector: Literal["haar", "yunet"] = "haar"
-    face_model_path: Path | None = Field(None, description="YuNet .onnx file when face_detector = 'yunet'.")
+    face_detector: Literal["auto", "haar", "yunet", "mtcnn"] = Field(
+        "auto", description="auto: MTCNN on CUDA if facenet-pytorch is there, else YuNet if its file is set, else Haar."
+    )
+    face_model_path: Path | None = Field(None, description="YuNet .onnx file (face_detection_yunet_2023mar.onnx).")
     face_min_size: int = Field(24, ge=8)
     face_min_confidence: float = Field(0.0, ge=0, le=1)
     face_long_side: int = Field(448, ge=64, description="Faces are searched on a copy downscaled to this long side.")

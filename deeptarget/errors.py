@@ -9,6 +9,9 @@
      +-- ModelNotReadyError      a query needs a model or index that has not been built yet
      +-- ModelFitError           model fitting produced unusable factors (NaN)
      +-- NotFoundError           a query named a post or user the system does not know
+     +-- TransientError          worth retrying the whole task later (with backoff; then the dead-letter stream)
+          +-- BlobStoreUnavailable  the blob store could not be read (I/O error, unmounted volume), not a missing blob
+          +-- ResourceExhausted     out of (GPU) memory even for a single image
 
 Per-item failures (one bad image) are data: they end as a rejected post with a reason. Exceptions that escape a task
 are task-level failures that Celery may retry.
@@ -58,4 +61,16 @@ class ModelFitError(DeepTargetError):
 
 
 class NotFoundError(DeepTargetError, LookupError):
+    pass
+
+
+class TransientError(DeepTargetError):
+    pass
+
+
+class BlobStoreUnavailable(TransientError):
+    pass
+
+
+class ResourceExhausted(TransientError):
     pass

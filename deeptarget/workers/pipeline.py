@@ -1,19 +1,26 @@
 """The infer stage's work on one batch: decode -> face filter -> embed -> heads.
 
-Per-post failures are data (a rejected Prediction with its reason); only failures of the whole batch raise.
+Decoding (and, for per-image detectors, face detection and resizing) runs on a thread pool while the calling thread
+runs the models one micro-batch at a time, so the next micro-batch is being decoded while the current one is in the
+model. Per-post failures are data (a rejected Prediction with its reason); only failures of the whole batch raise:
+a blob store that cannot be read, or out of memory even for one image (both ``TransientError``: the task retries).
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
+import torch
+from prometheus_client import Counter
 
 from deeptarget.blobs import BlobStore
 from deeptarget.config import Settings
-from deeptarget.errors import ImageRejected
+from deeptarget.errors import BlobStoreUnavailable, ImageRejected, ResourceExhausted
 from deeptarget.models.decode import decode_image
 from deeptarget.models.embedder import Embedder
 from deeptarget.models.faces import FaceFilter, FaceResult, build_face_detector
@@ -21,6 +28,10 @@ from deeptarget.models.heads import HeadSet
 from deeptarget.schema import Post, PostRef, Prediction
 
 LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+OOM_SPLITS = Counter("deeptarget_worker_oom_splits_total", "Model batches split in two after running out of memory")
 
 
 @dataclass(frozen=True)
@@ -33,8 +44,31 @@ class Result:
 
 @dataclass(frozen=True)
 class _Prepared:
-    image: np.ndarray
-    faces: FaceResult
+    pixels: np.ndarray  # the model's input: (size, size, 3) uint8
+    faces: FaceResult | None  # None until a batched detector has run
+    image: np.ndarray | None = None  # the decoded image, kept only for a batched face detector
+
+
+Outcome = _Prepared | ImageRejected
+
+
+def split_on_oom(run: Callable[[Sequence[T]], Sequence[R]], items: Sequence[T], what: str) -> list[R]:
+    """``run(items)``; when it runs out of memory, free the cache and run each half, down to single items.
+
+    Out of memory for a single item is a ``ResourceExhausted`` for the whole task (retried later), never a rejection:
+    the image is not at fault.
+    """
+    try:
+        return list(run(items))
+    except torch.OutOfMemoryError as err:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(items) <= 1:
+            raise ResourceExhausted(f"{what}: out of memory for a single image: {err}") from err
+        OOM_SPLITS.inc()
+        half = len(items) // 2
+        LOG.warning("%s: out of memory on %d images, splitting into %d + %d", what, len(items), half, len(items) - half)
+        return split_on_oom(run, items[:half], what) + split_on_oom(run, items[half:], what)
 
 
 class InferencePipeline:
@@ -51,65 +85,109 @@ class InferencePipeline:
         )
         detector = None
         if settings.face_policy != "off":
-            detector = build_face_detector(settings.face_detector, settings.face_min_size, settings.face_model_path)
+            detector = build_face_detector(
+                settings.face_detector, settings.face_min_size, settings.face_model_path, str(self.embedder.device)
+            )
         self.face_filter = FaceFilter(
             detector, settings.face_policy, settings.face_min_confidence, settings.face_long_side
         )
         self.heads = HeadSet(settings.heads_dir, self.embedder.model_id)
+        self.micro_batch = settings.micro_batch
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
 
     @property
     def model_id(self) -> str:
         return self.embedder.model_id
 
-    def _prepare(self, ref: PostRef) -> _Prepared | ImageRejected:
-        """Decode and face-filter one post. The broad except is the per-item boundary: nothing escapes it."""
+    def _read(self, blob: str) -> bytes:
+        try:
+            return self.blobs.get(blob)
+        except (FileNotFoundError, ValueError) as err:
+            raise ImageRejected("blob_missing", str(err)) from err
+        except OSError as err:  # the store itself is unwell: retry the task, do not reject the post
+            raise BlobStoreUnavailable(f"blob store {self.blobs.root} unreadable: {err}") from err
+
+    def _prepare(self, ref: PostRef) -> Outcome:
+        """Decode, face-filter (per-image detectors) and resize one post. Runs on a decode thread.
+
+        The broad except is the per-item boundary: nothing but a store failure escapes it.
+        """
         try:
             if ref.rejected:
                 return ImageRejected(ref.rejected, "rejected by the scraper")
             if not ref.blob:
                 return ImageRejected("no_image")
-            try:
-                data = self.blobs.get(ref.blob)
-            except (FileNotFoundError, ValueError) as err:
-                return ImageRejected("blob_missing", str(err))
-            image = decode_image(
-                data, max_pixels=self.settings.max_image_pixels, long_side=self.settings.decode_long_side
-            )
+            s = self.settings
+            image = decode_image(self._read(ref.blob), max_pixels=s.max_image_pixels, long_side=s.decode_long_side)
+            pixels = self.embedder.preprocess(image)
+            if self.face_filter.batched:
+                return _Prepared(pixels, None, image)
             faces, reason = self.face_filter(image)
             if reason:
                 return ImageRejected(reason)
-            return _Prepared(image, faces)
+            return _Prepared(pixels, faces)
         except ImageRejected as err:
             return err
+        except BlobStoreUnavailable:
+            raise
         except Exception as err:  # a poison image must not take the batch down
             LOG.exception("post %s: unexpected error while decoding", ref.post.id)
             return ImageRejected("processing_error", f"{type(err).__name__}: {err}")
 
+    def _run_models(self, indices: list[int], outcomes: list[Outcome], embeddings: dict[int, np.ndarray]) -> None:
+        """Batched face detection (when the detector batches) and the embedding for one micro-batch."""
+        if self.face_filter.batched:
+            images = [outcomes[i].image for i in indices]  # type: ignore[union-attr]
+            found = split_on_oom(self.face_filter.filter_batch, images, "face detection")
+            for i, (faces, reason) in zip(indices, found, strict=True):
+                prepared = outcomes[i]
+                assert isinstance(prepared, _Prepared)
+                outcomes[i] = ImageRejected(reason) if reason else replace(prepared, faces=faces, image=None)
+            indices = [i for i in indices if isinstance(outcomes[i], _Prepared)]
+        if not indices:
+            return
+        pixels = [outcomes[i].pixels for i in indices]  # type: ignore[union-attr]
+        rows = split_on_oom(lambda chunk: self.embedder.embed_preprocessed(np.stack(chunk)), pixels, "embedding")
+        embeddings.update(zip(indices, rows, strict=True))
+
     def __call__(self, refs: list[PostRef]) -> list[Result]:
         self.heads.refresh()  # a newly published head applies from this batch on
-        prepared = list(self._pool.map(self._prepare, refs))
-        accepted = [i for i, p in enumerate(prepared) if isinstance(p, _Prepared)]
-        images = [prepared[i].image for i in accepted]  # type: ignore[union-attr]
-        embeddings = self.embedder(images)
-        classes = self.heads(embeddings)
-        results: list[Result] = []
-        by_index = dict(zip(accepted, range(len(accepted)), strict=True))
-        for i, (ref, item) in enumerate(zip(refs, prepared, strict=True)):
-            if isinstance(item, ImageRejected):
-                LOG.info("post %s rejected: %s", ref.post.id, item)
-                prediction = Prediction(post_id=ref.post.id, status="rejected", reason=item.reason)
-                results.append(Result(ref.post, ref.blob, prediction, None))
-                continue
-            row = by_index[i]
-            prediction = Prediction(
-                post_id=ref.post.id,
-                status="embedded",
-                faces=item.faces.count,
-                face_confidence=item.faces.best_confidence,
-                face_boxes=[f.box for f in item.faces.faces],
-                classes=classes[row],
-                model_id=self.model_id,
-            )
-            results.append(Result(ref.post, ref.blob, prediction, embeddings[row]))
-        return results
+        futures: list[Future[Outcome]] = [self._pool.submit(self._prepare, ref) for ref in refs]
+        outcomes: list[Outcome] = []
+        embeddings: dict[int, np.ndarray] = {}
+        waiting: list[int] = []
+        try:
+            for i, future in enumerate(futures):
+                outcomes.append(future.result())
+                if isinstance(outcomes[i], _Prepared):
+                    waiting.append(i)
+                if len(waiting) >= self.micro_batch:
+                    self._run_models(waiting, outcomes, embeddings)
+                    waiting = []
+            self._run_models(waiting, outcomes, embeddings)
+        finally:
+            for future in futures:
+                future.cancel()  # after a store failure: do not decode the rest for nothing
+        order = sorted(embeddings)
+        classes = self.heads(np.stack([embeddings[i] for i in order])) if order else []
+        classes_of = dict(zip(order, classes, strict=True))
+        return [self._result(ref, outcomes[i], embeddings.get(i), classes_of.get(i)) for i, ref in enumerate(refs)]
+
+    def _result(
+        self, ref: PostRef, outcome: Outcome, embedding: np.ndarray | None, classes: dict[str, dict[str, float]] | None
+    ) -> Result:
+        if isinstance(outcome, ImageRejected):
+            LOG.info("post %s rejected: %s", ref.post.id, outcome)
+            prediction = Prediction(post_id=ref.post.id, status="rejected", reason=outcome.reason)
+            return Result(ref.post, ref.blob, prediction, None)
+        assert embedding is not None and outcome.faces is not None
+        prediction = Prediction(
+            post_id=ref.post.id,
+            status="embedded",
+            faces=outcome.faces.count,
+            face_confidence=outcome.faces.best_confidence,
+            face_boxes=[f.box for f in outcome.faces.faces],
+            classes=classes or {},
+            model_id=self.model_id,
+        )
+        return Result(ref.post, ref.blob, prediction, embedding)
