@@ -9,6 +9,7 @@
     deeptarget serve                      the query API
     deeptarget query similar|hashtags|user ...
     deeptarget train | index snapshot|rebuild
+    deeptarget deadletter list|retry|drop [IDS] [--all]   tasks that failed for good
 
 Settings come from DEEPTARGET_* variables and ``--config FILE`` (TOML); see deeptarget/config.py.
 """
@@ -21,6 +22,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +225,46 @@ def cmd_index(args: argparse.Namespace) -> int:
     return _send(settings, constants.snapshot_task if args.action == "snapshot" else constants.rebuild_task)
 
 
+def cmd_deadletter(args: argparse.Namespace) -> int:
+    import redis
+    from rich.console import Console
+    from rich.table import Table
+
+    from deeptarget.runtime import connect_redis
+    from deeptarget.workers.app import create_celery
+    from deeptarget.workers.deadletter import DeadLetters
+
+    settings = connect_redis(_settings(args))
+    letters_store = DeadLetters(redis.Redis.from_url(settings.redis_url or ""), settings.data_dir / "deadletter.jsonl")
+    if args.action == "list":
+        letters = letters_store.list(args.limit)
+        if args.json:
+            _print_json([letter.model_dump() for letter in letters])
+            return 0
+        table = Table(title=f"{len(letters)} dead letters")
+        for column in ("id", "failed at", "task", "items", "retries"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("error", overflow="fold")
+        for letter in letters:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.failed_at))
+            table.add_row(letter.id, when, letter.task, str(letter.size), str(letter.retries), letter.error[:100])
+        Console().print(table)
+        if letters_store.fallback_file.exists():
+            print(f"letters written while Redis was down: {letters_store.fallback_file}")
+        return 0
+    if not args.ids and not args.all:
+        raise DeepTargetError(f"deadletter {args.action}: name entry ids, or --all")
+    try:
+        letters = letters_store.list() if args.all else letters_store.get(args.ids)
+    except KeyError as err:
+        raise DeepTargetError(str(err.args[0])) from err
+    if args.action == "drop":
+        print(f"dropped {letters_store.drop([letter.id for letter in letters])} dead letters")
+        return 0
+    print(f"sent {letters_store.retry(create_celery(settings), letters)} dead letters back to their queues")
+    return 0
+
+
 def _send(settings: Settings, task: str) -> int:
     from deeptarget.runtime import connect_redis
     from deeptarget.workers.app import create_celery
@@ -287,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("action", choices=["snapshot", "rebuild"])
     index.add_argument("--local", action="store_true", help="rebuild in this process (stop the index worker first)")
     index.set_defaults(func=cmd_index)
+
+    deadletter = sub.add_parser("deadletter", help="tasks that failed for good: list them, send them again, drop them")
+    deadletter.add_argument("action", choices=["list", "retry", "drop"])
+    deadletter.add_argument("ids", nargs="*", help="entry ids from the list (retry, drop)")
+    deadletter.add_argument("--all", action="store_true", help="every dead letter (retry, drop)")
+    deadletter.add_argument("--limit", type=int, help="show at most this many (list)")
+    deadletter.add_argument("--json", action="store_true", help="full letters with arguments and traceback (list)")
+    deadletter.set_defaults(func=cmd_deadletter)
     return parser
 
 

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
         3600, gt=0, description="Unacked tasks come back after this; above the longest task."
     )
     worker_concurrency: int = Field(1, ge=1)
+    task_max_retries: int = Field(8, ge=0, description="Retries of a transiently failing task before its dead letter.")
+    task_retry_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles each time, with jitter.")
+    task_retry_backoff_max_s: float = Field(300.0, gt=0)
 
     # -- index and models -----------------------------------------------------------------------------------------
     snapshot_every_adds: int = Field(1000, ge=1)

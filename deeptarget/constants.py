@@ -27,6 +27,9 @@ profiles_stream = key_prefix + "profiles"
 profiles_stream_maxlen = 100_000
 """Approximate cap on the profiles stream; consumers that fall further behind read profiles from the API."""
 
+deadletter_stream = key_prefix + "deadletter"
+"""STREAM of tasks that failed for good (field ``letter``: JSON with task, args, error); see workers/deadletter.py."""
+
 hashtag_model_version_key = key_prefix + "models:hashtags:version"
 """STRING: the newest published hashtag model version."""
 

@@ -1,4 +1,8 @@
-"""Bytes -> RGB uint8 array, or ImageRejected with a reason. Limits are checked before pixels are decoded."""
+"""Bytes -> RGB uint8 pixels, or ImageRejected with a reason. Limits are checked before pixels are decoded.
+
+Two decoders: ``decode_image`` (PIL, any format, JPEGs decoded at reduced size by the DCT: the cheap one on a CPU) and
+``decode_jpegs`` (torchvision.io, batched JPEGs straight into device memory: nvJPEG on a GPU).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,10 @@ import io
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.nn.functional import interpolate
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from deeptarget.errors import ImageRejected
 
@@ -86,3 +93,60 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def probe_jpeg(data: bytes, *, max_pixels: int) -> bool:
+    """True when ``data`` is a JPEG within the pixel limit, to be decoded by ``decode_jpegs``; False for any other
+    format (decode it with ``decode_image``). Reads the header only; raises ImageRejected like ``decode_image``."""
+    if sniff_image_type(data[:16]) != "jpeg":
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if image.mode == "CMYK":
+                return False  # nvJPEG's RGB conversion of CMYK is not PIL's; leave those to PIL
+    except UnidentifiedImageError as err:
+        raise ImageRejected("not_an_image", "unrecognised image data") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageRejected("corrupt_image", str(err)) from err
+    if width * height > max_pixels:
+        raise ImageRejected("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
+    if width < 8 or height < 8:
+        raise ImageRejected("too_small", f"{width}x{height}")
+    return True
+
+
+def decode_jpegs(datas: list[bytes], device: torch.device, *, long_side: int) -> list[torch.Tensor | ImageRejected]:
+    """JPEGs -> RGB (3, H, W) uint8 tensors on ``device`` (nvJPEG on CUDA, libjpeg-turbo on CPU), EXIF orientation
+    applied, downscaled so the long side is at most ``long_side``. One batched call; when it fails, each image alone,
+    so one corrupt file is rejected and the others go on."""
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
+    decoded: list[torch.Tensor | ImageRejected]
+    try:
+        decoded = list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+    except RuntimeError:
+        decoded = [_decode_one(tensor, device) for tensor in tensors]
+    return [image if isinstance(image, ImageRejected) else downscale(image, long_side) for image in decoded]
+
+
+def _decode_one(tensor: torch.Tensor, device: torch.device) -> torch.Tensor | ImageRejected:
+    try:
+        return decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    except RuntimeError as err:
+        reason = "truncated_image" if "truncated" in str(err) or "incomplete" in str(err) else "corrupt_image"
+        return ImageRejected(reason, str(err).splitlines()[0][-200:])
+
+
+def downscale(image: torch.Tensor, long_side: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> the same with the long side at most ``long_side`` (antialiased bilinear)."""
+    height, width = image.shape[-2:]
+    scale = long_side / max(height, width)
+    if scale >= 1:
+        return image
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return resize_uint8(image, size)
+
+
+def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    resized = interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].round_().clamp_(0, 255).to(torch.uint8)

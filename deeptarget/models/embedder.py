@@ -24,6 +24,7 @@ import torch
 import torchvision
 
 from deeptarget.errors import ConfigurationError
+from deeptarget.models.decode import resize_uint8
 
 LOG = logging.getLogger(__name__)
 
@@ -175,17 +176,33 @@ class Embedder:
         batch = np.stack([self.preprocess(im) for im in images])
         return self.embed_preprocessed(batch)
 
-    @torch.inference_mode()
+    def preprocess_tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """``preprocess`` for a (3, H, W) uint8 tensor on any device (antialiased bilinear): (3, size, size) uint8."""
+        height, width = image.shape[-2:]
+        scale = self.image_size / min(height, width)
+        new_h, new_w = max(self.image_size, round(height * scale)), max(self.image_size, round(width * scale))
+        resized = resize_uint8(image, (new_h, new_w))
+        top, left = (new_h - self.image_size) // 2, (new_w - self.image_size) // 2
+        return resized[:, top : top + self.image_size, left : left + self.image_size]
+
     def embed_preprocessed(self, batch: np.ndarray) -> np.ndarray:
         """(n, size, size, 3) uint8 -> (n, dim) float32, L2-normalised, in micro-batches."""
+        return self.embed_tensors(torch.from_numpy(batch).permute(0, 3, 1, 2))
+
+    @torch.inference_mode()
+    def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        """(n, 3, size, size) uint8 on any device -> (n, dim) float32, L2-normalised, in micro-batches."""
         out = []
         for start in range(0, len(batch), self.micro_batch):
-            chunk = torch.from_numpy(batch[start : start + self.micro_batch])
-            if self.device.type == "cuda":
-                chunk = chunk.pin_memory().to(self.device, non_blocking=True)
-            x = chunk.permute(0, 3, 1, 2).float()
-            x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+            chunk = batch[start : start + self.micro_batch]
+            if chunk.device != self.device:
+                if self.device.type == "cuda":
+                    chunk = chunk.contiguous().pin_memory()
+                chunk = chunk.to(self.device, non_blocking=True)
+            x = ((chunk.float() - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
                 features = self.model(x)
             out.append(torch.nn.functional.normalize(features.float(), dim=1).cpu().numpy())
+        if not out:
+            return np.zeros((0, self.dim), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)

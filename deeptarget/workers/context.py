@@ -14,6 +14,7 @@ from deeptarget.config import Settings
 from deeptarget.index.vectors import SnapshotStore
 from deeptarget.index.writer import IndexWriter
 from deeptarget.store import MetadataStore
+from deeptarget.workers.deadletter import DeadLetters
 from deeptarget.workers.pipeline import InferencePipeline
 
 LOG = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ class WorkerContext:
     def redis(self) -> redis.Redis:
         assert self.settings.redis_url
         return redis.Redis.from_url(self.settings.redis_url)
+
+    @cached_property
+    def dead_letters(self) -> DeadLetters:
+        return DeadLetters(self.redis, self.settings.data_dir / "deadletter.jsonl")
 
     @cached_property
     def pipeline(self) -> InferencePipeline:

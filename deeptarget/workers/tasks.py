@@ -5,11 +5,16 @@
 - ``index`` / ``snapshot`` (queue index, one consumer): embeddings into FAISS; snapshot.
 - ``train_hashtags`` (queue train): refit and publish the hashtag model.
 - ``update_profiles`` / ``merge_posts`` (queue profiles): recompute users' profiles; learn owners of known posts.
+
+Transient failures (store, blob store, broker, GPU memory) are retried with exponential backoff and jitter; a task that
+still fails after ``task_max_retries``, or fails with anything else, is kept on the dead-letter stream with its
+arguments (``deeptarget deadletter list|retry``).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import sqlite3
 from typing import Any, TypeVar
 
@@ -21,20 +26,57 @@ from prometheus_client import Counter
 from pydantic import BaseModel, ValidationError
 
 from deeptarget import constants
+from deeptarget.errors import TransientError
 from deeptarget.index.hashtags import HashtagModel
 from deeptarget.profiles import build_profile
 from deeptarget.schema import Post, PostRef
 from deeptarget.workers.app import settings_of
 from deeptarget.workers.context import WorkerContext, context_for
+from deeptarget.workers.deadletter import DeadLetter
 
 LOG = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 POSTS = Counter("deeptarget_worker_posts_total", "Posts through the infer task, by outcome", ["outcome"])
 
-# Task-level failures worth retrying: the store or the broker briefly unavailable.
-TRANSIENT = (sqlite3.OperationalError, redis.ConnectionError, redis.TimeoutError, OperationalError)
-RETRY = {"autoretry_for": TRANSIENT, "retry_backoff": 2, "retry_backoff_max": 120, "max_retries": 8}
+RETRIES = Counter("deeptarget_worker_task_retries_total", "Task retries after transient failures", ["task"])
+DEAD = Counter("deeptarget_worker_dead_letters_total", "Tasks that failed for good", ["task"])
+
+# Task-level failures worth retrying: the store, blob store or broker briefly unavailable, the GPU full.
+TRANSIENT = (sqlite3.OperationalError, redis.ConnectionError, redis.TimeoutError, OperationalError, TransientError)
+
+
+class PipelineTask(Task):
+    """Retries transient failures with backoff from the settings; failures for good become dead letters."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except TRANSIENT as err:
+            s = settings_of(self.app)
+            retries = self.request.retries
+            # full jitter: spreads the retries of many workers that failed together
+            delay = random.uniform(0.5, 1.0) * min(s.task_retry_backoff_max_s, s.task_retry_backoff_s * 2**retries)
+            if retries < s.task_max_retries:
+                RETRIES.labels(self.name).inc()
+                LOG.warning("%s: %s: retry %d of %d in %.1f s", self.name, err, retries + 1, s.task_max_retries, delay)
+            raise self.retry(exc=err, countdown=delay, max_retries=s.task_max_retries) from err
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        DEAD.labels(self.name).inc()
+        letter = DeadLetter(
+            task=self.name,
+            args=list(args or []),
+            kwargs=dict(kwargs or {}),
+            error=f"{type(exc).__name__}: {exc}",
+            traceback=str(einfo or ""),
+            retries=self.request.retries,
+            task_id=task_id,
+        )
+        _context(self).dead_letters.record(letter)
+
+
+TASK = {"bind": True, "base": PipelineTask}
 
 
 def _context(task: Task) -> WorkerContext:
@@ -53,7 +95,7 @@ def _valid(model: type[M], records: list[dict[str, Any]], task: str) -> list[M]:
     return valid
 
 
-@shared_task(name=constants.infer_task, bind=True, **RETRY)
+@shared_task(name=constants.infer_task, **TASK)
 def infer(self: Task, refs: list[dict[str, Any]]) -> dict[str, int]:
     ctx = _context(self)
     results = ctx.pipeline(_valid(PostRef, refs, "infer"))
@@ -70,25 +112,25 @@ def infer(self: Task, refs: list[dict[str, Any]]) -> dict[str, int]:
     return {"embedded": len(embedded), "rejected": rejected}
 
 
-@shared_task(name=constants.index_task, bind=True, **RETRY)
+@shared_task(name=constants.index_task, **TASK)
 def index(self: Task, post_ids: list[str]) -> int:
     ctx = _context(self)
     return ctx.writer.add(ctx.store.embeddings(post_ids))
 
 
-@shared_task(name=constants.snapshot_task, bind=True, **RETRY)
+@shared_task(name=constants.snapshot_task, **TASK)
 def snapshot(self: Task) -> int | None:
     """Write a snapshot now (and give readers its version)."""
     return _context(self).writer.snapshot()
 
 
-@shared_task(name=constants.rebuild_task, bind=True, **RETRY)
+@shared_task(name=constants.rebuild_task, **TASK)
 def rebuild_index(self: Task) -> int:
     """A fresh index from every embedding in the metadata store (after a backbone change, or to compact)."""
     return _context(self).writer.rebuild()
 
 
-@shared_task(name=constants.train_task, bind=True, **RETRY)
+@shared_task(name=constants.train_task, **TASK)
 def train_hashtags(self: Task) -> int:
     ctx = _context(self)
     s = ctx.settings
@@ -101,7 +143,7 @@ def train_hashtags(self: Task) -> int:
     return version
 
 
-@shared_task(name=constants.profiles_task, bind=True, **RETRY)
+@shared_task(name=constants.profiles_task, **TASK)
 def update_profiles(self: Task, user_ids: list[str]) -> int:
     ctx = _context(self)
     for user_id in user_ids:
@@ -118,7 +160,7 @@ def update_profiles(self: Task, user_ids: list[str]) -> int:
     return len(user_ids)
 
 
-@shared_task(name=constants.merge_task, bind=True, **RETRY)
+@shared_task(name=constants.merge_task, **TASK)
 def merge_posts(self: Task, posts: list[dict[str, Any]]) -> int:
     """Owner details learnt for posts that were first met without them (e.g. under a hashtag)."""
     ctx = _context(self)

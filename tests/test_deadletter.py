@@ -1,0 +1,82 @@
+"""A task that keeps failing transiently is retried with backoff, then kept as a dead letter that the CLI lists and
+sends again: nothing it carried is lost (real worker, real Redis, the real command line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from deeptarget import constants
+from deeptarget.blobs import BlobStore
+from deeptarget.config import Settings
+from deeptarget.sandbox import SandboxNetwork
+from deeptarget.schema import Post, PostRef
+from deeptarget.store import MetadataStore
+from deeptarget.workers.app import create_celery
+from tests.conftest import WorkerFactory, make_settings
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | settings.to_env()
+    done = subprocess.run(
+        [sys.executable, "-m", "deeptarget", "deadletter", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def wait_for(condition: object, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_retries_then_dead_letter_then_retry_from_the_cli(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, start_worker: WorkerFactory
+) -> None:
+    settings = make_settings(
+        tmp_path / "data", redis_url, face_policy="off", task_max_retries=2, task_retry_backoff_s=0.2
+    )
+    blobs = BlobStore(settings.blob_dir)
+    media = SandboxNetwork(seed=8, n_posts=3, corrupt_share=0.0).media
+    refs = [PostRef(post=Post(id=m.id), blob=blobs.put(m.image_bytes())) for m in media]
+    # The blob store breaks under one of the posts: an I/O error, not a missing blob, so the task must not reject it.
+    shard = blobs.path(refs[1].blob or "").parent.parent
+    saved = tmp_path / "saved-shard"
+    shutil.move(shard, saved)
+    shard.write_text("a volume that went away")
+
+    start_worker(settings, [constants.infer_queue], "flaky")
+    create_celery(settings).send_task(
+        constants.infer_task, args=[[r.model_dump(mode="json") for r in refs]], queue=constants.infer_queue
+    )
+    wait_for(lambda: redis_client.xlen(constants.deadletter_stream) == 1, "the dead letter")
+
+    listed = json.loads(run_cli(settings, "list", "--json").stdout)
+    assert len(listed) == 1
+    letter = listed[0]
+    assert letter["task"] == constants.infer_task and letter["retries"] == 2
+    assert "BlobStoreUnavailable" in letter["error"] and "unreadable" in letter["error"]
+    assert [r["post"]["id"] for r in letter["args"][0]] == [m.id for m in media]
+    table = run_cli(settings, "list").stdout
+    assert "1 dead letters" in table and constants.infer_task in table
+    store = MetadataStore(settings.sqlite_path)
+    assert store.status_counts() == {}, "a failed batch must not half-record its posts"
+
+    shard.unlink()
+    shutil.move(saved, shard)
+    assert "sent 1 dead letters" in run_cli(settings, "retry", "--all").stdout
+    wait_for(lambda: store.status_counts().get("embedded", 0) == 3, "the retried batch")
+    assert redis_client.xlen(constants.deadletter_stream) == 0
+    assert "0 dead letters" in run_cli(settings, "list").stdout
