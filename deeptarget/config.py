@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     image_size: int = Field(224, ge=32)
     max_image_pixels: int = Field(40_000_000, gt=0, description="Larger images are rejected (decompression bombs).")
     decode_long_side: int = Field(640, ge=64, description="Images are decoded down to this long side at most.")
+    jpeg_decoder: Literal["auto", "pil", "torchvision"] = Field(
+        "auto", description="auto: torchvision.io (nvJPEG) when the models run on CUDA, else PIL with DCT scaling."
+    )
     face_policy: FacePolicy = "tag"
     face_detector: Literal["auto", "haar", "yunet", "mtcnn"] = Field(
         "auto", description="auto: MTCNN on CUDA if facenet-pytorch is there, else YuNet if its file is set, else Haar."
@@ -69,7 +72,7 @@ class Settings(BaseSettings):
     face_long_side: int = Field(448, ge=64, description="Faces are searched on a copy downscaled to this long side.")
     micro_batch: int = Field(32, ge=1, description="Images per forward pass.")
     decode_threads: int = Field(2, ge=1)
-    torch_threads: int = Field(0, ge=0, description="0 = one per core.")
+    torch_threads: int = Field(0, ge=0, description="0 = the cores divided among the worker's pool processes.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     visibility_timeout_s: int = Field(
         3600, gt=0, description="Unacked tasks come back after this; above the longest task."

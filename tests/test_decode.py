@@ -4,10 +4,11 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from deeptarget.errors import ImageRejected
-from deeptarget.models.decode import decode_image, sniff_image_type
+from deeptarget.models.decode import decode_image, decode_jpegs, probe_jpeg, sniff_image_type
 
 LIMITS = {"max_pixels": 4_000_000, "long_side": 256}
 
@@ -88,3 +89,39 @@ def test_magic_bytes() -> None:
     assert sniff_image_type(b"\x89PNG\r\n\x1a\n....") == "png"
     assert sniff_image_type(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "webp"
     assert sniff_image_type(b"<!doctype html>") is None
+
+
+# -- torchvision.io decoding (nvJPEG on CUDA; the same code on CPU here) -------------------------------------------
+CPU = torch.device("cpu")
+
+
+def test_device_decoder_matches_pil_in_shape_orientation_and_pixels(photo: Image.Image) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    datas = [encode(photo, "JPEG", quality=95), encode(photo, "JPEG", quality=95, exif=exif)]
+    assert all(probe_jpeg(d, max_pixels=LIMITS["max_pixels"]) for d in datas)
+    upright, rotated = decode_jpegs(datas, CPU, long_side=256)
+    assert isinstance(upright, torch.Tensor) and isinstance(rotated, torch.Tensor)
+    assert upright.dtype == torch.uint8 and tuple(upright.shape) == (3, 192, 256)
+    assert tuple(rotated.shape) == (3, 256, 192)
+    smooth = np.asarray(photo.resize((40, 30)).resize((400, 300)))  # noise does not survive resampling; this does
+    data = encode(Image.fromarray(smooth), "JPEG", quality=95)
+    on_device = decode_jpegs([data], CPU, long_side=256)[0]
+    assert isinstance(on_device, torch.Tensor)
+    difference = np.abs(on_device.permute(1, 2, 0).numpy().astype(int) - decode_image(data, **LIMITS).astype(int))
+    assert difference.mean() < 4
+
+
+def test_device_decoder_rejects_a_corrupt_jpeg_and_decodes_the_rest(photo: Image.Image) -> None:
+    good = encode(photo, "JPEG")
+    outcomes = decode_jpegs([good, good[: len(good) // 3], good], CPU, long_side=256)
+    assert isinstance(outcomes[0], torch.Tensor) and isinstance(outcomes[2], torch.Tensor)
+    assert isinstance(outcomes[1], ImageRejected) and outcomes[1].reason in ("truncated_image", "corrupt_image")
+
+
+def test_probe_leaves_other_formats_to_pil_and_checks_limits(photo: Image.Image) -> None:
+    assert not probe_jpeg(encode(photo, "PNG"), max_pixels=LIMITS["max_pixels"])
+    assert not probe_jpeg(encode(photo.convert("CMYK"), "JPEG"), max_pixels=LIMITS["max_pixels"])
+    with pytest.raises(ImageRejected) as err:
+        probe_jpeg(encode(photo, "JPEG"), max_pixels=1000)
+    assert err.value.reason == "too_many_pixels"

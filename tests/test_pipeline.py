@@ -58,16 +58,16 @@ def test_out_of_memory_splits_the_batch_and_loses_nothing(tmp_path: Path, networ
     refs = refs_for(pipeline, network, 8)
     expected = np.stack([r.embedding for r in pipeline(refs)])  # type: ignore[misc]
 
-    embed = pipeline.embedder.embed_preprocessed
+    embed = pipeline.embedder.embed_tensors
     sizes: list[int] = []
 
-    def small_gpu(batch: np.ndarray) -> np.ndarray:
+    def small_gpu(batch: torch.Tensor) -> np.ndarray:
         sizes.append(len(batch))
         if len(batch) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return embed(batch)
 
-    pipeline.embedder.embed_preprocessed = small_gpu  # type: ignore[method-assign]
+    pipeline.embedder.embed_tensors = small_gpu  # type: ignore[method-assign]
     splits_before = OOM_SPLITS._value.get()
     results = pipeline(refs)
     assert all(r.prediction.status == "embedded" for r in results)
@@ -94,3 +94,23 @@ def test_an_unreadable_blob_store_fails_the_task_instead_of_rejecting_posts(
     shard.write_text("a volume that went away")  # reading under it now fails with NotADirectoryError, not ENOENT
     with pytest.raises(BlobStoreUnavailable, match="unreadable"):
         pipeline(refs)
+
+
+def test_the_device_decoder_path_agrees_with_the_pil_path(tmp_path: Path, network: SandboxNetwork) -> None:
+    pil = make_pipeline(tmp_path / "pil", face_policy="tag", face_detector="haar")
+    device = make_pipeline(tmp_path / "device", face_policy="tag", face_detector="haar", jpeg_decoder="torchvision")
+    assert device.device_decode and not pil.device_decode
+    refs = refs_for(pil, network, 12)
+    refs_for(device, network, 12)
+    broken = network.media[0].image_bytes()[:2000]
+    for pipeline in (pil, device):
+        pipeline.blobs.put(broken)
+    refs.append(PostRef(post=Post(id="truncated"), blob=pil.blobs.put(broken)))
+    by_pil, by_device = pil(refs), device(refs)
+    assert by_device[-1].prediction.status == "rejected"
+    assert by_device[-1].prediction.reason in ("truncated_image", "corrupt_image")
+    for a, b in zip(by_pil[:-1], by_device[:-1], strict=True):
+        assert a.embedding is not None and b.embedding is not None
+        assert float(a.embedding @ b.embedding) > 0.98  # different resamplers, the same picture
+        assert a.prediction.faces == b.prediction.faces
+    assert any(r.prediction.faces for r in by_device), "the sample should hold a face for this test to mean much"

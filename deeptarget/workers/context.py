@@ -44,7 +44,8 @@ class WorkerContext:
 
     @cached_property
     def pipeline(self) -> InferencePipeline:
-        threads = self.settings.torch_threads or os.cpu_count() or 1
+        # Pool processes share the cores: each gets its slice, or they oversubscribe and all slow down.
+        threads = self.settings.torch_threads or max(1, (os.cpu_count() or 1) // self.settings.worker_concurrency)
         torch.set_num_threads(threads)
         pipeline = InferencePipeline(self.settings, self.blobs)
         LOG.info(

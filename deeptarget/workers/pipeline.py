@@ -2,8 +2,11 @@
 
 Decoding (and, for per-image detectors, face detection and resizing) runs on a thread pool while the calling thread
 runs the models one micro-batch at a time, so the next micro-batch is being decoded while the current one is in the
-model. Per-post failures are data (a rejected Prediction with its reason); only failures of the whole batch raise:
-a blob store that cannot be read, or out of memory even for one image (both ``TransientError``: the task retries).
+model. With the torchvision decoder (the default on CUDA), the threads only read and probe JPEGs; the model thread
+decodes each micro-batch straight into GPU memory with nvJPEG and resizes it there.
+
+Per-post failures are data (a rejected Prediction with its reason); only failures of the whole batch raise: a
+blob store that cannot be read, or out of memory even for one image (both ``TransientError``: the task retries).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from prometheus_client import Counter
 from deeptarget.blobs import BlobStore
 from deeptarget.config import Settings
 from deeptarget.errors import BlobStoreUnavailable, ImageRejected, ResourceExhausted
-from deeptarget.models.decode import decode_image
+from deeptarget.models.decode import decode_image, decode_jpegs, probe_jpeg
 from deeptarget.models.embedder import Embedder
 from deeptarget.models.faces import FaceFilter, FaceResult, build_face_detector
 from deeptarget.models.heads import HeadSet
@@ -44,12 +47,17 @@ class Result:
 
 @dataclass(frozen=True)
 class _Prepared:
-    pixels: np.ndarray  # the model's input: (size, size, 3) uint8
+    pixels: np.ndarray | torch.Tensor  # the model's input: (size, size, 3) uint8 array or (3, size, size) tensor
     faces: FaceResult | None  # None until a batched detector has run
     image: np.ndarray | None = None  # the decoded image, kept only for a batched face detector
 
 
-Outcome = _Prepared | ImageRejected
+@dataclass(frozen=True)
+class _Encoded:
+    data: bytes  # a JPEG within the limits, for the device decoder
+
+
+Outcome = _Prepared | _Encoded | ImageRejected
 
 
 def split_on_oom(run: Callable[[Sequence[T]], Sequence[R]], items: Sequence[T], what: str) -> list[R]:
@@ -93,6 +101,8 @@ class InferencePipeline:
         )
         self.heads = HeadSet(settings.heads_dir, self.embedder.model_id)
         self.micro_batch = settings.micro_batch
+        decoder = settings.jpeg_decoder
+        self.device_decode = decoder == "torchvision" or (decoder == "auto" and self.embedder.device.type == "cuda")
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
 
     @property
@@ -118,14 +128,11 @@ class InferencePipeline:
             if not ref.blob:
                 return ImageRejected("no_image")
             s = self.settings
-            image = decode_image(self._read(ref.blob), max_pixels=s.max_image_pixels, long_side=s.decode_long_side)
-            pixels = self.embedder.preprocess(image)
-            if self.face_filter.batched:
-                return _Prepared(pixels, None, image)
-            faces, reason = self.face_filter(image)
-            if reason:
-                return ImageRejected(reason)
-            return _Prepared(pixels, faces)
+            data = self._read(ref.blob)
+            if self.device_decode and probe_jpeg(data, max_pixels=s.max_image_pixels):
+                return _Encoded(data)
+            image = decode_image(data, max_pixels=s.max_image_pixels, long_side=s.decode_long_side)
+            return self._faces(self.embedder.preprocess(image), image)
         except ImageRejected as err:
             return err
         except BlobStoreUnavailable:
@@ -134,9 +141,35 @@ class InferencePipeline:
             LOG.exception("post %s: unexpected error while decoding", ref.post.id)
             return ImageRejected("processing_error", f"{type(err).__name__}: {err}")
 
-    def _run_models(self, indices: list[int], outcomes: list[Outcome], embeddings: dict[int, np.ndarray]) -> None:
-        """Batched face detection (when the detector batches) and the embedding for one micro-batch."""
+    def _faces(self, pixels: np.ndarray | torch.Tensor, image: np.ndarray | None) -> _Prepared | ImageRejected:
+        """Per-image face detection now, or the decoded image kept for a batched detector."""
         if self.face_filter.batched:
+            return _Prepared(pixels, None, image)
+        if image is None:
+            return _Prepared(pixels, FaceResult())
+        faces, reason = self.face_filter(image)
+        return ImageRejected(reason) if reason else _Prepared(pixels, faces)
+
+    def _decode_on_device(self, indices: list[int], outcomes: list[Outcome]) -> None:
+        encoded = [i for i in indices if isinstance(outcomes[i], _Encoded)]
+        if not encoded:
+            return
+        device, long_side = self.embedder.device, self.settings.decode_long_side
+        datas = [outcomes[i].data for i in encoded]  # type: ignore[union-attr]
+        images = split_on_oom(lambda chunk: decode_jpegs(list(chunk), device, long_side=long_side), datas, "decode")
+        faces_wanted = self.face_filter.policy != "off"
+        for i, image in zip(encoded, images, strict=True):
+            if isinstance(image, ImageRejected):
+                outcomes[i] = image
+                continue
+            host = image.permute(1, 2, 0).cpu().numpy() if faces_wanted else None  # detectors take host arrays
+            outcomes[i] = self._faces(self.embedder.preprocess_tensor(image), host)
+
+    def _run_models(self, indices: list[int], outcomes: list[Outcome], embeddings: dict[int, np.ndarray]) -> None:
+        """Device decoding, batched face detection (when the detector batches) and the embedding for a micro-batch."""
+        self._decode_on_device(indices, outcomes)
+        indices = [i for i in indices if isinstance(outcomes[i], _Prepared)]
+        if self.face_filter.batched and indices:
             images = [outcomes[i].image for i in indices]  # type: ignore[union-attr]
             found = split_on_oom(self.face_filter.filter_batch, images, "face detection")
             for i, (faces, reason) in zip(indices, found, strict=True):
@@ -146,8 +179,8 @@ class InferencePipeline:
             indices = [i for i in indices if isinstance(outcomes[i], _Prepared)]
         if not indices:
             return
-        pixels = [outcomes[i].pixels for i in indices]  # type: ignore[union-attr]
-        rows = split_on_oom(lambda chunk: self.embedder.embed_preprocessed(np.stack(chunk)), pixels, "embedding")
+        pixels = [_chw(outcomes[i].pixels) for i in indices]  # type: ignore[union-attr]
+        rows = split_on_oom(lambda chunk: self.embedder.embed_tensors(torch.stack(list(chunk))), pixels, "embedding")
         embeddings.update(zip(indices, rows, strict=True))
 
     def __call__(self, refs: list[PostRef]) -> list[Result]:
@@ -159,7 +192,7 @@ class InferencePipeline:
         try:
             for i, future in enumerate(futures):
                 outcomes.append(future.result())
-                if isinstance(outcomes[i], _Prepared):
+                if not isinstance(outcomes[i], ImageRejected):
                     waiting.append(i)
                 if len(waiting) >= self.micro_batch:
                     self._run_models(waiting, outcomes, embeddings)
@@ -191,3 +224,7 @@ class InferencePipeline:
             model_id=self.model_id,
         )
         return Result(ref.post, ref.blob, prediction, embedding)
+
+
+def _chw(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(pixels).permute(2, 0, 1)
