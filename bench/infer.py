@@ -52,12 +52,13 @@ def main() -> None:
         "--face-model", type=Path, default=SHARED_YUNET if SHARED_YUNET.is_file() else None, help="YuNet .onnx file"
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--jpeg-decoder", default="auto", choices=["auto", "pil", "torchvision"])
     parser.add_argument("--repeats", type=int, default=3, help="best of N timed passes")
     args = parser.parse_args()
     console = Console()
 
     network = SandboxNetwork(seed=99, n_posts=args.images, corrupt_share=0.0)
-    table = Table("backbone", "device", "faces", "(a) limit img/s", "(b) full img/s", "efficiency")
+    table = Table("backbone", "device", "decoder", "faces", "(a) limit img/s", "(b) full img/s", "efficiency")
     efficiencies = []
     with tempfile.TemporaryDirectory() as tmp:
         blobs = BlobStore(Path(tmp) / "blobs")
@@ -70,15 +71,18 @@ def main() -> None:
                 data_dir=Path(tmp) / backbone, backbone=backbone, weights=args.weights,
                 weights_normalization=args.normalization, micro_batch=args.micro_batch, face_policy=args.face_policy,
                 face_detector=args.face_detector, face_model_path=args.face_model, device=args.device,
+                jpeg_decoder=args.jpeg_decoder,
             )  # fmt: skip
             limit, full, pipeline = measure(settings, blobs, refs, args, console)
             detector = pipeline.face_filter.detector
             faces = "off" if detector is None else f"{args.face_policy} ({detector.name})"
             efficiency = full / limit
             efficiencies.append(efficiency)
+            decoder = "torchvision" if pipeline.device_decode else "pil"
             table.add_row(
-                backbone, str(pipeline.embedder.device), faces, f"{limit:.1f}", f"{full:.1f}", f"{efficiency:.3f}"
-            )
+                backbone, str(pipeline.embedder.device), decoder, faces, f"{limit:.1f}", f"{full:.1f}",
+                f"{efficiency:.3f}",
+            )  # fmt: skip
     console.print(table)
     print(f"efficiency = {efficiencies[0]:.3f}")
 

@@ -215,11 +215,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action == "rebuild" and args.local:
+        from deeptarget.index.builder import IndexPolicy
         from deeptarget.index.vectors import SnapshotStore
         from deeptarget.index.writer import IndexWriter
         from deeptarget.store import MetadataStore
 
-        writer = IndexWriter(MetadataStore(settings.sqlite_path), SnapshotStore(settings.index_dir))
+        writer = IndexWriter(
+            MetadataStore(settings.sqlite_path),
+            SnapshotStore(settings.index_dir, keep=settings.snapshots_kept),
+            policy=IndexPolicy.from_settings(settings),
+        )
         print(f"rebuilt the index from the metadata store: {writer.rebuild()} vectors")
         return 0
     return _send(settings, constants.snapshot_task if args.action == "snapshot" else constants.rebuild_task)

@@ -211,6 +211,28 @@ class MetadataStore:
         """Every stored embedding, for a rebuild."""
         return self._scan_embeddings(_USABLE, (), batch)
 
+    def count_embeddings(self, model_id: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT COUNT(*) FROM posts WHERE {_USABLE} AND model_id = ?", (model_id,)
+            ).fetchone()
+        return int(row[0])
+
+    def sample_embeddings(self, n: int, model_id: str, seed: int = 0) -> EmbeddingRows:
+        """``n`` embeddings of this model drawn uniformly (rowids first: the blobs of the rest are never read)."""
+        with self._lock:
+            rowids = [
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT rowid FROM posts WHERE {_USABLE} AND model_id = ? AND embedding IS NOT NULL", (model_id,)
+                )
+            ]
+        chosen = np.random.default_rng(seed).permutation(len(rowids))[:n]
+        rows = self._fetch_in(
+            "SELECT post_id, vector_id, embedding, model_id FROM posts WHERE rowid IN", [rowids[i] for i in chosen]
+        )
+        return _embedding_rows(rows)
+
     def max_indexed_seq(self) -> int:
         with self._lock:
             value = self._db.execute("SELECT MAX(indexed_seq) FROM posts").fetchone()[0]

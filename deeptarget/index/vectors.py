@@ -1,11 +1,16 @@
 """FAISS index of L2-normalised embeddings under stable int64 ids, and its on-disk snapshots.
 
-Inner product on unit vectors is cosine similarity. ``IndexIDMap2`` over ``IndexFlatIP`` keeps exact search, lets
-an id be replaced (remove then add) and can give back a stored vector (``reconstruct``), which is how a query by post
-id finds the post's own embedding.
+Inner product on unit vectors is cosine similarity. Two kinds, chosen by size (see ``index.builder``):
 
-A snapshot is ``v<version>.faiss`` plus ``v<version>.json`` (model id, dim, count, the writer's sequence number),
-published through ``CURRENT`` (see ``deeptarget.versioned``).
+- ``flat``: ``IndexIDMap2`` over ``IndexFlatIP``, exact, for small collections;
+- ``ivf``: ``IndexIVFFlat`` trained on a sample, with a hash-table direct map, and ``nprobe`` tuned so recall@10
+  against exact search reaches the target.
+
+Both let an id be replaced (remove then add), removed, and give back a stored vector (``reconstruct``), which is how
+a query by post id finds the post's own embedding. (HNSW cannot remove ids, which rules it out here.)
+
+A snapshot is ``v<version>.faiss`` plus ``v<version>.json`` (model id, dim, count, the writer's sequence number,
+nprobe), published through ``CURRENT`` (see ``deeptarget.versioned``).
 """
 
 from __future__ import annotations
@@ -34,16 +39,53 @@ faiss.cvar.distance_compute_blas_threshold = 20
 class VectorIndex:
     dim: int
     model_id: str
-    index: faiss.IndexIDMap2
+    index: faiss.Index
     seq: int = 0  # the writer's sequence number of the last added vector (see IndexWriter)
+    trained_on: int = 0  # how many vectors the index held when an IVF was built (0: flat)
 
     @classmethod
     def empty(cls, dim: int, model_id: str) -> VectorIndex:
         return cls(dim, model_id, faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
 
+    @classmethod
+    def trained_ivf(
+        cls, dim: int, model_id: str, sample: np.ndarray, nlist: int, kmeans_iterations: int = 10
+    ) -> VectorIndex:
+        """An empty IVF index whose coarse centroids are k-means of ``sample`` (at least ~40 vectors per list)."""
+        index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.niter = kmeans_iterations
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by arbitrary int64 id
+        return cls(dim, model_id, index)
+
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
+
+    @property
+    def kind(self) -> str:
+        return "flat" if self._ivf is None else "ivf"
+
+    @property
+    def _ivf(self) -> faiss.IndexIVF | None:
+        return faiss.try_extract_index_ivf(self.index)
+
+    @property
+    def nprobe(self) -> int:
+        ivf = self._ivf
+        return 0 if ivf is None else int(ivf.nprobe)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        ivf = self._ivf
+        if ivf is not None and value > 0:
+            ivf.nprobe = int(value)
+
+    @property
+    def nlist(self) -> int:
+        ivf = self._ivf
+        return 0 if ivf is None else int(ivf.nlist)
 
     def check_compatible(self, dim: int, model_id: str) -> None:
         if dim != self.dim or model_id != self.model_id:
@@ -68,9 +110,18 @@ class VectorIndex:
         self.index.add_with_ids(vectors, ids)
 
     def remove(self, ids: np.ndarray) -> int:
-        if self.ntotal == 0 or len(ids) == 0:
+        """Remove these ids (absent ones are ignored); returns how many were removed.
+
+        ``remove_ids`` walks the whole index whatever it is given, so only ids that are present are passed to it: the
+        common upsert of new posts then costs nothing here, whatever the index size.
+        """
+        present = [int(i) for i in ids if int(i) in self] if self.ntotal else []
+        if not present:
             return 0
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
+        wanted = np.array(present, dtype=np.int64)
+        # IVF's hash-table direct map removes an array of ids directly (O(m)); the flat index scans, with a hash set.
+        selector = faiss.IDSelectorBatch(wanted) if self.kind == "flat" else faiss.IDSelectorArray(wanted)
+        return int(self.index.remove_ids(selector))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (n, k); missing neighbours have id -1."""
@@ -106,6 +157,9 @@ class SnapshotStore:
             "dim": index.dim,
             "ntotal": index.ntotal,
             "seq": index.seq,
+            "kind": index.kind,
+            "nprobe": index.nprobe,
+            "trained_on": index.trained_on,
             "created": time.time(),
         }
         # The metadata goes first: CURRENT is replaced last, so a reader finds both files or the old version.
@@ -114,7 +168,7 @@ class SnapshotStore:
         atomic_write(self.versions.path(version), lambda h: h.write(buffer.tobytes()))
         self.versions.publish(version)
         self.versions.prune(self.keep, ".json")
-        LOG.info("index snapshot v%d: %d vectors, seq %d", version, index.ntotal, index.seq)
+        LOG.info("index snapshot v%d: %s, %d vectors, seq %d", version, index.kind, index.ntotal, index.seq)
         return version
 
     def load(self, version: int | None = None) -> VectorIndex | None:
@@ -122,8 +176,15 @@ class SnapshotStore:
         if version is None:
             return None
         meta = json.loads(self.versions.path(version, ".json").read_text())
-        index = faiss.read_index(str(self.versions.path(version)))
-        return VectorIndex(int(meta["dim"]), str(meta["model_id"]), index, int(meta["seq"]))
+        index = VectorIndex(
+            int(meta["dim"]),
+            str(meta["model_id"]),
+            faiss.read_index(str(self.versions.path(version))),
+            int(meta["seq"]),
+            int(meta.get("trained_on", 0)),
+        )
+        index.nprobe = int(meta.get("nprobe", 0))
+        return index
 
 
 class SnapshotReader:

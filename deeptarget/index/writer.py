@@ -4,16 +4,25 @@ Exactly one process runs this (the ``index`` queue has one consumer). Durability
 from the snapshot: every add is first recorded in the store with the writer's increasing sequence number, and on
 start the writer loads the newest snapshot and replays every row that is not indexed yet or was indexed after that
 snapshot. A crash between snapshots therefore loses nothing, and replaying is idempotent (ids are replaced).
+
+When the collection outgrows exact search (``IndexPolicy``), an IVF index is built from the metadata store on a
+background thread while adds go on into the current index; the finished index then catches up with what was added
+meanwhile (by sequence number, the same replay) and replaces the current one under the writer's lock, and a snapshot
+publishes it to the readers, who never stop answering.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from deeptarget.errors import IndexMismatchError
+from deeptarget.index.builder import IndexPolicy, Tuning, build_ivf
 from deeptarget.index.vectors import SnapshotStore, VectorIndex
 from deeptarget.store import EmbeddingRows, MetadataStore
 
@@ -27,11 +36,17 @@ class IndexWriter:
         snapshots: SnapshotStore,
         snapshot_every_adds: int = 1000,
         snapshot_every_s: float = 5.0,
+        policy: IndexPolicy | None = None,
     ) -> None:
         self.store = store
         self.snapshots = snapshots
         self.snapshot_every_adds = snapshot_every_adds
         self.snapshot_every_s = snapshot_every_s
+        self.policy = policy or IndexPolicy()
+        self._lock = threading.RLock()  # adds, snapshots and the swap to a newly built index
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="index-build")
+        self.build: Future[Tuning | None] | None = None
+        self._next_build_at = 0  # after a failed build, wait for growth before trying again
         self.index: VectorIndex | None = snapshots.load()
         self._adds_since_snapshot = 0
         self._last_snapshot = time.monotonic()
@@ -48,6 +63,12 @@ class IndexWriter:
 
     def add(self, rows: EmbeddingRows, snapshot: bool = True) -> int:
         """Index these rows (replacing ids already present); returns how many were added."""
+        with self._lock:
+            added = self._add(rows, snapshot)
+            self._maybe_start_build()
+            return added
+
+    def _add(self, rows: EmbeddingRows, snapshot: bool) -> int:
         if not rows.post_ids:
             return 0
         keep = self._compatible(rows)
@@ -82,23 +103,72 @@ class IndexWriter:
             )
         return keep
 
+    # -- growing into an IVF index ----------------------------------------------------------------------------------
+    def _maybe_start_build(self) -> None:
+        index = self.index
+        building = self.build is not None and not self.build.done()
+        if building or index is None or index.ntotal < self._next_build_at:
+            return
+        if self.policy.wants_rebuild(index):
+            LOG.info("%s index with %d vectors: building an IVF index in the background", index.kind, index.ntotal)
+            self.build = self._builder.submit(self._build_and_swap, index.dim, index.model_id, self._seq)
+
+    def _build_and_swap(self, dim: int, model_id: str, from_seq: int) -> Tuning | None:
+        try:
+            total = self.store.count_embeddings(model_id)
+            sample = self.store.sample_embeddings(self.policy.nlist_for(total) * self.policy.vectors_per_list, model_id)
+            new, tuning = build_ivf(dim, model_id, sample.vectors, sample.vector_ids, lambda: self._chunks(model_id),
+                                    total, self.policy)  # fmt: skip
+            with self._lock:
+                caught_up = 0
+                for rows in self.store.embeddings_to_index(after_seq=from_seq):
+                    keep = np.array([m == model_id for m in rows.model_ids], bool)
+                    new.upsert(rows.vector_ids[keep], rows.vectors[keep])
+                    caught_up += int(keep.sum())
+                assert self.index is not None
+                new.seq = self.index.seq
+                self.index = new
+                LOG.info("switched to IVF%d (%d vectors, %d caught up)", new.nlist, new.ntotal, caught_up)
+                self.snapshot()
+            return tuning
+        except Exception:  # the current index keeps serving; try again after some growth
+            LOG.exception("building the IVF index failed; staying on the current index")
+            with self._lock:
+                self._next_build_at = int((self.index.ntotal if self.index else 0) * 1.25) + 1
+            return None
+
+    def _chunks(self, model_id: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for rows in self.store.all_embeddings():
+            keep = np.array([m == model_id for m in rows.model_ids], bool)
+            yield rows.vector_ids[keep], rows.vectors[keep]
+
+    def wait_for_build(self, timeout_s: float | None = None) -> Tuning | None:
+        build = self.build
+        return None if build is None else build.result(timeout_s)
+
     def maybe_snapshot(self) -> int | None:
         due_by_count = self._adds_since_snapshot >= self.snapshot_every_adds
         due_by_time = self._adds_since_snapshot > 0 and time.monotonic() - self._last_snapshot >= self.snapshot_every_s
         return self.snapshot() if due_by_count or due_by_time else None
 
     def snapshot(self) -> int | None:
-        if self.index is None:
-            return None
-        version = self.snapshots.save(self.index)
-        self._adds_since_snapshot = 0
-        self._last_snapshot = time.monotonic()
-        return version
+        with self._lock:
+            if self.index is None:
+                return None
+            version = self.snapshots.save(self.index)
+            self._adds_since_snapshot = 0
+            self._last_snapshot = time.monotonic()
+            return version
 
     def rebuild(self) -> int:
-        """A fresh index from every embedding in the metadata store, published as a new snapshot."""
-        self.index = None
-        self._adds_since_snapshot = 0
-        added = sum(self.add(rows, snapshot=False) for rows in self.store.all_embeddings())
-        self.snapshot()
+        """A fresh index from every embedding in the metadata store, published as a new snapshot (and, when the
+        collection is large enough, the IVF index built from it before this returns)."""
+        self.wait_for_build()  # outside the lock: the build takes it to swap
+        with self._lock:
+            self.index = None
+            self._adds_since_snapshot = 0
+            added = sum(self._add(rows, snapshot=False) for rows in self.store.all_embeddings())
+            self.snapshot()
+            self._maybe_start_build()
+        self.wait_for_build()
         return added

@@ -11,6 +11,7 @@ import torch
 
 from deeptarget.blobs import BlobStore
 from deeptarget.config import Settings
+from deeptarget.index.builder import IndexPolicy
 from deeptarget.index.vectors import SnapshotStore
 from deeptarget.index.writer import IndexWriter
 from deeptarget.store import MetadataStore
@@ -64,6 +65,7 @@ class WorkerContext:
             SnapshotStore(self.settings.index_dir, keep=self.settings.snapshots_kept),
             snapshot_every_adds=self.settings.snapshot_every_adds,
             snapshot_every_s=self.settings.snapshot_every_s,
+            policy=IndexPolicy.from_settings(self.settings),
         )
 
 

@@ -1,0 +1,96 @@
+"""IVF: the index kind for large collections, built in the background, tuned to a recall target, losing nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from deeptarget.index.builder import IndexPolicy, build_ivf, recall_at_k
+from deeptarget.index.synthetic import ClusteredVectors
+from deeptarget.index.vectors import SnapshotStore, VectorIndex
+from deeptarget.index.writer import IndexWriter
+from deeptarget.schema import Post, Prediction, vector_id
+from deeptarget.store import MetadataStore
+
+MODEL = "mobilenet_v2:random0:imagenet:96"
+DIM = 32
+DATA = ClusteredVectors(dim=DIM, n_clusters=60, seed=3, rank=16)
+
+
+def test_ivf_replaces_removes_reconstructs_and_survives_a_snapshot(tmp_path: Path) -> None:
+    vectors = DATA.sample(4000)
+    ids = np.arange(10, 4010, dtype=np.int64)
+    index = VectorIndex.trained_ivf(DIM, MODEL, vectors[:2000], nlist=32)
+    index.upsert(ids, vectors)
+    index.upsert(ids[:100], vectors[100:200])  # replaced, not duplicated
+    assert index.ntotal == 4000 and index.kind == "ivf"
+    np.testing.assert_allclose(index.reconstruct(int(ids[5])), vectors[105])
+    assert index.remove(np.array([ids[0], ids[1], 999_999])) == 2
+    assert index.ntotal == 3998 and int(ids[0]) not in index
+    index.nprobe = 8
+
+    SnapshotStore(tmp_path).save(index)
+    loaded = SnapshotStore(tmp_path).load()
+    assert loaded is not None and loaded.kind == "ivf" and loaded.nprobe == 8 and loaded.ntotal == 3998
+    np.testing.assert_allclose(loaded.reconstruct(int(ids[5])), vectors[105])
+    loaded.upsert(ids[5:6], vectors[:1])  # the direct map came back with it: ids can still be replaced
+    assert loaded.ntotal == 3998
+
+
+def test_nprobe_is_tuned_to_the_recall_target_and_holds_for_new_queries() -> None:
+    vectors = DATA.sample(20_000)
+    ids = np.arange(len(vectors), dtype=np.int64)
+    rng = np.random.default_rng(0)
+    sample_rows = rng.permutation(len(vectors))[:2560]
+    policy = IndexPolicy(target_recall=0.95, tuning_queries=200)
+    chunks = lambda: ((ids[i : i + 5000], vectors[i : i + 5000]) for i in range(0, len(ids), 5000))  # noqa: E731
+    index, tuning = build_ivf(DIM, MODEL, vectors[sample_rows], ids[sample_rows], chunks, len(ids), policy)
+    assert index.ntotal == 20_000 and index.nlist == 64
+    assert tuning.recall >= 0.95 and tuning.nprobe < index.nlist, tuning.curve  # approximate, and good enough
+    assert list(tuning.curve) == [2**i for i in range(len(tuning.curve))]
+
+    queries = DATA.sample(300, stream=1)  # not in the collection
+    _, exact = faiss.knn(queries, vectors, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    _, found = index.search(queries, 10)
+    assert recall_at_k(found, exact, np.full(len(queries), -2), 10) >= 0.92
+
+
+def _record(store: MetadataStore, vectors: np.ndarray, start: int) -> list[str]:
+    ids = [f"p{start + i}" for i in range(len(vectors))]
+    store.record_results(
+        (Post(id=pid), None, Prediction(post_id=pid, status="embedded", model_id=MODEL), v)
+        for pid, v in zip(ids, vectors, strict=True)
+    )
+    return ids
+
+
+@pytest.mark.timeout(120)
+def test_the_writer_grows_into_ivf_in_the_background_and_loses_nothing(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "meta.sqlite3")
+    vectors = DATA.sample(6000)
+    _record(store, vectors[:3000], 0)
+    snapshots = SnapshotStore(tmp_path / "index")
+    policy = IndexPolicy(ivf_from=2000, tuning_queries=100)
+    writer = IndexWriter(store, snapshots, snapshot_every_adds=500, policy=policy)  # replays 3000: flat, then a build
+    assert writer.build is not None
+    for start in range(3000, 6000, 250):  # adds go on while the IVF index is trained and filled
+        writer.add(store.embeddings(_record(store, vectors[start : start + 250], start)))
+    tuning = writer.wait_for_build(60)
+    assert tuning is not None and tuning.recall >= 0.95
+    assert writer.index is not None and writer.index.kind == "ivf"
+    assert writer.index.ntotal == 6000
+    post_ids = [f"p{i}" for i in range(6000)]
+    assert all(vector_id(p) in writer.index for p in post_ids[::37])
+    writer.add(store.embeddings(post_ids[:500]))  # re-adding replaces
+    assert writer.index.ntotal == 6000
+    writer.snapshot()
+
+    published = snapshots.load()
+    assert published is not None and published.kind == "ivf" and published.nprobe == tuning.nprobe
+    assert published.ntotal == 6000
+    restarted = IndexWriter(store, snapshots, policy=policy)  # loads the IVF snapshot; nothing to replay or rebuild
+    assert restarted.index is not None and restarted.index.kind == "ivf" and restarted.build is None
+    assert store.status_counts() == {"indexed": 6000}
