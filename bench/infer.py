@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--backbones", default="mobilenet_v2")
     parser.add_argument("--batch-sizes", default="8,16,32,64", help="tried for (a); the best one is the limit")
     parser.add_argument("--task-batch", type=int, default=64, help="posts per infer task for (b)")
-    parser.add_argument("--micro-batch", type=int, default=32, help="images per forward in (b)")
+    parser.add_argument("--micro-batch", type=int, default=0, help="images per forward in (b); 0 = the default")
     parser.add_argument("--weights", default="none")
     parser.add_argument("--normalization", default="imagenet")
     parser.add_argument("--face-policy", default="tag", choices=["tag", "require", "off"])
@@ -107,7 +107,7 @@ def measure(
         forward_s[size] = best_of(args.repeats, lambda: embedder.embed_preprocessed(tensors))
         console.print(f"  forward at batch {size:3d}: {len(refs) / forward_s[size]:7.1f} images/s")
     best = min(forward_s, key=forward_s.__getitem__)
-    embedder.micro_batch = args.micro_batch
+    embedder.micro_batch = pipeline.micro_batch
     faces_s = 0.0
     if pipeline.face_filter.detector is not None:
         faces_s = best_of(args.repeats, lambda: pipeline.face_filter.filter_batch(decoded))
@@ -122,7 +122,7 @@ def measure(
             results = pipeline(batch)
             store.record_results((r.post, r.blob, r.prediction, r.embedding) for r in results)
 
-    pipeline(batches[0][: args.micro_batch])  # warm-up
+    pipeline(batches[0][: pipeline.micro_batch])  # warm-up
     full_s = best_of(args.repeats, infer_all)
     console.print(f"  (a) limit {len(refs) / limit_s:7.1f} images/s   (b) full {len(refs) / full_s:7.1f} images/s")
     return len(refs) / limit_s, len(refs) / full_s, pipeline

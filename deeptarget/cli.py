@@ -200,13 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from deeptarget.store import MetadataStore
 
         ids, tags = MetadataStore(settings.sqlite_path).image_hashtags()
-        model = HashtagModel.fit(
-            ids,
-            tags,
-            factors=settings.als_factors,
-            iterations=settings.als_iterations,
-            regularization=settings.als_regularization,
-        )
+        model = HashtagModel.fit_with(settings, ids, tags)
         print(f"hashtag model v{model.save(settings.hashtag_model_dir)} published")
         return 0
     return _send(settings, constants.train_task)

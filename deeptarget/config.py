@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     face_min_size: int = Field(24, ge=8)
     face_min_confidence: float = Field(0.0, ge=0, le=1)
     face_long_side: int = Field(448, ge=64, description="Faces are searched on a copy downscaled to this long side.")
-    micro_batch: int = Field(32, ge=1, description="Images per forward pass.")
+    micro_batch: int = Field(
+        0, ge=0, description="Images per forward pass; 0 = 16 on CPU (fastest measured here), 128 on CUDA."
+    )
     decode_threads: int = Field(2, ge=1)
     torch_threads: int = Field(0, ge=0, description="0 = the cores divided among the worker's pool processes.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -92,6 +94,10 @@ class Settings(BaseSettings):
     als_factors: int = Field(32, ge=2)
     als_iterations: int = Field(20, ge=1)
     als_regularization: float = Field(0.05, ge=0)
+    als_alpha: float = Field(20.0, gt=0, description="Confidence scale of an (image, hashtag) pair.")
+    als_weighting: Literal["constant", "bm25", "tfidf"] = Field(
+        "constant", description="Per-pair confidence weighting (bm25 discounts hashtags that are on everything)."
+    )
     als_neighbours: int = Field(10, ge=1, description="FAISS neighbours whose ALS factors describe a new image.")
     stop_hashtags: list[str] = Field(default_factory=list)
     train_every_s: float = Field(3600.0, gt=0, description="Celery beat refits the hashtag model this often.")

@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from deeptarget.config import Settings
 from deeptarget.errors import ModelFitError, ModelNotReadyError
 from deeptarget.versioned import VersionedDir, atomic_write
 
@@ -44,11 +45,20 @@ class HashtagModel:
         iterations: int = 20,
         regularization: float = 0.05,
         alpha: float = 20.0,
+        weighting: str = "constant",
         min_count: int = 1,
         seed: int = 0,
     ) -> HashtagModel:
-        """Fit on (vector id, hashtags) rows; images without any kept hashtag are left out."""
+        """Fit on (vector id, hashtags) rows; images without any kept hashtag are left out.
+
+        Confidence of an (image, hashtag) pair: ``alpha`` (``constant``), or ``alpha`` times its BM25 or TF-IDF
+        weight (``bm25``, ``tfidf``), which discounts hashtags that are on everything (#love, #instagood).
+        """
         from implicit.cpu.als import AlternatingLeastSquares  # CPU class directly: the factory may pick a GPU
+        from implicit.nearest_neighbours import bm25_weight, tfidf_weight
+
+        if weighting not in ("constant", "bm25", "tfidf"):
+            raise ValueError(f"hashtag weighting must be 'constant', 'bm25' or 'tfidf', not {weighting!r}")
 
         counts = Counter(t for tags in image_hashtags for t in set(tags))
         vocabulary = sorted(t for t, c in counts.items() if c >= min_count)
@@ -67,9 +77,14 @@ class HashtagModel:
         remap = np.empty_like(order)
         remap[order] = np.arange(len(order))
         matrix = sp.csr_matrix(
-            (np.full(len(rows), alpha, np.float32), (remap[np.array(rows)], np.array(cols))),
+            (np.ones(len(rows), np.float32), (remap[np.array(rows)], np.array(cols))),
             shape=(len(kept_ids), len(vocabulary)),
         )
+        if weighting == "bm25":
+            matrix = bm25_weight(matrix, K1=100, B=0.8).tocsr()
+        elif weighting == "tfidf":
+            matrix = tfidf_weight(matrix).tocsr()
+        matrix = (matrix * alpha).astype(np.float32)
         # implicit warns (and slows down) when BLAS runs its own threads inside its parallel loops; it checks
         # when the model is built, so build it inside the limit too.
         with threadpool_limits(1, "blas"):
@@ -87,6 +102,21 @@ class HashtagModel:
             hashtags=vocabulary,
             hashtag_factors=hashtag_factors,
             popularity=np.array([counts[t] for t in vocabulary], np.int64),
+        )
+
+    @classmethod
+    def fit_with(
+        cls, settings: Settings, image_ids: np.ndarray, image_hashtags: Sequence[Sequence[str]]
+    ) -> HashtagModel:
+        """``fit`` with the ALS options from the settings."""
+        return cls.fit(
+            image_ids,
+            image_hashtags,
+            factors=settings.als_factors,
+            iterations=settings.als_iterations,
+            regularization=settings.als_regularization,
+            alpha=settings.als_alpha,
+            weighting=settings.als_weighting,
         )
 
     def factors_of(self, vector_ids: np.ndarray) -> np.ndarray:

@@ -100,7 +100,7 @@ class InferencePipeline:
             detector, settings.face_policy, settings.face_min_confidence, settings.face_long_side
         )
         self.heads = HeadSet(settings.heads_dir, self.embedder.model_id)
-        self.micro_batch = settings.micro_batch
+        self.micro_batch = self.embedder.micro_batch
         decoder = settings.jpeg_decoder
         self.device_decode = decoder == "torchvision" or (decoder == "auto" and self.embedder.device.type == "cuda")
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")

@@ -135,9 +135,7 @@ def train_hashtags(self: Task) -> int:
     ctx = _context(self)
     s = ctx.settings
     ids, tags = ctx.store.image_hashtags()
-    model = HashtagModel.fit(
-        ids, tags, factors=s.als_factors, iterations=s.als_iterations, regularization=s.als_regularization
-    )
+    model = HashtagModel.fit_with(s, ids, tags)
     version = model.save(s.hashtag_model_dir)
     ctx.redis.set(constants.hashtag_model_version_key, version)
     return version
