@@ -7,7 +7,8 @@
     deeptarget worker --queues infer,...  a Celery worker
     deeptarget beat                       periodic tasks (hashtag model refits)
     deeptarget serve                      the query API
-    deeptarget query similar|hashtags|user ...
+    deeptarget query similar|hashtags|user|audience ...
+    deeptarget profiles export PATH.jsonl|PATH.parquet
     deeptarget train | index snapshot|rebuild
     deeptarget deadletter list|retry|drop [IDS] [--all]   tasks that failed for good
 
@@ -170,14 +171,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from deeptarget.query import QueryService
+    from datetime import UTC, datetime
+
+    from deeptarget.query import PostFilter, QueryService
+    from deeptarget.schema import normalise_hashtag
+
+    def date(raw: str | None) -> datetime | None:
+        value = datetime.fromisoformat(raw) if raw else None
+        return value.replace(tzinfo=UTC) if value and value.tzinfo is None else value
 
     service = QueryService(_settings(args))
     if args.what == "similar":
+        where = PostFilter(
+            hashtag=normalise_hashtag(args.hashtag) if args.hashtag else None,
+            since=date(args.since),
+            until=date(args.until),
+            has_face={"yes": True, "no": False}.get(args.has_face or ""),
+        )
         if args.post_id:
-            results = service.similar_to_post(args.post_id, args.k)
+            results = service.similar_to_post(args.post_id, args.k, where)
         elif args.image:
-            results = service.similar_to_image(Path(args.image).read_bytes(), args.k)
+            results = service.similar_to_image(Path(args.image).read_bytes(), args.k, where)
         else:
             raise DeepTargetError("query similar needs --post-id or --image")
         _print_json([r.to_json() for r in results])
@@ -186,10 +200,31 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise DeepTargetError("query hashtags needs --image")
         tags, _ = service.suggest_hashtags(Path(args.image).read_bytes(), args.k)
         _print_json([{"hashtag": t, "score": round(s, 6)} for t, s in tags])
+    elif args.what == "audience":
+        if not args.user:
+            raise DeepTargetError("query audience needs an interest, e.g. sushi, food:sushi or '#sushi'")
+        key, members = service.audience(args.user, args.min_score, args.min_posts, args.k)
+        _print_json({"interest": key, "users": [
+            {"user_id": m.user_id, "username": m.profile.username, "score": round(m.score, 6),
+             "post_count": m.profile.post_count, "followers_count": m.profile.followers_count}
+            for m in members
+        ]})  # fmt: skip
     else:
         if not args.user:
             raise DeepTargetError("query user needs a user id or username")
         _print_json(service.profile(args.user).model_dump(mode="json"))
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from deeptarget.profiles.export import export_profiles
+    from deeptarget.store import MetadataStore
+
+    settings = _settings(args)
+    path = Path(args.path)
+    fmt = args.format or ("parquet" if path.suffix == ".parquet" else "jsonl")
+    count = export_profiles(MetadataStore(settings.sqlite_path), path, fmt)
+    print(f"{count} profiles written to {path} ({fmt})")
     return 0
 
 
@@ -313,12 +348,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the query API").set_defaults(func=cmd_serve)
 
     query = sub.add_parser("query", help="query the index and profiles locally")
-    query.add_argument("what", choices=["similar", "hashtags", "user"])
-    query.add_argument("user", nargs="?", help="user id or username (query user)")
+    query.add_argument("what", choices=["similar", "hashtags", "user", "audience"])
+    query.add_argument("user", nargs="?", help="user id or username (query user); interest (query audience)")
     query.add_argument("--post-id")
     query.add_argument("--image", help="path of an image file")
     query.add_argument("-k", type=int, default=10, help="how many results")
+    query.add_argument("--hashtag", help="similar: only posts with this hashtag")
+    query.add_argument("--since", help="similar: only posts from this ISO date on")
+    query.add_argument("--until", help="similar: only posts before this ISO date")
+    query.add_argument("--has-face", choices=["yes", "no"], help="similar: only posts with / without a face")
+    query.add_argument("--min-score", type=float, default=0.0, help="audience: least share of the interest")
+    query.add_argument("--min-posts", type=int, default=1, help="audience: least posts per user")
     query.set_defaults(func=cmd_query)
+
+    profiles = sub.add_parser("profiles", help="export every user profile")
+    profiles.add_argument("action", choices=["export"])
+    profiles.add_argument("path", help="output file (.jsonl or .parquet)")
+    profiles.add_argument("--format", choices=["jsonl", "parquet"], help="default: from the file's suffix")
+    profiles.set_defaults(func=cmd_profiles)
 
     train = sub.add_parser("train", help="refit the hashtag model (a task on the train queue)")
     train.add_argument("--local", action="store_true", help="fit in this process instead")

@@ -1,4 +1,4 @@
-"""The read side, shared by the API and the query CLI: similar images, hashtag suggestions, user profiles.
+"""The read side, shared by the API and the query CLI: similar images, hashtag suggestions, user profiles, audiences.
 
 Reads the newest published index snapshot and hashtag model (both reload when a new version is published) and the
 metadata store. Needs neither Celery nor Redis.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cached_property
 from typing import Any
 
@@ -19,8 +20,9 @@ from deeptarget.index.hashtags import HashtagModel
 from deeptarget.index.vectors import SnapshotReader, SnapshotStore, VectorIndex
 from deeptarget.models.decode import decode_image
 from deeptarget.models.embedder import Embedder
-from deeptarget.schema import Profile, vector_id
-from deeptarget.store import MetadataStore, StoredPost
+from deeptarget.models.heads import head_names
+from deeptarget.schema import Profile, normalise_hashtag, vector_id
+from deeptarget.store import Audience, MetadataStore, StoredPost
 from deeptarget.versioned import VersionedDir
 
 
@@ -47,6 +49,34 @@ class Neighbour:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class PostFilter:
+    """Conditions on neighbours: all given ones must hold."""
+
+    hashtag: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    has_face: bool | None = None
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.hashtag, self.since, self.until, self.has_face))
+
+    def __call__(self, stored: StoredPost) -> bool:
+        post = stored.post
+        if self.hashtag is not None and self.hashtag not in post.hashtags:
+            return False
+        if self.since is not None and (post.timestamp is None or post.timestamp < self.since):
+            return False
+        if self.until is not None and (post.timestamp is None or post.timestamp >= self.until):
+            return False
+        return self.has_face is None or ((stored.faces or 0) > 0) == self.has_face
+
+
+NO_FILTER = PostFilter()
+MAX_FILTERED_CANDIDATES = 20_000  # a filter that rejects nearly everything stops here instead of scanning it all
 
 
 class QueryService:
@@ -89,20 +119,28 @@ class QueryService:
             index.check_compatible(len(embedding), self.embedder.model_id)
         return embedding
 
-    def similar_to_vector(self, vector: np.ndarray, k: int = 10) -> list[Neighbour]:
-        scores, ids = self.index().search(vector[None, :], k)
-        found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-        posts = self.store.posts_by_vector_ids(i for i, _ in found)
-        return [Neighbour.of(posts[i], s) for i, s in found if i in posts]
+    def similar_to_vector(self, vector: np.ndarray, k: int = 10, where: PostFilter = NO_FILTER) -> list[Neighbour]:
+        """The k nearest posts that pass ``where``: with a filter, candidates are fetched in growing rounds (4k, 16k,
+        ...) until k pass or the index (or ``MAX_FILTERED_CANDIDATES``) is exhausted."""
+        index = self.index()
+        fetch = k * 4 if where.active else k
+        while True:
+            scores, ids = index.search(vector[None, :], min(fetch, max(index.ntotal, 1)))
+            found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+            posts = self.store.posts_by_vector_ids(i for i, _ in found)
+            passing = [Neighbour.of(posts[i], s) for i, s in found if i in posts and where(posts[i])]
+            if len(passing) >= k or fetch >= index.ntotal or fetch >= MAX_FILTERED_CANDIDATES:
+                return passing[:k]
+            fetch *= 4
 
-    def similar_to_post(self, post_id: str, k: int = 10) -> list[Neighbour]:
+    def similar_to_post(self, post_id: str, k: int = 10, where: PostFilter = NO_FILTER) -> list[Neighbour]:
         vector = self.index().reconstruct(vector_id(post_id))
         if vector is None:
             raise NotFoundError(f"post {post_id} is not in the index")
-        return self.similar_to_vector(vector, k)
+        return self.similar_to_vector(vector, k, where)
 
-    def similar_to_image(self, data: bytes, k: int = 10) -> list[Neighbour]:
-        return self.similar_to_vector(self.embed_image(data), k)
+    def similar_to_image(self, data: bytes, k: int = 10, where: PostFilter = NO_FILTER) -> list[Neighbour]:
+        return self.similar_to_vector(self.embed_image(data), k, where)
 
     def suggest_hashtags(self, data: bytes, n: int = 10) -> tuple[list[tuple[str, float]], list[Neighbour]]:
         """Hashtags for a new image: FAISS neighbours -> their mean ALS factors -> hashtag scores."""
@@ -124,3 +162,26 @@ class QueryService:
         if profile is None:
             raise NotFoundError(f"no profile for user {user!r}")
         return profile
+
+    def resolve_interest(self, interest: str) -> str:
+        """``#sushi`` -> hashtag; ``food:sushi`` -> class of head food; ``sushi`` -> a class of any published head
+        called that, else the hashtag. Raises NotFoundError when no profile has it."""
+        name = interest.strip()
+        if name.startswith("#"):
+            candidates = [f"hashtag:{normalise_hashtag(name)}"]
+        elif ":" in name:
+            candidates = [f"class:{name}"]
+        else:
+            heads = head_names(self.settings.heads_dir)
+            candidates = [f"class:{head}:{name}" for head in heads] + [f"hashtag:{normalise_hashtag(name)}"]
+        for key in candidates:
+            if self.store.has_interest(key):
+                return key
+        raise NotFoundError(f"no profile shows interest {interest!r} (looked for {', '.join(candidates)})")
+
+    def audience(
+        self, interest: str, min_score: float = 0.0, min_posts: int = 1, limit: int = 100
+    ) -> tuple[str, list[Audience]]:
+        """(the interest key used, users ranked by their share of it)."""
+        key = self.resolve_interest(interest)
+        return key, self.store.audience(key, min_score=min_score, min_posts=min_posts, limit=limit)

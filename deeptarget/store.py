@@ -55,6 +55,14 @@ CREATE TABLE IF NOT EXISTS profiles (
     updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS interests (
+    interest TEXT NOT NULL,  -- 'class:<head>:<label>' or 'hashtag:<tag>'
+    user_id TEXT NOT NULL,
+    score REAL NOT NULL,     -- the profile's weight share for it
+    PRIMARY KEY (interest, user_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS interests_ranked ON interests(interest, score DESC);
+CREATE INDEX IF NOT EXISTS interests_user ON interests(user_id);
 """
 
 # Owner fields only ever get better: a later observation without an owner keeps what an earlier one knew.
@@ -99,6 +107,21 @@ class EmbeddingRows:
     model_ids: list[str]
 
 
+@dataclass(frozen=True)
+class Audience:
+    user_id: str
+    score: float
+    profile: Profile
+
+
+def profile_interests(profile: Profile) -> list[tuple[str, float]]:
+    """A profile's interests as (key, share): ``class:<head>:<label>`` and ``hashtag:<tag>``."""
+    keys = [
+        (f"class:{head}:{label}", share) for head, labels in profile.classes.items() for label, share in labels.items()
+    ]
+    return keys + [(f"hashtag:{tag}", share) for tag, share in profile.hashtags.items()]
+
+
 class MetadataStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -111,6 +134,7 @@ class MetadataStore:
         self._db.execute("PRAGMA busy_timeout=60000")
         with self._lock:
             self._db.executescript(_SCHEMA)
+            self._backfill_interests()
 
     def close(self) -> None:
         with self._lock:
@@ -170,12 +194,25 @@ class MetadataStore:
             )
 
     def save_profile(self, profile: Profile) -> None:
+        """Store a profile and its interests (the index that audience queries read)."""
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO profiles (user_id, profile, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(user_id) DO UPDATE SET profile = excluded.profile, updated_at = excluded.updated_at",
                 (profile.user_id, profile.model_dump_json(), time.time()),
             )
+            db.execute("DELETE FROM interests WHERE user_id = ?", (profile.user_id,))
+            db.executemany(
+                "INSERT INTO interests (interest, user_id, score) VALUES (?, ?, ?)",
+                [(interest, profile.user_id, score) for interest, score in profile_interests(profile)],
+            )
+
+    def _backfill_interests(self) -> None:
+        """Profiles saved before the interests table existed get their rows once."""
+        empty = self._db.execute("SELECT 1 FROM interests LIMIT 1").fetchone() is None
+        if empty and self._db.execute("SELECT 1 FROM profiles LIMIT 1").fetchone() is not None:
+            for profile in self.profiles():
+                self.save_profile(profile)
 
     # -- reads ----------------------------------------------------------------------------------------------------
     def embeddings(self, post_ids: list[str]) -> EmbeddingRows:
@@ -266,10 +303,41 @@ class MetadataStore:
             row = self._db.execute("SELECT profile FROM profiles WHERE user_id = ?", (user_id,)).fetchone()
         return None if row is None else Profile.model_validate_json(row["profile"])
 
+    def iter_profiles(self, batch: int = 1000) -> Iterator[list[Profile]]:
+        """Every profile in batches, by user id (for exports of any size)."""
+        last = ""
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT user_id, profile FROM profiles WHERE user_id > ? ORDER BY user_id LIMIT ?", (last, batch)
+                ).fetchall()
+            if not rows:
+                return
+            last = rows[-1]["user_id"]
+            yield [Profile.model_validate_json(r["profile"]) for r in rows]
+
     def profiles(self) -> list[Profile]:
         with self._lock:
             rows = self._db.execute("SELECT profile FROM profiles ORDER BY user_id").fetchall()
         return [Profile.model_validate_json(r["profile"]) for r in rows]
+
+    def audience(self, interest: str, min_score: float = 0.0, min_posts: int = 1, limit: int = 100) -> list[Audience]:
+        """Users ranked by their share of ``interest`` (a key of ``profile_interests``), best first."""
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT i.user_id, i.score, p.profile FROM interests i JOIN profiles p ON p.user_id = i.user_id
+                   WHERE i.interest = ? AND i.score >= ? AND json_extract(p.profile, '$.post_count') >= ?
+                   ORDER BY i.score DESC, i.user_id LIMIT ?""",
+                (interest, min_score, min_posts, limit),
+            ).fetchall()
+        return [Audience(r["user_id"], float(r["score"]), Profile.model_validate_json(r["profile"])) for r in rows]
+
+    def has_interest(self, interest: str) -> bool:
+        with self._lock:
+            return (
+                self._db.execute("SELECT 1 FROM interests WHERE interest = ? LIMIT 1", (interest,)).fetchone()
+                is not None
+            )
 
     def user_id_for_username(self, username: str) -> str | None:
         with self._lock:

@@ -17,6 +17,7 @@ import aiohttp
 import numpy as np
 import pytest
 import redis
+from pydantic import SecretStr
 
 from deeptarget import constants
 from deeptarget.api.app import create_app
@@ -232,6 +233,92 @@ async def test_health_and_metrics(run: Run, api) -> None:
         assert response.status == 200 and health["redis"] is True and health["index"]["vectors"] > 0
     async with http.get(f"{url}/metrics") as response:
         assert "deeptarget_api_request_seconds" in await response.text()
+
+
+async def test_similar_with_filters(run: Run, api) -> None:
+    url, http = api
+    media = next(m for m in run.network.media if run.store.post(m.id).status == "indexed")
+    tag = media.topic.hashtag
+    params = {"post_id": media.id, "k": "8", "hashtag": f"#{tag.upper()}"}
+    async with http.get(f"{url}/similar", params=params) as response:
+        results = (await response.json())["results"]
+    assert results and all(tag in r["hashtags"] for r in results)
+    for has_face in ("true", "false"):
+        async with http.get(f"{url}/similar", params={"post_id": media.id, "has_face": has_face}) as response:
+            faces = [r["faces"] for r in (await response.json())["results"]]
+        assert all((f > 0) == (has_face == "true") for f in faces)
+    async with http.get(f"{url}/similar", params={"post_id": media.id, "since": "2999-01-01"}) as response:
+        assert response.status == 200 and (await response.json())["results"] == []
+    async with http.get(f"{url}/similar", params={"post_id": media.id, "until": "yesterday"}) as response:
+        assert response.status == 400 and "ISO" in (await response.json())["error"]
+
+
+async def test_audiences_rank_users_by_their_share_of_an_interest(run: Run, api) -> None:
+    url, http = api
+    tag = run.network.media[0].topic.hashtag
+    async with http.get(f"{url}/audiences", params={"interest": f"#{tag}", "limit": "50"}) as response:
+        assert response.status == 200, await response.text()
+        body = await response.json()
+    assert body["interest"] == f"hashtag:{tag}"
+    scores = [u["score"] for u in body["users"]]
+    assert scores and scores == sorted(scores, reverse=True)
+    for user in body["users"]:
+        assert run.store.profile(user["user_id"]).hashtags[tag] == pytest.approx(user["score"], abs=1e-6)
+    async with http.get(f"{url}/audiences", params={"interest": "#nothing-like-it"}) as response:
+        assert response.status == 404 and "hashtag:nothing-like-it" in (await response.json())["error"]
+
+
+async def test_openapi_document_describes_every_route(run: Run, api) -> None:
+    url, http = api
+    async with http.get(f"{url}/openapi.json") as response:
+        document = await response.json()
+    assert document["openapi"].startswith("3.")
+    assert {"/similar", "/hashtags", "/users/{user}", "/audiences", "/train/hashtags", "/healthz"} <= set(
+        document["paths"]
+    )
+    assert set(document["paths"]["/similar"]) == {"get", "post"}
+    assert document["paths"]["/train/hashtags"]["post"]["security"] == [{"ApiKey": []}]
+    assert "SimilarBody" in document["components"]["schemas"]
+
+
+async def test_write_endpoints_need_the_api_key(run: Run) -> None:
+    async with (
+        AppServer(create_app(run.settings)) as server,
+        aiohttp.ClientSession() as http,
+        http.post(f"{server.url}/train/hashtags") as response,
+    ):
+        assert response.status == 403 and "DEEPTARGET_API_KEY" in (await response.json())["error"]
+    keyed = run.settings.model_copy(update={"api_key": SecretStr("s3cret-key")})
+    models = VersionedDir(run.settings.hashtag_model_dir, ".npz")
+    before = models.current()
+    async with AppServer(create_app(keyed)) as server, aiohttp.ClientSession() as http:
+        for headers in ({}, {"X-API-Key": "guess"}):
+            async with http.post(f"{server.url}/train/hashtags", headers=headers) as response:
+                assert response.status == 401, await response.text()
+        async with http.post(f"{server.url}/train/hashtags", headers={"X-API-Key": "s3cret-key"}) as response:
+            assert response.status == 202 and (await response.json())["queue"] == constants.train_queue
+    deadline = time.monotonic() + 60
+    while models.current() == before:  # the running worker refits on demand
+        assert time.monotonic() < deadline, "the hashtag model was not refitted"
+        time.sleep(0.2)
+
+
+def test_audience_query_and_profile_export_from_the_cli(run: Run, tmp_path: Path) -> None:
+    env = {**os.environ, **run.settings.model_copy(update={"redis_url": None}).to_env()}
+    tag = run.network.media[0].topic.hashtag
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "deeptarget", *args], env=env, capture_output=True, text=True,
+                              timeout=120, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    audience = json.loads(cli("query", "audience", tag, "-k", "3"))
+    assert audience["interest"] == f"hashtag:{tag}" and 1 <= len(audience["users"]) <= 3
+    assert "profiles written" in cli("profiles", "export", str(tmp_path / "profiles.parquet"))
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "profiles.parquet").num_rows == len(run.store.profiles())
 
 
 def test_query_cli_reads_the_newest_snapshot_without_redis(run: Run) -> None:

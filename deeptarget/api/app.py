@@ -1,26 +1,46 @@
-"""The query API (aiohttp).
+"""The query API (aiohttp). The routes are listed once, in ``OPERATIONS``; ``/openapi.json`` is generated from it.
 
-- ``GET  /similar?post_id=&k=``   posts most similar to an indexed post (the post itself first)
-- ``POST /similar?k=``            posts most similar to an uploaded image (raw body or multipart field ``image``)
-- ``POST /hashtags?n=``           hashtags suggested for an uploaded image
-- ``GET  /users/{user}``          a user's interest profile (by id or username)
-- ``GET  /healthz``               Redis and index state; 503 when something is down
-- ``GET  /metrics``               Prometheus
+- ``GET  /similar?post_id=&k=``      posts most similar to an indexed post (the post itself first)
+- ``POST /similar?k=``               posts most similar to an uploaded image (raw body or multipart field ``image``)
+  (both filter with ``hashtag``, ``since``, ``until`` (ISO dates) and ``has_face``)
+- ``POST /hashtags?n=``              hashtags suggested for an uploaded image
+- ``GET  /users/{user}``             a user's interest profile (by id or username)
+- ``GET  /audiences?interest=``      the users most into an interest, ranked (``min_score``, ``min_posts``, ``limit``)
+- ``POST /train/hashtags``           refit the hashtag model now (write: API key)
+- ``POST /index/snapshot``           snapshot the index now (write: API key)
+- ``GET  /healthz``                  Redis and index state; 503 when something is down
+- ``GET  /metrics``                  Prometheus;  ``GET /openapi.json``: this API's OpenAPI document
 
-Errors are JSON: ``{"error": "...", "reason": "..."}``. Uploads are limited in bytes (413) and pixels (422).
+Errors are JSON: ``{"error": "...", "reason": "..."}``. Uploads are limited in bytes (413) and pixels (422). Write
+endpoints need the ``X-API-Key`` header to equal ``settings.api_key``; without a configured key they are off (403).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import prometheus_client
 import redis.asyncio as aioredis
 from aiohttp import web
+from celery import Celery
 
+from deeptarget import constants
+from deeptarget.api.models import (
+    AudienceBody,
+    AudienceMember,
+    HashtagsBody,
+    HashtagScore,
+    HealthBody,
+    NeighbourBody,
+    SimilarBody,
+    TaskAcceptedBody,
+)
+from deeptarget.api.openapi import API_KEY_HEADER, Operation, Param, openapi_document
 from deeptarget.config import Settings
 from deeptarget.errors import (
     DeepTargetError,
@@ -29,13 +49,15 @@ from deeptarget.errors import (
     ModelNotReadyError,
     NotFoundError,
 )
-from deeptarget.query import QueryService
+from deeptarget.query import Neighbour, PostFilter, QueryService
+from deeptarget.schema import Profile, normalise_hashtag
 
 LOG = logging.getLogger(__name__)
 
 SERVICE_KEY = web.AppKey("service", QueryService)
 SETTINGS_KEY = web.AppKey("settings", Settings)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
+CELERY_KEY = web.AppKey("celery", Celery)
 
 REQUESTS = prometheus_client.Histogram(
     "deeptarget_api_request_seconds", "API latency by route and status", ["route", "status"]
@@ -70,7 +92,7 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
     return response
 
 
-def _int_param(request: web.Request, name: str, default: int) -> int:
+def _int_param(request: web.Request, name: str, default: int, low: int = 1, high: int = MAX_K) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
@@ -78,9 +100,41 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise web.HTTPBadRequest(text=f"{name} must be an integer") from None
-    if not 1 <= value <= MAX_K:
-        raise web.HTTPBadRequest(text=f"{name} must be between 1 and {MAX_K}")
+    if not low <= value <= high:
+        raise web.HTTPBadRequest(text=f"{name} must be between {low} and {high}")
     return value
+
+
+def _float_param(request: web.Request, name: str, default: float) -> float:
+    raw = request.query.get(name)
+    try:
+        return default if raw is None else float(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name} must be a number") from None
+
+
+def _date_param(request: web.Request, name: str) -> datetime | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name} must be an ISO date or time, e.g. 2026-11-01") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _post_filter(request: web.Request) -> PostFilter:
+    has_face = request.query.get("has_face")
+    if has_face not in (None, "true", "false"):
+        raise web.HTTPBadRequest(text="has_face must be true or false")
+    hashtag = request.query.get("hashtag")
+    return PostFilter(
+        hashtag=normalise_hashtag(hashtag) if hashtag else None,
+        since=_date_param(request, "since"),
+        until=_date_param(request, "until"),
+        has_face=None if has_face is None else has_face == "true",
+    )
 
 
 async def _upload(request: web.Request) -> bytes:
@@ -102,54 +156,156 @@ async def _run(func: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, func, *args)
 
 
+def _neighbours(results: list[Neighbour]) -> list[NeighbourBody]:
+    return [NeighbourBody(**r.to_json()) for r in results]
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.json_response(body.model_dump(mode="json"), status=status)
+
+
 async def similar_by_post(request: web.Request) -> web.Response:
     post_id = request.query.get("post_id")
     if not post_id:
         raise web.HTTPBadRequest(text="post_id is required (or POST an image)")
     k = _int_param(request, "k", 10)
-    results = await _run(request.app[SERVICE_KEY].similar_to_post, post_id, k)
-    return web.json_response({"post_id": post_id, "results": [r.to_json() for r in results]})
+    results = await _run(request.app[SERVICE_KEY].similar_to_post, post_id, k, _post_filter(request))
+    return _json(SimilarBody(post_id=post_id, results=_neighbours(results)))
 
 
 async def similar_by_image(request: web.Request) -> web.Response:
     k = _int_param(request, "k", 10)
+    where = _post_filter(request)
     data = await _upload(request)
-    results = await _run(request.app[SERVICE_KEY].similar_to_image, data, k)
-    return web.json_response({"results": [r.to_json() for r in results]})
+    results = await _run(request.app[SERVICE_KEY].similar_to_image, data, k, where)
+    return _json(SimilarBody(results=_neighbours(results)))
 
 
 async def hashtags(request: web.Request) -> web.Response:
     n = _int_param(request, "n", 10)
     data = await _upload(request)
     tags, neighbours = await _run(request.app[SERVICE_KEY].suggest_hashtags, data, n)
-    return web.json_response(
-        {
-            "hashtags": [{"hashtag": t, "score": round(s, 6)} for t, s in tags],
-            "neighbours": [nb.post_id for nb in neighbours],
-        }
-    )
+    scored = [HashtagScore(hashtag=t, score=round(s, 6)) for t, s in tags]
+    return _json(HashtagsBody(hashtags=scored, neighbours=[nb.post_id for nb in neighbours]))
 
 
 async def user_profile(request: web.Request) -> web.Response:
     profile = await _run(request.app[SERVICE_KEY].profile, request.match_info["user"])
-    return web.json_response(profile.model_dump(mode="json"))
+    return _json(profile)
+
+
+async def audiences(request: web.Request) -> web.Response:
+    interest = request.query.get("interest", "").strip()
+    if not interest:
+        raise web.HTTPBadRequest(text="interest is required: a class (sushi, food:sushi) or a hashtag (#sushi)")
+    key, members = await _run(
+        request.app[SERVICE_KEY].audience,
+        interest,
+        _float_param(request, "min_score", 0.0),
+        _int_param(request, "min_posts", 1, 1, 1_000_000),
+        _int_param(request, "limit", 100),
+    )
+    users = [
+        AudienceMember(
+            user_id=m.user_id,
+            username=m.profile.username,
+            score=round(m.score, 6),
+            post_count=m.profile.post_count,
+            followers_count=m.profile.followers_count,
+            median_engagement=m.profile.median_engagement,
+        )
+        for m in members
+    ]
+    return _json(AudienceBody(interest=key, users=users))
+
+
+def _send(task: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def send(request: web.Request) -> web.Response:
+        queue = constants.task_queues[task]
+        await _run(lambda: request.app[CELERY_KEY].send_task(task, queue=queue))
+        return _json(TaskAcceptedBody(task=task, queue=queue), status=202)
+
+    return send
 
 
 async def healthz(request: web.Request) -> web.Response:
-    checks: dict[str, Any] = {}
     healthy = True
+    redis_state: bool | str
     try:
-        checks["redis"] = bool(await asyncio.wait_for(request.app[REDIS_KEY].ping(), timeout=2))
+        redis_state = bool(await asyncio.wait_for(request.app[REDIS_KEY].ping(), timeout=2))
     except Exception as err:  # any failure to ping is "down", reported with its reason
-        checks["redis"] = f"down: {type(err).__name__}: {err}"
+        redis_state = f"down: {type(err).__name__}: {err}"
         healthy = False
     index = request.app[SERVICE_KEY].snapshots.get()
-    checks["index"] = {"vectors": index.ntotal, "model_id": index.model_id} if index is not None else "no snapshot yet"
-    return web.json_response({"status": "ok" if healthy else "degraded", **checks}, status=200 if healthy else 503)
+    index_state: dict[str, object] | str = "no snapshot yet"
+    if index is not None:
+        index_state = {"vectors": index.ntotal, "model_id": index.model_id, "kind": index.kind, "nprobe": index.nprobe}
+    body = HealthBody(status="ok" if healthy else "degraded", redis=redis_state, index=index_state)
+    return _json(body, status=200 if healthy else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=prometheus_client.generate_latest(), content_type="text/plain")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(OPERATIONS))
+
+
+_K = Param("k", "integer", f"how many results (1..{MAX_K}, default 10)")
+_FILTERS = (
+    Param("hashtag", "string", "only posts with this hashtag"),
+    Param("since", "string", "only posts from this ISO date/time on", format="date-time"),
+    Param("until", "string", "only posts before this ISO date/time", format="date-time"),
+    Param("has_face", "boolean", "only posts with (true) or without (false) a face"),
+)
+OPERATIONS: list[Operation] = [
+    Operation("get", "/similar", "Posts most similar to an indexed post", SimilarBody,
+              (Param("post_id", "string", "the query post", required=True), _K, *_FILTERS), errors=(400, 404, 503)),
+    Operation("post", "/similar", "Posts most similar to an uploaded image", SimilarBody, (_K, *_FILTERS),
+              upload=True, errors=(400, 413, 422, 503)),
+    Operation("post", "/hashtags", "Hashtags suggested for an uploaded image", HashtagsBody,
+              (Param("n", "integer", "how many hashtags (default 10)"),), upload=True, errors=(400, 413, 422, 503)),
+    Operation("get", "/users/{user}", "A user's interest profile", Profile,
+              (Param("user", "string", "user id or username", where="path"),), errors=(404,)),
+    Operation("get", "/audiences", "The users most into an interest, ranked by their share of it", AudienceBody, (
+        Param("interest", "string", "a class (sushi, or head:class) or a hashtag (#sushi)", required=True),
+        Param("min_score", "number", "the least share of the interest (0..1)"),
+        Param("min_posts", "integer", "the least number of posts a user must have"),
+        Param("limit", "integer", f"how many users (1..{MAX_K}, default 100)"),
+    ), errors=(400, 404)),
+    Operation("post", "/train/hashtags", "Refit the hashtag model now (a task on the train queue)", TaskAcceptedBody,
+              write=True, errors=()),
+    Operation("post", "/index/snapshot", "Snapshot the index now (a task on the index queue)", TaskAcceptedBody,
+              write=True, errors=()),
+    Operation("get", "/healthz", "Redis and index state", HealthBody, errors=(503,)),
+    Operation("get", "/metrics", "Prometheus metrics (text format)", None, errors=()),
+    Operation("get", "/openapi.json", "This document", None, errors=()),
+]  # fmt: skip
+HANDLERS: dict[tuple[str, str], Callable[[web.Request], Awaitable[web.Response]]] = {
+    ("get", "/similar"): similar_by_post,
+    ("post", "/similar"): similar_by_image,
+    ("post", "/hashtags"): hashtags,
+    ("get", "/users/{user}"): user_profile,
+    ("get", "/audiences"): audiences,
+    ("post", "/train/hashtags"): _send(constants.train_task),
+    ("post", "/index/snapshot"): _send(constants.snapshot_task),
+    ("get", "/healthz"): healthz,
+    ("get", "/metrics"): metrics,
+    ("get", "/openapi.json"): openapi,
+}
+
+
+def _requires_key(settings: Settings, handler: Callable[[web.Request], Awaitable[web.Response]]):
+    async def checked(request: web.Request) -> web.Response:
+        if settings.api_key is None:
+            raise web.HTTPForbidden(text="write endpoints are disabled: set DEEPTARGET_API_KEY on the API")
+        given = request.headers.get(API_KEY_HEADER, "")
+        if not hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):
+            raise web.HTTPUnauthorized(text=f"this endpoint needs the {API_KEY_HEADER} header with the API key")
+        return await handler(request)
+
+    return checked
 
 
 def create_app(settings: Settings, service: QueryService | None = None) -> web.Application:
@@ -157,18 +313,18 @@ def create_app(settings: Settings, service: QueryService | None = None) -> web.A
     app[SETTINGS_KEY] = settings
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
+        from deeptarget.workers.app import create_celery
+
         app[SERVICE_KEY] = service or QueryService(settings)
         app[SERVICE_KEY].snapshots.get()  # load the index before the first request
         assert settings.redis_url, "the API needs settings.redis_url"
         app[REDIS_KEY] = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2)
+        app[CELERY_KEY] = create_celery(settings)
         yield
         await app[REDIS_KEY].aclose()
 
     app.cleanup_ctx.append(resources)
-    app.router.add_get("/similar", similar_by_post)
-    app.router.add_post("/similar", similar_by_image)
-    app.router.add_post("/hashtags", hashtags)
-    app.router.add_get("/users/{user}", user_profile)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    for op in OPERATIONS:
+        handler = HANDLERS[(op.method, op.path)]
+        app.router.add_route(op.method.upper(), op.path, _requires_key(settings, handler) if op.write else handler)
     return app

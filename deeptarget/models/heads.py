@@ -81,6 +81,15 @@ def publish_head(heads_dir: Path, name: str, version: int) -> None:
     versions.publish(version)
 
 
+def head_names(heads_dir: Path) -> list[str]:
+    """Heads that have at least one version in ``heads_dir``."""
+    if not Path(heads_dir).is_dir():
+        return []
+    return sorted(
+        p.name for p in Path(heads_dir).iterdir() if p.is_dir() and head_versions(heads_dir, p.name).versions()
+    )
+
+
 class HeadSet:
     """The published version of every head in ``heads_dir`` that fits the embedder ``model_id``."""
 
