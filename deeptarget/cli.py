@@ -10,6 +10,7 @@
     deeptarget query similar|hashtags|user|audience ...
     deeptarget profiles export PATH.jsonl|PATH.parquet
     deeptarget train | index snapshot|rebuild
+    deeptarget delete POST_ID...          forget posts and take them out of the index
     deeptarget deadletter list|retry|drop [IDS] [--all]   tasks that failed for good
 
 Settings come from DEEPTARGET_* variables and ``--config FILE`` (TOML); see deeptarget/config.py.
@@ -259,6 +260,19 @@ def cmd_index(args: argparse.Namespace) -> int:
     return _send(settings, constants.snapshot_task if args.action == "snapshot" else constants.rebuild_task)
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    from deeptarget.deletion import delete_posts
+    from deeptarget.runtime import connect_redis
+    from deeptarget.store import MetadataStore
+    from deeptarget.workers.app import create_celery
+
+    settings = connect_redis(_settings(args))
+    deleted = delete_posts(MetadataStore(settings.sqlite_path), create_celery(settings), args.post_ids)
+    unknown = sorted(set(args.post_ids) - set(deleted))
+    print(f"deleted {len(deleted)} posts" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    return 0
+
+
 def cmd_deadletter(args: argparse.Namespace) -> int:
     import redis
     from rich.console import Console
@@ -375,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("action", choices=["snapshot", "rebuild"])
     index.add_argument("--local", action="store_true", help="rebuild in this process (stop the index worker first)")
     index.set_defaults(func=cmd_index)
+
+    delete = sub.add_parser("delete", help="delete posts: forgotten by the store, removed from the index")
+    delete.add_argument("post_ids", nargs="+")
+    delete.set_defaults(func=cmd_delete)
 
     deadletter = sub.add_parser("deadletter", help="tasks that failed for good: list them, send them again, drop them")
     deadletter.add_argument("action", choices=["list", "retry", "drop"])

@@ -44,6 +44,7 @@ infer_task = "deeptarget.infer"
 index_task = "deeptarget.index"
 snapshot_task = "deeptarget.snapshot"
 rebuild_task = "deeptarget.rebuild_index"
+remove_task = "deeptarget.remove_posts"
 train_task = "deeptarget.train_hashtags"
 profiles_task = "deeptarget.update_profiles"
 merge_task = "deeptarget.merge_posts"
@@ -53,6 +54,7 @@ task_queues = {
     index_task: index_queue,
     snapshot_task: index_queue,
     rebuild_task: index_queue,
+    remove_task: index_queue,
     train_task: train_queue,
     profiles_task: profiles_queue,
     merge_task: profiles_queue,

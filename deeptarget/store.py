@@ -164,7 +164,8 @@ class MetadataStore:
                 db.execute(
                     """UPDATE posts SET blob = :blob, status = :status, reason = :reason, faces = :faces,
                        face_confidence = :conf, face_boxes = :boxes, classes = :classes, model_id = :model_id,
-                       embedding = :embedding, indexed_seq = NULL, updated_at = :now WHERE post_id = :post_id""",
+                       embedding = :embedding, indexed_seq = NULL, updated_at = :now
+                       WHERE post_id = :post_id AND status != 'deleted'""",
                     {
                         "post_id": post.id,
                         "blob": blob,
@@ -192,6 +193,35 @@ class MetadataStore:
                 "UPDATE posts SET status = 'indexed', indexed_seq = ? WHERE post_id = ? AND embedding IS NOT NULL",
                 [(first_seq + i, pid) for i, pid in enumerate(post_ids)],
             )
+
+    def delete_posts(self, post_ids: list[str]) -> tuple[list[str], set[str]]:
+        """Forget posts' embeddings and predictions for good (a deleted post is never resurrected by a late infer
+        result); returns (the ids that existed, their owners). The index writer removes them (``mark_removed``)."""
+        rows = self._fetch_in("SELECT post_id, owner_id FROM posts WHERE post_id IN", post_ids)
+        with self._transaction() as db:
+            db.executemany(
+                """UPDATE posts SET status = 'deleted', reason = 'deleted', embedding = NULL, classes = NULL,
+                   face_boxes = NULL, indexed_seq = NULL, updated_at = ? WHERE post_id = ?""",
+                [(time.time(), r["post_id"]) for r in rows],
+            )
+        return [r["post_id"] for r in rows], {r["owner_id"] for r in rows if r["owner_id"]}
+
+    def mark_removed(self, post_ids: list[str], first_seq: int) -> None:
+        """The index writer removed these deleted posts at these sequence numbers (replayed after a crash)."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE posts SET indexed_seq = ? WHERE post_id = ? AND status = 'deleted'",
+                [(first_seq + i, pid) for i, pid in enumerate(post_ids)],
+            )
+
+    def removals_after(self, seq: int) -> np.ndarray:
+        """Vector ids of deleted posts the writer removed after ``seq``, or has not removed yet."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT vector_id FROM posts WHERE status = 'deleted' AND (indexed_seq IS NULL OR indexed_seq > ?)",
+                (seq,),
+            ).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
 
     def save_profile(self, profile: Profile) -> None:
         """Store a profile and its interests (the index that audience queries read)."""

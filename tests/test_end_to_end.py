@@ -346,3 +346,32 @@ async def test_health_reports_a_dead_redis(run: Run) -> None:
         assert response.status == 503 and health["redis"].startswith("down")
         async with http.get(f"{server.url}/similar", params={"post_id": run.network.media[0].id}) as response:
             assert response.status in (200, 404)  # queries need no Redis: they read the snapshot and the store
+
+
+async def test_a_deleted_post_leaves_the_index_and_its_owners_profile(run: Run) -> None:
+    """Last in this module: it deletes a post from the shared run."""
+    keyed = run.settings.model_copy(update={"api_key": SecretStr("s3cret-key")})
+    media = next(m for m in run.network.media if m.owner and run.store.post(m.id).status == "indexed")
+    owner_posts = run.store.profile(media.owner.id).post_count
+    key = {"X-API-Key": "s3cret-key"}
+    async with AppServer(create_app(keyed)) as server, aiohttp.ClientSession() as http:
+        async with http.delete(f"{server.url}/posts/{media.id}") as response:
+            assert response.status == 401
+        async with http.delete(f"{server.url}/posts/{media.id}", headers=key) as response:
+            assert response.status == 200 and (await response.json())["deleted"] == [media.id]
+        async with http.delete(f"{server.url}/posts/no-such-post", headers=key) as response:
+            assert response.status == 404
+        deadline = time.monotonic() + 60
+        while True:
+            async with http.get(f"{server.url}/similar", params={"post_id": media.id}) as response:
+                if response.status == 404:
+                    break
+            assert time.monotonic() < deadline, "the deleted post is still in the published index"
+            await asyncio.sleep(0.2)
+    index = SnapshotStore(run.settings.index_dir).load()
+    assert vector_id(media.id) not in index
+    assert run.store.post(media.id).status == "deleted"
+    deadline = time.monotonic() + 60
+    while run.store.profile(media.owner.id).post_count != owner_posts - 1:
+        assert time.monotonic() < deadline, "the owner's profile still counts the deleted post"
+        await asyncio.sleep(0.2)

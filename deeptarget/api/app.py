@@ -8,6 +8,7 @@
 - ``GET  /audiences?interest=``      the users most into an interest, ranked (``min_score``, ``min_posts``, ``limit``)
 - ``POST /train/hashtags``           refit the hashtag model now (write: API key)
 - ``POST /index/snapshot``           snapshot the index now (write: API key)
+- ``DELETE /posts/{post_id}``        forget a post and take it out of the index (write: API key)
 - ``GET  /healthz``                  Redis and index state; 503 when something is down
 - ``GET  /metrics``                  Prometheus;  ``GET /openapi.json``: this API's OpenAPI document
 
@@ -33,6 +34,7 @@ from deeptarget import constants
 from deeptarget.api.models import (
     AudienceBody,
     AudienceMember,
+    DeletedBody,
     HashtagsBody,
     HashtagScore,
     HealthBody,
@@ -219,6 +221,17 @@ async def audiences(request: web.Request) -> web.Response:
     return _json(AudienceBody(interest=key, users=users))
 
 
+async def delete_post(request: web.Request) -> web.Response:
+    from deeptarget.deletion import delete_posts
+
+    post_id = request.match_info["post_id"]
+    store = request.app[SERVICE_KEY].store
+    deleted = await _run(delete_posts, store, request.app[CELERY_KEY], [post_id])
+    if not deleted:
+        raise NotFoundError(f"post {post_id} is not known")
+    return _json(DeletedBody(deleted=deleted))
+
+
 def _send(task: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def send(request: web.Request) -> web.Response:
         queue = constants.task_queues[task]
@@ -278,6 +291,8 @@ OPERATIONS: list[Operation] = [
               write=True, errors=()),
     Operation("post", "/index/snapshot", "Snapshot the index now (a task on the index queue)", TaskAcceptedBody,
               write=True, errors=()),
+    Operation("delete", "/posts/{post_id}", "Delete a post: forgotten by the store, removed from the index",
+              DeletedBody, (Param("post_id", "string", "the post", where="path"),), write=True, errors=(404,)),
     Operation("get", "/healthz", "Redis and index state", HealthBody, errors=(503,)),
     Operation("get", "/metrics", "Prometheus metrics (text format)", None, errors=()),
     Operation("get", "/openapi.json", "This document", None, errors=()),
@@ -290,6 +305,7 @@ HANDLERS: dict[tuple[str, str], Callable[[web.Request], Awaitable[web.Response]]
     ("get", "/audiences"): audiences,
     ("post", "/train/hashtags"): _send(constants.train_task),
     ("post", "/index/snapshot"): _send(constants.snapshot_task),
+    ("delete", "/posts/{post_id}"): delete_post,
     ("get", "/healthz"): healthz,
     ("get", "/metrics"): metrics,
     ("get", "/openapi.json"): openapi,

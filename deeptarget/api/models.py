@@ -54,6 +54,10 @@ class TaskAcceptedBody(BaseModel):
     queue: str
 
 
+class DeletedBody(BaseModel):
+    deleted: list[str]
+
+
 class HealthBody(BaseModel):
     status: str = Field(description="ok, or degraded (HTTP 503) when Redis or the index is down.")
     redis: bool | str

@@ -24,6 +24,7 @@ import numpy as np
 from deeptarget.errors import IndexMismatchError
 from deeptarget.index.builder import IndexPolicy, Tuning, build_ivf
 from deeptarget.index.vectors import SnapshotStore, VectorIndex
+from deeptarget.schema import vector_id
 from deeptarget.store import EmbeddingRows, MetadataStore
 
 LOG = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class IndexWriter:
         self._seq = max(self.index.seq if self.index else 0, store.max_indexed_seq())
         snapshot_seq = self.index.seq if self.index else 0
         replayed = sum(self.add(rows, snapshot=False) for rows in store.embeddings_to_index(after_seq=snapshot_seq))
+        if self.index is not None:  # deletions since the snapshot (or not yet applied)
+            replayed += self.index.remove(store.removals_after(snapshot_seq))
         LOG.info(
             "index writer ready: %d vectors from snapshot, %d replayed from the metadata store",
             (self.index.ntotal - replayed) if self.index else 0,
@@ -103,6 +106,20 @@ class IndexWriter:
             )
         return keep
 
+    def remove(self, post_ids: list[str]) -> int:
+        """Take deleted posts out of the index (the store has already forgotten them); returns how many were in it."""
+        with self._lock:
+            if self.index is None or not post_ids:
+                return 0
+            # Store first, as for adds: a crash after this line is repaired by the replay on the next start.
+            self.store.mark_removed(post_ids, first_seq=self._seq + 1)
+            self._seq += len(post_ids)
+            removed = self.index.remove(np.array([vector_id(p) for p in post_ids], np.int64))
+            self.index.seq = self._seq
+            self._adds_since_snapshot += len(post_ids)
+            self.maybe_snapshot()
+            return removed
+
     # -- growing into an IVF index ----------------------------------------------------------------------------------
     def _maybe_start_build(self) -> None:
         index = self.index
@@ -125,6 +142,7 @@ class IndexWriter:
                     keep = np.array([m == model_id for m in rows.model_ids], bool)
                     new.upsert(rows.vector_ids[keep], rows.vectors[keep])
                     caught_up += int(keep.sum())
+                caught_up += new.remove(self.store.removals_after(from_seq))
                 assert self.index is not None
                 new.seq = self.index.seq
                 self.index = new

@@ -42,6 +42,11 @@ def create_celery(settings: Settings) -> Celery:
         worker_send_task_events=False,
         beat_schedule={
             "refit-hashtag-model": {"task": constants.train_task, "schedule": settings.train_every_s},
+            "flush-index-snapshot": {
+                "task": constants.snapshot_task,
+                "schedule": max(settings.snapshot_every_s, 1.0),
+                "kwargs": {"if_changed": True},
+            },
         },
     )
     app.deeptarget_settings = settings  # type: ignore[attr-defined]

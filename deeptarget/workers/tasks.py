@@ -2,7 +2,8 @@
 
 - ``infer`` (queue infer): a batch of PostRefs -> predictions and embeddings in the metadata store -> ``index`` and
   ``update_profiles`` work.
-- ``index`` / ``snapshot`` (queue index, one consumer): embeddings into FAISS; snapshot.
+- ``index`` / ``remove_posts`` / ``snapshot`` (queue index, one consumer): embeddings into FAISS, deleted posts
+  out; snapshots.
 - ``train_hashtags`` (queue train): refit and publish the hashtag model.
 - ``update_profiles`` / ``merge_posts`` (queue profiles): recompute users' profiles; learn owners of known posts.
 
@@ -118,10 +119,18 @@ def index(self: Task, post_ids: list[str]) -> int:
     return ctx.writer.add(ctx.store.embeddings(post_ids))
 
 
+@shared_task(name=constants.remove_task, **TASK)
+def remove_posts(self: Task, post_ids: list[str]) -> int:
+    """Deleted posts out of the index (``deeptarget delete`` / ``DELETE /posts/{id}`` forgot them in the store)."""
+    return _context(self).writer.remove(post_ids)
+
+
 @shared_task(name=constants.snapshot_task, **TASK)
-def snapshot(self: Task) -> int | None:
-    """Write a snapshot now (and give readers its version)."""
-    return _context(self).writer.snapshot()
+def snapshot(self: Task, if_changed: bool = False) -> int | None:
+    """Write a snapshot now (and give readers its version); with ``if_changed``, only when something changed since
+    the last one and it is due (the beat's periodic flush, so removals without later adds still reach readers)."""
+    writer = _context(self).writer
+    return writer.maybe_snapshot() if if_changed else writer.snapshot()
 
 
 @shared_task(name=constants.rebuild_task, **TASK)

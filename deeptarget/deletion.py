@@ -1,0 +1,21 @@
+"""Deleting posts (a user removed them, or asked to be forgotten): the store forgets the embedding and predictions at
+once, so queries stop returning them as soon as the index writer has removed them and snapshotted; the owners'
+profiles are recomputed without them. The scraper's seen-set keeps the ids, so a deleted post is never fetched again.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from deeptarget import constants
+from deeptarget.store import MetadataStore
+
+
+def delete_posts(store: MetadataStore, app: Celery, post_ids: list[str]) -> list[str]:
+    """Returns the ids that were known (unknown ones are ignored)."""
+    deleted, owners = store.delete_posts(post_ids)
+    if deleted:
+        app.send_task(constants.remove_task, args=[deleted], queue=constants.index_queue)
+    if owners:
+        app.send_task(constants.profiles_task, args=[sorted(owners)], queue=constants.profiles_queue)
+    return deleted
