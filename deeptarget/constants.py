@@ -21,6 +21,18 @@ cursor_key = key_prefix + "cursors"
 scraper_stats_key = key_prefix + "stats:scraper"
 """HASH of scraper counters (pages, posts enqueued, duplicates, rejections by reason)."""
 
+token_key_prefix = key_prefix + "tokens:"
+"""``tokens:calls:<fingerprint>`` (ZSET, the token's calls in the rolling window), ``tokens:pause:<fingerprint>``."""
+
+retired_tokens_key = key_prefix + "tokens:retired"
+"""SET of fingerprints of access tokens the API called invalid (OAuth 190); never used again."""
+
+hashtag_queries_key_prefix = key_prefix + "hashtag-queries:"
+"""``hashtag-queries:<ig user id>``: ZSET hashtag -> time of its first search in the rolling 7 days (30 allowed)."""
+
+hashtag_ids_key = key_prefix + "hashtag-ids"
+"""HASH hashtag -> Graph hashtag id (a search costs quota; the id never changes)."""
+
 profiles_stream = key_prefix + "profiles"
 """STREAM of updated user profiles (field ``profile``: JSON) for downstream consumers."""
 

@@ -8,29 +8,35 @@ Endpoints (an optional ``/v21.0``-style version prefix is accepted):
 - ``GET /{ig-user-id}?fields=business_discovery.username(NAME){followers_count,media_count,media{...}}``
   (``media.after(C).limit(N){...}`` pages) -> the account, its follower count and a page of its media.
 - ``GET /media/{id}.jpg``: the picture (some are broken on purpose: truncated, garbage, an HTML page).
-- ``GET /sandbox/stats``: what the server saw (requests per token fingerprint, image fetches per media id), for
-  tests and the demo; ``GET /sandbox/accounts``: the usernames.
+- ``GET /sandbox/stats``: what the server saw (requests and call times per token fingerprint, image fetches per
+  media id), for tests and the demo; ``GET /sandbox/accounts``: the usernames.
 
 Access tokens come as ``access_token`` or ``Authorization: Bearer``; an unknown one gets OAuth error 190.
+``Faults`` (sandbox/faults.py) switch on the failures real APIs have: throttling, 5xx bursts, resets, slow and
+truncated answers, duplicated posts, looping cursors, failing image fetches.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
-from collections import Counter
+import time
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from datetime import timedelta
 
 from aiohttp import web
 
 from deeptarget.http_server import AppServer
+from deeptarget.sandbox.faults import Faults
 from deeptarget.sandbox.network import Media, SandboxNetwork
 
 NETWORK_KEY = web.AppKey("network", SandboxNetwork)
 TOKENS_KEY = web.AppKey("tokens", frozenset)
 STATS_KEY = web.AppKey("stats", dict)
+FAULTS_KEY = web.AppKey("faults", Faults)
 
 MEDIA_FIELDS = {"id", "caption", "media_type", "media_url", "permalink", "timestamp", "like_count", "comments_count"}
 OWNER_FIELDS = {"owner", "username"}
@@ -103,11 +109,15 @@ def _media_json(media: Media, fields: Iterable[str], origin: str) -> dict[str, o
     return out
 
 
-def _page(items: list[Media], offset: int, limit: int, fields: list[str], origin: str, next_url: str) -> dict:
+def _page(
+    items: list[Media], offset: int, limit: int, fields: list[str], origin: str, next_url: str, faults: Faults
+) -> dict:
     chunk = items[offset : offset + limit]
+    if faults.duplicate_across_pages and offset > 0:
+        chunk = [items[offset - 1], *chunk]
     body: dict[str, object] = {"data": [_media_json(m, fields, origin) for m in chunk]}
     if offset + limit < len(items):
-        after = _cursor(offset + limit)
+        after = _cursor(0 if faults.cursor_loop_after == offset else offset + limit)
         body["paging"] = {"cursors": {"after": after}, "next": f"{next_url}&after={after}"}
     elif chunk:
         body["paging"] = {"cursors": {"after": _cursor(offset + len(chunk))}}
@@ -131,8 +141,43 @@ async def _auth_and_stats(request: web.Request, handler: web.Handler) -> web.Str
     if not token or (request.app[TOKENS_KEY] and token not in request.app[TOKENS_KEY]):
         stats["rejected_tokens"] += 1
         return graph_error(400, 190, "Invalid OAuth access token - Cannot parse access token")
-    stats["requests"][token_fingerprint(token)] += 1
-    return await handler(request)
+    fp = token_fingerprint(token)
+    stats["requests"][fp] += 1
+    stats["calls"][fp].append(time.time())
+    return await _with_faults(request, handler)
+
+
+async def _with_faults(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    faults, stats = request.app[FAULTS_KEY], request.app[STATS_KEY]
+    stats["graph_requests"] += 1
+    n = stats["graph_requests"]
+    if stats["burst_left"] > 0 or faults.due(faults.error_every, n):
+        stats["burst_left"] = (stats["burst_left"] or faults.error_burst) - 1
+        stats["faults"]["server_error"] += 1
+        return web.Response(status=faults.error_status, text="Service Unavailable")
+    if faults.due(faults.throttle_every, n):
+        stats["faults"]["throttle"] += 1
+        headers = faults.throttle_headers()
+        if faults.throttle_code is None:
+            return web.json_response({"error": {"message": "rate limited", "code": 4}}, status=429, headers=headers)
+        message = f"({faults.throttle_code}) Application request limit reached"
+        return web.json_response({"error": {"message": message, "code": faults.throttle_code}}, status=400,
+                                 headers=headers)  # fmt: skip
+    if faults.due(faults.reset_every, n):
+        stats["faults"]["reset"] += 1
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response()
+    if faults.due(faults.slow_every, n):
+        stats["faults"]["slow"] += 1
+        await asyncio.sleep(faults.slow_s)
+    response = await handler(request)
+    if faults.due(faults.malformed_every, n) and isinstance(response, web.Response) and response.body:
+        stats["faults"]["malformed"] += 1
+        body = bytes(response.body)  # type: ignore[arg-type]
+        response = web.Response(body=body[: len(body) // 2], content_type="application/json")
+    response.headers.update(faults.usage_headers())
+    return response
 
 
 def _limit(request: web.Request) -> int:
@@ -174,7 +219,8 @@ async def hashtag_media(request: web.Request) -> web.Response:
     base = (
         f"{origin}{request.path}?user_id={request.query['user_id']}&fields={','.join(fields)}&limit={_limit(request)}"
     )
-    return web.json_response(_page(items, _offset(request.query.get("after")), _limit(request), fields, origin, base))
+    offset, faults = _offset(request.query.get("after")), request.app[FAULTS_KEY]
+    return web.json_response(_page(items, offset, _limit(request), fields, origin, base, faults))
 
 
 _DISCOVERY_RE = re.compile(r"^business_discovery\.username\(([^)]+)\)\{(.*)\}$")
@@ -209,7 +255,13 @@ async def node(request: web.Request) -> web.Response:
         items = sorted((m for m in network.media if m.owner is account), key=lambda m: m.timestamp, reverse=True)
         media_fields = _split_fields(media_match.group(2))
         out["media"] = _page(
-            items, _offset(modifiers.get("after")), limit, media_fields, origin, f"{origin}{request.path}?"
+            items,
+            _offset(modifiers.get("after")),
+            limit,
+            media_fields,
+            origin,
+            f"{origin}{request.path}?",
+            request.app[FAULTS_KEY],
         )
     return web.json_response({"business_discovery": out, "id": request.match_info["node"]})
 
@@ -219,9 +271,24 @@ async def media_image(request: web.Request) -> web.Response:
     media = network.media_by_id.get(request.match_info["media_id"])
     if media is None:
         raise web.HTTPNotFound(text="no such media")
-    request.app[STATS_KEY]["image_fetches"][media.id] += 1
+    faults, stats = request.app[FAULTS_KEY], request.app[STATS_KEY]
+    stats["image_requests"] += 1
+    n = stats["image_requests"]
+    if faults.due(faults.image_error_every, n):
+        stats["faults"]["image_error"] += 1
+        return web.Response(status=503, text="Service Unavailable")
     content_type = "text/html" if media.corruption == "html" else "image/jpeg"
-    return web.Response(body=media.image_bytes(), content_type=content_type)
+    body = media.image_bytes()
+    if faults.due(faults.image_slow_every, n):  # headers and half the body, then a stall past the client's timeout
+        stats["faults"]["image_slow"] += 1
+        response = web.StreamResponse(headers={"Content-Type": content_type, "Content-Length": str(len(body))})
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        await asyncio.sleep(faults.slow_s)
+        await response.write(body[len(body) // 2 :])
+        return response
+    stats["image_fetches"][media.id] += 1
+    return web.Response(body=body, content_type=content_type)
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -231,6 +298,8 @@ async def stats(request: web.Request) -> web.Response:
             "requests": dict(data["requests"]),
             "rejected_tokens": data["rejected_tokens"],
             "image_fetches": dict(data["image_fetches"]),
+            "calls": {fp: list(times) for fp, times in data["calls"].items()},
+            "faults": dict(data["faults"]),
         }
     )
 
@@ -239,12 +308,22 @@ async def accounts(request: web.Request) -> web.Response:
     return web.json_response([a.username for a in request.app[NETWORK_KEY].accounts])
 
 
-def create_app(network: SandboxNetwork, tokens: Iterable[str] = ()) -> web.Application:
+def create_app(network: SandboxNetwork, tokens: Iterable[str] = (), faults: Faults | None = None) -> web.Application:
     """The sandbox as an aiohttp application. ``tokens``: accepted access tokens (empty: any non-empty token)."""
     app = web.Application(middlewares=[_auth_and_stats])
     app[NETWORK_KEY] = network
     app[TOKENS_KEY] = frozenset(tokens)
-    app[STATS_KEY] = {"requests": Counter(), "rejected_tokens": 0, "image_fetches": Counter()}
+    app[FAULTS_KEY] = faults or Faults()
+    app[STATS_KEY] = {
+        "requests": Counter(),
+        "rejected_tokens": 0,
+        "image_fetches": Counter(),
+        "calls": defaultdict(list),
+        "faults": Counter(),
+        "graph_requests": 0,
+        "image_requests": 0,
+        "burst_left": 0,
+    }
     app.router.add_get("/sandbox/stats", stats)
     app.router.add_get("/sandbox/accounts", accounts)
     app.router.add_get(r"/media/{media_id:\d+}.jpg", media_image)
@@ -255,6 +334,12 @@ def create_app(network: SandboxNetwork, tokens: Iterable[str] = ()) -> web.Appli
     return app
 
 
-def sandbox_server(network: SandboxNetwork, host: str = "127.0.0.1", port: int = 0, tokens: Iterable[str] = ()):
+def sandbox_server(
+    network: SandboxNetwork,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tokens: Iterable[str] = (),
+    faults: Faults | None = None,
+) -> AppServer:
     """The sandbox as a server to start inside an event loop (``async with sandbox_server(network) as server``)."""
-    return AppServer(create_app(network, tokens), host, port)
+    return AppServer(create_app(network, tokens, faults), host, port)

@@ -24,9 +24,11 @@ from deeptarget.scraper.claims import Claim, PostClaims
 from deeptarget.scraper.cursors import CursorStore
 from deeptarget.scraper.download import ImageDownloader
 from deeptarget.scraper.graph import GraphApiClient, Page
+from deeptarget.scraper.quota import HashtagQuota
 from deeptarget.scraper.sink import PostSink
 from deeptarget.scraper.stats import ScraperStats
 from deeptarget.scraper.structures import MEDIA_FIELDS, is_image, post_from_media
+from deeptarget.scraper.tokens import TokenPool
 
 LOG = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class Crawler:
         self.claims = PostClaims(redis, ttl_s=settings.claim_ttl_s)
         self.cursors = CursorStore(redis, source)
         self.stats = ScraperStats(redis)
+        self.quota = HashtagQuota(redis, settings.source_user_id, settings.hashtag_quota, settings.hashtag_quota_days)
         self._downloads = asyncio.Semaphore(settings.download_concurrency)
         self._stop = asyncio.Event()
 
@@ -86,45 +89,43 @@ class Crawler:
             limit=self.settings.download_concurrency + self.settings.target_concurrency, keepalive_timeout=30
         )
         async with aiohttp.ClientSession(connector=connector) as session:
-            tokens = [t.get_secret_value() for t in self.settings.access_tokens]
-            if not tokens:
-                raise SourceError("no access token configured (access_tokens)")
-            downloader = ImageDownloader(
+            s = self.settings
+            tokens = TokenPool(self.redis, [t.get_secret_value() for t in s.access_tokens], s.token_calls,
+                               s.token_window_s)  # fmt: skip
+            client = GraphApiClient(
                 session,
-                self.blobs,
-                max_bytes=self.settings.max_image_bytes,
-                timeout_s=self.settings.http_timeout_s,
-                retries=self.settings.http_retries,
+                s.source_url,
+                s.source_user_id,
+                tokens=tokens,
+                retries=s.http_retries,
+                timeout_s=s.http_timeout_s,
+                throttle_pause_s=s.throttle_pause_s,
+                usage_pause_at=s.usage_pause_at,
             )
-            target_slots = asyncio.Semaphore(self.settings.target_concurrency)
+            downloader = ImageDownloader(
+                session, self.blobs, max_bytes=s.max_image_bytes, timeout_s=s.http_timeout_s, retries=s.http_retries
+            )
+            target_slots = asyncio.Semaphore(s.target_concurrency)
 
-            async def crawl(i: int, kind: str, target: str) -> None:
-                client = GraphApiClient(
-                    session,
-                    self.settings.source_url,
-                    self.settings.source_user_id,
-                    token=tokens[i % len(tokens)],  # targets spread over the tokens
-                    retries=self.settings.http_retries,
-                    timeout_s=self.settings.http_timeout_s,
-                )
+            async def crawl(kind: str, target: str) -> None:
                 async with target_slots:
                     await self._crawl_target(client, downloader, kind, target)
 
-            await asyncio.gather(*(crawl(i, k, t) for i, (k, t) in enumerate(targets)))
+            await asyncio.gather(*(crawl(k, t) for k, t in targets))
         return dict(self.stats.local)
 
     async def _crawl_target(self, client: GraphApiClient, downloader: ImageDownloader, kind: str, target: str) -> None:
         if await self.cursors.is_done(kind, target):
             return
         try:
-            hashtag_id = await client.hashtag_id(target) if kind == HASHTAG else None
-            if kind == HASHTAG and hashtag_id is None:
-                LOG.warning("hashtag #%s is unknown to the source: skipped", target)
-                await self.stats.add("unknown_hashtag")
-                await self.cursors.mark_done(kind, target)
-                return
+            hashtag_id = None
+            if kind == HASHTAG:
+                hashtag_id = await self._hashtag_id(client, target)
+                if hashtag_id is None:
+                    return
             after = await self.cursors.get(kind, target)
             pages = 0
+            cursors_seen = {after}
             while not self._stop.is_set():
                 owner, page = await self._fetch_page(client, kind, target, hashtag_id, after)
                 pages += 1
@@ -134,6 +135,12 @@ class Crawler:
                     await self.cursors.mark_done(kind, target)
                     LOG.info("%s %s: crawled to the end (%d pages)", kind, target, pages)
                     return
+                if page.after in cursors_seen:  # the source sent us round in a circle: nothing new down that way
+                    await self.stats.add("cursor_loop")
+                    await self.cursors.mark_done(kind, target)
+                    LOG.warning("%s %s: the cursor loops back after %d pages; target finished", kind, target, pages)
+                    return
+                cursors_seen.add(page.after)
                 after = page.after
                 await self.cursors.save(kind, target, after)
                 if self.settings.max_pages_per_target and pages >= self.settings.max_pages_per_target:
@@ -144,6 +151,26 @@ class Crawler:
         except SourceError as err:
             await self.stats.add("bad_page")
             LOG.error("%s %s: %s; its cursor is kept for the next run", kind, target, err)
+
+    async def _hashtag_id(self, client: GraphApiClient, hashtag: str) -> str | None:
+        """The hashtag's Graph id (cached), or None when it is unknown or over the 30-hashtags-a-week quota."""
+        cached = await self.quota.cached_id(hashtag)
+        if cached:
+            return cached
+        if not await self.quota.allow(hashtag):
+            await self.stats.add("hashtag_quota")
+            days = self.quota.window_s / 86400
+            LOG.warning("#%s not searched: %d unique hashtags already searched in %g days (the API's limit); "
+                        "tried again next round", hashtag, self.quota.limit, days)  # fmt: skip
+            return None
+        hashtag_id = await client.hashtag_id(hashtag)
+        if hashtag_id is None:
+            LOG.warning("hashtag #%s is unknown to the source: skipped", hashtag)
+            await self.stats.add("unknown_hashtag")
+            await self.cursors.mark_done(HASHTAG, hashtag)
+            return None
+        await self.quota.remember_id(hashtag, hashtag_id)
+        return hashtag_id
 
     async def _fetch_page(
         self, client: GraphApiClient, kind: str, target: str, hashtag_id: str | None, after: str | None

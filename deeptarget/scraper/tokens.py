@@ -1,0 +1,126 @@
+"""Access tokens as a shared, polite budget: each token makes at most ``calls`` requests in any ``window_s`` seconds,
+across every scraper process (a sliding window in Redis, checked and taken atomically by a Lua script); a throttled
+token pauses (``Retry-After``, ``estimated_time_to_regain_access``, or usage headers near 100%); a token the API
+calls invalid (OAuth error 190) is retired. Requests go to the token that is free soonest.
+
+A leaky bucket (aiolimiter) would allow a burst of ``calls`` on top of the steady rate, i.e. up to twice the budget in
+one window; the Graph API counts calls in a rolling hour, hence the sliding window. A call is logged when it is taken
+and logged again when its answer came: a request that waited for a pooled connection reaches the server later than
+it was taken, and the server counts it when it arrives. Tokens are named by fingerprint
+(a hash prefix) in Redis, logs and stats, never by value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from deeptarget import constants
+from deeptarget.errors import SourceError
+
+LOG = logging.getLogger(__name__)
+
+# KEYS[1] the token's call log (ZSET of call ids scored by time), KEYS[2] its pause key.
+# ARGV now, window, calls, call id. Returns 0 when the call was taken, else the seconds to wait.
+_TAKE = """
+local pause = redis.call('PTTL', KEYS[2])
+if pause > 0 then return tostring(pause / 1000) end
+local now, window, calls = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < calls then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return tostring(tonumber(oldest[2]) + window - now)
+"""
+
+
+def fingerprint(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class Lease:
+    token: str = field(repr=False)
+    fingerprint: str
+    call_id: str
+
+
+class TokenPool:
+    def __init__(self, redis: aioredis.Redis, tokens: list[str], calls: int, window_s: float) -> None:
+        if not tokens:
+            raise SourceError("no access token configured (access_tokens)")
+        self.redis = redis
+        self.calls = calls
+        self.window_s = window_s
+        self._tokens = {fingerprint(t): t for t in tokens}
+        self._take = redis.register_script(_TAKE)
+        self._turn = 0  # round robin: the budgets wear down evenly
+
+    @staticmethod
+    def _calls_key(fp: str) -> str:
+        return f"{constants.token_key_prefix}calls:{fp}"
+
+    @staticmethod
+    def _pause_key(fp: str) -> str:
+        return f"{constants.token_key_prefix}pause:{fp}"
+
+    async def usable(self) -> list[str]:
+        retired = {m.decode() for m in await self.redis.smembers(constants.retired_tokens_key)}
+        return [fp for fp in self._tokens if fp not in retired]
+
+    async def acquire(self) -> Lease:
+        """A token with budget left, waiting for the soonest one when none has; SourceError when all are retired."""
+        while True:
+            usable = await self.usable()
+            if not usable:
+                raise SourceError(f"every access token is retired (fingerprints {sorted(self._tokens)})")
+            waits = []
+            now = time.time()
+            self._turn += 1
+            start = self._turn % len(usable)
+            for fp in usable[start:] + usable[:start]:
+                keys = [self._calls_key(fp), self._pause_key(fp)]
+                call_id = uuid.uuid4().hex
+                wait = float(await self._take(keys=keys, args=[now, self.window_s, self.calls, call_id]))
+                if wait <= 0:
+                    return Lease(self._tokens[fp], fp, call_id)
+                waits.append(wait)
+            await asyncio.sleep(min(max(min(waits), 0.01), 5.0))
+
+    async def take_again(self, lease: Lease) -> str:
+        """Another call on the wire for the same request (aiohttp resends once on a dropped keep-alive connection):
+        it takes its own slot of the same token, waiting for one. Returns its call id."""
+        keys = [self._calls_key(lease.fingerprint), self._pause_key(lease.fingerprint)]
+        while True:
+            call_id = uuid.uuid4().hex
+            wait = float(await self._take(keys=keys, args=[time.time(), self.window_s, self.calls, call_id]))
+            if wait <= 0:
+                return call_id
+            await asyncio.sleep(min(max(wait, 0.01), 5.0))
+
+    async def done(self, lease: Lease, call_ids: list[str]) -> None:
+        """The request's answer came: its calls occupy the window until now (see the module doc)."""
+        now = time.time()
+        await self.redis.zadd(self._calls_key(lease.fingerprint), dict.fromkeys(call_ids, now), xx=True)
+
+    async def pause(self, lease: Lease, seconds: float, reason: str) -> None:
+        """No calls with this token for ``seconds`` (every process sees it)."""
+        millis = max(1, int(seconds * 1000))
+        await self.redis.set(self._pause_key(lease.fingerprint), reason, px=millis)
+        await self.redis.hincrby(constants.scraper_stats_key, "token_paused", 1)
+        LOG.warning("token %s paused for %.1f s: %s", lease.fingerprint, seconds, reason)
+
+    async def retire(self, lease: Lease, reason: str) -> None:
+        """Never use this token again (until an operator clears ``deeptarget:tokens:retired``)."""
+        if await self.redis.sadd(constants.retired_tokens_key, lease.fingerprint):
+            await self.redis.hincrby(constants.scraper_stats_key, "token_retired", 1)
+            LOG.error("token %s retired: %s", lease.fingerprint, reason)

@@ -1,0 +1,127 @@
+"""The scraper against a sandbox that misbehaves like real APIs do. For each fault: the crawl finishes, every post is
+enqueued exactly once (nothing lost, nothing twice), images are fetched at most once when they arrive whole, the
+right counters move, and no token ever exceeds its request budget, as measured on the server's side of the wire."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from deeptarget import constants
+from deeptarget.sandbox import Faults, SandboxNetwork, sandbox_server
+from deeptarget.sandbox.faults import max_calls_in_window
+from deeptarget.scraper.tokens import fingerprint
+from tests.queue_messages import queued_post_refs
+from tests.test_scraper import crawl, crawl_settings, server_stats
+
+pytestmark = pytest.mark.timeout(180)
+
+BUDGET = {"token_calls": 12, "token_window_s": 1.0}  # tight enough that a crawl has to wait on it
+
+
+def network() -> SandboxNetwork:
+    return SandboxNetwork(seed=41, n_posts=40, n_users=5, n_hashtags=3, corrupt_share=0.0)
+
+
+async def crawl_with(
+    faults: Faults, tmp_path: Path, redis_url: str, sandbox: SandboxNetwork | None = None, **extra: Any
+) -> tuple[dict, dict, SandboxNetwork]:
+    sandbox = sandbox or network()
+    async with sandbox_server(sandbox, faults=faults) as server:
+        settings = crawl_settings(tmp_path, redis_url, sandbox, server.url, http_timeout_s=1.0, http_retries=4,
+                                  throttle_pause_s=0.3, **{**BUDGET, **extra})  # fmt: skip
+        counts = await crawl(settings)
+        stats = await server_stats(server.url)
+    return counts, stats, sandbox
+
+
+def assert_complete_and_polite(client: redis.Redis, stats: dict, sandbox: SandboxNetwork, calls: int = 12) -> None:
+    ids = Counter(ref["post"]["id"] for ref in queued_post_refs(client))
+    assert set(ids) == {m.id for m in sandbox.media}, "a post was lost"
+    assert max(ids.values()) == 1, "a post was enqueued twice"
+    assert max(stats["image_fetches"].values()) == 1, "an image was fetched whole twice"
+    for times in stats["calls"].values():
+        assert max_calls_in_window(times, 1.0) <= calls, "a token went over its budget"
+
+
+@pytest.mark.parametrize(
+    ("faults", "counter"),
+    [
+        (Faults(throttle_every=7), "token_paused"),  # HTTP 429 without Retry-After: the default pause
+        (Faults(throttle_every=7, retry_after_s=0.2), "token_paused"),  # 429 with Retry-After
+        (Faults(throttle_every=7, throttle_code=4), "token_paused"),
+        (Faults(throttle_every=7, throttle_code=17), "token_paused"),
+        (Faults(throttle_every=7, throttle_code=32, regain_minutes=0.005), "token_paused"),
+        (Faults(throttle_every=7, throttle_code=613), "token_paused"),
+        (Faults(usage_percent=97.0), "token_paused"),  # usage headers near 100%: slow down before the throttle
+        (Faults(error_every=6, error_burst=2, error_status=500), None),
+        (Faults(error_every=9, error_burst=3, error_status=503), None),
+        (Faults(reset_every=5), None),
+        (Faults(slow_every=6, slow_s=1.5), None),  # past the 1 s client timeout
+        (Faults(malformed_every=5), None),  # JSON cut in half with a 200
+        (Faults(image_error_every=4), None),
+        (Faults(image_slow_every=9, slow_s=1.5), None),
+    ],
+    ids=lambda v: repr(v)[7:60] if isinstance(v, Faults) else str(v),
+)
+async def test_the_crawl_survives_the_fault(
+    faults: Faults, counter: str | None, tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    counts, stats, sandbox = await crawl_with(faults, tmp_path, redis_url)
+    assert sum(stats["faults"].values()) > 0 or faults.usage_percent, "the fault never fired"
+    assert_complete_and_polite(redis_client, stats, sandbox)
+    assert counts["enqueued"] == len(sandbox.media)
+    if counter:
+        assert int(redis_client.hget(constants.scraper_stats_key, counter) or 0) > 0
+
+
+async def test_duplicates_across_pages_are_fetched_once(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    counts, stats, sandbox = await crawl_with(Faults(duplicate_across_pages=True), tmp_path, redis_url)
+    assert_complete_and_polite(redis_client, stats, sandbox)
+    assert counts["duplicate"] > len(sandbox.media)  # met by account and hashtag, plus the repeats
+
+
+async def test_a_looping_cursor_ends_the_target_instead_of_crawling_forever(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    two_big_hashtags = SandboxNetwork(seed=41, n_posts=60, n_users=5, n_hashtags=2, corrupt_share=0.0)
+    counts, stats, _ = await crawl_with(Faults(cursor_loop_after=10), tmp_path, redis_url, two_big_hashtags)
+    assert counts["cursor_loop"] > 0
+    ids = Counter(ref["post"]["id"] for ref in queued_post_refs(redis_client))
+    assert max(ids.values()) == 1 and max(stats["image_fetches"].values()) == 1
+
+
+async def test_an_invalid_token_is_retired_by_fingerprint_and_the_others_carry_on(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    sandbox = network()
+    good = ["token-alpha", "token-beta"]
+    async with sandbox_server(sandbox, tokens=good) as server:
+        settings = crawl_settings(tmp_path, redis_url, sandbox, server.url, access_tokens=["token-revoked", *good],
+                                  **BUDGET)  # fmt: skip
+        await crawl(settings)
+        stats = await server_stats(server.url)
+    assert_complete_and_polite(redis_client, stats, sandbox)
+    retired = {m.decode() for m in redis_client.smembers(constants.retired_tokens_key)}
+    assert retired == {fingerprint("token-revoked")}
+    assert set(stats["calls"]) == {fingerprint(t) for t in good}  # both good tokens shared the work
+    assert all(len(times) > 3 for times in stats["calls"].values())
+
+
+async def test_the_hashtag_quota_is_enforced_before_calling(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    sandbox = network()
+    async with sandbox_server(sandbox) as server:
+        settings = crawl_settings(tmp_path, redis_url, sandbox, server.url, accounts=[], hashtag_quota=2)
+        counts = await crawl(settings)
+        again = await crawl(settings)  # a second run searches nothing new: ids are cached, the quota is still full
+    assert counts["hashtag_quota"] == len(sandbox.hashtags) - 2 and again["hashtag_quota"] == len(sandbox.hashtags) - 2
+    searched = redis_client.zrange(constants.hashtag_queries_key_prefix + settings.source_user_id, 0, -1)
+    assert len(searched) == 2
