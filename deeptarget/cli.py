@@ -10,6 +10,7 @@
     deeptarget query similar|hashtags|user|audience ...
     deeptarget profiles export PATH.jsonl|PATH.parquet
     deeptarget train | index snapshot|rebuild
+    deeptarget enqueue FILE.jsonl         push posts (JSON lines with id and media_url) to the scraper
     deeptarget delete POST_ID...          forget posts and take them out of the index
     deeptarget deadletter list|retry|drop [IDS] [--all]   tasks that failed for good
 
@@ -260,6 +261,30 @@ def cmd_index(args: argparse.Namespace) -> int:
     return _send(settings, constants.snapshot_task if args.action == "snapshot" else constants.rebuild_task)
 
 
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    import redis.asyncio as aioredis
+
+    from deeptarget.runtime import connect_redis
+    from deeptarget.scraper.push import IngestStream, parse_posts
+
+    settings = connect_redis(_settings(args))
+    with open(args.file, "rb") if args.file != "-" else sys.stdin.buffer as handle:
+        posts, bad = parse_posts(handle)
+    for record in bad:
+        print(f"{args.file}:{record.line}: rejected: {record.reason}", file=sys.stderr)
+
+    async def push() -> int:
+        client = aioredis.Redis.from_url(settings.redis_url or "")
+        try:
+            return await IngestStream(client).push(posts)
+        finally:
+            await client.aclose()
+
+    pushed = asyncio.run(push()) if posts else 0
+    print(f"{pushed} posts queued for the scraper, {len(bad)} rejected")
+    return 1 if bad and not pushed else 0
+
+
 def cmd_delete(args: argparse.Namespace) -> int:
     from deeptarget.deletion import delete_posts
     from deeptarget.runtime import connect_redis
@@ -389,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("action", choices=["snapshot", "rebuild"])
     index.add_argument("--local", action="store_true", help="rebuild in this process (stop the index worker first)")
     index.set_defaults(func=cmd_index)
+
+    enqueue = sub.add_parser("enqueue", help="queue posts from a JSON-lines file (- for stdin) for the scraper")
+    enqueue.add_argument("file")
+    enqueue.set_defaults(func=cmd_enqueue)
 
     delete = sub.add_parser("delete", help="delete posts: forgotten by the store, removed from the index")
     delete.add_argument("post_ids", nargs="+")

@@ -21,6 +21,9 @@ cursor_key = key_prefix + "cursors"
 scraper_stats_key = key_prefix + "stats:scraper"
 """HASH of scraper counters (pages, posts enqueued, duplicates, rejections by reason)."""
 
+ingest_stream = key_prefix + "ingest"
+"""STREAM of pushed posts (field ``post``: JSON) waiting for a scraper to fetch their images; group ``scrapers``."""
+
 token_key_prefix = key_prefix + "tokens:"
 """``tokens:calls:<fingerprint>`` (ZSET, the token's calls in the rolling window), ``tokens:pause:<fingerprint>``."""
 

@@ -8,6 +8,7 @@
 - ``GET  /audiences?interest=``      the users most into an interest, ranked (``min_score``, ``min_posts``, ``limit``)
 - ``POST /train/hashtags``           refit the hashtag model now (write: API key)
 - ``POST /index/snapshot``           snapshot the index now (write: API key)
+- ``POST /ingest``                   queue pushed posts (JSON lines) for the scraper (write: API key)
 - ``DELETE /posts/{post_id}``        forget a post and take it out of the index (write: API key)
 - ``GET  /healthz``                  Redis and index state; 503 when something is down
 - ``GET  /metrics``                  Prometheus;  ``GET /openapi.json``: this API's OpenAPI document
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -34,10 +36,12 @@ from deeptarget import constants
 from deeptarget.api.models import (
     AudienceBody,
     AudienceMember,
+    BadRecordBody,
     DeletedBody,
     HashtagsBody,
     HashtagScore,
     HealthBody,
+    IngestBody,
     NeighbourBody,
     SimilarBody,
     TaskAcceptedBody,
@@ -53,6 +57,7 @@ from deeptarget.errors import (
 )
 from deeptarget.query import Neighbour, PostFilter, QueryService
 from deeptarget.schema import Profile, normalise_hashtag
+from deeptarget.scraper.push import IngestStream, parse_posts
 
 LOG = logging.getLogger(__name__)
 
@@ -221,6 +226,24 @@ async def audiences(request: web.Request) -> web.Response:
     return _json(AudienceBody(interest=key, users=users))
 
 
+async def ingest(request: web.Request) -> web.Response:
+    """Posts as JSON lines (or one JSON array); each validated alone, the good ones queued for the scraper."""
+    body = await request.read()
+    if not body.strip():
+        raise web.HTTPBadRequest(text="empty body: send posts as JSON lines with at least id and media_url")
+    lines: list[bytes] = body.splitlines()
+    if body.lstrip().startswith(b"["):
+        try:
+            lines = [json.dumps(record).encode() for record in json.loads(body)]
+        except json.JSONDecodeError as err:
+            raise web.HTTPBadRequest(text=f"body is not a JSON array: {err.msg}") from None
+    posts, bad = parse_posts(lines)
+    if posts:
+        await IngestStream(request.app[REDIS_KEY]).push(posts)
+    rejected = [BadRecordBody(line=b.line, reason=b.reason) for b in bad]
+    return _json(IngestBody(accepted=len(posts), rejected=rejected), status=202 if posts else 400)
+
+
 async def delete_post(request: web.Request) -> web.Response:
     from deeptarget.deletion import delete_posts
 
@@ -291,6 +314,8 @@ OPERATIONS: list[Operation] = [
               write=True, errors=()),
     Operation("post", "/index/snapshot", "Snapshot the index now (a task on the index queue)", TaskAcceptedBody,
               write=True, errors=()),
+    Operation("post", "/ingest", "Queue posts (JSON lines or a JSON array, each with id and media_url) for the "
+              "scraper; bad records are reported by line", IngestBody, write=True, errors=(400,)),
     Operation("delete", "/posts/{post_id}", "Delete a post: forgotten by the store, removed from the index",
               DeletedBody, (Param("post_id", "string", "the post", where="path"),), write=True, errors=(404,)),
     Operation("get", "/healthz", "Redis and index state", HealthBody, errors=(503,)),
@@ -305,6 +330,7 @@ HANDLERS: dict[tuple[str, str], Callable[[web.Request], Awaitable[web.Response]]
     ("get", "/audiences"): audiences,
     ("post", "/train/hashtags"): _send(constants.train_task),
     ("post", "/index/snapshot"): _send(constants.snapshot_task),
+    ("post", "/ingest"): ingest,
     ("delete", "/posts/{post_id}"): delete_post,
     ("get", "/healthz"): healthz,
     ("get", "/metrics"): metrics,

@@ -54,6 +54,16 @@ class TaskAcceptedBody(BaseModel):
     queue: str
 
 
+class BadRecordBody(BaseModel):
+    line: int = Field(description="1-based line (or array position) of the record")
+    reason: str
+
+
+class IngestBody(BaseModel):
+    accepted: int = Field(description="Records queued for the scraper (it fetches their images).")
+    rejected: list[BadRecordBody]
+
+
 class DeletedBody(BaseModel):
     deleted: list[str]
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +26,7 @@ from deeptarget.scraper.claims import Claim, PostClaims
 from deeptarget.scraper.cursors import CursorStore
 from deeptarget.scraper.download import ImageDownloader
 from deeptarget.scraper.graph import GraphApiClient, Page
+from deeptarget.scraper.push import IngestStream
 from deeptarget.scraper.quota import HashtagQuota
 from deeptarget.scraper.sink import PostSink
 from deeptarget.scraper.stats import ScraperStats
@@ -54,6 +57,8 @@ class Crawler:
         self.claims = PostClaims(redis, ttl_s=settings.claim_ttl_s)
         self.cursors = CursorStore(redis, source)
         self.stats = ScraperStats(redis)
+        self.ingest = IngestStream(redis)
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}"
         self.quota = HashtagQuota(redis, settings.source_user_id, settings.hashtag_quota, settings.hashtag_quota_days)
         self._downloads = asyncio.Semaphore(settings.download_concurrency)
         self._stop = asyncio.Event()
@@ -111,7 +116,7 @@ class Crawler:
                 async with target_slots:
                     await self._crawl_target(client, downloader, kind, target)
 
-            await asyncio.gather(*(crawl(k, t) for k, t in targets))
+            await asyncio.gather(*(crawl(k, t) for k, t in targets), self.drain_ingest(downloader))
         return dict(self.stats.local)
 
     async def _crawl_target(self, client: GraphApiClient, downloader: ImageDownloader, kind: str, target: str) -> None:
@@ -200,9 +205,13 @@ class Crawler:
                 LOG.warning("malformed media node skipped: %s", err)
                 continue
             posts.setdefault(post.id, post)  # a page that repeats a post handles it once
-        claims = await asyncio.gather(*(self.claims.claim(pid) for pid in posts))
-        taken = [p for p, c in zip(posts.values(), claims, strict=True) if c is Claim.TAKEN]
-        seen = [p for p, c in zip(posts.values(), claims, strict=True) if c is Claim.SEEN]
+        await self._handle_posts(downloader, list(posts.values()))
+
+    async def _handle_posts(self, downloader: ImageDownloader, posts: list[Post]) -> set[str]:
+        """Claim, download, enqueue, commit; returns the ids left for a later run (their downloads failed)."""
+        claims = await asyncio.gather(*(self.claims.claim(p.id) for p in posts))
+        taken = [p for p, c in zip(posts, claims, strict=True) if c is Claim.TAKEN]
+        seen = [p for p, c in zip(posts, claims, strict=True) if c is Claim.SEEN]
         await self.stats.add("duplicate", len(seen))
         await self.stats.add("held_elsewhere", sum(c is Claim.HELD for c in claims))
         try:
@@ -218,8 +227,23 @@ class Crawler:
         await self.claims.release(retry_later)
         await self.stats.add("enqueued", len(refs))
         await self.stats.add("rejected", sum(r.rejected is not None for r in refs))
-        if owner is not None:
-            await self._merge_owner(refs, seen)
+        with_owner = [r for r in refs if r.post.owner is not None]
+        if with_owner or any(p.owner is not None for p in seen):
+            await self._merge_owner(with_owner, [p for p in seen if p.owner is not None])
+        return set(retry_later)
+
+    async def drain_ingest(self, downloader: ImageDownloader) -> None:
+        """Posts pushed through ``deeptarget enqueue`` / ``POST /ingest``, until the stream has none for us."""
+        while not self._stop.is_set():
+            entries = await self.ingest.take(self.consumer, self.settings.page_size, self.settings.claim_ttl_s * 1000)
+            if not entries:
+                return
+            posts = list({post.id: post for _, post in entries}.values())
+            retry_later = await self._handle_posts(downloader, posts)
+            await self.stats.add("page:push")
+            await self.ingest.ack([entry for entry, post in entries if post.id not in retry_later])
+            if retry_later:  # left pending: another round (or another scraper, after claim_ttl_s) takes them
+                return
 
     async def _merge_owner(self, refs: list[PostRef], seen: list[Post]) -> None:
         """Posts first met under a hashtag learn their owner when met again through the owner's account."""
