@@ -205,7 +205,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     elif args.what == "audience":
         if not args.user:
             raise DeepTargetError("query audience needs an interest, e.g. sushi, food:sushi or '#sushi'")
-        key, members = service.audience(args.user, args.min_score, args.min_posts, args.k)
+        key, members = service.audience(args.user, args.min_score, args.min_posts, args.k, args.exclude_outliers)
         _print_json({"interest": key, "users": [
             {"user_id": m.user_id, "username": m.profile.username, "score": round(m.score, 6),
              "post_count": m.profile.post_count, "followers_count": m.profile.followers_count}
@@ -398,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--has-face", choices=["yes", "no"], help="similar: only posts with / without a face")
     query.add_argument("--min-score", type=float, default=0.0, help="audience: least share of the interest")
     query.add_argument("--min-posts", type=int, default=1, help="audience: least posts per user")
+    query.add_argument("--exclude-outliers", action="store_true", help="audience: no follower-count outliers")
     query.set_defaults(func=cmd_query)
 
     profiles = sub.add_parser("profiles", help="export every user profile")

@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     stop_hashtags: list[str] = Field(default_factory=list)
     train_every_s: float = Field(3600.0, gt=0, description="Celery beat refits the hashtag model this often.")
     profile_half_life_days: float = Field(30.0, gt=0)
+    follower_outlier_k: float = Field(3.0, gt=0, description="Accounts outside median +- k*MAD followers are marked.")
 
     # -- API ------------------------------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"

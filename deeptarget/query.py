@@ -180,8 +180,13 @@ class QueryService:
         raise NotFoundError(f"no profile shows interest {interest!r} (looked for {', '.join(candidates)})")
 
     def audience(
-        self, interest: str, min_score: float = 0.0, min_posts: int = 1, limit: int = 100
+        self,
+        interest: str,
+        min_score: float = 0.0,
+        min_posts: int = 1,
+        limit: int = 100,
+        exclude_outliers: bool = False,
     ) -> tuple[str, list[Audience]]:
-        """(the interest key used, users ranked by their share of it)."""
+        """(the interest key used, users ranked by their share of it), optionally without follower-count outliers."""
         key = self.resolve_interest(interest)
-        return key, self.store.audience(key, min_score=min_score, min_posts=min_posts, limit=limit)
+        return key, self.store.audience(key, min_score, min_posts, limit, exclude_outliers)

@@ -100,6 +100,9 @@ class Profile(BaseModel):
     post_count: int = 0
     face_share: float = 0.0
     median_engagement: float | None = None
+    follower_outlier: bool | None = Field(
+        None, description="follower count outside median +- k*MAD of the accounts seen (None: unknown)"
+    )
     hashtags: dict[str, float] = Field(default_factory=dict, description="hashtag -> weight share, summing to 1")
     classes: dict[str, dict[str, float]] = Field(default_factory=dict, description="head -> class -> weight share")
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

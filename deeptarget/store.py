@@ -351,16 +351,32 @@ class MetadataStore:
             rows = self._db.execute("SELECT profile FROM profiles ORDER BY user_id").fetchall()
         return [Profile.model_validate_json(r["profile"]) for r in rows]
 
-    def audience(self, interest: str, min_score: float = 0.0, min_posts: int = 1, limit: int = 100) -> list[Audience]:
+    def audience(
+        self,
+        interest: str,
+        min_score: float = 0.0,
+        min_posts: int = 1,
+        limit: int = 100,
+        exclude_outliers: bool = False,
+    ) -> list[Audience]:
         """Users ranked by their share of ``interest`` (a key of ``profile_interests``), best first."""
+        outliers = "AND COALESCE(json_extract(p.profile, '$.follower_outlier'), 0) = 0" if exclude_outliers else ""
         with self._lock:
             rows = self._db.execute(
-                """SELECT i.user_id, i.score, p.profile FROM interests i JOIN profiles p ON p.user_id = i.user_id
-                   WHERE i.interest = ? AND i.score >= ? AND json_extract(p.profile, '$.post_count') >= ?
+                f"""SELECT i.user_id, i.score, p.profile FROM interests i JOIN profiles p ON p.user_id = i.user_id
+                   WHERE i.interest = ? AND i.score >= ? AND json_extract(p.profile, '$.post_count') >= ? {outliers}
                    ORDER BY i.score DESC, i.user_id LIMIT ?""",
                 (interest, min_score, min_posts, limit),
             ).fetchall()
         return [Audience(r["user_id"], float(r["score"]), Profile.model_validate_json(r["profile"])) for r in rows]
+
+    def follower_counts(self) -> np.ndarray:
+        """The latest known follower count of every account (one per owner)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT MAX(owner_followers) FROM posts WHERE owner_followers IS NOT NULL GROUP BY owner_id"
+            ).fetchall()
+        return np.array([r[0] for r in rows], dtype=np.float64)
 
     def has_interest(self, interest: str) -> bool:
         with self._lock:

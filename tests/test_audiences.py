@@ -12,6 +12,7 @@ import pytest
 from deeptarget.errors import NotFoundError
 from deeptarget.models.heads import LinearHead
 from deeptarget.profiles.export import export_profiles
+from deeptarget.profiles.outliers import FollowerBounds
 from deeptarget.query import QueryService
 from deeptarget.schema import Profile
 from deeptarget.store import MetadataStore
@@ -83,3 +84,16 @@ def test_profiles_export(service: QueryService, tmp_path: Path, fmt: str) -> Non
     assert [r["user_id"] for r in rows] == ["u1", "u2", "u3", "u4"]
     assert rows[1]["hashtags"] == {"sushi": 0.5, "tokyo": 0.5}
     assert rows[2]["classes"] == {"food": {"sushi": 0.4, "pizza": 0.6}}
+
+
+def test_follower_outliers_are_marked_and_can_be_left_out(service: QueryService) -> None:
+    followers = np.array([100, 120, 90, 110, 95, 105, 130, 80, 115, 100, 2_000_000, 3], dtype=np.float64)
+    bounds = FollowerBounds.of(followers, k=3.0)
+    assert bounds.median == 102.5 and bounds.mad == 12.5
+    assert bounds.is_outlier(2_000_000) and bounds.is_outlier(3) and not bounds.is_outlier(140)
+    assert bounds.is_outlier(None) is None and FollowerBounds.of(followers[:5], 3.0).is_outlier(10**9) is None
+    celebrity = profile("u1", 0.9).model_copy(update={"follower_outlier": True})
+    service.store.save_profile(celebrity)
+    ranked = [m.user_id for m in service.audience("sushi")[1]]
+    assert ranked[:2] == ["u4", "u1"]
+    assert "u1" not in [m.user_id for m in service.audience("sushi", exclude_outliers=True)[1]]

@@ -211,6 +211,7 @@ async def audiences(request: web.Request) -> web.Response:
         _float_param(request, "min_score", 0.0),
         _int_param(request, "min_posts", 1, 1, 1_000_000),
         _int_param(request, "limit", 100),
+        request.query.get("exclude_outliers", "false") == "true",
     )
     users = [
         AudienceMember(
@@ -220,6 +221,7 @@ async def audiences(request: web.Request) -> web.Response:
             post_count=m.profile.post_count,
             followers_count=m.profile.followers_count,
             median_engagement=m.profile.median_engagement,
+            follower_outlier=m.profile.follower_outlier,
         )
         for m in members
     ]
@@ -309,6 +311,7 @@ OPERATIONS: list[Operation] = [
         Param("min_score", "number", "the least share of the interest (0..1)"),
         Param("min_posts", "integer", "the least number of posts a user must have"),
         Param("limit", "integer", f"how many users (1..{MAX_K}, default 100)"),
+        Param("exclude_outliers", "boolean", "leave out accounts whose follower count is an outlier"),
     ), errors=(400, 404)),
     Operation("post", "/train/hashtags", "Refit the hashtag model now (a task on the train queue)", TaskAcceptedBody,
               write=True, errors=()),

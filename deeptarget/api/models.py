@@ -42,6 +42,7 @@ class AudienceMember(BaseModel):
     post_count: int
     followers_count: int | None
     median_engagement: float | None
+    follower_outlier: bool | None
 
 
 class AudienceBody(BaseModel):

@@ -14,6 +14,7 @@ from deeptarget.config import Settings
 from deeptarget.index.builder import IndexPolicy
 from deeptarget.index.vectors import SnapshotStore
 from deeptarget.index.writer import IndexWriter
+from deeptarget.profiles.outliers import FollowerBoundsCache
 from deeptarget.store import MetadataStore
 from deeptarget.workers.deadletter import DeadLetters
 from deeptarget.workers.pipeline import InferencePipeline
@@ -38,6 +39,10 @@ class WorkerContext:
     def redis(self) -> redis.Redis:
         assert self.settings.redis_url
         return redis.Redis.from_url(self.settings.redis_url)
+
+    @cached_property
+    def follower_bounds(self) -> FollowerBoundsCache:
+        return FollowerBoundsCache(self.store, self.settings.follower_outlier_k)
 
     @cached_property
     def dead_letters(self) -> DeadLetters:

@@ -153,10 +153,12 @@ def train_hashtags(self: Task) -> int:
 @shared_task(name=constants.profiles_task, **TASK)
 def update_profiles(self: Task, user_ids: list[str]) -> int:
     ctx = _context(self)
+    bounds = ctx.follower_bounds.get()
     for user_id in user_ids:
         profile = build_profile(
             user_id, ctx.store.user_posts(user_id), half_life_days=ctx.settings.profile_half_life_days
         )
+        profile.follower_outlier = bounds.is_outlier(profile.followers_count)
         ctx.store.save_profile(profile)
         ctx.redis.xadd(
             constants.profiles_stream,
