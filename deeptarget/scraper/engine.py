@@ -235,7 +235,8 @@ class Crawler:
     async def drain_ingest(self, downloader: ImageDownloader) -> None:
         """Posts pushed through ``deeptarget enqueue`` / ``POST /ingest``, until the stream has none for us."""
         while not self._stop.is_set():
-            entries = await self.ingest.take(self.consumer, self.settings.page_size, self.settings.claim_ttl_s * 1000)
+            batch = max(self.settings.page_size, 4 * self.settings.download_concurrency)  # keep the downloads busy
+            entries = await self.ingest.take(self.consumer, batch, self.settings.claim_ttl_s * 1000)
             if not entries:
                 return
             posts = list({post.id: post for _, post in entries}.values())
