@@ -83,7 +83,7 @@ class QueryService:
     def __init__(self, settings: Settings, store: MetadataStore | None = None) -> None:
         self.settings = settings
         self.store = store or MetadataStore(settings.sqlite_path)
-        self.snapshots = SnapshotReader(SnapshotStore(settings.index_dir))
+        self.snapshots = SnapshotReader(SnapshotStore(settings.index_dir), gpu=settings.device != "cpu")
         self._model_versions = VersionedDir(settings.hashtag_model_dir, ".npz")
         self._model: HashtagModel | None = None
         self._model_stamp: tuple[int, int] | None = None

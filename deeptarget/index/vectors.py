@@ -19,8 +19,9 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -42,6 +43,9 @@ class VectorIndex:
     index: faiss.Index
     seq: int = 0  # the writer's sequence number of the last added vector (see IndexWriter)
     trained_on: int = 0  # how many vectors the index held when an IVF was built (0: flat)
+    _gpu: Any = field(default=None, repr=False)  # a read-only GPU copy for searches (see on_gpu)
+    _gpu_resources: Any = field(default=None, repr=False)
+    _gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def empty(cls, dim: int, model_id: str) -> VectorIndex:
@@ -129,7 +133,23 @@ class VectorIndex:
         if self.ntotal == 0:
             n = len(queries)
             return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+        if self._gpu is not None:
+            with self._gpu_lock:  # GPU indexes are not thread-safe, not even for searches
+                return self._gpu.search(queries, k)
         return self.index.search(queries, k)
+
+    def on_gpu(self) -> bool:
+        """Search on a GPU copy when a GPU build of FAISS sees a GPU (reconstruct and updates stay on the CPU index,
+        which GPU IVF indexes cannot do by id). Returns whether it did."""
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0 or self.ntotal == 0:
+            return False
+        resources = faiss.StandardGpuResources()
+        self._gpu = faiss.index_cpu_to_gpu(resources, 0, self.index)
+        self._gpu_resources = resources  # keep the resources alive as long as the copy
+        if self.kind == "ivf":
+            faiss.extract_index_ivf(self._gpu).nprobe = self.nprobe
+        LOG.info("index searches run on the GPU (%d vectors)", self.ntotal)
+        return True
 
     def reconstruct(self, vector_id: int) -> np.ndarray | None:
         try:
@@ -193,9 +213,10 @@ class SnapshotReader:
     Checking costs one stat of CURRENT, at most every ``check_interval_s``.
     """
 
-    def __init__(self, store: SnapshotStore, check_interval_s: float = 0.5) -> None:
+    def __init__(self, store: SnapshotStore, check_interval_s: float = 0.5, gpu: bool = False) -> None:
         self.store = store
         self.check_interval_s = check_interval_s
+        self.gpu = gpu  # search on a GPU copy when FAISS has a GPU build and sees a GPU
         self._lock = threading.Lock()
         self._index: VectorIndex | None = None
         self._stamp: tuple[int, int] | None = None
@@ -210,6 +231,8 @@ class SnapshotReader:
             stamp = self.store.versions.stamp()
             if stamp != self._stamp:
                 loaded = self.store.load()
+                if loaded is not None and self.gpu:
+                    loaded.on_gpu()
                 self._index, self._stamp = loaded, stamp
                 if loaded is not None:
                     LOG.info("reader loaded index v%s (%d vectors)", self.store.versions.current(), loaded.ntotal)
