@@ -31,6 +31,7 @@ class IndexPolicy:
     ivf_from: int = 200_000
     regrow_factor: float = 4.0
     target_recall: float = 0.95
+    tuning_margin: float = 0.02  # tuning queries come from the collection; new images are a little harder
     k: int = 10
     tuning_queries: int = 300
     vectors_per_list: int = 40
@@ -96,14 +97,15 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray, query_ids: np.ndarray, k: 
 def tune_nprobe(
     index: VectorIndex, queries: np.ndarray, query_ids: np.ndarray, exact: np.ndarray, policy: IndexPolicy
 ) -> Tuning:
-    """The smallest power-of-two ``nprobe`` reaching the recall target (the largest tried when none does)."""
+    """The smallest power-of-two ``nprobe`` reaching the recall target plus the margin (the largest tried when none
+    does). Measured at 1M: in-collection 0.957 gave 0.936 on fresh queries at the same nprobe, hence the margin."""
     curve: dict[int, float] = {}
     nprobe = 1
     while True:
         index.nprobe = nprobe
         _, found = index.search(queries, policy.k + 1)
         curve[nprobe] = recall_at_k(found, exact, query_ids, policy.k)
-        if curve[nprobe] >= policy.target_recall or nprobe >= index.nlist:
+        if curve[nprobe] >= policy.target_recall + policy.tuning_margin or nprobe >= index.nlist:
             break
         nprobe *= 2
     if curve[nprobe] < policy.target_recall:
