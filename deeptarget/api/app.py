@@ -358,7 +358,13 @@ def create_app(settings: Settings, service: QueryService | None = None) -> web.A
     app[SETTINGS_KEY] = settings
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
+        import faiss
+
         from deeptarget.workers.app import create_celery
+
+        # Requests run concurrently on the executor's threads; an OpenMP team per single-query search would only
+        # oversubscribe the cores (measured at 1M: p50 18 ms at 1 client, 190 ms at 4, against 1.3 ms for the index).
+        faiss.omp_set_num_threads(1)
 
         app[SERVICE_KEY] = service or QueryService(settings)
         app[SERVICE_KEY].snapshots.get()  # load the index before the first request
