@@ -27,6 +27,12 @@ USABLE_STATUSES = ("embedded", "indexed")
 """Posts with an embedding that queries, the hashtag model and profiles count."""
 _USABLE = "status IN ({})".format(", ".join(f"'{status}'" for status in USABLE_STATUSES))
 
+# What StoredPost needs: everything but the embedding, a 5 KB blob that queries would only read to throw away.
+_POST_COLUMNS = (
+    "post_id, vector_id, source, media_url, permalink, caption, hashtags, like_count, comments_count, timestamp, "
+    "owner_id, owner_username, owner_followers, blob, status, reason, faces, classes"
+)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS posts (
     post_id TEXT PRIMARY KEY,
@@ -307,16 +313,18 @@ class MetadataStore:
 
     def post(self, post_id: str) -> StoredPost | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM posts WHERE post_id = ?", (post_id,)).fetchone()
+            row = self._db.execute(f"SELECT {_POST_COLUMNS} FROM posts WHERE post_id = ?", (post_id,)).fetchone()
         return None if row is None else _stored_post(row)
 
     def posts_by_vector_ids(self, vector_ids: Iterable[int]) -> dict[int, StoredPost]:
-        rows = self._fetch_in("SELECT * FROM posts WHERE vector_id IN", [int(v) for v in vector_ids])
+        rows = self._fetch_in(f"SELECT {_POST_COLUMNS} FROM posts WHERE vector_id IN", [int(v) for v in vector_ids])
         return {int(r["vector_id"]): _stored_post(r) for r in rows}
 
     def user_posts(self, user_id: str) -> list[StoredPost]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM posts WHERE owner_id = ? ORDER BY post_id", (user_id,)).fetchall()
+            rows = self._db.execute(
+                f"SELECT {_POST_COLUMNS} FROM posts WHERE owner_id = ? ORDER BY post_id", (user_id,)
+            ).fetchall()
         return [_stored_post(r) for r in rows]
 
     def image_hashtags(self) -> tuple[np.ndarray, list[list[str]]]:
