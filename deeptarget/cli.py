@@ -114,6 +114,7 @@ async def _scrape(settings: Settings, *, forever: bool, interval_s: float) -> in
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, crawler.stop)
+    progress = asyncio.create_task(_show_progress(crawler))
     try:
         while True:
             counts = await crawler.run()
@@ -121,7 +122,31 @@ async def _scrape(settings: Settings, *, forever: bool, interval_s: float) -> in
             if not forever or crawler.stopping or await crawler.wait_stopped(interval_s):
                 return 0
     finally:
+        progress.cancel()
         await client.aclose()
+
+
+async def _show_progress(crawler: Any, every_s: float = 1.0) -> None:
+    """A live status line on a terminal (and nothing when output goes to a file: the logs say it there)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return
+    started = asyncio.get_running_loop().time()
+    with Live(console=console, refresh_per_second=4, transient=True) as live:
+        while True:
+            counts = crawler.stats.local
+            elapsed = max(asyncio.get_running_loop().time() - started, 1e-9)
+            pages = sum(v for k, v in counts.items() if k.startswith("page:"))
+            rejected = sum(v for k, v in counts.items() if k.startswith("rejected:"))
+            live.update(
+                f"pages {pages}  enqueued {counts['enqueued']} ({counts['enqueued'] / elapsed:.1f}/s)  "
+                f"seen before {counts['duplicate']}  rejected {rejected}  failed downloads {counts['download_failed']}"
+                f"  {counts['bytes'] / 1e6:.1f} MB"
+            )
+            await asyncio.sleep(every_s)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
