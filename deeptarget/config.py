@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     download_concurrency: int = Field(16, ge=1)
     target_concurrency: int = Field(4, ge=1)
     http_timeout_s: float = Field(20.0, gt=0)
+    instaloader_dirs: list[Path] = Field(
+        default_factory=list, description="Instaloader download folders to read (again each round with --forever)."
+    )
     http_retries: int = Field(3, ge=0)
     token_calls: int = Field(200, ge=1, description="Requests one access token may make per token_window_s.")
     token_window_s: float = Field(3600.0, gt=0, description="The rolling window of the token budget.")

@@ -13,7 +13,8 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -22,10 +23,12 @@ from deeptarget.blobs import BlobStore
 from deeptarget.config import Settings
 from deeptarget.errors import GraphApiError, ImageRejected, SourceError
 from deeptarget.schema import Owner, Post, PostRef
+from deeptarget.scraper import instaloader
 from deeptarget.scraper.claims import Claim, PostClaims
 from deeptarget.scraper.cursors import CursorStore
 from deeptarget.scraper.download import ImageDownloader
 from deeptarget.scraper.graph import GraphApiClient, Page
+from deeptarget.scraper.instaloader import LocalImages
 from deeptarget.scraper.push import IngestStream
 from deeptarget.scraper.quota import HashtagQuota
 from deeptarget.scraper.sink import PostSink
@@ -34,6 +37,13 @@ from deeptarget.scraper.structures import MEDIA_FIELDS, is_image, post_from_medi
 from deeptarget.scraper.tokens import TokenPool
 
 LOG = logging.getLogger(__name__)
+
+
+class Fetcher(Protocol):
+    """Stores a post's image by URL: (sha256, bytes), or ImageRejected. Downloads, or files of a local source."""
+
+    async def __call__(self, url: str) -> tuple[str, int]: ...
+
 
 HASHTAG = "hashtag"
 ACCOUNT = "account"
@@ -117,6 +127,8 @@ class Crawler:
                     await self._crawl_target(client, downloader, kind, target)
 
             await asyncio.gather(*(crawl(k, t) for k, t in targets), self.drain_ingest(downloader))
+            for folder in s.instaloader_dirs:
+                await self.read_instaloader(folder)
         return dict(self.stats.local)
 
     async def _crawl_target(self, client: GraphApiClient, downloader: ImageDownloader, kind: str, target: str) -> None:
@@ -207,7 +219,7 @@ class Crawler:
             posts.setdefault(post.id, post)  # a page that repeats a post handles it once
         await self._handle_posts(downloader, list(posts.values()))
 
-    async def _handle_posts(self, downloader: ImageDownloader, posts: list[Post]) -> set[str]:
+    async def _handle_posts(self, downloader: Fetcher, posts: list[Post]) -> set[str]:
         """Claim, download, enqueue, commit; returns the ids left for a later run (their downloads failed)."""
         claims = await asyncio.gather(*(self.claims.claim(p.id) for p in posts))
         taken = [p for p, c in zip(posts, claims, strict=True) if c is Claim.TAKEN]
@@ -231,6 +243,28 @@ class Crawler:
         if with_owner or any(p.owner is not None for p in seen):
             await self._merge_owner(with_owner, [p for p in seen if p.owner is not None])
         return set(retry_later)
+
+    async def read_instaloader(self, folder: Path) -> None:
+        """Every post in an instaloader download folder (posts seen before are skipped by the claims)."""
+        images = LocalImages(folder, self.blobs, self.settings.max_image_bytes)
+        batch: list[Post] = []
+        for sidecar, found in await asyncio.to_thread(lambda: list(instaloader.scan(folder))):
+            if self._stop.is_set():
+                return
+            if isinstance(found, ValueError):
+                await self.stats.add("malformed_media")
+                LOG.warning("%s: unreadable instaloader metadata, skipped: %s", sidecar, found)
+            elif found.post is None:
+                await self.stats.add("skipped_video" if found.skipped == "video" else f"skipped:{found.skipped}")
+            else:
+                batch.append(found.post)
+            if len(batch) >= self.settings.page_size:
+                await self._handle_posts(images, batch)
+                await self.stats.add("page:instaloader")
+                batch = []
+        if batch:
+            await self._handle_posts(images, batch)
+            await self.stats.add("page:instaloader")
 
     async def drain_ingest(self, downloader: ImageDownloader) -> None:
         """Posts pushed through ``deeptarget enqueue`` / ``POST /ingest``, until the stream has none for us."""
@@ -256,7 +290,7 @@ class Crawler:
             await self.claims.mark_owner_known([p.id for p in merges])
             await self.stats.add("merged_owner", len(merges))
 
-    async def _fetch(self, downloader: ImageDownloader, post: Post) -> PostRef | None:
+    async def _fetch(self, downloader: Fetcher, post: Post) -> PostRef | None:
         """The post's reference: with its stored image, or rejected with a reason; None to retry in a later run."""
         if not post.media_url:
             await self.stats.add("rejected:no_media_url")
