@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -16,6 +17,7 @@ from deeptarget.blobs import BlobStore
 from deeptarget.config import Settings
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.scraper import CelerySink, Crawler
+from deeptarget.scraper.tokens import fingerprint
 from deeptarget.workers.app import create_celery
 from tests.conftest import make_settings
 from tests.queue_messages import queued_post_refs, queued_task_args
@@ -160,3 +162,29 @@ async def test_a_scraper_stopped_half_way_resumes_without_fetching_any_post_twic
     ids = Counter(r["post"]["id"] for r in queued_post_refs(redis_client))
     assert set(ids) == {m.id for m in network.media} and max(ids.values()) == 1
     assert set(stats["image_fetches"]) == set(ids) and max(stats["image_fetches"].values()) == 1
+
+
+async def test_two_scraper_processes_on_the_same_targets_fetch_each_post_once_between_them(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    network = SandboxNetwork(seed=16, n_posts=90, n_users=6, n_hashtags=3)
+    async with sandbox_server(network) as server:
+        settings = crawl_settings(tmp_path, redis_url, network, server.url, page_size=5, download_concurrency=4)
+
+        async def scrape(token: str) -> asyncio.subprocess.Process:
+            env = {**os.environ, **settings.to_env(), "DEEPTARGET_ACCESS_TOKENS": json.dumps([token])}
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "deeptarget", "scrape", env=env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+
+        scrapers = [await scrape("token-one"), await scrape("token-two")]
+        for scraper in scrapers:
+            _, stderr = await asyncio.wait_for(scraper.communicate(), timeout=180)
+            assert scraper.returncode == 0, stderr.decode()[-2000:]
+        stats = await server_stats(server.url)
+
+    ids = Counter(r["post"]["id"] for r in queued_post_refs(redis_client))
+    assert set(ids) == {m.id for m in network.media} and max(ids.values()) == 1
+    assert set(stats["image_fetches"]) == set(ids) and max(stats["image_fetches"].values()) == 1
+    assert set(stats["requests"]) == {fingerprint("token-one"), fingerprint("token-two")}  # both were crawling
