@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     download_concurrency: int = Field(16, ge=1)
     target_concurrency: int = Field(4, ge=1)
     http_timeout_s: float = Field(20.0, gt=0)
+    jsonl_feeds: list[str] = Field(
+        default_factory=list, description="HTTP(S) URLs of partner feeds: JSON lines of posts, read each round."
+    )
+    max_feed_bytes: int = Field(64 * 1024 * 1024, gt=0, description="A feed longer than this is cut off there.")
     instaloader_dirs: list[Path] = Field(
         default_factory=list, description="Instaloader download folders to read (again each round with --forever)."
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import redis
 import redis.asyncio as aioredis
+from aiohttp import web
 from pydantic import SecretStr
 
 from deeptarget import constants
@@ -101,3 +102,27 @@ async def test_ingest_endpoint_and_enqueue_command(tmp_path: Path, redis_url: st
     assert done.returncode == 0, done.stderr
     assert "3 posts queued" in done.stdout and f"{feed}:4: rejected: not JSON" in done.stderr
     assert redis_client.xlen(constants.ingest_stream) == 6
+
+
+async def test_a_partner_feed_over_http_is_read_each_round(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    network = SandboxNetwork(seed=53, n_posts=8, n_users=2, n_hashtags=1, corrupt_share=0.0)
+    async with sandbox_server(network) as sandbox:
+        feed_body = "\n".join([*records(sandbox.url, network), '{"id": "no-image"}']) + "\n"
+
+        async def feed(request: web.Request) -> web.Response:
+            return web.Response(text=feed_body, content_type="application/x-ndjson")
+
+        app = web.Application()
+        app.router.add_get("/feed.jsonl", feed)
+        async with AppServer(app) as partner:
+            feeds = [f"{partner.url}/feed.jsonl", f"{partner.url}/gone.jsonl"]
+            settings = crawl_settings(tmp_path, redis_url, network, sandbox.url, hashtags=[], accounts=[],
+                                      jsonl_feeds=feeds)  # fmt: skip
+            counts = await crawl(settings)
+            again = await crawl(settings)
+    ids = Counter(ref["post"]["id"] for ref in queued_post_refs(redis_client))
+    assert set(ids) == {m.id for m in network.media} and max(ids.values()) == 1
+    assert counts["feed_rejected"] == 1 and counts["feed_error"] == 1  # the bad line, the 404 feed
+    assert again["duplicate"] == 8 and "enqueued" not in again

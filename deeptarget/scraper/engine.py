@@ -29,7 +29,7 @@ from deeptarget.scraper.cursors import CursorStore
 from deeptarget.scraper.download import ImageDownloader
 from deeptarget.scraper.graph import GraphApiClient, Page
 from deeptarget.scraper.instaloader import LocalImages
-from deeptarget.scraper.push import IngestStream
+from deeptarget.scraper.push import IngestStream, parse_posts
 from deeptarget.scraper.quota import HashtagQuota
 from deeptarget.scraper.sink import PostSink
 from deeptarget.scraper.stats import ScraperStats
@@ -126,6 +126,8 @@ class Crawler:
                 async with target_slots:
                     await self._crawl_target(client, downloader, kind, target)
 
+            for feed in s.jsonl_feeds:
+                await self.read_feed(session, feed)
             await asyncio.gather(*(crawl(k, t) for k, t in targets), self.drain_ingest(downloader))
             for folder in s.instaloader_dirs:
                 await self.read_instaloader(folder)
@@ -243,6 +245,32 @@ class Crawler:
         if with_owner or any(p.owner is not None for p in seen):
             await self._merge_owner(with_owner, [p for p in seen if p.owner is not None])
         return set(retry_later)
+
+    async def read_feed(self, session: aiohttp.ClientSession, url: str) -> None:
+        """A partner's JSON-lines feed: every valid record joins the ingest stream (drained below, deduplicated
+        there); each bad one is counted and logged with its line number and reason."""
+        lines: list[bytes] = []
+        size, limit = 0, self.settings.max_feed_bytes
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout_s * 10)
+            async with session.get(url, timeout=timeout) as response:
+                if response.status != 200:
+                    raise SourceError(f"HTTP {response.status}")
+                async for line in response.content:
+                    size += len(line)
+                    if size > limit:
+                        LOG.warning("feed %s: longer than %d bytes, the rest is left out", url, limit)
+                        break
+                    lines.append(line)
+        except (TimeoutError, aiohttp.ClientError, SourceError) as err:
+            await self.stats.add("feed_error")
+            LOG.error("feed %s unreadable (%s); tried again next round", url, err)
+            return
+        posts, bad = parse_posts(lines, source="feed")
+        for record in bad:
+            LOG.warning("feed %s line %d rejected: %s", url, record.line, record.reason)
+        await self.stats.add("feed_rejected", len(bad))
+        await self.ingest.push(posts)
 
     async def read_instaloader(self, folder: Path) -> None:
         """Every post in an instaloader download folder (posts seen before are skipped by the claims)."""
