@@ -99,6 +99,10 @@ def cmd_scrape(args: argparse.Namespace) -> int:
     from deeptarget.runtime import connect_redis
 
     settings = connect_redis(_settings(args))
+    if settings.scraper_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.scraper_metrics_port, addr=settings.api_host)
     return asyncio.run(_scrape(settings, forever=args.forever, interval_s=args.interval))
 
 

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
         default_factory=list, description="HTTP(S) URLs of partner feeds: JSON lines of posts, read each round."
     )
     max_feed_bytes: int = Field(64 * 1024 * 1024, gt=0, description="A feed longer than this is cut off there.")
+    scraper_metrics_port: int | None = Field(None, description="Serve the scraper's Prometheus metrics here.")
     instaloader_dirs: list[Path] = Field(
         default_factory=list, description="Instaloader download folders to read (again each round with --forever)."
     )

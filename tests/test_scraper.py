@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import redis
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from deeptarget import constants
 from deeptarget.blobs import BlobStore
@@ -76,6 +77,9 @@ async def test_a_crawl_enqueues_every_post_once_and_rejects_broken_images(
     assert batches and all(1 <= len(batch) <= settings.batch_size for batch in batches)
     # Tokens travel in headers only: the stats name them by fingerprint.
     assert all(len(fp) == 10 for fp in stats["requests"])
+    # Queue lag is exported: what waits on the infer queue after the crawl
+    depth = REGISTRY.get_sample_value("deeptarget_queue_depth", {"queue": constants.infer_queue})
+    assert depth == redis_client.llen(constants.infer_queue) > 0
 
 
 async def test_a_second_run_fetches_nothing_again(tmp_path: Path, redis_url: str, redis_client: redis.Redis) -> None:

@@ -241,6 +241,7 @@ class Crawler:
         await self.claims.release(retry_later)
         await self.stats.add("enqueued", len(refs))
         await self.stats.add("rejected", sum(r.rejected is not None for r in refs))
+        await self.stats.measure_queues()
         with_owner = [r for r in refs if r.post.owner is not None]
         if with_owner or any(p.owner is not None for p in seen):
             await self._merge_owner(with_owner, [p for p in seen if p.owner is not None])

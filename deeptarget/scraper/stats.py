@@ -7,12 +7,14 @@ from collections import Counter
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge
 
 from deeptarget import constants
 
 POSTS = PromCounter("deeptarget_scraper_posts_total", "Posts seen by the scraper, by outcome", ["outcome"])
 PAGES = PromCounter("deeptarget_scraper_pages_total", "API pages fetched, by target kind", ["kind"])
 BYTES = PromCounter("deeptarget_scraper_image_bytes_total", "Image bytes downloaded")
+QUEUE_DEPTH = Gauge("deeptarget_queue_depth", "Messages waiting in a Celery queue or the ingest stream", ["queue"])
 
 
 class ScraperStats:
@@ -31,6 +33,11 @@ class ScraperStats:
         else:
             POSTS.labels(outcome).inc(n)
         await self.redis.hincrby(constants.scraper_stats_key, outcome, n)
+
+    async def measure_queues(self) -> None:
+        """Queue lag: what waits for the workers (infer queue) and for the scrapers (ingest stream)."""
+        QUEUE_DEPTH.labels(constants.infer_queue).set(await self.redis.llen(constants.infer_queue))
+        QUEUE_DEPTH.labels("ingest").set(await self.redis.xlen(constants.ingest_stream))
 
     @staticmethod
     async def read(redis: aioredis.Redis) -> dict[str, int]:
