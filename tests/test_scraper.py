@@ -192,3 +192,25 @@ async def test_two_scraper_processes_on_the_same_targets_fetch_each_post_once_be
     assert set(ids) == {m.id for m in network.media} and max(ids.values()) == 1
     assert set(stats["image_fetches"]) == set(ids) and max(stats["image_fetches"].values()) == 1
     assert set(stats["requests"]) == {fingerprint("token-one"), fingerprint("token-two")}  # both were crawling
+
+
+async def test_carousels_give_every_image_child_and_videos_are_skipped(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    network = SandboxNetwork(seed=17, n_posts=50, n_users=5, n_hashtags=3, corrupt_share=0.0, video_share=0.2,
+                             carousel_share=0.25)  # fmt: skip
+    albums = [m for m in network.media if m.kind == "CAROUSEL_ALBUM"]
+    videos = [m for m in network.media if m.kind == "VIDEO"]
+    assert albums and videos
+    async with sandbox_server(network) as server:
+        counts = await crawl(crawl_settings(tmp_path, redis_url, network, server.url))
+        stats = await server_stats(server.url)
+    expected = {image_id for m in network.media for image_id in m.image_ids}
+    ids = Counter(r["post"]["id"] for r in queued_post_refs(redis_client))
+    assert set(ids) == expected and max(ids.values()) == 1
+    assert set(stats["image_fetches"]) == expected and max(stats["image_fetches"].values()) == 1
+    album = albums[0]
+    children = [r for r in queued_post_refs(redis_client) if r["post"]["id"] in album.image_ids]
+    assert len(children) == album.children and all(r["post"]["caption"] == album.caption for r in children)
+    assert counts["skipped_video"] >= len(videos)  # met through the account and through hashtags
+    assert counts["carousel_images"] >= sum(m.children for m in albums)

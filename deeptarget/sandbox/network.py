@@ -62,14 +62,26 @@ class Media:
     image_seed: int
     selfie: bool
     corruption: str | None = None  # "truncated", "html" or "garbage": served broken on purpose
+    kind: str = "IMAGE"  # or "VIDEO" (never fetched; every other one has no media_url) or "CAROUSEL_ALBUM"
+    children: int = 0  # image children of an album (it also holds one video child)
 
     @property
     def has_face(self) -> bool:
         return self.selfie or (self.topic.face and self.corruption is None)
 
-    def image_bytes(self) -> bytes:
-        picture = images.render(self.image_seed, self.topic.sources, face=self.topic.face, selfie=self.selfie)
-        data = images.jpeg_bytes(picture, self.image_seed)
+    @property
+    def image_ids(self) -> list[str]:
+        """The post ids its images become: an album's first image keeps the album's id, the others get ``_k``."""
+        if self.kind == "VIDEO":
+            return []
+        if self.kind == "CAROUSEL_ALBUM":
+            return [self.id] + [f"{self.id}_{k}" for k in range(1, self.children)]
+        return [self.id]
+
+    def image_bytes(self, child: int = 0) -> bytes:
+        seed = self.image_seed + child
+        picture = images.render(seed, self.topic.sources, face=self.topic.face, selfie=self.selfie)
+        data = images.jpeg_bytes(picture, seed)
         if self.corruption == "truncated":
             return data[: len(data) * 3 // 5]
         if self.corruption == "garbage":
@@ -86,6 +98,8 @@ class SandboxNetwork:
     n_users: int = 30
     n_hashtags: int = 10
     corrupt_share: float = 0.03
+    video_share: float = 0.0
+    carousel_share: float = 0.0
     now: datetime = field(default_factory=lambda: datetime.now(UTC).replace(microsecond=0))
 
     def __post_init__(self) -> None:
@@ -129,6 +143,7 @@ class SandboxNetwork:
         activity = np.exp(rng.normal(0.0, 0.8, size=self.n_users))  # some accounts post far more than others
         activity /= activity.sum()
         kinds = ("truncated", "html", "garbage")
+        formats = np.random.default_rng([self.seed, 3])  # its own stream: the other draws stay as they were
         out: list[Media] = []
         for i in range(self.n_posts):
             owner = self.accounts[int(rng.choice(self.n_users, p=activity))]
@@ -156,9 +171,18 @@ class SandboxNetwork:
                     image_seed=int(rng.integers(2**31)),
                     selfie=not topic.face and bool(rng.random() < 0.12),
                     corruption=corruption,
+                    **self._format(formats, corruption),
                 )
             )
         return out
+
+    def _format(self, rng: np.random.Generator, corruption: str | None) -> dict[str, object]:
+        draw = rng.random()
+        if corruption is None and draw < self.video_share:
+            return {"kind": "VIDEO"}
+        if corruption is None and draw < self.video_share + self.carousel_share:
+            return {"kind": "CAROUSEL_ALBUM", "children": int(rng.integers(2, 4))}
+        return {}
 
     @cached_property
     def media_by_id(self) -> dict[str, Media]:

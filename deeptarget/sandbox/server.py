@@ -38,7 +38,6 @@ TOKENS_KEY = web.AppKey("tokens", frozenset)
 STATS_KEY = web.AppKey("stats", dict)
 FAULTS_KEY = web.AppKey("faults", Faults)
 
-MEDIA_FIELDS = {"id", "caption", "media_type", "media_url", "permalink", "timestamp", "like_count", "comments_count"}
 OWNER_FIELDS = {"owner", "username"}
 MAX_LIMIT = 50
 _VERSION_PREFIXES = ("", r"/{version:v\d+\.\d+}")
@@ -95,9 +94,22 @@ def _media_json(media: Media, fields: Iterable[str], origin: str) -> dict[str, o
         elif name == "caption":
             out["caption"] = media.caption
         elif name == "media_type":
-            out["media_type"] = "IMAGE"
+            out["media_type"] = media.kind
         elif name == "media_url":
-            out["media_url"] = f"{origin}/media/{media.id}.jpg"
+            if media.kind == "VIDEO":
+                if int(media.id) % 2:  # the real API leaves media_url out for some videos
+                    out["media_url"] = f"{origin}/media/{media.id}.mp4"
+            elif media.kind == "CAROUSEL_ALBUM":
+                out["media_url"] = f"{origin}/media/{media.id}_0.jpg"
+            else:
+                out["media_url"] = f"{origin}/media/{media.id}.jpg"
+        elif name.startswith("children") and media.kind == "CAROUSEL_ALBUM":
+            children: list[dict[str, object]] = [
+                {"id": f"{media.id}{k}", "media_type": "IMAGE", "media_url": f"{origin}/media/{media.id}_{k}.jpg"}
+                for k in range(media.children)
+            ]
+            children.append({"id": f"{media.id}9", "media_type": "VIDEO"})
+            out["children"] = {"data": children}
         elif name == "permalink":
             out["permalink"] = f"{origin}/p/{media.id}/"
         elif name == "timestamp":
@@ -269,8 +281,9 @@ async def node(request: web.Request) -> web.Response:
 async def media_image(request: web.Request) -> web.Response:
     network = request.app[NETWORK_KEY]
     media = network.media_by_id.get(request.match_info["media_id"])
-    if media is None:
-        raise web.HTTPNotFound(text="no such media")
+    child = int(request.match_info.get("child") or 0)
+    if media is None or media.kind == "VIDEO" or (media.kind == "CAROUSEL_ALBUM" and child >= media.children):
+        raise web.HTTPNotFound(text="no such image")
     faults, stats = request.app[FAULTS_KEY], request.app[STATS_KEY]
     stats["image_requests"] += 1
     n = stats["image_requests"]
@@ -278,7 +291,7 @@ async def media_image(request: web.Request) -> web.Response:
         stats["faults"]["image_error"] += 1
         return web.Response(status=503, text="Service Unavailable")
     content_type = "text/html" if media.corruption == "html" else "image/jpeg"
-    body = media.image_bytes()
+    body = media.image_bytes(child)
     if faults.due(faults.image_slow_every, n):  # headers and half the body, then a stall past the client's timeout
         stats["faults"]["image_slow"] += 1
         response = web.StreamResponse(headers={"Content-Type": content_type, "Content-Length": str(len(body))})
@@ -287,7 +300,7 @@ async def media_image(request: web.Request) -> web.Response:
         await asyncio.sleep(faults.slow_s)
         await response.write(body[len(body) // 2 :])
         return response
-    stats["image_fetches"][media.id] += 1
+    stats["image_fetches"][media.image_ids[child]] += 1  # by the post id the image becomes
     return web.Response(body=body, content_type=content_type)
 
 
@@ -327,6 +340,7 @@ def create_app(network: SandboxNetwork, tokens: Iterable[str] = (), faults: Faul
     app.router.add_get("/sandbox/stats", stats)
     app.router.add_get("/sandbox/accounts", accounts)
     app.router.add_get(r"/media/{media_id:\d+}.jpg", media_image)
+    app.router.add_get(r"/media/{media_id:\d+}_{child:\d+}.jpg", media_image)
     for prefix in _VERSION_PREFIXES:
         app.router.add_get(prefix + "/ig_hashtag_search", hashtag_search)
         app.router.add_get(prefix + r"/{node:\d+}/{edge:recent_media|top_media}", hashtag_media)

@@ -33,7 +33,7 @@ from deeptarget.scraper.push import IngestStream, parse_posts
 from deeptarget.scraper.quota import HashtagQuota
 from deeptarget.scraper.sink import PostSink
 from deeptarget.scraper.stats import ScraperStats
-from deeptarget.scraper.structures import MEDIA_FIELDS, is_image, post_from_media
+from deeptarget.scraper.structures import MEDIA_FIELDS, is_image, posts_from_media
 from deeptarget.scraper.tokens import TokenPool
 
 LOG = logging.getLogger(__name__)
@@ -213,12 +213,17 @@ class Crawler:
                 await self.stats.add("skipped_video")
                 continue
             try:
-                post = post_from_media(node, source=self.source, owner=owner)
+                images = posts_from_media(node, source=self.source, owner=owner)
             except ValueError as err:
                 await self.stats.add("malformed_media")
                 LOG.warning("malformed media node skipped: %s", err)
                 continue
-            posts.setdefault(post.id, post)  # a page that repeats a post handles it once
+            if len(images) > 1:
+                await self.stats.add("carousel_images", len(images))
+            if not images:
+                await self.stats.add("skipped_album_without_images")
+            for post in images:
+                posts.setdefault(post.id, post)  # a page that repeats a post handles it once
         await self._handle_posts(downloader, list(posts.values()))
 
     async def _handle_posts(self, downloader: Fetcher, posts: list[Post]) -> set[str]:

@@ -7,7 +7,9 @@ from typing import Any
 
 from deeptarget.schema import Owner, Post, hashtags_in
 
-MEDIA_FIELDS = "id,caption,media_type,media_url,permalink,timestamp,like_count,comments_count"
+MEDIA_FIELDS = (
+    "id,caption,media_type,media_url,permalink,timestamp,like_count,comments_count,children{media_type,media_url}"
+)
 IMAGE_TYPES = {"IMAGE", "CAROUSEL_ALBUM"}
 
 
@@ -21,19 +23,31 @@ def parse_timestamp(value: str | None) -> datetime | None:
         return datetime.fromisoformat(value)
 
 
+def posts_from_media(node: dict[str, Any], *, source: str, owner: Owner | None = None) -> list[Post]:
+    """The posts one media node becomes: one per image. A carousel album gives one per image child (the first keeps
+    the album's id, the others ``<album id>_<k>``, so both ways of meeting an album name its images alike); videos
+    and video children give none. Raises ``ValueError`` on a node that makes no sense."""
+    post = post_from_media(node, source=source, owner=owner)
+    if node.get("media_type") != "CAROUSEL_ALBUM":
+        return [post]
+    children = (node.get("children") or {}).get("data") or []
+    urls = [c.get("media_url") for c in children if isinstance(c, dict) and c.get("media_type") == "IMAGE"]
+    urls = [u for u in urls if u] or ([post.media_url] if post.media_url else [])
+    return [
+        post.model_copy(update={"id": post.id if k == 0 else f"{post.id}_{k}", "media_url": url})
+        for k, url in enumerate(urls)
+    ]
+
+
 def post_from_media(node: dict[str, Any], *, source: str, owner: Owner | None = None) -> Post:
     """One media node as a Post. Raises ``ValueError`` (pydantic's or ours) on a node that makes no sense."""
     if not isinstance(node, dict) or not node.get("id"):
         raise ValueError(f"media node without id: {str(node)[:200]}")
-    media_url = node.get("media_url")
-    if node.get("media_type") == "CAROUSEL_ALBUM" and not media_url:
-        children = (node.get("children") or {}).get("data") or []
-        media_url = next((c.get("media_url") for c in children if c.get("media_type") == "IMAGE"), None)
     caption = node.get("caption")
     return Post(
         id=str(node["id"]),
         source=source,
-        media_url=media_url,
+        media_url=node.get("media_url"),
         permalink=node.get("permalink"),
         caption=caption,
         hashtags=hashtags_in(caption),
