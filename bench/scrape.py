@@ -8,7 +8,8 @@ A server in its own process on loopback serves N distinct JPEGs of realistic siz
 photos enlarged, cropped at random and re-encoded, so nothing is identical). Both clients get the same URL list and
 keep the bytes as they are (no resizing, no re-encoding):
 
-- deeptarget: the posts go in through push ingestion and ``Crawler.drain_ingest`` takes them the way it takes any
+- deeptarget: the per-host connection cap set to the same concurrency (one host here); the posts go in through push
+  ingestion and ``Crawler.drain_ingest`` takes them the way it takes any
   post: Redis claims and the seen set (dedup on), content-type and magic-byte checks and the byte limit, streaming to a
   temporary file renamed into the content-addressed blob store, ``PostRef`` batches on the Celery queue of a real
   (embedded) Redis;
@@ -91,7 +92,8 @@ def serve(port: int, n: int, ready: multiprocessing.synchronize.Event) -> None: 
 async def run_deeptarget(urls: list[str], tmp: Path, concurrency: int) -> float:
     with EmbeddedRedis(tmp / "redis") as redis_server:
         settings = Settings(data_dir=tmp / "deeptarget", redis_url=redis_server.url, hashtags=[], accounts=[],
-                            download_concurrency=concurrency, batch_size=32, http_retries=1)  # fmt: skip
+                            download_concurrency=concurrency, per_host_concurrency=concurrency, batch_size=32,
+                            http_retries=1)  # fmt: skip
         client = aioredis.Redis.from_url(redis_server.url)
         posts = [Post(id=str(i), source="bench", media_url=url) for i, url in enumerate(urls)]
         await IngestStream(client).push(posts)

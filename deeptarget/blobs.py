@@ -61,6 +61,12 @@ class BlobWriter:
         self._hash.update(chunk)
         self.size += len(chunk)
 
+    @property
+    def path(self) -> Path:
+        """The temporary file (flushed), for checks before ``commit``."""
+        self._file.flush()
+        return self._tmp_path
+
     def commit(self) -> str:
         sha = self._hash.hexdigest()
         self._file.flush()

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     page_size: int = Field(25, ge=1, le=50)
     max_pages_per_target: int = Field(0, ge=0, description="0 = follow the cursor to the end.")
     download_concurrency: int = Field(16, ge=1)
+    per_host_concurrency: int = Field(16, ge=1, description="Connections to any one host at a time (politeness).")
     target_concurrency: int = Field(4, ge=1)
     http_timeout_s: float = Field(20.0, gt=0)
     jsonl_feeds: list[str] = Field(

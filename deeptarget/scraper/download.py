@@ -7,8 +7,10 @@ limit is abandoned on the spot. Transient failures are retried with backoff; the
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import aiohttp
+from PIL import Image
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from deeptarget.blobs import BlobStore
@@ -31,12 +33,14 @@ class ImageDownloader:
         blobs: BlobStore,
         *,
         max_bytes: int,
+        max_pixels: int | None = None,
         timeout_s: float = 20.0,
         retries: int = 3,
     ) -> None:
         self.session = session
         self.blobs = blobs
         self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
         self.timeout_s = timeout_s
         self.retries = retries
 
@@ -88,6 +92,7 @@ class ImageDownloader:
                     raise ImageRejected("empty_image")
                 if sniff_image_type(head) is None:
                     raise ImageRejected("not_an_image", f"magic bytes {head[:8]!r}")
+                self._check_pixels(writer.path)
                 size = writer.size
                 return writer.commit(), size
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
@@ -95,3 +100,16 @@ class ImageDownloader:
         finally:
             if writer is not None:
                 writer.abort()
+
+    def _check_pixels(self, path: Path) -> None:
+        """Reject an image over the pixel limit from its header (nothing is decoded). A header PIL cannot read is
+        left to the workers, whose decoder says precisely what is wrong with it."""
+        if self.max_pixels is None:
+            return
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return
+        if width * height > self.max_pixels:
+            raise ImageRejected("too_many_pixels", f"{width}x{height} > {self.max_pixels} pixels")

@@ -100,8 +100,10 @@ class Crawler:
             LOG.info("every target was crawled to the end: starting a new round (seen posts are skipped)")
             for kind, target in targets:
                 await self.cursors.reset(kind, target)
-        connector = aiohttp.TCPConnector(
-            limit=self.settings.download_concurrency + self.settings.target_concurrency, keepalive_timeout=30
+        connector = aiohttp.TCPConnector(  # one pool, keep-alive, bounded overall and per host
+            limit=self.settings.download_concurrency + self.settings.target_concurrency,
+            limit_per_host=self.settings.per_host_concurrency,
+            keepalive_timeout=30,
         )
         async with aiohttp.ClientSession(connector=connector) as session:
             s = self.settings
@@ -118,7 +120,12 @@ class Crawler:
                 usage_pause_at=s.usage_pause_at,
             )
             downloader = ImageDownloader(
-                session, self.blobs, max_bytes=s.max_image_bytes, timeout_s=s.http_timeout_s, retries=s.http_retries
+                session,
+                self.blobs,
+                max_bytes=s.max_image_bytes,
+                max_pixels=s.max_image_pixels,
+                timeout_s=s.http_timeout_s,
+                retries=s.http_retries,
             )
             target_slots = asyncio.Semaphore(s.target_concurrency)
 
