@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     snapshot_every_adds: int = Field(1000, ge=1)
     snapshot_every_s: float = Field(5.0, ge=0)
     snapshots_kept: int = Field(3, ge=1)
-    index_ivf_from: int = Field(200_000, ge=1000, description="Exact search below this many vectors, IVF from here on.")
+    index_ivf_from: int = Field(20_000, ge=1000, description="Exact search below this many vectors, IVF from here on.")
     index_target_recall: float = Field(0.95, gt=0, le=1, description="IVF nprobe is tuned to this recall@10.")
     index_regrow_factor: float = Field(4.0, gt=1, description="IVF is rebuilt after growing this many times.")
     als_factors: int = Field(32, ge=2)

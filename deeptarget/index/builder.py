@@ -1,6 +1,7 @@
 """Which index a collection of a given size gets, and building an IVF index with ``nprobe`` tuned for a recall target.
 
-Exact search (flat) is right while it is fast: at 200,000 1280-d vectors one query reads 1 GB. Beyond that an IVF
+Exact search (flat) is right while it is fast: one query reads every vector, 100 MB at 20,000 1280-d vectors, about
+10 ms here (measured at 100,000: p99 73 ms exact against 0.9 ms for IVF512 at recall@10 0.966). Beyond that an IVF
 index is trained on a sample of the collection (k-means, ~40 vectors per list, ``nlist`` ~ 2 sqrt(n) rounded to a
 power of two) and every vector is added; then ``nprobe`` is the smallest power of two whose recall@k against exact
 search, measured on queries drawn from the collection itself (each query's own id left out), reaches the target.
@@ -28,7 +29,7 @@ Chunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 
 @dataclass(frozen=True)
 class IndexPolicy:
-    ivf_from: int = 200_000
+    ivf_from: int = 20_000
     regrow_factor: float = 4.0
     target_recall: float = 0.95
     tuning_margin: float = 0.02  # tuning queries come from the collection; new images are a little harder
