@@ -10,6 +10,7 @@
     deeptarget query similar|hashtags|user|audience ...
     deeptarget profiles export PATH.jsonl|PATH.parquet
     deeptarget train | index snapshot|rebuild
+    deeptarget train-head DATA_DIR --name N [--publish] / publish-head NAME VERSION
     deeptarget enqueue FILE.jsonl         push posts (JSON lines with id and media_url) to the scraper
     deeptarget delete POST_ID...          forget posts and take them out of the index
     deeptarget deadletter list|retry|drop [IDS] [--all]   tasks that failed for good
@@ -290,6 +291,41 @@ def cmd_index(args: argparse.Namespace) -> int:
     return _send(settings, constants.snapshot_task if args.action == "snapshot" else constants.rebuild_task)
 
 
+def cmd_train_head(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from deeptarget.training.train_head import train_head
+
+    settings = _settings(args)
+    trained = train_head(settings, Path(args.data_dir), args.name, publish=args.publish, l2=args.l2)
+    metrics = trained.metrics
+    console = Console()
+    head = trained.head
+    console.print(f"head [bold]{head.name}[/] v{head.version} on {head.model_id}: {trained.train_images} training "
+                  f"images, {trained.test_images} held out, {trained.skipped} unusable")  # fmt: skip
+    console.print(f"top-1 {metrics['top1']:.3f}   top-5 {metrics['top5']:.3f}   macro-F1 {metrics['macro_f1']:.3f}")
+    table = Table("class", "precision", "recall")
+    for name, values in metrics["per_class"].items():  # type: ignore[union-attr]
+        table.add_row(name, f"{values['precision']:.3f}", f"{values['recall']:.3f}")
+    console.print(table)
+    state = (
+        "published"
+        if args.publish
+        else f"saved; publish with: deeptarget publish-head {args.name} {trained.head.version}"
+    )
+    console.print(state)
+    return 0
+
+
+def cmd_publish_head(args: argparse.Namespace) -> int:
+    from deeptarget.models.heads import publish_head
+
+    publish_head(_settings(args).heads_dir, args.name, args.version)
+    print(f"head {args.name} v{args.version} published: running workers use it from their next batch")
+    return 0
+
+
 def cmd_enqueue(args: argparse.Namespace) -> int:
     import redis.asyncio as aioredis
 
@@ -444,6 +480,20 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("action", choices=["snapshot", "rebuild"])
     index.add_argument("--local", action="store_true", help="rebuild in this process (stop the index worker first)")
     index.set_defaults(func=cmd_index)
+
+    train_head = sub.add_parser("train-head", help="train a classification head on a labelled image folder")
+    train_head.add_argument(
+        "data_dir", help="train/ and test/ folders per class, train.txt/test.txt, or a folder per class"
+    )
+    train_head.add_argument("--name", required=True, help="the head's name (e.g. food)")
+    train_head.add_argument("--publish", action="store_true", help="make it the version workers use")
+    train_head.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the logistic regression")
+    train_head.set_defaults(func=cmd_train_head)
+
+    publish = sub.add_parser("publish-head", help="make a trained head version the one workers use")
+    publish.add_argument("name")
+    publish.add_argument("version", type=int)
+    publish.set_defaults(func=cmd_publish_head)
 
     enqueue = sub.add_parser("enqueue", help="queue posts from a JSON-lines file (- for stdin) for the scraper")
     enqueue.add_argument("file")

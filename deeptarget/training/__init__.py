@@ -1,0 +1,1 @@
+"""Transfer learning: classification heads trained on frozen embeddings (issue 6, first part)."""

@@ -1,0 +1,100 @@
+"""``deeptarget train-head``: embed a labelled folder once with the configured backbone (cached by image hash and
+model id), fit a linear head on the training split, report it on the held-out split, save it as a new version of
+the head (published on request, and then picked up by running workers without a restart)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from deeptarget.config import Settings
+from deeptarget.errors import ImageRejected
+from deeptarget.models.decode import decode_image
+from deeptarget.models.embedder import Embedder
+from deeptarget.models.heads import LinearHead, head_versions, publish_head
+from deeptarget.training.datasets import load_labelled
+from deeptarget.training.linear import classification_metrics, fit_logistic
+from deeptarget.versioned import atomic_write
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainedHead:
+    head: LinearHead
+    metrics: dict[str, object]
+    train_images: int
+    test_images: int
+    skipped: int
+
+
+class EmbeddingCache:
+    """Embeddings by (image sha256, model id), in one file per model under ``<data_dir>/embedding-cache``."""
+
+    def __init__(self, directory: Path, model_id: str) -> None:
+        self.path = Path(directory) / f"{hashlib.sha256(model_id.encode()).hexdigest()[:16]}.npz"
+        self.vectors: dict[str, np.ndarray] = {}
+        if self.path.is_file():
+            with np.load(self.path, allow_pickle=False) as data:
+                self.vectors = dict(zip(data["keys"].tolist(), data["vectors"], strict=True))
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = np.array(list(self.vectors))
+        vectors = np.stack(list(self.vectors.values())) if self.vectors else np.zeros((0, 0), np.float32)
+        atomic_write(self.path, lambda handle: np.savez(handle, keys=keys, vectors=vectors))
+
+
+def embed_files(settings: Settings, embedder: Embedder, paths: list[Path]) -> tuple[np.ndarray, list[bool]]:
+    """(embeddings of the usable files, which files were usable)."""
+    cache = EmbeddingCache(settings.data_dir / "embedding-cache", embedder.model_id)
+    keys = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    missing = [i for i, k in enumerate(keys) if k not in cache.vectors]
+    usable = [True] * len(paths)
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"embedding with {embedder.model_id}", total=len(missing))
+        for start in range(0, len(missing), embedder.micro_batch):
+            chunk, images = missing[start : start + embedder.micro_batch], []
+            for i in chunk:
+                try:
+                    images.append(decode_image(paths[i].read_bytes(), max_pixels=settings.max_image_pixels,
+                                               long_side=settings.decode_long_side))  # fmt: skip
+                except ImageRejected as err:
+                    LOG.warning("%s skipped: %s", paths[i], err)
+                    usable[i] = False
+            good = [i for i in chunk if usable[i]]
+            for i, vector in zip(good, embedder(images), strict=True):
+                cache.vectors[keys[i]] = vector
+            progress.advance(task, len(chunk))
+    if missing:
+        cache.save()
+    vectors = [cache.vectors[k] for k, ok in zip(keys, usable, strict=True) if ok]
+    return (np.stack(vectors) if vectors else np.zeros((0, embedder.dim), np.float32)), usable
+
+
+def train_head(settings: Settings, data_dir: Path, name: str, publish: bool = False, l2: float = 1e-3) -> TrainedHead:
+    data = load_labelled(data_dir)
+    embedder = Embedder(settings.backbone, settings.weights, settings.weights_normalization, settings.image_size,
+                        settings.device, settings.micro_batch)  # fmt: skip
+    train_x, train_ok = embed_files(settings, embedder, [p for p, _ in data.train])
+    test_x, test_ok = embed_files(settings, embedder, [p for p, _ in data.test])
+    train_y = np.array([label for (_, label), ok in zip(data.train, train_ok, strict=True) if ok])
+    test_y = np.array([label for (_, label), ok in zip(data.test, test_ok, strict=True) if ok])
+    weight, bias = fit_logistic(train_x, train_y, len(data.classes), l2=l2)
+    probe = LinearHead(name, 0, data.classes, weight, bias, embedder.model_id, {})
+    metrics = classification_metrics(probe(test_x), test_y, data.classes)
+    versions = head_versions(settings.heads_dir, name)
+    head = LinearHead(
+        name, versions.next_version() if versions.root.is_dir() else 1, data.classes, weight, bias,
+        embedder.model_id, {k: float(v) for k, v in metrics.items() if isinstance(v, float)},
+    )  # fmt: skip
+    head.save(settings.heads_dir)
+    if publish:
+        publish_head(settings.heads_dir, name, head.version)
+    skipped = train_ok.count(False) + test_ok.count(False)
+    return TrainedHead(head, metrics, len(train_y), len(test_y), skipped)
