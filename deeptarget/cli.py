@@ -203,23 +203,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
-
     from deeptarget.query import PostFilter, QueryService
-    from deeptarget.schema import normalise_hashtag
-
-    def date(raw: str | None) -> datetime | None:
-        value = datetime.fromisoformat(raw) if raw else None
-        return value.replace(tzinfo=UTC) if value and value.tzinfo is None else value
 
     service = QueryService(_settings(args))
     if args.what == "similar":
-        where = PostFilter(
-            hashtag=normalise_hashtag(args.hashtag) if args.hashtag else None,
-            since=date(args.since),
-            until=date(args.until),
-            has_face={"yes": True, "no": False}.get(args.has_face or ""),
-        )
+        try:
+            has_face = {"yes": True, "no": False}.get(args.has_face or "")
+            where = PostFilter.parse(args.hashtag, args.since, args.until, has_face)
+        except ValueError as err:
+            raise DeepTargetError(str(err)) from None
         if args.post_id:
             results = service.similar_to_post(args.post_id, args.k, where)
         elif args.image:
@@ -276,16 +268,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action == "rebuild" and args.local:
-        from deeptarget.index.builder import IndexPolicy
-        from deeptarget.index.vectors import SnapshotStore
         from deeptarget.index.writer import IndexWriter
         from deeptarget.store import MetadataStore
 
-        writer = IndexWriter(
-            MetadataStore(settings.sqlite_path),
-            SnapshotStore(settings.index_dir, keep=settings.snapshots_kept),
-            policy=IndexPolicy.from_settings(settings),
-        )
+        writer = IndexWriter.from_settings(settings, MetadataStore(settings.sqlite_path))
         print(f"rebuilt the index from the metadata store: {writer.rebuild()} vectors")
         return 0
     return _send(settings, constants.snapshot_task if args.action == "snapshot" else constants.rebuild_task)
@@ -373,7 +359,7 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     from deeptarget.workers.deadletter import DeadLetters
 
     settings = connect_redis(_settings(args))
-    letters_store = DeadLetters(redis.Redis.from_url(settings.redis_url or ""), settings.data_dir / "deadletter.jsonl")
+    letters_store = DeadLetters(redis.Redis.from_url(settings.redis_url or ""), settings.deadletter_path)
     if args.action == "list":
         letters = letters_store.list(args.limit)
         if args.json:

@@ -172,6 +172,11 @@ class Settings(BaseSettings):
 
     # -- derived paths --------------------------------------------------------------------------------------------
     @property
+    def deadletter_path(self) -> Path:
+        """Where dead letters go while Redis is down (workers/deadletter.py)."""
+        return self.data_dir / "deadletter.jsonl"
+
+    @property
     def sqlite_path(self) -> Path:
         return Path(self.database_url) if self.database_url else self.data_dir / "metadata.sqlite3"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
@@ -60,6 +60,23 @@ class PostFilter:
     until: datetime | None = None
     has_face: bool | None = None
 
+    @classmethod
+    def parse(
+        cls,
+        hashtag: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        has_face: bool | None = None,
+    ) -> PostFilter:
+        """From user input: the hashtag normalised, ISO dates (UTC unless they say otherwise). ValueError names the
+        bad one."""
+        return cls(
+            hashtag=normalise_hashtag(hashtag) if hashtag else None,
+            since=_iso("since", since),
+            until=_iso("until", until),
+            has_face=has_face,
+        )
+
     @property
     def active(self) -> bool:
         return any(v is not None for v in (self.hashtag, self.since, self.until, self.has_face))
@@ -73,6 +90,16 @@ class PostFilter:
         if self.until is not None and (post.timestamp is None or post.timestamp >= self.until):
             return False
         return self.has_face is None or ((stored.faces or 0) > 0) == self.has_face
+
+
+def _iso(name: str, raw: str | None) -> datetime | None:
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an ISO date or time, e.g. 2026-11-01") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 NO_FILTER = PostFilter()
@@ -92,8 +119,7 @@ class QueryService:
     @cached_property
     def embedder(self) -> Embedder:
         """Built on first use: only image queries need it."""
-        s = self.settings
-        return Embedder(s.backbone, s.weights, s.weights_normalization, s.image_size, s.device, s.micro_batch)
+        return Embedder.from_settings(self.settings)
 
     def index(self) -> VectorIndex:
         index = self.snapshots.get()

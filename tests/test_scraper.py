@@ -49,6 +49,13 @@ async def server_stats(url: str) -> dict:
         return await response.json()
 
 
+def assert_each_image_once(client: redis.Redis, stats: dict, expected: set[str]) -> None:
+    """Every expected post on the infer queue exactly once, and each of their images fetched whole exactly once."""
+    ids = Counter(r["post"]["id"] for r in queued_post_refs(client))
+    assert set(ids) == expected and max(ids.values()) == 1
+    assert set(stats["image_fetches"]) == expected and max(stats["image_fetches"].values()) == 1
+
+
 async def test_a_crawl_enqueues_every_post_once_and_rejects_broken_images(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis
 ) -> None:
@@ -58,10 +65,8 @@ async def test_a_crawl_enqueues_every_post_once_and_rejects_broken_images(
         counts = await crawl(settings)
         stats = await server_stats(server.url)
 
+    assert_each_image_once(redis_client, stats, {m.id for m in network.media})
     refs = queued_post_refs(redis_client)
-    ids = Counter(r["post"]["id"] for r in refs)
-    assert set(ids) == {m.id for m in network.media} and max(ids.values()) == 1  # all of them, each once
-    assert set(stats["image_fetches"]) == set(ids) and max(stats["image_fetches"].values()) == 1
     by_id = {r["post"]["id"]: r for r in refs}
     for media in network.media:
         ref = by_id[media.id]
@@ -163,9 +168,7 @@ async def test_a_scraper_stopped_half_way_resumes_without_fetching_any_post_twic
         assert second.returncode == 0, stderr.decode()[-2000:]
         stats = await server_stats(server.url)
 
-    ids = Counter(r["post"]["id"] for r in queued_post_refs(redis_client))
-    assert set(ids) == {m.id for m in network.media} and max(ids.values()) == 1
-    assert set(stats["image_fetches"]) == set(ids) and max(stats["image_fetches"].values()) == 1
+    assert_each_image_once(redis_client, stats, {m.id for m in network.media})
 
 
 async def test_two_scraper_processes_on_the_same_targets_fetch_each_post_once_between_them(
@@ -188,9 +191,7 @@ async def test_two_scraper_processes_on_the_same_targets_fetch_each_post_once_be
             assert scraper.returncode == 0, stderr.decode()[-2000:]
         stats = await server_stats(server.url)
 
-    ids = Counter(r["post"]["id"] for r in queued_post_refs(redis_client))
-    assert set(ids) == {m.id for m in network.media} and max(ids.values()) == 1
-    assert set(stats["image_fetches"]) == set(ids) and max(stats["image_fetches"].values()) == 1
+    assert_each_image_once(redis_client, stats, {m.id for m in network.media})
     assert set(stats["requests"]) == {fingerprint("token-one"), fingerprint("token-two")}  # both were crawling
 
 
@@ -205,10 +206,7 @@ async def test_carousels_give_every_image_child_and_videos_are_skipped(
     async with sandbox_server(network) as server:
         counts = await crawl(crawl_settings(tmp_path, redis_url, network, server.url))
         stats = await server_stats(server.url)
-    expected = {image_id for m in network.media for image_id in m.image_ids}
-    ids = Counter(r["post"]["id"] for r in queued_post_refs(redis_client))
-    assert set(ids) == expected and max(ids.values()) == 1
-    assert set(stats["image_fetches"]) == expected and max(stats["image_fetches"].values()) == 1
+    assert_each_image_once(redis_client, stats, {image_id for m in network.media for image_id in m.image_ids})
     album = albums[0]
     children = [r for r in queued_post_refs(redis_client) if r["post"]["id"] in album.image_ids]
     assert len(children) == album.children and all(r["post"]["caption"] == album.caption for r in children)

@@ -26,7 +26,6 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any
 
 import prometheus_client
@@ -58,7 +57,7 @@ from deeptarget.errors import (
     NotFoundError,
 )
 from deeptarget.query import Neighbour, PostFilter, QueryService
-from deeptarget.schema import Profile, normalise_hashtag
+from deeptarget.schema import Profile
 from deeptarget.scraper.push import IngestStream, parse_posts
 
 LOG = logging.getLogger(__name__)
@@ -122,28 +121,16 @@ def _float_param(request: web.Request, name: str, default: float) -> float:
         raise web.HTTPBadRequest(text=f"{name} must be a number") from None
 
 
-def _date_param(request: web.Request, name: str) -> datetime | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        value = datetime.fromisoformat(raw)
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"{name} must be an ISO date or time, e.g. 2026-11-01") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _post_filter(request: web.Request) -> PostFilter:
     has_face = request.query.get("has_face")
     if has_face not in (None, "true", "false"):
         raise web.HTTPBadRequest(text="has_face must be true or false")
-    hashtag = request.query.get("hashtag")
-    return PostFilter(
-        hashtag=normalise_hashtag(hashtag) if hashtag else None,
-        since=_date_param(request, "since"),
-        until=_date_param(request, "until"),
-        has_face=None if has_face is None else has_face == "true",
-    )
+    query = request.query
+    try:
+        face = None if has_face is None else has_face == "true"
+        return PostFilter.parse(query.get("hashtag"), query.get("since"), query.get("until"), face)
+    except ValueError as err:
+        raise web.HTTPBadRequest(text=str(err)) from None
 
 
 async def _upload(request: web.Request) -> bytes:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from deeptarget.config import Settings
 from deeptarget.errors import IndexMismatchError
 from deeptarget.index.builder import IndexPolicy, Tuning, build_ivf
 from deeptarget.index.vectors import SnapshotStore, VectorIndex
@@ -63,6 +64,16 @@ class IndexWriter:
         )
         if replayed:
             self.snapshot()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: MetadataStore) -> IndexWriter:
+        return cls(
+            store,
+            SnapshotStore(settings.index_dir, keep=settings.snapshots_kept),
+            snapshot_every_adds=settings.snapshot_every_adds,
+            snapshot_every_s=settings.snapshot_every_s,
+            policy=IndexPolicy.from_settings(settings),
+        )
 
     def add(self, rows: EmbeddingRows, snapshot: bool = True) -> int:
         """Index these rows (replacing ids already present); returns how many were added."""
@@ -134,14 +145,13 @@ class IndexWriter:
         try:
             total = self.store.count_embeddings(model_id)
             sample = self.store.sample_embeddings(self.policy.nlist_for(total) * self.policy.vectors_per_list, model_id)
-            new, tuning = build_ivf(dim, model_id, sample.vectors, sample.vector_ids, lambda: self._chunks(model_id),
-                                    total, self.policy)  # fmt: skip
+            every = lambda: _of_model(self.store.all_embeddings(), model_id)  # noqa: E731
+            new, tuning = build_ivf(dim, model_id, sample.vectors, sample.vector_ids, every, total, self.policy)
             with self._lock:
                 caught_up = 0
-                for rows in self.store.embeddings_to_index(after_seq=from_seq):
-                    keep = np.array([m == model_id for m in rows.model_ids], bool)
-                    new.upsert(rows.vector_ids[keep], rows.vectors[keep])
-                    caught_up += int(keep.sum())
+                for ids, vectors in _of_model(self.store.embeddings_to_index(after_seq=from_seq), model_id):
+                    new.upsert(ids, vectors)
+                    caught_up += len(ids)
                 caught_up += new.remove(self.store.removals_after(from_seq))
                 assert self.index is not None
                 new.seq = self.index.seq
@@ -154,11 +164,6 @@ class IndexWriter:
             with self._lock:
                 self._next_build_at = int((self.index.ntotal if self.index else 0) * 1.25) + 1
             return None
-
-    def _chunks(self, model_id: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for rows in self.store.all_embeddings():
-            keep = np.array([m == model_id for m in rows.model_ids], bool)
-            yield rows.vector_ids[keep], rows.vectors[keep]
 
     def wait_for_build(self, timeout_s: float | None = None) -> Tuning | None:
         build = self.build
@@ -190,3 +195,10 @@ class IndexWriter:
             self._maybe_start_build()
         self.wait_for_build()
         return added
+
+
+def _of_model(batches: Iterable[EmbeddingRows], model_id: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) of the rows that ``model_id`` embedded, batch by batch."""
+    for rows in batches:
+        keep = np.array([m == model_id for m in rows.model_ids], bool)
+        yield rows.vector_ids[keep], rows.vectors[keep]

@@ -41,6 +41,18 @@ def sniff_image_type(head: bytes) -> str | None:
     return None
 
 
+def check_pixels(width: int, height: int, *, max_pixels: int) -> None:
+    """ImageRejected ``too_many_pixels`` over the limit: checked from the header, before any pixel is decoded."""
+    if width * height > max_pixels:
+        raise ImageRejected("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
+
+
+def check_dimensions(width: int, height: int, *, max_pixels: int) -> None:
+    check_pixels(width, height, max_pixels=max_pixels)
+    if width < 8 or height < 8:
+        raise ImageRejected("too_small", f"{width}x{height}")
+
+
 def decode_image(data: bytes, *, max_pixels: int, long_side: int) -> np.ndarray:
     """Decode to RGB with EXIF orientation applied, downscaled so the long side is at most ``long_side``.
 
@@ -54,11 +66,7 @@ def decode_image(data: bytes, *, max_pixels: int, long_side: int) -> np.ndarray:
             image = Image.open(io.BytesIO(data))
             if image.format not in ALLOWED_FORMATS:
                 raise ImageRejected("unsupported_format", str(image.format))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageRejected("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
-            if width < 8 or height < 8:
-                raise ImageRejected("too_small", f"{width}x{height}")
+            check_dimensions(*image.size, max_pixels=max_pixels)
             if image.format == "JPEG":
                 image.draft("RGB", (long_side, long_side))
             image.seek(0)  # first frame of a GIF / multi-page TIFF
@@ -109,10 +117,7 @@ def probe_jpeg(data: bytes, *, max_pixels: int) -> bool:
         raise ImageRejected("not_an_image", "unrecognised image data") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageRejected("corrupt_image", str(err)) from err
-    if width * height > max_pixels:
-        raise ImageRejected("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
-    if width < 8 or height < 8:
-        raise ImageRejected("too_small", f"{width}x{height}")
+    check_dimensions(width, height, max_pixels=max_pixels)
     return True
 
 

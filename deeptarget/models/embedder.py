@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torchvision
 
+from deeptarget.config import Settings
 from deeptarget.errors import ConfigurationError
 from deeptarget.models.decode import resize_uint8
 
@@ -107,6 +108,12 @@ class Embedder:
         model = Backbone.strip_classifier(model).eval().to(self.device)
         self.model = model.to(memory_format=torch.channels_last)
         self.dim = self.backbone.dim
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Embedder:
+        """The embedder the settings describe (workers, queries and training must agree on it)."""
+        s = settings
+        return cls(s.backbone, s.weights, s.weights_normalization, s.image_size, s.device, s.micro_batch)
 
     @property
     def dtype(self) -> torch.dtype | None:

@@ -15,7 +15,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from deeptarget.blobs import BlobStore
 from deeptarget.errors import ImageRejected
-from deeptarget.models.decode import sniff_image_type
+from deeptarget.models.decode import check_pixels, sniff_image_type
 
 LOG = logging.getLogger(__name__)
 
@@ -111,5 +111,4 @@ class ImageDownloader:
                 width, height = image.size
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             return
-        if width * height > self.max_pixels:
-            raise ImageRejected("too_many_pixels", f"{width}x{height} > {self.max_pixels} pixels")
+        check_pixels(width, height, max_pixels=self.max_pixels)

@@ -79,8 +79,7 @@ def embed_files(settings: Settings, embedder: Embedder, paths: list[Path]) -> tu
 
 def train_head(settings: Settings, data_dir: Path, name: str, publish: bool = False, l2: float = 1e-3) -> TrainedHead:
     data = load_labelled(data_dir)
-    embedder = Embedder(settings.backbone, settings.weights, settings.weights_normalization, settings.image_size,
-                        settings.device, settings.micro_batch)  # fmt: skip
+    embedder = Embedder.from_settings(settings)
     train_x, train_ok = embed_files(settings, embedder, [p for p, _ in data.train])
     test_x, test_ok = embed_files(settings, embedder, [p for p, _ in data.test])
     train_y = np.array([label for (_, label), ok in zip(data.train, train_ok, strict=True) if ok])
@@ -88,10 +87,10 @@ def train_head(settings: Settings, data_dir: Path, name: str, publish: bool = Fa
     weight, bias = fit_logistic(train_x, train_y, len(data.classes), l2=l2)
     probe = LinearHead(name, 0, data.classes, weight, bias, embedder.model_id, {})
     metrics = classification_metrics(probe(test_x), test_y, data.classes)
-    versions = head_versions(settings.heads_dir, name)
+    version = head_versions(settings.heads_dir, name).next_version()
     head = LinearHead(
-        name, versions.next_version() if versions.root.is_dir() else 1, data.classes, weight, bias,
-        embedder.model_id, {k: float(v) for k, v in metrics.items() if isinstance(v, float)},
+        name, version, data.classes, weight, bias, embedder.model_id,
+        {k: float(v) for k, v in metrics.items() if isinstance(v, float)},
     )  # fmt: skip
     head.save(settings.heads_dir)
     if publish:

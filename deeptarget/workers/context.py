@@ -11,8 +11,6 @@ import torch
 
 from deeptarget.blobs import BlobStore
 from deeptarget.config import Settings
-from deeptarget.index.builder import IndexPolicy
-from deeptarget.index.vectors import SnapshotStore
 from deeptarget.index.writer import IndexWriter
 from deeptarget.profiles.outliers import FollowerBoundsCache
 from deeptarget.store import MetadataStore
@@ -46,7 +44,7 @@ class WorkerContext:
 
     @cached_property
     def dead_letters(self) -> DeadLetters:
-        return DeadLetters(self.redis, self.settings.data_dir / "deadletter.jsonl")
+        return DeadLetters(self.redis, self.settings.deadletter_path)
 
     @cached_property
     def pipeline(self) -> InferencePipeline:
@@ -65,13 +63,7 @@ class WorkerContext:
 
     @cached_property
     def writer(self) -> IndexWriter:
-        return IndexWriter(
-            self.store,
-            SnapshotStore(self.settings.index_dir, keep=self.settings.snapshots_kept),
-            snapshot_every_adds=self.settings.snapshot_every_adds,
-            snapshot_every_s=self.settings.snapshot_every_s,
-            policy=IndexPolicy.from_settings(self.settings),
-        )
+        return IndexWriter.from_settings(self.settings, self.store)
 
 
 _contexts: dict[tuple[int, int], WorkerContext] = {}

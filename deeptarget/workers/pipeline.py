@@ -83,14 +83,7 @@ class InferencePipeline:
     def __init__(self, settings: Settings, blobs: BlobStore) -> None:
         self.settings = settings
         self.blobs = blobs
-        self.embedder = Embedder(
-            backbone=settings.backbone,
-            weights=settings.weights,
-            normalization=settings.weights_normalization,
-            image_size=settings.image_size,
-            device=settings.device,
-            micro_batch=settings.micro_batch,
-        )
+        self.embedder = Embedder.from_settings(settings)
         detector = None
         if settings.face_policy != "off":
             detector = build_face_detector(
