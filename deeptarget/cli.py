@@ -10,7 +10,7 @@
     deeptarget query similar|hashtags|user|audience ...
     deeptarget profiles export PATH.jsonl|PATH.parquet
     deeptarget train | index snapshot|rebuild
-    deeptarget train-head DATA_DIR --name N [--publish] / publish-head NAME VERSION
+    deeptarget train-head DATA_DIR --name N [--folds K] [--finetune] [--publish] / publish-head NAME VERSION
     deeptarget enqueue FILE.jsonl         push posts (JSON lines with id and media_url) to the scraper
     deeptarget delete POST_ID...          forget posts and take them out of the index
     deeptarget deadletter list|retry|drop [IDS] [--all]   tasks that failed for good
@@ -279,22 +279,26 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_train_head(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
-
-    from deeptarget.training.train_head import train_head
 
     settings = _settings(args)
-    trained = train_head(settings, Path(args.data_dir), args.name, publish=args.publish, l2=args.l2)
-    metrics = trained.metrics
     console = Console()
+    if args.finetune:
+        from deeptarget.training.finetune import FinetuneOptions, finetune
+
+        options = FinetuneOptions(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, restart=args.restart)
+        trained = finetune(settings, Path(args.images), args.name, options, publish=args.publish)
+    else:
+        from deeptarget.training.train_head import train_head
+
+        trained = train_head(settings, Path(args.images), args.name, publish=args.publish, l2=args.l2, folds=args.folds)
     head = trained.head
     console.print(f"head [bold]{head.name}[/] v{head.version} on {head.model_id}: {trained.train_images} training "
                   f"images, {trained.test_images} held out, {trained.skipped} unusable")  # fmt: skip
-    console.print(f"top-1 {metrics['top1']:.3f}   top-5 {metrics['top5']:.3f}   macro-F1 {metrics['macro_f1']:.3f}")
-    table = Table("class", "precision", "recall")
-    for name, values in metrics["per_class"].items():  # type: ignore[union-attr]
-        table.add_row(name, f"{values['precision']:.3f}", f"{values['recall']:.3f}")
-    console.print(table)
+    console.print(_metrics_table(trained.metrics))
+    if trained.report_path:
+        console.print(f"report: {trained.report_path}")
+    for line in trained.notes:
+        console.print(line)
     state = (
         "published"
         if args.publish
@@ -302,6 +306,27 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     )
     console.print(state)
     return 0
+
+
+def _metrics_table(metrics: dict[str, Any]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+
+    summary = Table("", "top-1", "top-5", "macro-F1")
+    summary.add_row("held out", f"{metrics['top1']:.3f}", f"{metrics['top5']:.3f}", f"{metrics['macro_f1']:.3f}")
+    if "top1_tta" in metrics:
+        summary.add_row("held out, TTA", f"{metrics['top1_tta']:.3f}", f"{metrics['top5_tta']:.3f}",
+                        f"{metrics['macro_f1_tta']:.3f}")  # fmt: skip
+    for fold in metrics.get("folds", []):
+        summary.add_row(f"fold {fold['fold']}", f"{fold['top1']:.3f}", f"{fold['top5']:.3f}", f"{fold['macro_f1']:.3f}")
+    if metrics.get("folds"):
+        folds = metrics["folds"]
+        cells = [f"{sum(f[k] for f in folds) / len(folds):.3f}" for k in ("top1", "top5", "macro_f1")]
+        summary.add_row(f"{len(folds)}-fold mean", *cells)
+    per_class = Table("class", "precision", "recall")
+    for name, values in metrics["per_class"].items():
+        per_class.add_row(name, f"{values['precision']:.3f}", f"{values['recall']:.3f}")
+    return Group(summary, per_class)
 
 
 def cmd_publish_head(args: argparse.Namespace) -> int:
@@ -469,11 +494,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_head = sub.add_parser("train-head", help="train a classification head on a labelled image folder")
     train_head.add_argument(
-        "data_dir", help="train/ and test/ folders per class, train.txt/test.txt, or a folder per class"
+        "images",
+        metavar="DATA_DIR",
+        help="train/ and test/ folders per class, train.txt/test.txt, or a folder per class",
     )
     train_head.add_argument("--name", required=True, help="the head's name (e.g. food)")
     train_head.add_argument("--publish", action="store_true", help="make it the version workers use")
     train_head.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the logistic regression")
+    train_head.add_argument("--folds", type=int, default=0, help="also report K-fold cross-validation (K >= 2)")
+    train_head.add_argument(
+        "--finetune", action="store_true", help="fine-tune the backbone end to end (resumes from its checkpoint)"
+    )
+    train_head.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs")
+    train_head.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch size")
+    train_head.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate of the head")
+    train_head.add_argument("--restart", action="store_true", help="fine-tuning: ignore an existing checkpoint")
     train_head.set_defaults(func=cmd_train_head)
 
     publish = sub.add_parser("publish-head", help="make a trained head version the one workers use")

@@ -197,6 +197,16 @@ class Settings(BaseSettings):
         return self.data_dir / "models" / "heads"
 
     @property
+    def reports_dir(self) -> Path:
+        """HTML reports of training runs and of the live system, with their PNGs."""
+        return self.data_dir / "reports"
+
+    @property
+    def finetune_dir(self) -> Path:
+        """Fine-tuning checkpoints and fine-tuned backbone weights, one folder per head name."""
+        return self.data_dir / "models" / "finetuned"
+
+    @property
     def redis_dir(self) -> Path:
         return self.data_dir / "redis"
 

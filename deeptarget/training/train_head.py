@@ -1,12 +1,13 @@
 """``deeptarget train-head``: embed a labelled folder once with the configured backbone (cached by image hash and
-model id), fit a linear head on the training split, report it on the held-out split, save it as a new version of
+model id), fit a linear head on the training split, report it on the held-out split (and by K-fold cross-validation
+on request) in a table and an HTML report, save it as a new version of
 the head (published on request, and then picked up by running workers without a restart)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +19,22 @@ from deeptarget.models.decode import decode_image
 from deeptarget.models.embedder import Embedder
 from deeptarget.models.heads import LinearHead, head_versions, publish_head
 from deeptarget.training.datasets import load_labelled
-from deeptarget.training.linear import classification_metrics, fit_logistic
+from deeptarget.training.linear import classification_metrics, cross_validate, fit_logistic
+from deeptarget.training.report import Evaluation, stratified_sample, training_report
 from deeptarget.versioned import atomic_write
 
 LOG = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainedHead:
     head: LinearHead
     metrics: dict[str, object]
     train_images: int
     test_images: int
     skipped: int
+    report_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 class EmbeddingCache:
@@ -77,23 +81,51 @@ def embed_files(settings: Settings, embedder: Embedder, paths: list[Path]) -> tu
     return (np.stack(vectors) if vectors else np.zeros((0, embedder.dim), np.float32)), usable
 
 
-def train_head(settings: Settings, data_dir: Path, name: str, publish: bool = False, l2: float = 1e-3) -> TrainedHead:
+def train_head(
+    settings: Settings,
+    data_dir: Path,
+    name: str,
+    publish: bool = False,
+    l2: float = 1e-3,
+    folds: int = 0,
+    report: bool = True,
+) -> TrainedHead:
     data = load_labelled(data_dir)
     embedder = Embedder.from_settings(settings)
     train_x, train_ok = embed_files(settings, embedder, [p for p, _ in data.train])
     test_x, test_ok = embed_files(settings, embedder, [p for p, _ in data.test])
-    train_y = np.array([label for (_, label), ok in zip(data.train, train_ok, strict=True) if ok])
-    test_y = np.array([label for (_, label), ok in zip(data.test, test_ok, strict=True) if ok])
-    weight, bias = fit_logistic(train_x, train_y, len(data.classes), l2=l2)
-    probe = LinearHead(name, 0, data.classes, weight, bias, embedder.model_id, {})
-    metrics = classification_metrics(probe(test_x), test_y, data.classes)
+    train_y = np.array([label for (_, label), ok in zip(data.train, train_ok, strict=True) if ok], np.int64)
+    test_y = np.array([label for (_, label), ok in zip(data.test, test_ok, strict=True) if ok], np.int64)
+    test_paths = [p for (p, _), ok in zip(data.test, test_ok, strict=True) if ok]
+    fold_metrics = []
+    if folds:
+        everything = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
+        fold_metrics = cross_validate(*everything, data.classes, folds, l2=l2)
+    fit = fit_logistic(train_x, train_y, len(data.classes), l2=l2, held_out=(test_x, test_y))
+    probabilities = fit.probabilities(test_x)
+    metrics = classification_metrics(probabilities, test_y, data.classes)
+    if fold_metrics:
+        metrics["folds"] = fold_metrics
     version = head_versions(settings.heads_dir, name).next_version()
     head = LinearHead(
-        name, version, data.classes, weight, bias, embedder.model_id,
+        name, version, data.classes, fit.weight, fit.bias, embedder.model_id,
         {k: float(v) for k, v in metrics.items() if isinstance(v, float)},
     )  # fmt: skip
     head.save(settings.heads_dir)
     if publish:
         publish_head(settings.heads_dir, name, head.version)
     skipped = train_ok.count(False) + test_ok.count(False)
-    return TrainedHead(head, metrics, len(train_y), len(test_y), skipped)
+    trained = TrainedHead(head, metrics, len(train_y), len(test_y), skipped)
+    if report:
+        evaluation = Evaluation(
+            data.classes, test_y, probabilities, test_paths, metrics, history=fit.history, folds=fold_metrics
+        )
+        vectors, labels = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
+        sample = stratified_sample(labels)
+        summary = [
+            f"Linear head {name!r} v{version} on frozen {embedder.model_id} embeddings of {data_dir}: "
+            f"{len(train_y)} training images, {len(test_y)} held out, {skipped} unusable; L2 {l2}."
+        ]
+        page = training_report(f"train-head {name} v{version}", evaluation, vectors[sample], labels[sample], summary)
+        trained.report_path = page.write(settings.reports_dir / f"head-{name}-v{version}")
+    return trained

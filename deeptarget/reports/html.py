@@ -1,0 +1,105 @@
+"""One HTML page per report: sections of text, tables and figures. Figures are saved as PNG files next to the page
+and embedded in it as data URIs, so the page alone can be mailed or attached to a ticket."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and in CI
+
+from matplotlib.figure import Figure
+
+from deeptarget.versioned import atomic_write
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+td, th { border: 1px solid #ccc; padding: 3px 9px; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1em 0 2em; } figcaption { color: #555; font-size: 90%; }
+img { max-width: 100%; }
+"""
+
+
+@dataclass
+class Report:
+    """Add sections in order, then ``write(folder)``: ``index.html`` plus one PNG per figure."""
+
+    title: str
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+    figures: dict[str, Figure] = field(default_factory=dict)
+
+    def heading(self, text: str) -> None:
+        self.blocks.append(("h2", text))
+
+    def text(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+        self.blocks.append(("table", (list(header), [list(r) for r in rows])))
+
+    def figure(self, name: str, figure: Figure, caption: str) -> None:
+        """``name`` becomes ``<name>.png``; it must be unique within the report."""
+        if name in self.figures:
+            raise ValueError(f"figure {name!r} is already in the report")
+        self.figures[name] = figure
+        self.blocks.append(("figure", (name, caption)))
+
+    def write(self, folder: Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        pngs: dict[str, bytes] = {}
+        for name, figure in self.figures.items():
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+            pngs[name] = buffer.getvalue()
+            atomic_write(folder / f"{name}.png", lambda handle, data=pngs[name]: handle.write(data))
+        page = self._render(pngs)
+        path = folder / "index.html"
+        atomic_write(path, lambda handle: handle.write(page.encode()))
+        return path
+
+    def _render(self, pngs: dict[str, bytes]) -> str:
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        parts = [
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(self.title)}</h1><p><small>{stamp}</small></p>",
+        ]
+        for kind, value in self.blocks:
+            if kind == "figure":
+                name, caption = value
+                data = base64.b64encode(pngs[name]).decode()
+                parts.append(
+                    f"<figure id='{html.escape(name)}'><img alt='{html.escape(caption)}' "
+                    f"src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)} "
+                    f"(<a href='{html.escape(name)}.png'>{html.escape(name)}.png</a>)</figcaption></figure>"
+                )
+            elif kind == "table":
+                header, rows = value
+                head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+                body = "".join(
+                    "<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>" for row in rows
+                )
+                parts.append(f"<table><tr>{head}</tr>{body}</table>")
+            else:
+                parts.append(f"<{kind}>{html.escape(str(value))}</{kind}>")
+        parts.append("</body></html>")
+        return "\n".join(parts)
+
+
+def _cell(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def new_figure(width: float = 7.0, height: float = 4.5) -> Figure:
+    """A figure that is not registered with pyplot (so nothing leaks between reports in a long-lived process)."""
+    return Figure(figsize=(width, height), layout="constrained")

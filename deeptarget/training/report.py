@@ -1,0 +1,123 @@
+"""The report of a training run: metrics tables, learning curves, confusion matrix, the most confused class pairs
+with example images, and a 2-D map of the embeddings coloured by class."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
+from sklearn.metrics import confusion_matrix
+
+from deeptarget.reports import figures
+from deeptarget.reports.html import Report
+
+MAP_POINTS = 3000  # t-SNE is quadratic-ish: a class-stratified sample beyond this many points
+CONFUSED_PAIRS = 6
+
+
+@dataclass
+class Evaluation:
+    """What a run measured on its held-out images."""
+
+    classes: list[str]
+    labels: np.ndarray  # (n,) true class indices
+    probabilities: np.ndarray  # (n, classes)
+    paths: list[Path]  # the held-out images, for examples
+    metrics: dict[str, object]
+    history: list[dict[str, float]] = field(default_factory=list)
+    history_x: str = "evaluation"
+    history_x_label: str = "L-BFGS loss evaluation"
+    folds: list[dict[str, object]] = field(default_factory=list)
+
+
+def map_2d(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """t-SNE of ``vectors`` (after PCA to 50 dimensions), or PCA alone when there are too few points for t-SNE."""
+    vectors = np.asarray(vectors, np.float32)
+    if len(vectors) < 10:
+        return PCA(n_components=2, random_state=seed).fit_transform(vectors), "PCA"
+    reduced = PCA(n_components=min(50, *vectors.shape), random_state=seed).fit_transform(vectors)
+    perplexity = float(min(30, (len(vectors) - 1) / 3))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return tsne.fit_transform(reduced), "t-SNE"
+
+
+def most_confused(matrix: np.ndarray, limit: int = CONFUSED_PAIRS) -> list[tuple[int, int, int]]:
+    """(true, predicted, count) for the largest off-diagonal cells, largest first."""
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None)[:limit]
+    cells = [(*np.unravel_index(i, off.shape), 0) for i in order]
+    return [(int(t), int(p), int(off[t, p])) for t, p, _ in cells if off[t, p] > 0]
+
+
+def training_report(
+    title: str, evaluation: Evaluation, map_vectors: np.ndarray, map_labels: np.ndarray, summary: Sequence[str]
+) -> Report:
+    e = evaluation
+    report = Report(title)
+    for line in summary:
+        report.text(line)
+    m = e.metrics
+    report.heading("Held-out metrics")
+    report.table(
+        ["images", "top-1", "top-5", "macro-F1"], [[len(e.labels), m["top1"], m["top5"], m["macro_f1"]]]
+    )  # fmt: skip
+    per_class = m["per_class"]
+    assert isinstance(per_class, dict)
+    support = np.bincount(e.labels, minlength=len(e.classes))
+    report.table(
+        ["class", "precision", "recall", "images"],
+        [[c, per_class[c]["precision"], per_class[c]["recall"], int(support[i])] for i, c in enumerate(e.classes)],
+    )
+    if e.folds:
+        report.heading(f"{len(e.folds)}-fold cross-validation")
+        rows = [[f["fold"], f["images"], f["top1"], f["top5"], f["macro_f1"]] for f in e.folds]
+        for label, reduce in (("mean", np.mean), ("std", np.std)):
+            rows.append([label, "", *(float(reduce([f[k] for f in e.folds])) for k in ("top1", "top5", "macro_f1"))])
+        report.table(["fold", "images", "top-1", "top-5", "macro-F1"], rows)
+    if e.history:
+        report.heading("Learning curves")
+        report.figure(
+            "learning_curves",
+            figures.learning_curves(e.history, e.history_x, e.history_x_label),
+            "loss and accuracy on the training and held-out images during training",
+        )
+    predicted = e.probabilities.argmax(axis=1)
+    matrix = confusion_matrix(e.labels, predicted, labels=np.arange(len(e.classes)))
+    report.heading("Confusion matrix")
+    report.figure("confusion_matrix", figures.confusion_matrix(matrix, e.classes), "held-out images, rows = truth")
+    pairs = []
+    for true, pred, count in most_confused(matrix):
+        examples = [p for p, t, q in zip(e.paths, e.labels, predicted, strict=True) if t == true and q == pred]
+        pairs.append((e.classes[true], e.classes[pred], count, examples))
+    report.heading("Most confused classes")
+    if pairs:
+        report.table(["true", "predicted as", "images"], [[t, p, n] for t, p, n, _ in pairs])
+        report.figure("confused_examples", figures.confused_examples(pairs), "held-out images behind each pair")
+    else:
+        report.text("No held-out image was misclassified.")
+    points, method = map_2d(map_vectors)
+    report.heading("Embedding map")
+    report.figure(
+        "embedding_map",
+        figures.embedding_map(points, map_labels, e.classes, method),
+        f"{method} of {len(points)} image embeddings, coloured by their true class",
+    )
+    return report
+
+
+def stratified_sample(labels: np.ndarray, limit: int = MAP_POINTS, seed: int = 0) -> np.ndarray:
+    """Indices of at most ``limit`` items keeping every class's share."""
+    if len(labels) <= limit:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    share = limit / len(labels)
+    chosen = [
+        rng.choice(idx, max(1, round(len(idx) * share)), replace=False)
+        for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))
+    ]
+    return np.sort(np.concatenate(chosen))
