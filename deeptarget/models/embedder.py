@@ -78,6 +78,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def centre_crop_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a (3, H, W) uint8 tensor so its short side is ``size``, then crop the centre square."""
+    height, width = image.shape[-2:]
+    scale = size / min(height, width)
+    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    resized = resize_uint8(image, (new_h, new_w))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[:, top : top + size, left : left + size]
+
+
 class Embedder:
     """``Embedder(...)(images) -> (n, dim) float32``, rows L2-normalised. Images are RGB uint8 arrays of any size."""
 
@@ -186,16 +196,15 @@ class Embedder:
 
     def preprocess_tensor(self, image: torch.Tensor) -> torch.Tensor:
         """``preprocess`` for a (3, H, W) uint8 tensor on any device (antialiased bilinear): (3, size, size) uint8."""
-        height, width = image.shape[-2:]
-        scale = self.image_size / min(height, width)
-        new_h, new_w = max(self.image_size, round(height * scale)), max(self.image_size, round(width * scale))
-        resized = resize_uint8(image, (new_h, new_w))
-        top, left = (new_h - self.image_size) // 2, (new_w - self.image_size) // 2
-        return resized[:, top : top + self.image_size, left : left + self.image_size]
+        return centre_crop_tensor(image, self.image_size)
 
     def embed_preprocessed(self, batch: np.ndarray) -> np.ndarray:
         """(n, size, size, 3) uint8 -> (n, dim) float32, L2-normalised, in micro-batches."""
         return self.embed_tensors(torch.from_numpy(batch).permute(0, 3, 1, 2))
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """(n, 3, h, w) uint8 on this device -> the float input the backbone was trained on (channels-last)."""
+        return ((batch.float() - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
@@ -207,7 +216,7 @@ class Embedder:
                 if self.device.type == "cuda":
                     chunk = chunk.contiguous().pin_memory()
                 chunk = chunk.to(self.device, non_blocking=True)
-            x = ((chunk.float() - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+            x = self.normalize(chunk)
             with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
                 features = self.model(x)
             out.append(torch.nn.functional.normalize(features.float(), dim=1).cpu().numpy())
