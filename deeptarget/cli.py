@@ -11,6 +11,10 @@
     deeptarget profiles export PATH.jsonl|PATH.parquet
     deeptarget train | index snapshot|rebuild
     deeptarget train-head DATA_DIR --name N [--folds K] [--finetune] [--publish] / publish-head NAME VERSION
+    deeptarget reclassify [HEAD...]       apply published heads to the stored embeddings, refresh profiles
+    deeptarget train-likability           a likable-or-not head from the stored likes / followers
+    deeptarget compare-backbones DATA_DIR accuracy, size and speed of each backbone
+    deeptarget report [--out DIR]         HTML report of the live system
     deeptarget enqueue FILE.jsonl         push posts (JSON lines with id and media_url) to the scraper
     deeptarget delete POST_ID...          forget posts and take them out of the index
     deeptarget deadletter list|retry|drop [IDS] [--all]   tasks that failed for good
@@ -32,7 +36,7 @@ from typing import Any
 
 from deeptarget import constants
 from deeptarget.config import Settings
-from deeptarget.errors import DeepTargetError
+from deeptarget.errors import ConfigurationError, DeepTargetError
 
 LOG = logging.getLogger("deeptarget")
 
@@ -337,6 +341,73 @@ def cmd_publish_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reclassify(args: argparse.Namespace) -> int:
+    from deeptarget.store import MetadataStore
+    from deeptarget.training.reclassify import published_heads, reclassify
+
+    settings = _settings(args)
+    heads = published_heads(settings.heads_dir, args.heads or None)
+    if not heads:
+        raise ConfigurationError(f"no published head in {settings.heads_dir}")
+    done = reclassify(
+        MetadataStore(settings.sqlite_path),
+        heads,
+        half_life_days=settings.profile_half_life_days,
+        outlier_k=settings.follower_outlier_k,
+    )
+    for name, version in done.heads.items():
+        print(f"head {name} v{version}: {done.posts[name]} stored posts reclassified")
+    print(f"{done.profiles} profiles rebuilt")
+    return 0
+
+
+def cmd_train_likability(args: argparse.Namespace) -> int:
+    from deeptarget.training.likability import train_likability
+
+    trained = train_likability(_settings(args), model_id=args.model_id, publish=args.publish)
+    m = trained.metrics
+    print(
+        f"likability v{trained.head.version} on {trained.model_id}: {trained.train_posts} training posts, "
+        f"{trained.test_posts} held out, {trained.outlier_posts} from follower-count outliers left out"
+    )
+    print(f"accuracy {m['accuracy']:.3f}   average precision {m['average_precision']:.3f} "
+          f"(random {m['positive_share']:.3f})   ROC AUC {m['roc_auc']:.3f}")  # fmt: skip
+    print(f"report: {trained.report_path}")
+    return 0
+
+
+def cmd_compare_backbones(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from deeptarget.models.embedder import BACKBONES
+    from deeptarget.training.backbones import BackboneSpec, compare_backbones, comparison_report
+
+    settings = _settings(args)
+    specs = [BackboneSpec.parse(text, settings) for text in (args.backbone or list(BACKBONES))]
+    results = compare_backbones(settings, Path(args.images), specs, timing_images=args.timing_images)
+    table = Table("backbone", "weights", "params (M)", "size (MB)", "ms/image", "top-1", "top-5", "macro-F1")
+    for r in results:
+        scores = [f"{r.metrics[k]:.3f}" for k in ("top1", "top5", "macro_f1")]
+        sizes = [f"{r.parameters_m:.1f}", f"{r.size_mb:.1f}", f"{r.ms_per_image:.1f}"]
+        table.add_row(r.spec.name, r.model_id.split(":")[1], *sizes, *scores)
+    console = Console()
+    console.print(table)
+    folder = settings.reports_dir / f"backbones-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.print(f"report: {comparison_report(Path(args.images), results).write(folder)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from deeptarget.reports.live import write_system_report
+    from deeptarget.store import MetadataStore
+
+    settings = _settings(args)
+    folder = Path(args.out) if args.out else settings.reports_dir / f"system-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"report: {write_system_report(MetadataStore(settings.sqlite_path), folder)}")
+    return 0
+
+
 def cmd_enqueue(args: argparse.Namespace) -> int:
     import redis.asyncio as aioredis
 
@@ -515,6 +586,29 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("name")
     publish.add_argument("version", type=int)
     publish.set_defaults(func=cmd_publish_head)
+
+    reclassify = sub.add_parser("reclassify", help="apply the published heads to the stored embeddings")
+    reclassify.add_argument("heads", nargs="*", help="head names (default: every published head)")
+    reclassify.set_defaults(func=cmd_reclassify)
+
+    likability = sub.add_parser("train-likability", help="train the likability head from the stored engagement")
+    likability.add_argument("--model-id", help="embeddings of this model (default: the one most posts have)")
+    likability.add_argument("--publish", action="store_true", help="make it the version workers use")
+    likability.set_defaults(func=cmd_train_likability)
+
+    compare = sub.add_parser("compare-backbones", help="accuracy, size and speed of backbones on a labelled folder")
+    compare.add_argument("images", metavar="DATA_DIR", help="a labelled image folder, as for train-head")
+    compare.add_argument(
+        "--backbone",
+        action="append",
+        help="NAME, NAME=WEIGHTS or NAME=WEIGHTS:NORMALIZATION; repeat it (default: every known backbone)",
+    )
+    compare.add_argument("--timing-images", type=int, default=64, help="images embedded to time each backbone")
+    compare.set_defaults(func=cmd_compare_backbones)
+
+    report = sub.add_parser("report", help="an HTML report of the live system (posts, faces, classes, engagement)")
+    report.add_argument("--out", help="folder for index.html and its PNGs (default: data/reports/system-<time>)")
+    report.set_defaults(func=cmd_report)
 
     enqueue = sub.add_parser("enqueue", help="queue posts from a JSON-lines file (- for stdin) for the scraper")
     enqueue.add_argument("file")

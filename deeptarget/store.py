@@ -114,6 +114,16 @@ class EmbeddingRows:
 
 
 @dataclass(frozen=True)
+class EngagementRows:
+    post_ids: list[str]
+    owner_ids: list[str]
+    likes: np.ndarray  # float64 (n,)
+    followers: np.ndarray  # float64 (n,)
+    blobs: list[str | None]
+    vectors: np.ndarray  # float32 (n, d)
+
+
+@dataclass(frozen=True)
 class Audience:
     user_id: str
     score: float
@@ -284,6 +294,20 @@ class MetadataStore:
         """Every stored embedding, for a rebuild."""
         return self._scan_embeddings(_USABLE, (), batch)
 
+    def embeddings_of_model(self, model_id: str, batch: int = 4096) -> Iterator[EmbeddingRows]:
+        """Every usable stored embedding made by ``model_id`` (what a head trained on that model can classify)."""
+        return self._scan_embeddings(f"{_USABLE} AND model_id = ?", (model_id,), batch)
+
+    def set_head_predictions(self, head: str, predictions: dict[str, dict[str, float]]) -> None:
+        """Replace one head's class probabilities of these posts, keeping the other heads' and the embeddings."""
+        path = '$."' + head.replace('"', "") + '"'
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE posts SET classes = json_set(COALESCE(classes, '{}'), ?, json(?)), updated_at = ? "
+                "WHERE post_id = ?",
+                [(path, json.dumps(classes), time.time(), post_id) for post_id, classes in predictions.items()],
+            )
+
     def count_embeddings(self, model_id: str) -> int:
         with self._lock:
             row = self._db.execute(
@@ -385,6 +409,59 @@ class MetadataStore:
                 "SELECT MAX(owner_followers) FROM posts WHERE owner_followers IS NOT NULL GROUP BY owner_id"
             ).fetchall()
         return np.array([r[0] for r in rows], dtype=np.float64)
+
+    def engagement_rows(self, model_id: str) -> EngagementRows:
+        """Usable posts of ``model_id`` whose likes and owner's followers (> 0) are known, with their embeddings."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT post_id, owner_id, like_count, owner_followers, blob, embedding FROM posts "
+                f"WHERE {_USABLE} AND model_id = ? AND embedding IS NOT NULL AND like_count IS NOT NULL "
+                "AND owner_followers > 0 ORDER BY rowid",
+                (model_id,),
+            ).fetchall()
+        dim = len(rows[0]["embedding"]) // 4 if rows else 0
+        return EngagementRows(
+            post_ids=[r["post_id"] for r in rows],
+            owner_ids=[r["owner_id"] for r in rows],
+            likes=np.array([r["like_count"] for r in rows], np.float64),
+            followers=np.array([r["owner_followers"] for r in rows], np.float64),
+            blobs=[r["blob"] for r in rows],
+            vectors=np.frombuffer(b"".join(r["embedding"] for r in rows), np.float32).reshape(len(rows), dim),
+        )
+
+    def model_ids(self) -> dict[str, int]:
+        """Usable embeddings per embedder model id, most first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT model_id, COUNT(*) FROM posts WHERE {_USABLE} AND embedding IS NOT NULL "
+                "GROUP BY model_id ORDER BY 2 DESC"
+            ).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def hashtag_counts(self, limit: int = 30) -> dict[str, int]:
+        """Posts per hashtag, most first (every stored post, whatever its status)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT tag.value, COUNT(*) FROM posts, json_each(posts.hashtags) AS tag "
+                "WHERE posts.status != 'deleted' GROUP BY tag.value ORDER BY 2 DESC, 1 LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
+    def usable_summaries(self, batch: int = 10_000) -> Iterator[list[sqlite3.Row]]:
+        """(faces, classes, like_count, owner_followers) of every usable post, in batches: what a report counts."""
+        last_rowid = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT rowid, faces, classes, like_count, owner_followers FROM posts "
+                    f"WHERE {_USABLE} AND rowid > ? ORDER BY rowid LIMIT ?",
+                    (last_rowid, batch),
+                ).fetchall()
+            if not rows:
+                return
+            last_rowid = rows[-1]["rowid"]
+            yield rows
 
     def has_interest(self, interest: str) -> bool:
         with self._lock:

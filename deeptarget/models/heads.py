@@ -104,7 +104,7 @@ class HeadSet:
         if not self.heads_dir.is_dir():
             return
         for folder in sorted(p for p in self.heads_dir.iterdir() if p.is_dir()):
-            path = _published_file(head_versions(self.heads_dir, folder.name))
+            path = published_file(head_versions(self.heads_dir, folder.name))
             if path is None:
                 continue
             stamp = (path.name, path.stat().st_mtime)
@@ -129,13 +129,17 @@ class HeadSet:
         """Per image: head -> class -> probability."""
         per_image: list[dict[str, dict[str, float]]] = [{} for _ in range(len(embeddings))]
         for name, head in self.heads.items():
-            probs = head(embeddings)
-            for row, out in zip(probs, per_image, strict=True):
-                out[name] = {c: round(float(p), 6) for c, p in zip(head.classes, row, strict=True)}
+            for classes, out in zip(self.predictions(head, embeddings), per_image, strict=True):
+                out[name] = classes
         return per_image
 
+    @staticmethod
+    def predictions(head: LinearHead, embeddings: np.ndarray) -> list[dict[str, float]]:
+        """Per image: class -> probability, as stored with the post."""
+        return [{c: round(float(p), 6) for c, p in zip(head.classes, row, strict=True)} for row in head(embeddings)]
 
-def _published_file(versions: VersionedDir) -> Path | None:
+
+def published_file(versions: VersionedDir) -> Path | None:
     """The published version, or the newest when none was published explicitly."""
     version = versions.current()
     if version is None:

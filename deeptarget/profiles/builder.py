@@ -15,8 +15,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from deeptarget.profiles.outliers import FollowerBounds
 from deeptarget.schema import Profile
-from deeptarget.store import USABLE_STATUSES, StoredPost
+from deeptarget.store import USABLE_STATUSES, MetadataStore, StoredPost
 
 ENGAGEMENT_CLIP = (0.25, 4.0)
 TOP_HASHTAGS = 25
@@ -76,3 +77,16 @@ def build_profile(
         },
         updated_at=now,
     )
+
+
+def rebuild_profiles(
+    store: MetadataStore, user_ids: Sequence[str], half_life_days: float, bounds: FollowerBounds
+) -> list[Profile]:
+    """Build and save the profiles of ``user_ids`` from their stored posts."""
+    profiles = []
+    for user_id in user_ids:
+        profile = build_profile(user_id, store.user_posts(user_id), half_life_days=half_life_days)
+        profile.follower_outlier = bounds.is_outlier(profile.followers_count)
+        store.save_profile(profile)
+        profiles.append(profile)
+    return profiles

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 from deeptarget import constants
 from deeptarget.errors import TransientError
 from deeptarget.index.hashtags import HashtagModel
-from deeptarget.profiles import build_profile
+from deeptarget.profiles.builder import rebuild_profiles
 from deeptarget.schema import Post, PostRef
 from deeptarget.workers.app import settings_of
 from deeptarget.workers.context import WorkerContext, context_for
@@ -154,15 +154,10 @@ def train_hashtags(self: Task) -> int:
 def update_profiles(self: Task, user_ids: list[str]) -> int:
     ctx = _context(self)
     bounds = ctx.follower_bounds.get()
-    for user_id in user_ids:
-        profile = build_profile(
-            user_id, ctx.store.user_posts(user_id), half_life_days=ctx.settings.profile_half_life_days
-        )
-        profile.follower_outlier = bounds.is_outlier(profile.followers_count)
-        ctx.store.save_profile(profile)
+    for profile in rebuild_profiles(ctx.store, user_ids, ctx.settings.profile_half_life_days, bounds):
         ctx.redis.xadd(
             constants.profiles_stream,
-            {"user_id": user_id, "profile": profile.model_dump_json()},
+            {"user_id": profile.user_id, "profile": profile.model_dump_json()},
             maxlen=constants.profiles_stream_maxlen,
             approximate=True,
         )
