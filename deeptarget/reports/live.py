@@ -31,6 +31,7 @@ def system_report(store: MetadataStore, top_hashtags: int = TOP_HASHTAGS) -> Rep
             figures.bars(hashtags, f"posts per hashtag (top {len(hashtags)})", "posts"),
             "hashtags on the stored posts, whatever their status",
         )
+        report.table(["hashtag", "posts"], list(hashtags.items()))
     else:
         report.text("No post carries a hashtag yet.")
 
@@ -66,6 +67,7 @@ def system_report(store: MetadataStore, top_hashtags: int = TOP_HASHTAGS) -> Rep
             figures.bars(ordered, f"head {head}: most probable class per post", "posts"),
             f"class distribution of head {head} over {sum(counts.values())} posts",
         )
+        report.table([f"{head}: most probable class", "posts"], list(ordered.items()))
 
     report.heading("Engagement")
     if engagement:
