@@ -1,5 +1,5 @@
 """Images for fine-tuning: decoded lazily in DataLoader workers, augmented for training (random resized crops,
-flips, colour jitter; mixup happens on the batch), and the fixed views of test-time augmentation."""
+flips, colour jitter; mixup happens on the batch), and the views of test-time augmentation."""
 
 from __future__ import annotations
 
@@ -61,11 +61,8 @@ def mixup(
     return mixed, labels, labels[order], weight
 
 
-def tta_views(batch: torch.Tensor, image_size: int) -> list[torch.Tensor]:
-    """Test-time views of a centre-cropped uint8 batch: as is, mirrored, and a 87.5% centre zoom of each."""
-    inner = round(image_size * 0.875)
-    start = (image_size - inner) // 2
-    zoomed = v2.functional.resize(
-        batch[..., start : start + inner, start : start + inner], [image_size, image_size], antialias=True
-    )
-    return [batch, batch.flip(-1), zoomed, zoomed.flip(-1)]
+def tta_views(batch: torch.Tensor) -> list[torch.Tensor]:
+    """Test-time views of a centre-cropped uint8 batch: as is and mirrored. On the food set (fine-tuned MobileNetV2)
+    adding 87.5% centre zooms, mirrored or not, scored 0.820 against 0.828 for these two: within noise, at twice
+    the cost."""
+    return [batch, batch.flip(-1)]

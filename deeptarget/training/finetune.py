@@ -271,7 +271,7 @@ def predict(
     autocast = _autocast(embedder)
     for images, _ in torch.utils.data.DataLoader(dataset, batch_size, shuffle=False, **loader_args):
         images = images.to(embedder.device, non_blocking=True)
-        views = tta_views(images, embedder.image_size) if tta else [images]
+        views = tta_views(images) if tta else [images]
         with autocast:
             probs = [torch.softmax(model(embedder.normalize(v)).float(), dim=1) for v in views]
         single.append(probs[0].cpu().numpy())
