@@ -32,7 +32,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from deeptarget import constants
 from deeptarget.config import Settings
@@ -285,7 +285,11 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     settings = _settings(args)
+    overrides = {"backbone": args.backbone, "weights": args.weights, "weights_normalization": args.normalization}
+    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     console = Console()
+    if args.finetune and args.folds:
+        raise ConfigurationError("--folds cross-validates the linear head; it does not apply to --finetune")
     if args.finetune:
         from deeptarget.training.finetune import FinetuneOptions, finetune
 
@@ -570,6 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train/ and test/ folders per class, train.txt/test.txt, or a folder per class",
     )
     train_head.add_argument("--name", required=True, help="the head's name (e.g. food)")
+    fields = Settings.model_fields
+    train_head.add_argument("--backbone", choices=get_args(fields["backbone"].annotation),
+                            help="default: the backbone setting (the one the workers run)")  # fmt: skip
+    train_head.add_argument("--weights", help="imagenet, none, auto or a .pth file (default: the weights setting)")
+    train_head.add_argument("--normalization", choices=get_args(fields["weights_normalization"].annotation),
+                            help="input scaling of the weights")  # fmt: skip
     train_head.add_argument("--publish", action="store_true", help="make it the version workers use")
     train_head.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the logistic regression")
     train_head.add_argument("--folds", type=int, default=0, help="also report K-fold cross-validation (K >= 2)")
