@@ -9,8 +9,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from deeptarget.config import Settings
 from deeptarget.errors import ImageRejected
 from deeptarget.models.decode import decode_image
@@ -19,7 +17,7 @@ from deeptarget.reports import figures
 from deeptarget.reports.html import Report
 from deeptarget.training.datasets import load_labelled
 from deeptarget.training.linear import classification_metrics, fit_logistic
-from deeptarget.training.train_head import embed_files
+from deeptarget.training.train_head import embed_splits
 
 LOG = logging.getLogger(__name__)
 
@@ -62,12 +60,9 @@ def compare_backbones(
     for spec in specs:
         embedder = Embedder(spec.name, spec.weights, spec.normalization, settings.image_size, settings.device,
                             settings.micro_batch)  # fmt: skip
-        train_x, train_ok = embed_files(settings, embedder, [p for p, _ in data.train])
-        test_x, test_ok = embed_files(settings, embedder, [p for p, _ in data.test])
-        train_y = np.array([y for (_, y), ok in zip(data.train, train_ok, strict=True) if ok], np.int64)
-        test_y = np.array([y for (_, y), ok in zip(data.test, test_ok, strict=True) if ok], np.int64)
-        fit = fit_logistic(train_x, train_y, len(data.classes))
-        metrics = classification_metrics(fit.probabilities(test_x), test_y, data.classes)
+        splits = embed_splits(settings, embedder, data)
+        fit = fit_logistic(splits.train_x, splits.train_y, len(data.classes))
+        metrics = classification_metrics(fit.probabilities(splits.test_x), splits.test_y, data.classes)
         parameters = sum(p.numel() for p in embedder.model.parameters())
         size = sum(t.numel() * t.element_size() for t in embedder.model.state_dict().values())
         ms = embedding_ms_per_image(settings, embedder, [p for p, _ in data.test][:timing_images])

@@ -34,7 +34,7 @@ from deeptarget.training.augment import ImageFiles, mixup, tta_views
 from deeptarget.training.datasets import load_labelled
 from deeptarget.training.linear import classification_metrics, fit_logistic
 from deeptarget.training.report import Evaluation, stratified_sample, training_report
-from deeptarget.training.train_head import TrainedHead, embed_files
+from deeptarget.training.train_head import TrainedHead, embed_splits
 from deeptarget.versioned import atomic_write
 
 LOG = logging.getLogger(__name__)
@@ -117,14 +117,10 @@ def finetune(
     n_classes = len(data.classes)
 
     # the linear probe: its head is where fine-tuning starts, and its score the bar fine-tuning has to clear
-    train_x, train_ok = embed_files(settings, embedder, [p for p, _ in data.train])
-    test_x, test_ok = embed_files(settings, embedder, [p for p, _ in data.test])
-    train_items = [item for item, ok in zip(data.train, train_ok, strict=True) if ok]
-    test_items = [item for item, ok in zip(data.test, test_ok, strict=True) if ok]
-    train_y = np.array([label for _, label in train_items], np.int64)
-    test_y = np.array([label for _, label in test_items], np.int64)
-    probe = fit_logistic(train_x, train_y, n_classes)
-    probe_metrics = classification_metrics(probe.probabilities(test_x), test_y, data.classes)
+    splits = embed_splits(settings, embedder, data)
+    train_items, test_items, train_y, test_y = splits.train, splits.test, splits.train_y, splits.test_y
+    probe = fit_logistic(splits.train_x, train_y, n_classes)
+    probe_metrics = classification_metrics(probe.probabilities(splits.test_x), test_y, data.classes)
 
     device = embedder.device
     head = torch.nn.Linear(embedder.dim, n_classes)
@@ -234,9 +230,7 @@ def finetune(
         f"DEEPTARGET_WEIGHTS={weights_path} (normalization {settings.weights_normalization}) and restart them; "
         "posts embedded before keep their old embeddings",
     ]
-    trained = TrainedHead(
-        trained_head, metrics, len(train_y), len(test_y), train_ok.count(False) + test_ok.count(False)
-    )
+    trained = TrainedHead(trained_head, metrics, len(train_y), len(test_y), splits.skipped)
     trained.notes = notes
     evaluation = Evaluation(
         data.classes, test_y, tta, [p for p, _ in test_items], metrics,

@@ -18,7 +18,7 @@ from deeptarget.errors import ImageRejected
 from deeptarget.models.decode import decode_image
 from deeptarget.models.embedder import Embedder
 from deeptarget.models.heads import LinearHead, head_versions, publish_head
-from deeptarget.training.datasets import load_labelled
+from deeptarget.training.datasets import LabelledImages, load_labelled
 from deeptarget.training.linear import classification_metrics, cross_validate, fit_logistic
 from deeptarget.training.report import Evaluation, stratified_sample, training_report
 from deeptarget.versioned import atomic_write
@@ -81,6 +81,37 @@ def embed_files(settings: Settings, embedder: Embedder, paths: list[Path]) -> tu
     return (np.stack(vectors) if vectors else np.zeros((0, embedder.dim), np.float32)), usable
 
 
+@dataclass(frozen=True)
+class EmbeddedSplits:
+    """A labelled folder's usable images with their frozen embeddings (unreadable files dropped and counted)."""
+
+    train: list[tuple[Path, int]]
+    test: list[tuple[Path, int]]
+    train_x: np.ndarray
+    test_x: np.ndarray
+    skipped: int
+
+    @property
+    def train_y(self) -> np.ndarray:
+        return np.array([label for _, label in self.train], np.int64)
+
+    @property
+    def test_y(self) -> np.ndarray:
+        return np.array([label for _, label in self.test], np.int64)
+
+
+def embed_splits(settings: Settings, embedder: Embedder, data: LabelledImages) -> EmbeddedSplits:
+    train_x, train_ok = embed_files(settings, embedder, [p for p, _ in data.train])
+    test_x, test_ok = embed_files(settings, embedder, [p for p, _ in data.test])
+    return EmbeddedSplits(
+        train=[item for item, ok in zip(data.train, train_ok, strict=True) if ok],
+        test=[item for item, ok in zip(data.test, test_ok, strict=True) if ok],
+        train_x=train_x,
+        test_x=test_x,
+        skipped=train_ok.count(False) + test_ok.count(False),
+    )
+
+
 def train_head(
     settings: Settings,
     data_dir: Path,
@@ -92,11 +123,8 @@ def train_head(
 ) -> TrainedHead:
     data = load_labelled(data_dir)
     embedder = Embedder.from_settings(settings)
-    train_x, train_ok = embed_files(settings, embedder, [p for p, _ in data.train])
-    test_x, test_ok = embed_files(settings, embedder, [p for p, _ in data.test])
-    train_y = np.array([label for (_, label), ok in zip(data.train, train_ok, strict=True) if ok], np.int64)
-    test_y = np.array([label for (_, label), ok in zip(data.test, test_ok, strict=True) if ok], np.int64)
-    test_paths = [p for (p, _), ok in zip(data.test, test_ok, strict=True) if ok]
+    splits = embed_splits(settings, embedder, data)
+    train_x, train_y, test_x, test_y = splits.train_x, splits.train_y, splits.test_x, splits.test_y
     fold_metrics = []
     if folds:
         everything = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
@@ -114,11 +142,17 @@ def train_head(
     head.save(settings.heads_dir)
     if publish:
         publish_head(settings.heads_dir, name, head.version)
-    skipped = train_ok.count(False) + test_ok.count(False)
+    skipped = splits.skipped
     trained = TrainedHead(head, metrics, len(train_y), len(test_y), skipped)
     if report:
         evaluation = Evaluation(
-            data.classes, test_y, probabilities, test_paths, metrics, history=fit.history, folds=fold_metrics
+            data.classes,
+            test_y,
+            probabilities,
+            [p for p, _ in splits.test],
+            metrics,
+            history=fit.history,
+            folds=fold_metrics,
         )
         vectors, labels = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
         sample = stratified_sample(labels)
