@@ -243,7 +243,8 @@ def finetune(
         f"{len(test_y)} held out, {options.epochs} epochs, options {options.fingerprint()}.",
         *notes,
         "Held-out predictions below use test-time augmentation; the map shows the fine-tuned embeddings of the "
-        "held-out images.",
+        "held-out images. The training loss is taken on augmented, mixed-up images with label smoothing, so it sits "
+        "above the held-out loss.",
     ]
     page = training_report(f"fine-tuned head {name} v{version}", evaluation, vectors[sample], test_y[sample], summary)
     trained.report_path = page.write(settings.reports_dir / f"head-{name}-v{version}")
