@@ -90,3 +90,25 @@ def test_compare_backbones_tables_accuracy_size_and_speed(tmp_path: Path) -> Non
     assert page_path.read_text().count("<tr>") == 3  # header and one row per backbone
     for figure in ("top1", "ms_per_image", "size_mb"):
         assert (tmp_path / "report" / f"{figure}.png").is_file()
+
+
+def test_food101_layouts_are_read(tmp_path: Path) -> None:
+    import json
+
+    food = tmp_path / "food-101"
+    make_dataset(food / "images", per_class=4)
+    (food / "meta").mkdir()
+    lists = {name: [f"{name}/{i}" for i in range(4)] for name in ("grass", "sky", "tomatoes")}
+    (food / "meta" / "train.json").write_text(json.dumps({c: ids[:3] for c, ids in lists.items()}))
+    (food / "meta" / "test.json").write_text(json.dumps({c: ids[3:] for c, ids in lists.items()}))
+    data = load_labelled(food)
+    assert data.classes == ["grass", "sky", "tomatoes"] and len(data.train) == 9 and len(data.test) == 3
+    assert all(p.is_file() and p.parent.parent == food / "images" for p, _ in data.train + data.test)
+    assert [label for _, label in data.test] == [0, 1, 2]
+
+    subset = tmp_path / "subset"  # the shared assets' layout: class folders with train.txt / test.txt beside them
+    make_dataset(subset, per_class=4)
+    (subset / "train.txt").write_text("".join(f"{c}/{i}\n" for c in lists for i in range(3)))
+    (subset / "test.txt").write_text("".join(f"{c}/3\n" for c in lists))
+    data = load_labelled(subset)
+    assert len(data.train) == 9 and [p.name for p, _ in data.test] == ["3.jpg"] * 3

@@ -1,9 +1,11 @@
 """Labelled image folders in the layouts people have: ``train/`` and ``test/`` with one folder per class, Food-101's
-``train.txt`` / ``test.txt`` (``class/image_id`` lines, images at ``class/image_id.jpg``), or one folder per class
-(then split, stratified, with a fixed seed)."""
+``meta/train.json`` / ``meta/test.json`` (images at ``images/class/image_id.jpg``), the shared subset's ``train.txt`` /
+``test.txt`` (``class/image_id`` lines, images at ``class/image_id.jpg``), or one folder per class (then split,
+stratified, with a fixed seed)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,27 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
     }
 
 
+def _listed_splits(root: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]] | None:
+    """Food-101's lists of ``class/image_id``: ``meta/train.json`` (class -> ids) with images under ``images/``, or
+    ``train.txt`` (one id a line) with the class folders beside it. None when neither is there."""
+    meta = root / "meta"
+    if (meta / "train.json").is_file() and (meta / "test.json").is_file():
+
+        def from_json(name: str) -> list[tuple[str, Path]]:
+            lists: dict[str, list[str]] = json.loads((meta / name).read_text())
+            return [(c, root / "images" / f"{row}.jpg") for c, rows in lists.items() for row in rows]
+
+        return from_json("train.json"), from_json("test.json")
+    if (root / "train.txt").is_file() and (root / "test.txt").is_file():
+
+        def from_text(name: str) -> list[tuple[str, Path]]:
+            rows = [line.strip() for line in (root / name).read_text().splitlines() if line.strip()]
+            return [(row.split("/")[0], root / f"{row}.jpg") for row in rows]
+
+        return from_text("train.txt"), from_text("test.txt")
+    return None
+
+
 def load_labelled(root: Path, test_share: float = 0.2, seed: int = 0) -> LabelledImages:
     root = Path(root)
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -40,19 +63,18 @@ def load_labelled(root: Path, test_share: float = 0.2, seed: int = 0) -> Labelle
             [(p, index[c]) for c, paths in train.items() for p in paths],
             [(p, index[c]) for c, paths in test.items() for p in paths],
         )
-    if (root / "train.txt").is_file() and (root / "test.txt").is_file():
-
-        def listed(name: str) -> list[tuple[str, Path]]:
-            rows = [line.strip() for line in (root / name).read_text().splitlines() if line.strip()]
-            return [(row.split("/")[0], root / f"{row}.jpg") for row in rows]
-
-        train_rows, test_rows = listed("train.txt"), listed("test.txt")
+    listed = _listed_splits(root)
+    if listed is not None:
+        train_rows, test_rows = listed
         classes = sorted({c for c, _ in train_rows + test_rows})
         index = {c: i for i, c in enumerate(classes)}
         return LabelledImages(classes, [(p, index[c]) for c, p in train_rows], [(p, index[c]) for c, p in test_rows])
     folders = _class_folders(root)
     if len(folders) < 2:
-        raise ConfigurationError(f"{root}: expected train/ and test/, train.txt and test.txt, or a folder per class")
+        raise ConfigurationError(
+            f"{root}: expected train/ and test/, meta/train.json and meta/test.json, train.txt and test.txt, "
+            "or a folder per class"
+        )
     rng = np.random.default_rng(seed)
     classes = sorted(folders)
     train, test = [], []
