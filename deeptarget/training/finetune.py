@@ -131,7 +131,11 @@ def finetune(
     groups = parameter_groups(model, options)
     optimizer = torch.optim.AdamW(groups, weight_decay=options.weight_decay)
     workers = options.loader_workers if options.loader_workers is not None else min(4, (os.cpu_count() or 2) - 1)
-    loader_args: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0}
+    loader_args: dict[str, Any] = {
+        "num_workers": workers,
+        "persistent_workers": workers > 0,
+        "pin_memory": device.type == "cuda",  # lets the non-blocking copies to the GPU overlap the compute
+    }
     dataset = ImageFiles(train_items, embedder.image_size, True, settings.max_image_pixels, settings.decode_long_side)
     held_out = ImageFiles(test_items, embedder.image_size, False, settings.max_image_pixels, settings.decode_long_side)
     batches = max(1, len(dataset) // options.batch_size)
