@@ -12,6 +12,7 @@
     deeptarget train | index snapshot|rebuild
     deeptarget train-head DATA_DIR --name N [--folds K] [--finetune] [--publish] / publish-head NAME VERSION
     deeptarget reclassify [HEAD...]       apply published heads to the stored embeddings, refresh profiles
+    deeptarget reembed                    embed the stored posts again after a change of backbone or weights
     deeptarget train-likability           a likable-or-not head from the stored likes / followers
     deeptarget compare-backbones DATA_DIR accuracy, size and speed of each backbone
     deeptarget report [--out DIR]         HTML report of the live system
@@ -365,6 +366,36 @@ def cmd_reclassify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reembed(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from deeptarget.models.embedder import Embedder
+    from deeptarget.reembed import rebuild_index, send_reembed, wait_until_reembedded
+    from deeptarget.runtime import connect_redis
+    from deeptarget.store import MetadataStore
+    from deeptarget.workers.app import create_celery
+
+    settings = connect_redis(_settings(args))
+    model_id = Embedder.from_settings(settings).model_id
+    store, app, console = MetadataStore(settings.sqlite_path), create_celery(settings), Console()
+    sent = send_reembed(store, app, model_id, settings.batch_size)
+    console.print(f"{sent} posts queued to be embedded again with {model_id}; the workers must run these settings")
+    if args.no_wait:
+        console.print("when they are done: deeptarget index rebuild")
+        return 0
+    with console.status("re-embedding") as status:
+        left = wait_until_reembedded(
+            store, model_id, args.timeout, lambda n: status.update(f"re-embedding: {n} posts left")
+        )
+    if left:
+        console.print(f"{left} posts still carry another model's embedding after {args.timeout:.0f} s: are the "
+                      f"workers running with {model_id}? The index was not rebuilt.")  # fmt: skip
+        return 1
+    rebuild_index(app)
+    console.print("every post re-embedded; the index rebuild for the new model is on the index queue")
+    return 0
+
+
 def cmd_train_likability(args: argparse.Namespace) -> int:
     from deeptarget.training.likability import train_likability
 
@@ -600,6 +631,11 @@ def build_parser() -> argparse.ArgumentParser:
     reclassify = sub.add_parser("reclassify", help="apply the published heads to the stored embeddings")
     reclassify.add_argument("heads", nargs="*", help="head names (default: every published head)")
     reclassify.set_defaults(func=cmd_reclassify)
+
+    reembed = sub.add_parser("reembed", help="embed the stored posts again after a change of backbone or weights")
+    reembed.add_argument("--no-wait", action="store_true", help="queue them and return (then: index rebuild)")
+    reembed.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds to wait for the workers")
+    reembed.set_defaults(func=cmd_reembed)
 
     likability = sub.add_parser("train-likability", help="train the likability head from the stored engagement")
     likability.add_argument("--model-id", help="embeddings of this model (default: the one most posts have)")

@@ -429,6 +429,28 @@ class MetadataStore:
             vectors=np.frombuffer(b"".join(r["embedding"] for r in rows), np.float32).reshape(len(rows), dim),
         )
 
+    def stale_posts(self, model_id: str, batch: int = 1000) -> Iterator[list[StoredPost]]:
+        """Usable posts with an image whose embedding another model made: what a switch to ``model_id`` re-embeds."""
+        last_rowid = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT rowid, {_POST_COLUMNS} FROM posts WHERE {_USABLE} AND blob IS NOT NULL "
+                    "AND model_id IS NOT ? AND rowid > ? ORDER BY rowid LIMIT ?",
+                    (model_id, last_rowid, batch),
+                ).fetchall()
+            if not rows:
+                return
+            last_rowid = rows[-1]["rowid"]
+            yield [_stored_post(r) for r in rows]
+
+    def count_stale(self, model_id: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT COUNT(*) FROM posts WHERE {_USABLE} AND blob IS NOT NULL AND model_id IS NOT ?", (model_id,)
+            ).fetchone()
+        return int(row[0])
+
     def model_ids(self) -> dict[str, int]:
         """Usable embeddings per embedder model id, most first."""
         with self._lock:

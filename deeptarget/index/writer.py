@@ -185,20 +185,40 @@ class IndexWriter:
 
     def rebuild(self) -> int:
         """A fresh index from every embedding in the metadata store, published as a new snapshot (and, when the
-        collection is large enough, the IVF index built from it before this returns)."""
+        collection is large enough, the IVF index built from it before this returns). The index is for the model
+        that made most of the stored embeddings: after a switch of backbone or weights, the new one once the posts
+        are re-embedded (``deeptarget reembed``)."""
         self.wait_for_build()  # outside the lock: the build takes it to swap
+        models = self.store.model_ids()
+        if len(models) > 1:
+            LOG.warning("embeddings of %d models in the store %s: the index takes %s", len(models), models,
+                        next(iter(models)))  # fmt: skip
         with self._lock:
             self.index = None
             self._adds_since_snapshot = 0
-            added = sum(self._add(rows, snapshot=False) for rows in self.store.all_embeddings())
+            added = sum(
+                self._add(rows, snapshot=False)
+                for rows in _rows_of(self.store.all_embeddings(), next(iter(models), ""))
+            )
             self.snapshot()
             self._maybe_start_build()
         self.wait_for_build()
         return added
 
 
+def _rows_of(batches: Iterable[EmbeddingRows], model_id: str) -> Iterator[EmbeddingRows]:
+    """The rows of each batch that ``model_id`` embedded."""
+    for rows in batches:
+        keep = [m == model_id for m in rows.model_ids]
+        yield EmbeddingRows(
+            post_ids=[p for p, k in zip(rows.post_ids, keep, strict=True) if k],
+            vector_ids=rows.vector_ids[np.array(keep, bool)],
+            vectors=rows.vectors[np.array(keep, bool)],
+            model_ids=[m for m, k in zip(rows.model_ids, keep, strict=True) if k],
+        )
+
+
 def _of_model(batches: Iterable[EmbeddingRows], model_id: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(ids, vectors) of the rows that ``model_id`` embedded, batch by batch."""
-    for rows in batches:
-        keep = np.array([m == model_id for m in rows.model_ids], bool)
-        yield rows.vector_ids[keep], rows.vectors[keep]
+    for rows in _rows_of(batches, model_id):
+        yield rows.vector_ids, rows.vectors
