@@ -96,6 +96,14 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
     stop_processes(started, timeout_s=20)
 
 
+def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 60) -> None:
+    """Poll ``condition`` until it is true; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
 def wait_for_worker(settings: Settings, name: str, process: subprocess.Popen[bytes], log_file: Path) -> None:
     app = create_celery(settings)
     deadline = time.monotonic() + 90

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from deeptarget.sandbox import SandboxNetwork
 from deeptarget.schema import Post, PostRef
 from deeptarget.store import MetadataStore
 from deeptarget.workers.app import create_celery
-from tests.conftest import WorkerFactory, make_settings
+from tests.conftest import WorkerFactory, make_settings, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -33,13 +32,6 @@ def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     )
     assert done.returncode == 0, done.stderr
     return done
-
-
-def wait_for(condition: object, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_retries_then_dead_letter_then_retry_from_the_cli(

@@ -4,7 +4,6 @@ classified before up to date from their stored embeddings, never touching the em
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from deeptarget.store import MetadataStore
 from deeptarget.training.reclassify import published_heads, reclassify
 from deeptarget.training.train_head import train_head
 from deeptarget.workers.app import create_celery
-from tests.conftest import WorkerFactory, make_settings
+from tests.conftest import WorkerFactory, make_settings, wait_for
 from tests.test_train_head import make_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -36,13 +35,10 @@ def _send_batch(settings, photos: Path, prefix: str) -> list[str]:
 
 
 def _wait_classified(store: MetadataStore, post_ids: list[str]) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        posts = [store.post(p) for p in post_ids]
-        if all(p is not None and p.status in ("embedded", "indexed") for p in posts):
-            return
-        assert time.monotonic() < deadline, [p and p.status for p in posts]
-        time.sleep(0.1)
+    def done() -> bool:
+        return all((p := store.post(i)) is not None and p.status in ("embedded", "indexed") for i in post_ids)
+
+    wait_for(done, f"{len(post_ids)} posts embedded", timeout_s=120)
 
 
 def test_published_head_reaches_the_next_batch_and_reclassify_the_earlier_ones(

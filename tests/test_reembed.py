@@ -3,7 +3,6 @@ and the rebuilt index then holds the new model's vectors only, each post once.""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +15,12 @@ from deeptarget.reembed import rebuild_index, send_reembed, wait_until_reembedde
 from deeptarget.runtime import stop_processes
 from deeptarget.store import MetadataStore
 from deeptarget.workers.app import create_celery
-from tests.conftest import WorkerFactory, make_settings, snapshot_size
+from tests.conftest import WorkerFactory, make_settings, snapshot_size, wait_for
 from tests.test_finetune import calibrated_random_weights
 from tests.test_heads_in_workers import _send_batch
 from tests.test_train_head import make_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def _wait(condition, what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
 
 
 def test_reembed_moves_every_post_and_the_index_to_the_new_weights(
@@ -42,9 +34,9 @@ def test_reembed_moves_every_post_and_the_index_to_the_new_weights(
         start_worker(old, [constants.infer_queue, constants.profiles_queue], "infer-old"),
     ]
     post_ids = _send_batch(old, tmp_path / "photos", "p")
-    _wait(lambda: store.status_counts() == {"indexed": len(post_ids)}, "every post indexed")
+    wait_for(lambda: store.status_counts() == {"indexed": len(post_ids)}, "every post indexed", 120)
     create_celery(old).send_task(constants.snapshot_task, queue=constants.index_queue)
-    _wait(lambda: snapshot_size(old.index_dir) == len(post_ids), "a snapshot")
+    wait_for(lambda: snapshot_size(old.index_dir) == len(post_ids), "a snapshot")
     old_model = SnapshotStore(old.index_dir).load().model_id
     before = store.embeddings(post_ids).vectors.copy()
     stop_processes(workers)
@@ -63,9 +55,9 @@ def test_reembed_moves_every_post_and_the_index_to_the_new_weights(
         index = SnapshotStore(new.index_dir).load()
         return index is not None and index.model_id == new_model and index.ntotal == len(post_ids)
 
-    _wait(rebuilt, "an index of the new model with every post once")
+    wait_for(rebuilt, "an index of the new model with every post once", 120)
     assert store.model_ids() == {new_model: len(post_ids)}
-    _wait(lambda: store.status_counts() == {"indexed": len(post_ids)}, "every post indexed again")
+    wait_for(lambda: store.status_counts() == {"indexed": len(post_ids)}, "every post indexed again", 120)
     after = store.embeddings(post_ids).vectors
     assert not np.allclose(after, before, atol=1e-3)  # new vectors, same posts
     assert send_reembed(store, app, new_model, batch_size=4) == 0  # nothing left to do
