@@ -503,7 +503,9 @@ class MetadataStore:
         """Owners whose stored profile does not count all their usable posts yet (0 when profiles are current)."""
         with self._lock:
             counts = self._db.execute(
-                f"SELECT owner_id, COUNT(*) FROM posts WHERE owner_id IS NOT NULL AND {_USABLE} GROUP BY owner_id"
+                # albums count once in a profile: their images share the album's permalink (profiles.album_key)
+                "SELECT owner_id, COUNT(DISTINCT COALESCE(permalink, post_id)) FROM posts "
+                f"WHERE owner_id IS NOT NULL AND {_USABLE} GROUP BY owner_id"
             ).fetchall()
             stored = {
                 r[0]: json.loads(r[1]).get("post_count", 0)

@@ -21,8 +21,10 @@ def stored(
     faces: int = 0,
     status: str = "indexed",
     classes: dict[str, dict[str, float]] | None = None,
+    permalink: str | None = None,
 ) -> StoredPost:
-    post = Post(id=pid, hashtags=tags, like_count=likes, owner=OWNER, timestamp=NOW - timedelta(days=age_days))
+    post = Post(id=pid, hashtags=tags, like_count=likes, owner=OWNER, timestamp=NOW - timedelta(days=age_days),
+                permalink=permalink)  # fmt: skip
     return StoredPost(post=post, vector_id=0, status=status, reason=None, faces=faces, classes=classes or {}, blob=None)
 
 
@@ -59,6 +61,30 @@ def test_profile_shares_counts_and_medians() -> None:
     assert profile.hashtags == pytest.approx({"sushi": 2 / 3, "dinner": 1 / 3})
     assert profile.classes["food"] == pytest.approx({"sushi": 0.7, "pizza": 0.3})
     assert sum(profile.hashtags.values()) == pytest.approx(1.0)
+
+
+def test_a_carousel_album_counts_as_one_post() -> None:
+    """An album's images are stored as rows sharing its permalink: ten sushi images in one album are one post."""
+    album = [
+        stored(
+            f"a{'' if k == 0 else f'_{k}'}",
+            ["sushi"],
+            likes=60,
+            faces=int(k == 1),
+            permalink="https://x/p/a/",
+            classes={"food": {"sushi": 1.0, "pizza": 0.0}},
+        )
+        for k in range(10)
+    ]
+    single = stored(
+        "b", ["pizza"], likes=40, permalink="https://x/p/b/", classes={"food": {"sushi": 0.0, "pizza": 1.0}}
+    )
+    profile = build_profile("u1", [*album, single], half_life_days=30, now=NOW)
+    assert profile.post_count == 2 and profile.face_share == pytest.approx(0.5)
+    assert profile.median_engagement == pytest.approx((0.06 + 0.04) / 2)
+    # the album weighs 0.06 / 0.05 = 1.2 against the single post's 0.8, whatever its number of images
+    assert profile.classes["food"] == pytest.approx({"sushi": 0.6, "pizza": 0.4})
+    assert profile.hashtags == pytest.approx({"sushi": 0.6, "pizza": 0.4})
 
 
 def test_a_user_without_usable_posts_has_an_empty_profile() -> None:

@@ -210,5 +210,7 @@ async def test_carousels_give_every_image_child_and_videos_are_skipped(
     album = albums[0]
     children = [r for r in queued_post_refs(redis_client) if r["post"]["id"] in album.image_ids]
     assert len(children) == album.children and all(r["post"]["caption"] == album.caption for r in children)
+    # profiles count an album once by the permalink its images share (profiles.builder.album_key)
+    assert len({r["post"]["permalink"] for r in children}) == 1 and children[0]["post"]["permalink"]
     assert counts["skipped_video"] >= len(videos)  # met through the account and through hashtags
     assert counts["carousel_images"] >= sum(m.children for m in albums)

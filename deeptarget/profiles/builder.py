@@ -5,13 +5,14 @@ A post's weight is ``recency * engagement``:
 - engagement (likes / followers) relative to the user's own median, clipped to [0.25, 4]: the posts that landed
   better with their audience say more about what the account is about. Posts with unknown engagement weigh 1.
 
-Hashtag and class interests are weight shares (they sum to 1 per taxonomy).
+Hashtag and class interests are weight shares (they sum to 1 per taxonomy). A carousel album counts as one post: its
+images share its weight, and it counts once in ``post_count``, the face share and the median engagement.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -25,8 +26,8 @@ TOP_HASHTAGS = 25
 
 def post_weights(posts: Sequence[StoredPost], now: datetime, half_life_days: float) -> list[float]:
     engagements = [p.post.engagement for p in posts]
-    known = [e for e in engagements if e is not None]
-    median = statistics.median(known) if known else None
+    per_album = {album_key(p): e for p, e in zip(posts, engagements, strict=True) if e is not None}
+    median = statistics.median(per_album.values()) if per_album else None
     weights = []
     for stored, engagement in zip(posts, engagements, strict=True):
         timestamp = stored.post.timestamp
@@ -40,6 +41,11 @@ def post_weights(posts: Sequence[StoredPost], now: datetime, half_life_days: flo
     return weights
 
 
+def album_key(stored: StoredPost) -> str:
+    """What identifies the post an image belongs to: the permalink, which an album's images share."""
+    return stored.post.permalink or stored.post.id
+
+
 def build_profile(
     user_id: str, posts: Sequence[StoredPost], *, half_life_days: float = 30.0, now: datetime | None = None
 ) -> Profile:
@@ -49,7 +55,11 @@ def build_profile(
     owner = next((p.post.owner for p in reversed(usable) if p.post.owner is not None), None)
     if not usable:
         return Profile(user_id=user_id, username=owner.username if owner else None, updated_at=now)
-    weights = post_weights(usable, now, half_life_days)
+    # A carousel album is one post with several images (stored as several rows sharing the album's permalink): it
+    # counts once, its images sharing its weight, or an account posting 10-image albums would count 10 times over.
+    albums = [album_key(p) for p in usable]
+    images_per_album = Counter(albums)
+    weights = [w / images_per_album[a] for w, a in zip(post_weights(usable, now, half_life_days), albums, strict=True)]
     total = sum(weights) or 1.0
 
     hashtag_weight: dict[str, float] = defaultdict(float)
@@ -62,13 +72,15 @@ def build_profile(
                 class_weight[head][label] += weight * p
     tag_total = sum(hashtag_weight.values()) or 1.0
     top = sorted(hashtag_weight.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_HASHTAGS]
-    engagements = [p.post.engagement for p in usable if p.post.engagement is not None]
+    first_of_album = list({a: p for a, p in zip(albums, usable, strict=True)}.values())
+    engagements = [p.post.engagement for p in first_of_album if p.post.engagement is not None]
+    with_face = {a for a, p in zip(albums, usable, strict=True) if (p.faces or 0) > 0}
     return Profile(
         user_id=user_id,
         username=owner.username if owner else None,
         followers_count=owner.followers_count if owner else None,
-        post_count=len(usable),
-        face_share=sum(1 for p in usable if (p.faces or 0) > 0) / len(usable),
+        post_count=len(images_per_album),
+        face_share=len(with_face) / len(images_per_album),
         median_engagement=statistics.median(engagements) if engagements else None,
         hashtags={tag: round(w / tag_total, 6) for tag, w in top},
         classes={
