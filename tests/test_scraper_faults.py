@@ -123,5 +123,7 @@ async def test_the_hashtag_quota_is_enforced_before_calling(
         counts = await crawl(settings)
         again = await crawl(settings)  # a second run searches nothing new: ids are cached, the quota is still full
     assert counts["hashtag_quota"] == len(sandbox.hashtags) - 2 and again["hashtag_quota"] == len(sandbox.hashtags) - 2
+    # The blocked hashtags did not hold the round open: the second run was a new round over the searchable ones.
+    assert counts.get("page:hashtag", 0) >= 2 and again.get("page:hashtag", 0) >= 2
     searched = redis_client.zrange(constants.hashtag_queries_key_prefix + settings.source_user_id, 0, -1)
     assert len(searched) == 2

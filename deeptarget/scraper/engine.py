@@ -188,6 +188,9 @@ class Crawler:
             days = self.quota.window_s / 86400
             LOG.warning("#%s not searched: %d unique hashtags already searched in %g days (the API's limit); "
                         "tried again next round", hashtag, self.quota.limit, days)  # fmt: skip
+            # Done for this round: nothing of it was fetched (a hashtag once searched has its id cached and is never
+            # blocked), and a round waiting for it would keep every other target from being crawled again.
+            await self.cursors.mark_done(HASHTAG, hashtag)
             return None
         hashtag_id = await client.hashtag_id(hashtag)
         if hashtag_id is None:
