@@ -161,9 +161,13 @@ async def _show_progress(crawler: Any, every_s: float = 1.0) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from deeptarget.runtime import connect_redis
-    from deeptarget.workers.app import create_celery
+    from deeptarget.workers.metrics import serve_worker_metrics
 
     settings = connect_redis(_settings(args))
+    serve_worker_metrics(settings, args.name)  # before the tasks import prometheus_client
+
+    from deeptarget.workers.app import create_celery
+
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     unknown = set(queues) - set(constants.all_queues)
     if unknown:

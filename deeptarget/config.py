@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     )
     max_feed_bytes: int = Field(64 * 1024 * 1024, gt=0, description="A feed longer than this is cut off there.")
     scraper_metrics_port: int | None = Field(None, description="Serve the scraper's Prometheus metrics here.")
+    worker_metrics_port: int | None = Field(
+        None, description="Serve a worker's Prometheus metrics (summed over its pool processes) here."
+    )
     instaloader_dirs: list[Path] = Field(
         default_factory=list, description="Instaloader download folders to read (again each round with --forever)."
     )

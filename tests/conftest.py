@@ -85,9 +85,11 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
     """Start real ``deeptarget worker`` processes; waits until each answers a ping; stops them at teardown."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(settings: Settings, queues: list[str], name: str, pool: str = "prefork") -> subprocess.Popen[bytes]:
+    def start(
+        settings: Settings, queues: list[str], name: str, pool: str = "prefork", concurrency: int = 1
+    ) -> subprocess.Popen[bytes]:
         log_file = tmp_path / f"worker-{name}.log"
-        process = spawn_worker(settings, queues, name=name, pool=pool, log_file=log_file)
+        process = spawn_worker(settings, queues, name=name, pool=pool, concurrency=concurrency, log_file=log_file)
         started.append(process)
         wait_for_worker(settings, name, process, log_file)
         return process

@@ -15,6 +15,7 @@ arguments (``deeptarget deadletter list|retry``).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sqlite3
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ from deeptarget.schema import Post, PostRef
 from deeptarget.workers.app import settings_of
 from deeptarget.workers.context import WorkerContext, context_for
 from deeptarget.workers.deadletter import DeadLetter
+from deeptarget.workers.metrics import forget_process
 
 LOG = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -184,6 +186,11 @@ def _load_models(sender: Any = None, **_: Any) -> None:
     settings = getattr(current_app, "deeptarget_settings", None)
     if settings is not None and getattr(current_app, "deeptarget_warm_infer", False):
         _ = context_for(settings).pipeline
+
+
+@worker_process_shutdown.connect
+def _forget_metrics(pid: int | None = None, **_: Any) -> None:
+    forget_process(pid or os.getpid())
 
 
 @worker_process_shutdown.connect

@@ -1,0 +1,49 @@
+"""A worker serves Prometheus metrics summed over its pool processes (which do the counting)."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from deeptarget import constants
+from deeptarget.blobs import BlobStore
+from deeptarget.redis_server import free_port
+from deeptarget.schema import Post, PostRef
+from deeptarget.store import MetadataStore
+from deeptarget.workers.app import create_celery
+from tests.conftest import WorkerFactory, make_settings, wait_for
+from tests.test_train_head import make_dataset
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def _metric(text: str, name: str) -> float:
+    lines = [line for line in text.splitlines() if line.startswith(name)]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_posts_counted_by_the_pool_processes_are_served_by_the_worker(
+    tmp_path: Path, redis_url: str, start_worker: WorkerFactory
+) -> None:
+    make_dataset(tmp_path / "photos", per_class=4)
+    port = free_port()
+    settings = make_settings(tmp_path / "data", redis_url, worker_metrics_port=port)
+    start_worker(settings, [constants.infer_queue, constants.profiles_queue], "metered", concurrency=2)
+    blobs = BlobStore(settings.blob_dir)
+    refs = [
+        PostRef(post=Post(id=f"p{i}"), blob=blobs.put(path.read_bytes())).model_dump(mode="json")
+        for i, path in enumerate(sorted((tmp_path / "photos").rglob("*.jpg")))
+    ]  # 12 photos and one broken file
+    app = create_celery(settings)
+    for start in range(0, len(refs), 3):  # several tasks, so both pool processes get some
+        app.send_task(constants.infer_task, args=[refs[start : start + 3]], queue=constants.infer_queue)
+    store = MetadataStore(settings.sqlite_path)
+    wait_for(lambda: sum(store.status_counts().values()) == len(refs), "every post processed", 120)
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert _metric(text, 'deeptarget_worker_posts_total{outcome="embedded"}') == 12
+    assert _metric(text, 'deeptarget_worker_posts_total{outcome="rejected"}') == 1
+    assert list((settings.data_dir / "metrics" / "metered").glob("counter_*.db"))  # where the pool processes count
