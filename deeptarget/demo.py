@@ -31,6 +31,7 @@ from deeptarget.config import Settings
 from deeptarget.errors import DeepTargetError
 from deeptarget.http_server import AppServer
 from deeptarget.index.vectors import SnapshotStore
+from deeptarget.reports.live import write_system_report
 from deeptarget.runtime import spawn_worker, start_embedded_redis, stop_processes, wait_for_signal
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.sandbox import images as sandbox_images
@@ -109,6 +110,8 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             await _publish_models(console, settings, store, workers)
             await _print_summary(console, store, time.monotonic() - started)
             await _print_examples(console, api.url, network, store)
+            report = write_system_report(store, settings.reports_dir / "demo")
+            console.print(f"The system at a glance (posts, hashtags, faces, engagement): [bold]{report}[/]")
             if once:
                 return 0
             console.print(
