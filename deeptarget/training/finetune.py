@@ -133,12 +133,12 @@ def finetune(
     workers = options.loader_workers if options.loader_workers is not None else min(4, (os.cpu_count() or 2) - 1)
     loader_args: dict[str, Any] = {
         "num_workers": workers,
-        "persistent_workers": workers > 0,
         "pin_memory": device.type == "cuda",  # lets the non-blocking copies to the GPU overlap the compute
     }
     dataset = ImageFiles(train_items, embedder.image_size, True, settings.max_image_pixels, settings.decode_long_side)
     held_out = ImageFiles(test_items, embedder.image_size, False, settings.max_image_pixels, settings.decode_long_side)
-    batches = max(1, len(dataset) // options.batch_size)
+    drop_last = len(dataset) >= options.batch_size  # a last, tiny batch gives mixup and the gradient little
+    batches = len(dataset) // options.batch_size if drop_last else 1
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=options.epochs * batches, pct_start=0.25
     )
@@ -169,7 +169,7 @@ def finetune(
             torch.manual_seed(options.seed + epoch)  # each epoch's shuffling, crops and mixup, also after a resume
             shuffle = torch.Generator().manual_seed(options.seed + epoch)
             loader = torch.utils.data.DataLoader(
-                dataset, options.batch_size, shuffle=True, drop_last=True, generator=shuffle, **loader_args
+                dataset, options.batch_size, shuffle=True, drop_last=drop_last, generator=shuffle, **loader_args
             )
             batch_bar = progress.add_task(f"epoch {epoch}/{options.epochs}", total=batches)
             model.train()
