@@ -27,6 +27,9 @@ USABLE_STATUSES = ("embedded", "indexed")
 """Posts with an embedding that queries, the hashtag model and profiles count."""
 _USABLE = "status IN ({})".format(", ".join(f"'{status}'" for status in USABLE_STATUSES))
 
+# Usable posts with a stored image that another model than the ``?`` one embedded (a model switch re-embeds them).
+_STALE = f"{_USABLE} AND blob IS NOT NULL AND model_id IS NOT ?"
+
 # What StoredPost needs: everything but the embedding, a 5 KB blob that queries would only read to throw away.
 _POST_COLUMNS = (
     "post_id, vector_id, source, media_url, permalink, caption, hashtags, like_count, comments_count, timestamp, "
@@ -277,22 +280,24 @@ class MetadataStore:
         )
 
     def _scan_embeddings(self, where: str, params: tuple[Any, ...], batch: int) -> Iterator[EmbeddingRows]:
+        columns = "post_id, vector_id, embedding, model_id"
+        for rows in self._pages(columns, f"embedding IS NOT NULL AND {where}", params, batch):
+            yield _embedding_rows(rows)
+
+    def _pages(self, columns: str, where: str, params: tuple[Any, ...], batch: int) -> Iterator[list[sqlite3.Row]]:
+        """``SELECT columns FROM posts WHERE where`` in rowid order, ``batch`` rows at a time, each page its own
+        short read (writers are never held up by a long scan)."""
         last_rowid = 0
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT rowid, post_id, vector_id, embedding, model_id FROM posts "
-                    f"WHERE embedding IS NOT NULL AND rowid > ? AND {where} ORDER BY rowid LIMIT ?",
+                    f"SELECT rowid, {columns} FROM posts WHERE rowid > ? AND {where} ORDER BY rowid LIMIT ?",
                     (last_rowid, *params, batch),
                 ).fetchall()
             if not rows:
                 return
             last_rowid = rows[-1]["rowid"]
-            yield _embedding_rows(rows)
-
-    def all_embeddings(self, batch: int = 4096) -> Iterator[EmbeddingRows]:
-        """Every stored embedding, for a rebuild."""
-        return self._scan_embeddings(_USABLE, (), batch)
+            yield rows
 
     def embeddings_of_model(self, model_id: str, batch: int = 4096) -> Iterator[EmbeddingRows]:
         """Every usable stored embedding made by ``model_id`` (what a head trained on that model can classify)."""
@@ -419,36 +424,23 @@ class MetadataStore:
                 "AND owner_followers > 0 ORDER BY rowid",
                 (model_id,),
             ).fetchall()
-        dim = len(rows[0]["embedding"]) // 4 if rows else 0
         return EngagementRows(
             post_ids=[r["post_id"] for r in rows],
             owner_ids=[r["owner_id"] for r in rows],
             likes=np.array([r["like_count"] for r in rows], np.float64),
             followers=np.array([r["owner_followers"] for r in rows], np.float64),
             blobs=[r["blob"] for r in rows],
-            vectors=np.frombuffer(b"".join(r["embedding"] for r in rows), np.float32).reshape(len(rows), dim),
+            vectors=_vectors(rows),
         )
 
     def stale_posts(self, model_id: str, batch: int = 1000) -> Iterator[list[StoredPost]]:
         """Usable posts with an image whose embedding another model made: what a switch to ``model_id`` re-embeds."""
-        last_rowid = 0
-        while True:
-            with self._lock:
-                rows = self._db.execute(
-                    f"SELECT rowid, {_POST_COLUMNS} FROM posts WHERE {_USABLE} AND blob IS NOT NULL "
-                    "AND model_id IS NOT ? AND rowid > ? ORDER BY rowid LIMIT ?",
-                    (model_id, last_rowid, batch),
-                ).fetchall()
-            if not rows:
-                return
-            last_rowid = rows[-1]["rowid"]
+        for rows in self._pages(_POST_COLUMNS, _STALE, (model_id,), batch):
             yield [_stored_post(r) for r in rows]
 
     def count_stale(self, model_id: str) -> int:
         with self._lock:
-            row = self._db.execute(
-                f"SELECT COUNT(*) FROM posts WHERE {_USABLE} AND blob IS NOT NULL AND model_id IS NOT ?", (model_id,)
-            ).fetchone()
+            row = self._db.execute(f"SELECT COUNT(*) FROM posts WHERE {_STALE}", (model_id,)).fetchone()
         return int(row[0])
 
     def model_ids(self) -> dict[str, int]:
@@ -472,18 +464,7 @@ class MetadataStore:
 
     def usable_summaries(self, batch: int = 10_000) -> Iterator[list[sqlite3.Row]]:
         """(faces, classes, like_count, owner_followers) of every usable post, in batches: what a report counts."""
-        last_rowid = 0
-        while True:
-            with self._lock:
-                rows = self._db.execute(
-                    "SELECT rowid, faces, classes, like_count, owner_followers FROM posts "
-                    f"WHERE {_USABLE} AND rowid > ? ORDER BY rowid LIMIT ?",
-                    (last_rowid, batch),
-                ).fetchall()
-            if not rows:
-                return
-            last_rowid = rows[-1]["rowid"]
-            yield rows
+        return self._pages("faces, classes, like_count, owner_followers", _USABLE, (), batch)
 
     def has_interest(self, interest: str) -> bool:
         with self._lock:
@@ -609,12 +590,16 @@ def _stored_post(row: sqlite3.Row) -> StoredPost:
 
 
 def _embedding_rows(rows: list[sqlite3.Row]) -> EmbeddingRows:
-    if not rows:
-        return EmbeddingRows([], np.zeros(0, np.int64), np.zeros((0, 0), np.float32), [])
-    vectors = np.stack([np.frombuffer(r["embedding"], dtype=np.float32) for r in rows])
     return EmbeddingRows(
         post_ids=[r["post_id"] for r in rows],
         vector_ids=np.array([r["vector_id"] for r in rows], dtype=np.int64),
-        vectors=vectors,
+        vectors=_vectors(rows),
         model_ids=[r["model_id"] for r in rows],
     )
+
+
+def _vectors(rows: list[sqlite3.Row]) -> np.ndarray:
+    """The rows' ``embedding`` blobs as one (n, d) float32 array; (0, 0) for no rows."""
+    if not rows:
+        return np.zeros((0, 0), np.float32)
+    return np.stack([np.frombuffer(r["embedding"], dtype=np.float32) for r in rows])

@@ -145,7 +145,7 @@ class IndexWriter:
         try:
             total = self.store.count_embeddings(model_id)
             sample = self.store.sample_embeddings(self.policy.nlist_for(total) * self.policy.vectors_per_list, model_id)
-            every = lambda: _of_model(self.store.all_embeddings(), model_id)  # noqa: E731
+            every = lambda: ((r.vector_ids, r.vectors) for r in self.store.embeddings_of_model(model_id))  # noqa: E731
             new, tuning = build_ivf(dim, model_id, sample.vectors, sample.vector_ids, every, total, self.policy)
             with self._lock:
                 caught_up = 0
@@ -196,29 +196,16 @@ class IndexWriter:
         with self._lock:
             self.index = None
             self._adds_since_snapshot = 0
-            added = sum(
-                self._add(rows, snapshot=False)
-                for rows in _rows_of(self.store.all_embeddings(), next(iter(models), ""))
-            )
+            majority = next(iter(models), "")
+            added = sum(self._add(rows, snapshot=False) for rows in self.store.embeddings_of_model(majority))
             self.snapshot()
             self._maybe_start_build()
         self.wait_for_build()
         return added
 
 
-def _rows_of(batches: Iterable[EmbeddingRows], model_id: str) -> Iterator[EmbeddingRows]:
-    """The rows of each batch that ``model_id`` embedded."""
-    for rows in batches:
-        keep = [m == model_id for m in rows.model_ids]
-        yield EmbeddingRows(
-            post_ids=[p for p, k in zip(rows.post_ids, keep, strict=True) if k],
-            vector_ids=rows.vector_ids[np.array(keep, bool)],
-            vectors=rows.vectors[np.array(keep, bool)],
-            model_ids=[m for m, k in zip(rows.model_ids, keep, strict=True) if k],
-        )
-
-
 def _of_model(batches: Iterable[EmbeddingRows], model_id: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(ids, vectors) of the rows that ``model_id`` embedded, batch by batch."""
-    for rows in _rows_of(batches, model_id):
-        yield rows.vector_ids, rows.vectors
+    for rows in batches:
+        keep = np.array([m == model_id for m in rows.model_ids], bool)
+        yield rows.vector_ids[keep], rows.vectors[keep]
