@@ -333,9 +333,10 @@ def _metrics_table(metrics: dict[str, Any]) -> Any:
     for fold in metrics.get("folds", []):
         summary.add_row(f"fold {fold['fold']}", f"{fold['top1']:.3f}", f"{fold['top5']:.3f}", f"{fold['macro_f1']:.3f}")
     if metrics.get("folds"):
-        folds = metrics["folds"]
-        cells = [f"{sum(f[k] for f in folds) / len(folds):.3f}" for k in ("top1", "top5", "macro_f1")]
-        summary.add_row(f"{len(folds)}-fold mean", *cells)
+        from deeptarget.training.linear import fold_statistics
+
+        means = [f"{mean:.3f}" for mean, _ in fold_statistics(metrics["folds"]).values()]
+        summary.add_row(f"{len(metrics['folds'])}-fold mean", *means)
     per_class = Table("class", "precision", "recall")
     for name, values in metrics["per_class"].items():
         per_class.add_row(name, f"{values['precision']:.3f}", f"{values['recall']:.3f}")

@@ -72,8 +72,8 @@ def build_profile(
                 class_weight[head][label] += weight * p
     tag_total = sum(hashtag_weight.values()) or 1.0
     top = sorted(hashtag_weight.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_HASHTAGS]
-    first_of_album = list({a: p for a, p in zip(albums, usable, strict=True)}.values())
-    engagements = [p.post.engagement for p in first_of_album if p.post.engagement is not None]
+    one_per_album = {a: p for a, p in zip(albums, usable, strict=True)}.values()  # an album's images share likes
+    engagements = [p.post.engagement for p in one_per_album if p.post.engagement is not None]
     with_face = {a for a, p in zip(albums, usable, strict=True) if (p.faces or 0) > 0}
     return Profile(
         user_id=user_id,

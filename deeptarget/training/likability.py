@@ -116,8 +116,7 @@ def train_likability(
 
     blobs = BlobStore(settings.blob_dir)
     paths = [blobs.path(data.blobs[i]) if data.blobs[i] else Path("/nonexistent") for i in test]
-    evaluation = Evaluation(CLASSES, data.labels[test], probabilities, paths, {**metrics, "top5": 1.0},
-                            history=fit.history)  # fmt: skip
+    evaluation = Evaluation(CLASSES, data.labels[test], probabilities, paths, metrics, history=fit.history)
     summary = [
         f"Likability head v{version} on {model_id} embeddings from {settings.sqlite_path}: {len(train)} training "
         f"posts and {len(test)} held out (accounts never on both sides when there are enough); {data.outlier_posts} "

@@ -88,6 +88,14 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, classe
     }
 
 
+SCORES = {"top1": "top-1", "top5": "top-5", "macro_f1": "macro-F1"}  # summary scores and their labels
+
+
+def fold_statistics(folds: list[dict[str, object]]) -> dict[str, tuple[float, float]]:
+    """score -> (mean, standard deviation) over the folds of ``cross_validate``."""
+    return {k: (float(np.mean([f[k] for f in folds])), float(np.std([f[k] for f in folds]))) for k in SCORES}
+
+
 def cross_validate(
     features: np.ndarray, labels: np.ndarray, classes: list[str], folds: int, l2: float = 1e-3, seed: int = 0
 ) -> list[dict[str, object]]:

@@ -14,6 +14,7 @@ from sklearn.metrics import confusion_matrix
 
 from deeptarget.reports import figures
 from deeptarget.reports.html import Report
+from deeptarget.training.linear import SCORES, fold_statistics
 
 MAP_POINTS = 3000  # t-SNE is quadratic-ish: a class-stratified sample beyond this many points
 CONFUSED_PAIRS = 6
@@ -63,9 +64,8 @@ def training_report(
         report.text(line)
     m = e.metrics
     report.heading("Held-out metrics")
-    report.table(
-        ["images", "top-1", "top-5", "macro-F1"], [[len(e.labels), m["top1"], m["top5"], m["macro_f1"]]]
-    )  # fmt: skip
+    shown = [k for k in SCORES if k in m]  # no top-5 for two classes
+    report.table(["images", *(SCORES[k] for k in shown)], [[len(e.labels), *(m[k] for k in shown)]])
     per_class = m["per_class"]
     assert isinstance(per_class, dict)
     support = np.bincount(e.labels, minlength=len(e.classes))
@@ -75,10 +75,11 @@ def training_report(
     )
     if e.folds:
         report.heading(f"{len(e.folds)}-fold cross-validation")
-        rows = [[f["fold"], f["images"], f["top1"], f["top5"], f["macro_f1"]] for f in e.folds]
-        for label, reduce in (("mean", np.mean), ("std", np.std)):
-            rows.append([label, "", *(float(reduce([f[k] for f in e.folds])) for k in ("top1", "top5", "macro_f1"))])
-        report.table(["fold", "images", "top-1", "top-5", "macro-F1"], rows)
+        rows = [[f["fold"], f["images"], *(f[k] for k in SCORES)] for f in e.folds]
+        statistics = fold_statistics(e.folds)
+        for label, which in (("mean", 0), ("std", 1)):
+            rows.append([label, "", *(statistics[k][which] for k in SCORES)])
+        report.table(["fold", "images", *SCORES.values()], rows)
     if e.history:
         report.heading("Learning curves")
         report.figure(
