@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from deeptarget.sandbox import SandboxNetwork, sandbox_server
+from deeptarget.sandbox import Faults, SandboxNetwork, sandbox_server
 
 AUTH = {"Authorization": "Bearer good-token"}
 
@@ -88,3 +88,23 @@ async def test_images_are_served_and_counted(sandbox) -> None:
         assert response.content_type == "image/jpeg" and (await response.read())[:3] == b"\xff\xd8\xff"
     async with http.get(f"{url}/sandbox/stats") as response:
         assert (await response.json())["image_fetches"] == {media.id: 1}
+
+
+async def test_a_request_that_keeps_failing_is_answered_after_max_faults_in_a_row() -> None:
+    """Faults are due by a count every request shares; the cap keeps one request's retries from all landing on it."""
+    network = SandboxNetwork(seed=3, n_posts=20, n_users=4, n_hashtags=2)
+    faults = Faults(error_every=1, image_error_every=1, max_faults_per_request=2)
+    media = next(m for m in network.media if m.corruption is None and m.kind == "IMAGE")
+    async with sandbox_server(network, faults=faults) as server, aiohttp.ClientSession(headers=AUTH) as http:
+
+        async def statuses(path: str, params: dict[str, str] | None = None) -> list[int]:
+            codes = []
+            for _ in range(4):
+                async with http.get(f"{server.url}{path}", params=params) as response:
+                    codes.append(response.status)
+            return codes
+
+        assert await statuses(f"/media/{media.id}.jpg") == [503, 503, 200, 503]
+        search = {"user_id": "1", "q": network.hashtags[0]}
+        assert await statuses("/ig_hashtag_search", search) == [500, 500, 200, 500]
+        assert await statuses("/ig_hashtag_search", {**search, "q": network.hashtags[1]}) == [500, 500, 200, 500]

@@ -5,6 +5,7 @@ right counters move, and no token ever exceeds its request budget, as measured o
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,12 @@ async def crawl_with(
     return counts, stats, sandbox
 
 
+def fault_id(faults: Faults) -> str:
+    """The fields a case sets, so that a failing case names its fault."""
+    changed = {f.name: getattr(faults, f.name) for f in fields(faults) if getattr(faults, f.name) != f.default}
+    return ",".join(f"{name}={value}" for name, value in changed.items())
+
+
 def assert_complete_and_polite(client: redis.Redis, stats: dict, sandbox: SandboxNetwork, calls: int = 12) -> None:
     ids = Counter(ref["post"]["id"] for ref in queued_post_refs(client))
     assert set(ids) == {m.id for m in sandbox.media}, "a post was lost"
@@ -66,7 +73,7 @@ def assert_complete_and_polite(client: redis.Redis, stats: dict, sandbox: Sandbo
         (Faults(image_error_every=4), None),
         (Faults(image_slow_every=9, slow_s=1.5), None),
     ],
-    ids=lambda v: repr(v)[7:60] if isinstance(v, Faults) else str(v),
+    ids=lambda v: fault_id(v) if isinstance(v, Faults) else str(v),
 )
 async def test_the_crawl_survives_the_fault(
     faults: Faults, counter: str | None, tmp_path: Path, redis_url: str, redis_client: redis.Redis

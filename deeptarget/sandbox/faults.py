@@ -8,6 +8,7 @@ side of the wire.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 
 
@@ -27,11 +28,22 @@ class Faults:
     malformed_every: int = 0  # every Nth Graph page: the JSON is cut in half (HTTP 200)
     duplicate_across_pages: bool = False  # every page also repeats the previous page's last post
     cursor_loop_after: int | None = None  # the page starting at this offset points back to offset 0
-    image_error_every: int = 0  # every Nth image fetch answers 503 (the next one works)
+    image_error_every: int = 0  # every Nth image fetch answers 503
     image_slow_every: int = 0  # every Nth image fetch: the body stalls for slow_s
+    # A request (same path and query) or image that failed this many times in a row is answered whole on its next
+    # try. The counts are shared by concurrent requests, so without a cap one request's retries could keep landing on
+    # every Nth and run out, now and then, which makes a flaky test rather than a fault the client should survive.
+    max_faults_per_request: int = 3
 
     def due(self, every: int, count: int) -> bool:
         return every > 0 and count % every == 0
+
+    def spared(self, faulted: Counter[str], key: str) -> bool:
+        """Whether this request has had its share of faults in a row (and, if so, starts a fresh count)."""
+        if faulted[key] < self.max_faults_per_request:
+            return False
+        del faulted[key]
+        return True
 
     def throttle_headers(self) -> dict[str, str]:
         headers = {}

@@ -26,6 +26,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from datetime import timedelta
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -163,11 +164,8 @@ async def _with_faults(request: web.Request, handler: web.Handler) -> web.Stream
     faults, stats = request.app[FAULTS_KEY], request.app[STATS_KEY]
     stats["graph_requests"] += 1
     n = stats["graph_requests"]
-    if stats["burst_left"] > 0 or faults.due(faults.error_every, n):
-        stats["burst_left"] = (stats["burst_left"] or faults.error_burst) - 1
-        stats["faults"]["server_error"] += 1
-        return web.Response(status=faults.error_status, text="Service Unavailable")
-    if faults.due(faults.throttle_every, n):
+    key = request.path + "?" + urlencode(sorted((k, v) for k, v in request.query.items() if k != "access_token"))
+    if faults.due(faults.throttle_every, n):  # throttles are not failures: a client waits on them, spending no retry
         stats["faults"]["throttle"] += 1
         headers = faults.throttle_headers()
         if faults.throttle_code is None:
@@ -175,21 +173,33 @@ async def _with_faults(request: web.Request, handler: web.Handler) -> web.Stream
         message = f"({faults.throttle_code}) Application request limit reached"
         return web.json_response({"error": {"message": message, "code": faults.throttle_code}}, status=400,
                                  headers=headers)  # fmt: skip
-    if faults.due(faults.reset_every, n):
-        stats["faults"]["reset"] += 1
+    fault = _counted(stats, key, None if faults.spared(stats["faulted"], key) else _graph_fault(faults, stats, n))
+    if fault == "server_error":
+        return web.Response(status=faults.error_status, text="Service Unavailable")
+    if fault == "reset":
         assert request.transport is not None
         request.transport.close()
         return web.Response()
-    if faults.due(faults.slow_every, n):
-        stats["faults"]["slow"] += 1
+    if fault == "slow":
         await asyncio.sleep(faults.slow_s)
     response = await handler(request)
-    if faults.due(faults.malformed_every, n) and isinstance(response, web.Response) and response.body:
-        stats["faults"]["malformed"] += 1
+    if fault == "malformed" and isinstance(response, web.Response) and response.body:
         body = bytes(response.body)  # type: ignore[arg-type]
         response = web.Response(body=body[: len(body) // 2], content_type="application/json")
     response.headers.update(faults.usage_headers())
     return response
+
+
+def _graph_fault(faults: Faults, stats: dict, n: int) -> str | None:
+    """The failure the nth Graph request is due, if any (bursts of server errors run on over the next requests)."""
+    if stats["burst_left"] > 0 or faults.due(faults.error_every, n):
+        stats["burst_left"] = (stats["burst_left"] or faults.error_burst) - 1
+        return "server_error"
+    for fault, every in (("reset", faults.reset_every), ("slow", faults.slow_every),
+                         ("malformed", faults.malformed_every)):  # fmt: skip
+        if faults.due(every, n):
+            return fault
+    return None
 
 
 def _limit(request: web.Request) -> int:
@@ -278,6 +288,29 @@ async def node(request: web.Request) -> web.Response:
     return web.json_response({"business_discovery": out, "id": request.match_info["node"]})
 
 
+def _image_fault(faults: Faults, stats: dict, image_id: str) -> str | None:
+    """The failure this image fetch gets, if any, counted."""
+    stats["image_requests"] += 1
+    n = stats["image_requests"]
+    fault = None
+    if not faults.spared(stats["faulted"], image_id):
+        if faults.due(faults.image_error_every, n):
+            fault = "image_error"
+        elif faults.due(faults.image_slow_every, n):
+            fault = "image_slow"
+    return _counted(stats, image_id, fault)
+
+
+def _counted(stats: dict, key: str, fault: str | None) -> str | None:
+    """Counts the fault by kind and by request (in a row); an answer without one ends the request's run."""
+    if fault is None:
+        stats["faulted"].pop(key, None)
+    else:
+        stats["faulted"][key] += 1
+        stats["faults"][fault] += 1
+    return fault
+
+
 async def media_image(request: web.Request) -> web.Response:
     network = request.app[NETWORK_KEY]
     media = network.media_by_id.get(request.match_info["media_id"])
@@ -285,22 +318,20 @@ async def media_image(request: web.Request) -> web.Response:
     if media is None or media.kind == "VIDEO" or (media.kind == "CAROUSEL_ALBUM" and child >= media.children):
         raise web.HTTPNotFound(text="no such image")
     faults, stats = request.app[FAULTS_KEY], request.app[STATS_KEY]
-    stats["image_requests"] += 1
-    n = stats["image_requests"]
-    if faults.due(faults.image_error_every, n):
-        stats["faults"]["image_error"] += 1
+    image_id = media.image_ids[child]
+    fault = _image_fault(faults, stats, image_id)
+    if fault == "image_error":
         return web.Response(status=503, text="Service Unavailable")
     content_type = "text/html" if media.corruption == "html" else "image/jpeg"
     body = media.image_bytes(child)
-    if faults.due(faults.image_slow_every, n):  # headers and half the body, then a stall past the client's timeout
-        stats["faults"]["image_slow"] += 1
+    if fault == "image_slow":  # headers and half the body, then a stall past the client's timeout
         response = web.StreamResponse(headers={"Content-Type": content_type, "Content-Length": str(len(body))})
         await response.prepare(request)
         await response.write(body[: len(body) // 2])
         await asyncio.sleep(faults.slow_s)
         await response.write(body[len(body) // 2 :])
         return response
-    stats["image_fetches"][media.image_ids[child]] += 1  # by the post id the image becomes
+    stats["image_fetches"][image_id] += 1  # by the post id the image becomes
     return web.Response(body=body, content_type=content_type)
 
 
@@ -335,6 +366,7 @@ def create_app(network: SandboxNetwork, tokens: Iterable[str] = (), faults: Faul
         "faults": Counter(),
         "graph_requests": 0,
         "image_requests": 0,
+        "faulted": Counter(),  # failures in a row by request, for Faults.max_faults_per_request
         "burst_left": 0,
     }
     app.router.add_get("/sandbox/stats", stats)
