@@ -54,6 +54,12 @@ class Settings(BaseSettings):
         default_factory=list, description="Instaloader download folders to read (again each round with --forever)."
     )
     http_retries: int = Field(3, ge=0)
+    max_download_failures: int = Field(
+        3,
+        ge=1,
+        description="Times a post's image download may fail (each time after http_retries) before the post is "
+        "recorded as rejected (download_failed); until then it waits on the ingest stream for a later run.",
+    )
     token_calls: int = Field(200, ge=1, description="Requests one access token may make per token_window_s.")
     token_window_s: float = Field(3600.0, gt=0, description="The rolling window of the token budget.")
     throttle_pause_s: float = Field(60.0, gt=0, description="A throttled token's pause when the API names none.")

@@ -9,6 +9,7 @@ seen_posts_key = key_prefix + "seen"
 """SET of post ids whose image was fetched and handed to the workers. Membership means 'never fetch again'."""
 
 claim_key_prefix = key_prefix + "claim:"
+download_failures_key = key_prefix + "download-failures"  # post id -> its failed downloads (retries spent) so far
 """``claim:<post id>``: a scraper is working on this post; expires after ``claim_ttl_s`` so a crashed scraper's
 posts become available again."""
 

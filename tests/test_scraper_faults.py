@@ -17,7 +17,7 @@ from deeptarget.sandbox import Faults, SandboxNetwork, sandbox_server
 from deeptarget.sandbox.faults import max_calls_in_window
 from deeptarget.scraper.tokens import fingerprint
 from tests.queue_messages import queued_post_refs
-from tests.test_scraper import crawl, crawl_settings, server_stats
+from tests.test_scraper import assert_each_image_once, crawl, crawl_settings, server_stats
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -84,6 +84,47 @@ async def test_the_crawl_survives_the_fault(
     assert counts["enqueued"] == len(sandbox.media)
     if counter:
         assert int(redis_client.hget(constants.scraper_stats_key, counter) or 0) > 0
+
+
+async def crawl_then_drain(faults: Faults, tmp_path: Path, redis_url: str, **extra: Any) -> tuple[dict, dict, dict]:
+    """A crawl of the accounts (which meets each post once), then a run with no targets: only what the first left on
+    the ingest stream. Both runs' counters and the server's stats."""
+    sandbox = network()
+    async with sandbox_server(sandbox, faults=faults) as server:
+        settings = crawl_settings(tmp_path, redis_url, sandbox, server.url, http_timeout_s=1.0, hashtags=[],
+                                  **{**BUDGET, **extra})  # fmt: skip
+        first = await crawl(settings)
+        second = await crawl(settings.model_copy(update={"hashtags": [], "accounts": []}))
+        stats = await server_stats(server.url)
+    return first, second, stats
+
+
+async def test_a_post_whose_download_runs_out_of_retries_is_fetched_by_a_later_run(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    # Each image fails twice in a row and the client tries twice: every download of the crawl fails.
+    faults = Faults(image_error_every=1, max_faults_per_request=2)
+    first, second, stats = await crawl_then_drain(faults, tmp_path, redis_url, http_retries=1)
+    expected = {m.id for m in network().media}
+    assert first["download_failed"] == len(expected) and first.get("enqueued", 0) == 0
+    assert second["enqueued"] == len(expected) and second.get("download_failed", 0) == 0
+    assert_each_image_once(redis_client, stats, expected)
+    assert all(ref["blob"] and ref["rejected"] is None for ref in queued_post_refs(redis_client))
+    assert redis_client.xlen(constants.ingest_stream) == 0 and not redis_client.exists(constants.download_failures_key)
+
+
+async def test_a_post_whose_download_keeps_failing_is_recorded_as_rejected_after_max_download_failures(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    faults = Faults(image_error_every=1, max_faults_per_request=1000)
+    first, second, _ = await crawl_then_drain(faults, tmp_path, redis_url, http_retries=0, max_download_failures=2)
+    expected = {m.id for m in network().media}
+    assert first["download_failed"] == len(expected) and first.get("enqueued", 0) == 0
+    assert second["rejected:download_failed"] == len(expected)
+    refs = queued_post_refs(redis_client)
+    assert sorted(ref["post"]["id"] for ref in refs) == sorted(expected)
+    assert {ref["rejected"] for ref in refs} == {"download_failed"}
+    assert redis_client.xlen(constants.ingest_stream) == 0 and not redis_client.exists(constants.download_failures_key)
 
 
 async def test_duplicates_across_pages_are_fetched_once(

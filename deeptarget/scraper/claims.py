@@ -52,6 +52,7 @@ class PostClaims:
             return
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.sadd(constants.seen_posts_key, *post_ids)
+            pipe.hdel(constants.download_failures_key, *post_ids)
             pipe.delete(*(constants.claim_key_prefix + p for p in post_ids))
             await pipe.execute()
 
@@ -59,6 +60,10 @@ class PostClaims:
         """Give posts back unfetched (shutdown, transient failure): another run may take them at once."""
         for post_id in post_ids:
             await self._release(keys=[constants.claim_key_prefix + post_id], args=[self.owner])
+
+    async def download_failed(self, post_id: str) -> int:
+        """Counts a failed download of the post (retries spent); returns how many it has had. ``commit`` clears it."""
+        return int(await self.redis.hincrby(constants.download_failures_key, post_id, 1))
 
     async def is_seen(self, post_id: str) -> bool:
         return bool(await self.redis.sismember(constants.seen_posts_key, post_id))

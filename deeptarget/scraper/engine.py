@@ -234,7 +234,9 @@ class Crawler:
                 await self.stats.add("skipped_album_without_images")
             for post in images:
                 posts.setdefault(post.id, post)  # a page that repeats a post handles it once
-        await self._handle_posts(downloader, list(posts.values()))
+        retry_later = await self._handle_posts(downloader, list(posts.values()))
+        # The cursor moves past this page, and a later round may never page back to it: the stream keeps the posts.
+        await self.ingest.push([posts[post_id] for post_id in retry_later])
 
     async def _handle_posts(self, downloader: Fetcher, posts: list[Post]) -> set[str]:
         """Claim, download, enqueue, commit; returns the ids left for a later run (their downloads failed)."""
@@ -317,11 +319,12 @@ class Crawler:
             entries = await self.ingest.take(self.consumer, batch, self.settings.claim_ttl_s * 1000)
             if not entries:
                 return
-            posts = list({post.id: post for _, post in entries}.values())
-            retry_later = await self._handle_posts(downloader, posts)
+            posts = {post.id: post for _, post in entries}
+            retry_later = await self._handle_posts(downloader, list(posts.values()))
             await self.stats.add("page:push")
-            await self.ingest.ack([entry for entry, post in entries if post.id not in retry_later])
-            if retry_later:  # left pending: another round (or another scraper, after claim_ttl_s) takes them
+            await self.ingest.push([posts[post_id] for post_id in retry_later])  # before the ack: a crash loses none
+            await self.ingest.ack([entry for entry, _ in entries])
+            if retry_later:  # they are back at the end of the stream: a later run tries them again
                 return
 
     async def _merge_owner(self, refs: list[PostRef], seen: list[Post]) -> None:
@@ -345,8 +348,11 @@ class Crawler:
             except ImageRejected as err:
                 if err.reason == "download_failed":
                     await self.stats.add("download_failed")
-                    LOG.warning("post %s: download failed after retries (%s); left for a later run", post.id, err)
-                    return None
+                    failures = await self.claims.download_failed(post.id)
+                    if failures < self.settings.max_download_failures:
+                        LOG.warning("post %s: download failed after retries (%s), %d of %d times; left for a later "
+                                    "run", post.id, err, failures, self.settings.max_download_failures)  # fmt: skip
+                        return None
                 await self.stats.add(f"rejected:{err.reason}")
                 LOG.warning("post %s rejected: %s", post.id, err)
                 return PostRef(post=post, rejected=err.reason)

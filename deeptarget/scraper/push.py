@@ -66,6 +66,8 @@ class IngestStream:
         self.redis = redis
 
     async def push(self, posts: list[Post]) -> int:
+        if not posts:
+            return 0
         async with self.redis.pipeline(transaction=False) as pipe:
             for post in posts:
                 pipe.xadd(constants.ingest_stream, {"post": post.model_dump_json()})
