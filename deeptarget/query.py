@@ -6,6 +6,7 @@ metadata store. Needs neither Celery nor Redis.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,15 +16,17 @@ from typing import Any
 import numpy as np
 
 from deeptarget.config import Settings
-from deeptarget.errors import ModelNotReadyError, NotFoundError
+from deeptarget.errors import ConfigurationError, ModelNotReadyError, NotFoundError
 from deeptarget.index.hashtags import HashtagModel
 from deeptarget.index.vectors import SnapshotReader, SnapshotStore, VectorIndex
 from deeptarget.models.decode import decode_image
-from deeptarget.models.embedder import Embedder
+from deeptarget.models.embedder import Embedder, EmbedderSpec
 from deeptarget.models.heads import head_names
 from deeptarget.schema import Profile, normalise_hashtag, vector_id
 from deeptarget.store import Audience, MetadataStore, StoredPost
 from deeptarget.versioned import VersionedDir
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -115,11 +118,43 @@ class QueryService:
         self._model: HashtagModel | None = None
         self._model_stamp: tuple[int, int] | None = None
         self._lock = threading.Lock()
+        self._index_embedders: dict[str, Embedder | None] = {}  # another model's, for the index being served
+        self._embedder_lock = threading.Lock()  # building one takes seconds: hashtag queries need not wait
 
     @cached_property
     def embedder(self) -> Embedder:
         """Built on first use: only image queries need it."""
         return Embedder.from_settings(self.settings)
+
+    def query_embedder(self, index: VectorIndex | None) -> Embedder:
+        """The embedder for query images: the one the settings describe, unless the index being served was made by
+        another model that workers recorded and that can still be built (its weights file unchanged). So an API
+        answers image queries right through a switch of weights: with the old model until the index is rebuilt for
+        the new one, then with the new one, with or without a restart."""
+        configured = self.embedder
+        if index is None or index.model_id == configured.model_id:
+            return configured
+        with self._embedder_lock:
+            if index.model_id not in self._index_embedders:
+                self._index_embedders = {index.model_id: self._build_recorded(index.model_id)}  # keep only one
+            return self._index_embedders[index.model_id] or configured
+
+    def _build_recorded(self, model_id: str) -> Embedder | None:
+        spec = self.store.model_spec(model_id)
+        if spec is None:
+            LOG.warning("index model %s was never recorded by a worker: image queries need it configured", model_id)
+            return None
+        try:
+            embedder = Embedder.from_spec(EmbedderSpec(**spec), self.settings)
+        except (ConfigurationError, OSError, RuntimeError, TypeError) as err:
+            LOG.warning("index model %s cannot be built again (%s): image queries need it configured", model_id, err)
+            return None
+        if embedder.model_id != model_id:  # the weights file changed since
+            LOG.warning("index model %s: its weights file now makes %s", model_id, embedder.model_id)
+            return None
+        LOG.info("image queries use %s, the model of the index being served (configured: %s)", model_id,
+                 self.embedder.model_id)  # fmt: skip
+        return embedder
 
     def index(self) -> VectorIndex:
         index = self.snapshots.get()
@@ -139,10 +174,11 @@ class QueryService:
     def embed_image(self, data: bytes) -> np.ndarray:
         """Raises ImageRejected for bytes that are not a usable image (size and pixel limits included)."""
         image = decode_image(data, max_pixels=self.settings.max_image_pixels, long_side=self.settings.decode_long_side)
-        embedding = self.embedder([image])[0]
         index = self.snapshots.get()
+        embedder = self.query_embedder(index)
+        embedding = embedder([image])[0]
         if index is not None:
-            index.check_compatible(len(embedding), self.embedder.model_id)
+            index.check_compatible(len(embedding), embedder.model_id)
         return embedding
 
     def similar_to_vector(self, vector: np.ndarray, k: int = 10, where: PostFilter = NO_FILTER) -> list[Neighbour]:

@@ -1,6 +1,7 @@
 """Switching the embedder (another backbone, or fine-tuned weights): the stored posts are embedded again from their
 stored images by the workers, which must already run with the new settings, and the index is then rebuilt for the
-new model. Until the rebuild, queries keep the old snapshot; predictions, faces and profiles follow each batch."""
+new model. Until the rebuild, queries keep the old snapshot (image queries embed with its model: see
+``QueryService.query_embedder``); predictions, faces and profiles follow each batch."""
 
 from __future__ import annotations
 

@@ -72,6 +72,11 @@ CREATE TABLE IF NOT EXISTS interests (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS interests_ranked ON interests(interest, score DESC);
 CREATE INDEX IF NOT EXISTS interests_user ON interests(user_id);
+CREATE TABLE IF NOT EXISTS models (
+    model_id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,      -- JSON: what builds the embedder again (models.embedder.EmbedderSpec)
+    registered_at REAL NOT NULL
+);
 """
 
 # Owner fields only ever get better: a later observation without an owner keeps what an earlier one knew.
@@ -263,7 +268,21 @@ class MetadataStore:
             for profile in self.profiles():
                 self.save_profile(profile)
 
+    def register_model(self, model_id: str, spec: dict[str, Any]) -> None:
+        """Records how to build the embedder behind ``model_id`` (the latest registration wins: a moved file)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO models (model_id, spec, registered_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(model_id) DO UPDATE SET spec = excluded.spec, registered_at = excluded.registered_at",
+                (model_id, json.dumps(spec), time.time()),
+            )
+
     # -- reads ----------------------------------------------------------------------------------------------------
+    def model_spec(self, model_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT spec FROM models WHERE model_id = ?", (model_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
     def embeddings(self, post_ids: list[str]) -> EmbeddingRows:
         """Embeddings of these posts (those that have one), in the order asked."""
         rows = self._fetch_in(

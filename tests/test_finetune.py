@@ -34,8 +34,8 @@ pytestmark = pytest.mark.timeout(300)
 OPTIONS = FinetuneOptions(epochs=2, batch_size=8, loader_workers=0)
 
 
-def calibrated_random_weights(path: Path, image_size: int = 96) -> Path:
-    torch.manual_seed(0)
+def calibrated_random_weights(path: Path, image_size: int = 96, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
     model = torchvision.models.mobilenet_v2(weights=None)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):

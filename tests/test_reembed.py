@@ -1,5 +1,6 @@
 """Switching the workers to other weights: ``reembed`` has every stored post embedded again from its stored image,
-and the rebuilt index then holds the new model's vectors only, each post once."""
+and the rebuilt index then holds the new model's vectors only, each post once. Image queries are answered throughout,
+with the model of the index being served."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 
 from deeptarget import constants
+from deeptarget.errors import IndexMismatchError
 from deeptarget.index.vectors import SnapshotStore
 from deeptarget.models.embedder import Embedder
+from deeptarget.query import QueryService
 from deeptarget.reembed import rebuild_index, send_reembed, wait_until_reembedded
 from deeptarget.runtime import stop_processes
 from deeptarget.store import MetadataStore
@@ -47,6 +50,11 @@ def test_reembed_moves_every_post_and_the_index_to_the_new_weights(
     start_worker(new, [constants.index_queue], "index-new", pool="solo")
     start_worker(new, [constants.infer_queue, constants.profiles_queue], "infer-new")
     app = create_celery(new)
+    # An API already on the new weights answers image queries with the old model until the index is rebuilt.
+    photo = sorted((tmp_path / "photos").glob("*/0.jpg"))[0].read_bytes()
+    api_old, api_new = QueryService(old), QueryService(new)
+    assert api_new.query_embedder(api_new.index()).model_id == old_model
+    assert neighbours(api_new, photo) == neighbours(api_old, photo)
     assert send_reembed(store, app, new_model, batch_size=4) == len(post_ids)
     assert wait_until_reembedded(store, new_model, timeout_s=120, poll_s=0.2) == 0
     rebuild_index(app)
@@ -61,3 +69,16 @@ def test_reembed_moves_every_post_and_the_index_to_the_new_weights(
     after = store.embeddings(post_ids).vectors
     assert not np.allclose(after, before, atol=1e-3)  # new vectors, same posts
     assert send_reembed(store, app, new_model, batch_size=4) == 0  # nothing left to do
+
+    # The rebuilt index is served by either API: an old one follows it to the new model, which the workers recorded.
+    wait_for(lambda: api_old.index().model_id == new_model, "the API to load the rebuilt index")
+    assert api_old.query_embedder(api_old.index()).model_id == new_model
+    assert neighbours(api_old, photo) == neighbours(api_new, photo)
+    # Weights that changed under the recorded path cannot stand in: the mismatch is reported, not hidden.
+    calibrated_random_weights(Path(new.weights), seed=1)
+    with pytest.raises(IndexMismatchError):
+        QueryService(old).similar_to_image(photo)
+
+
+def neighbours(service: QueryService, photo: bytes) -> list[tuple[str, float]]:
+    return [(n.post_id, round(n.score, 4)) for n in service.similar_to_image(photo, k=5)]

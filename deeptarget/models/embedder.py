@@ -88,6 +88,18 @@ def centre_crop_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
     return resized[:, top : top + size, left : left + size]
 
 
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """What builds an embedder again in another process: ``weights`` resolved ('none', 'imagenet' or a file's
+    absolute path). Workers record it under the model id, so that the API can embed query images with the model of
+    the index it serves while a switch of weights is under way."""
+
+    backbone: str
+    weights: str
+    normalization: str
+    image_size: int
+
+
 class Embedder:
     """``Embedder(...)(images) -> (n, dim) float32``, rows L2-normalised. Images are RGB uint8 arrays of any size."""
 
@@ -113,8 +125,9 @@ class Embedder:
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
 
-        model, weights_tag = self._load(weights)
+        model, weights_tag, resolved = self._load(weights)
         self.model_id = f"{backbone}:{weights_tag}:{normalization}:{image_size}"
+        self.spec = EmbedderSpec(backbone, resolved, normalization, image_size)
         model = Backbone.strip_classifier(model).eval().to(self.device)
         self.model = model.to(memory_format=torch.channels_last)
         self.dim = self.backbone.dim
@@ -125,6 +138,12 @@ class Embedder:
         s = settings
         return cls(s.backbone, s.weights, s.weights_normalization, s.image_size, s.device, s.micro_batch)
 
+    @classmethod
+    def from_spec(cls, spec: EmbedderSpec, settings: Settings) -> Embedder:
+        """The embedder a spec describes, on the settings' device."""
+        return cls(spec.backbone, spec.weights, spec.normalization, spec.image_size, settings.device,
+                   settings.micro_batch)  # fmt: skip
+
     @property
     def dtype(self) -> torch.dtype | None:
         """Autocast dtype on CUDA (bf16 where supported); None on CPU, where float32 is fastest."""
@@ -132,7 +151,8 @@ class Embedder:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
-    def _load(self, weights: str) -> tuple[torch.nn.Module, str]:
+    def _load(self, weights: str) -> tuple[torch.nn.Module, str, str]:
+        """The model, its weights' tag in the model id, and the weights resolved (see ``EmbedderSpec``)."""
         cache_file = torchvision_cache_file(self.backbone)
         if weights == "auto":
             if cache_file.is_file():
@@ -149,7 +169,7 @@ class Embedder:
         if weights == "none":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_WEIGHTS_SEED)
-                return self.backbone.build(), f"random{RANDOM_WEIGHTS_SEED}"
+                return self.backbone.build(), f"random{RANDOM_WEIGHTS_SEED}", "none"
         if weights == "imagenet":
             if not cache_file.is_file():
                 raise ConfigurationError(
@@ -157,7 +177,7 @@ class Embedder:
                     f"download at run time: put {cache_file.name} (from {self.backbone.weights_enum.url}) at "
                     f"{cache_file}, or set weights to a .pth path or 'none'"
                 )
-            return self._from_file(cache_file), "imagenet"
+            return self._from_file(cache_file), "imagenet", "imagenet"
         path = Path(weights)
         if not path.is_file():
             raise ConfigurationError(
@@ -165,7 +185,7 @@ class Embedder:
                 "'imagenet' (torchvision cache) or 'none'"
             )
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        return self._from_file(path), f"file-{digest}"
+        return self._from_file(path), f"file-{digest}", str(path.resolve())
 
     def _from_file(self, path: Path) -> torch.nn.Module:
         model = self.backbone.build()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from functools import cached_property
 
 import redis
@@ -52,6 +53,7 @@ class WorkerContext:
         threads = self.settings.torch_threads or max(1, (os.cpu_count() or 1) // self.settings.worker_concurrency)
         torch.set_num_threads(threads)
         pipeline = InferencePipeline(self.settings, self.blobs)
+        self.store.register_model(pipeline.model_id, asdict(pipeline.embedder.spec))  # the API may need it
         LOG.info(
             "models loaded in pid %d: %s on %s, %d threads",
             self.pid,
