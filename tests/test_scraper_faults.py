@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from deeptarget import constants
 from deeptarget.sandbox import Faults, SandboxNetwork, sandbox_server
@@ -94,6 +95,7 @@ async def crawl_then_drain(faults: Faults, tmp_path: Path, redis_url: str, **ext
         settings = crawl_settings(tmp_path, redis_url, sandbox, server.url, http_timeout_s=1.0, hashtags=[],
                                   **{**BUDGET, **extra})  # fmt: skip
         first = await crawl(settings)
+        first["retries_waiting"] = int(REGISTRY.get_sample_value("deeptarget_scraper_download_retries_waiting") or 0)
         second = await crawl(settings.model_copy(update={"hashtags": [], "accounts": []}))
         stats = await server_stats(server.url)
     return first, second, stats
@@ -106,7 +108,7 @@ async def test_a_post_whose_download_runs_out_of_retries_is_fetched_by_a_later_r
     faults = Faults(image_error_every=1, max_faults_per_request=2)
     first, second, stats = await crawl_then_drain(faults, tmp_path, redis_url, http_retries=1)
     expected = {m.id for m in network().media}
-    assert first["download_failed"] == len(expected) and first.get("enqueued", 0) == 0
+    assert first["download_failed"] == first["retries_waiting"] == len(expected) and first.get("enqueued", 0) == 0
     assert second["enqueued"] == len(expected) and second.get("download_failed", 0) == 0
     assert_each_image_once(redis_client, stats, expected)
     assert all(ref["blob"] and ref["rejected"] is None for ref in queued_post_refs(redis_client))

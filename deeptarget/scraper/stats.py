@@ -15,6 +15,9 @@ POSTS = PromCounter("deeptarget_scraper_posts_total", "Posts seen by the scraper
 PAGES = PromCounter("deeptarget_scraper_pages_total", "API pages fetched, by target kind", ["kind"])
 BYTES = PromCounter("deeptarget_scraper_image_bytes_total", "Image bytes downloaded")
 QUEUE_DEPTH = Gauge("deeptarget_queue_depth", "Messages waiting in a Celery queue or the ingest stream", ["queue"])
+DOWNLOAD_RETRIES = Gauge(
+    "deeptarget_scraper_download_retries_waiting", "Posts whose image download failed, waiting for a later run"
+)
 
 
 class ScraperStats:
@@ -38,6 +41,7 @@ class ScraperStats:
         """Queue lag: what waits for the workers (infer queue) and for the scrapers (ingest stream)."""
         QUEUE_DEPTH.labels(constants.infer_queue).set(await self.redis.llen(constants.infer_queue))
         QUEUE_DEPTH.labels("ingest").set(await self.redis.xlen(constants.ingest_stream))
+        DOWNLOAD_RETRIES.set(await self.redis.hlen(constants.download_failures_key))
 
     @staticmethod
     async def read(redis: aioredis.Redis) -> dict[str, int]:
