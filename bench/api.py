@@ -39,7 +39,7 @@ CHUNK = 65_536
 
 
 def build_data(settings: Settings, n: int, dim: int, console: Console) -> list[str]:
-    store = MetadataStore(settings.sqlite_path)
+    store = MetadataStore(settings.metadata_database)
     post_ids = [f"bench{i}" for i in range(n)]
     started = time.perf_counter()
     for start in range(0, n, 50_000):

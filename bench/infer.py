@@ -114,7 +114,7 @@ def measure(
         console.print(f"  face detector alone: {len(refs) / faces_s:7.1f} images/s")
     limit_s = forward_s[best] + faces_s
 
-    store = MetadataStore(settings.sqlite_path)
+    store = MetadataStore(settings.metadata_database)
     batches = [refs[i : i + args.task_batch] for i in range(0, len(refs), args.task_batch)]
 
     def infer_all() -> None:

@@ -256,7 +256,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     settings = _settings(args)
     path = Path(args.path)
     fmt = args.format or ("parquet" if path.suffix == ".parquet" else "jsonl")
-    count = export_profiles(MetadataStore(settings.sqlite_path), path, fmt)
+    count = export_profiles(MetadataStore(settings.metadata_database), path, fmt)
     print(f"{count} profiles written to {path} ({fmt})")
     return 0
 
@@ -267,7 +267,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from deeptarget.index.hashtags import HashtagModel
         from deeptarget.store import MetadataStore
 
-        ids, tags = MetadataStore(settings.sqlite_path).image_hashtags()
+        ids, tags = MetadataStore(settings.metadata_database).image_hashtags()
         model = HashtagModel.fit_with(settings, ids, tags)
         print(f"hashtag model v{model.save(settings.hashtag_model_dir)} published")
         return 0
@@ -280,7 +280,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         from deeptarget.index.writer import IndexWriter
         from deeptarget.store import MetadataStore
 
-        writer = IndexWriter.from_settings(settings, MetadataStore(settings.sqlite_path))
+        writer = IndexWriter.from_settings(settings, MetadataStore(settings.metadata_database))
         print(f"rebuilt the index from the metadata store: {writer.rebuild()} vectors")
         return 0
     return _send(settings, constants.snapshot_task if args.action == "snapshot" else constants.rebuild_task)
@@ -360,7 +360,7 @@ def cmd_reclassify(args: argparse.Namespace) -> int:
     if not heads:
         raise ConfigurationError(f"no published head in {settings.heads_dir}")
     done = reclassify(
-        MetadataStore(settings.sqlite_path),
+        MetadataStore(settings.metadata_database),
         heads,
         half_life_days=settings.profile_half_life_days,
         outlier_k=settings.follower_outlier_k,
@@ -382,7 +382,7 @@ def cmd_reembed(args: argparse.Namespace) -> int:
 
     settings = connect_redis(_settings(args))
     model_id = Embedder.from_settings(settings).model_id
-    store, app, console = MetadataStore(settings.sqlite_path), create_celery(settings), Console()
+    store, app, console = MetadataStore(settings.metadata_database), create_celery(settings), Console()
     sent = send_reembed(store, app, model_id, settings.batch_size)
     console.print(f"{sent} posts queued to be embedded again with {model_id}; the workers must run these settings")
     if args.no_wait:
@@ -444,7 +444,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     folder = Path(args.out) if args.out else settings.reports_dir / f"system-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"report: {write_system_report(MetadataStore(settings.sqlite_path), folder)}")
+    print(f"report: {write_system_report(MetadataStore(settings.metadata_database), folder)}")
     return 0
 
 
@@ -479,7 +479,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     from deeptarget.workers.app import create_celery
 
     settings = connect_redis(_settings(args))
-    deleted = delete_posts(MetadataStore(settings.sqlite_path), create_celery(settings), args.post_ids)
+    deleted = delete_posts(MetadataStore(settings.metadata_database), create_celery(settings), args.post_ids)
     unknown = sorted(set(args.post_ids) - set(deleted))
     print(f"deleted {len(deleted)} posts" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
     return 0

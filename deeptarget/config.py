@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -27,7 +28,12 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="External Redis (redis://host:port/db). Unset: the project starts its own embedded Redis."
     )
-    database_url: str | None = Field(None, description="SQLite path; default <data_dir>/metadata.sqlite3.")
+    database_url: SecretStr | None = Field(
+        None,
+        description="The metadata store: a SQLite file's path (default <data_dir>/metadata.sqlite3), or a "
+        "postgresql://user:password@host/db URL when workers and APIs on several hosts share it (a secret: it may "
+        "hold a password).",
+    )
 
     # -- source and scraper ---------------------------------------------------------------------------------------
     source_url: str = Field("http://127.0.0.1:8700", description="Base URL of a Graph-API-shaped source.")
@@ -186,8 +192,20 @@ class Settings(BaseSettings):
         return self.data_dir / "deadletter.jsonl"
 
     @property
-    def sqlite_path(self) -> Path:
-        return Path(self.database_url) if self.database_url else self.data_dir / "metadata.sqlite3"
+    def metadata_database(self) -> str:
+        """What ``MetadataStore`` opens: a ``postgresql://`` URL or a SQLite file's path."""
+        if self.database_url is None:
+            return str(self.data_dir / "metadata.sqlite3")
+        return self.database_url.get_secret_value()
+
+    @property
+    def metadata_database_shown(self) -> str:
+        """``metadata_database`` fit for logs and reports: a URL's password left out."""
+        location = urlsplit(self.metadata_database)
+        if not location.password:
+            return self.metadata_database
+        netloc = location.netloc.replace(f":{location.password}@", ":***@", 1)
+        return urlunsplit(location._replace(netloc=netloc))
 
     @property
     def blob_dir(self) -> Path:

@@ -104,7 +104,7 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
 
             redis_client = aioredis.Redis.from_url(settings.redis_url or "")
             stack.push_async_callback(redis_client.aclose)
-            store = MetadataStore(settings.sqlite_path)
+            store = MetadataStore(settings.metadata_database)
             crawler = Crawler(settings, redis_client, CelerySink(create_celery(settings)), BlobStore(settings.blob_dir))
             await _crawl_with_progress(console, crawler, store, redis_client, workers, len(network.media))
             await _publish_models(console, settings, store, workers)

@@ -112,7 +112,7 @@ MAX_FILTERED_CANDIDATES = 20_000  # a filter that rejects nearly everything stop
 class QueryService:
     def __init__(self, settings: Settings, store: MetadataStore | None = None) -> None:
         self.settings = settings
-        self.store = store or MetadataStore(settings.sqlite_path)
+        self.store = store or MetadataStore(settings.metadata_database)
         self.snapshots = SnapshotReader(SnapshotStore(settings.index_dir), gpu=settings.device != "cpu")
         self._model_versions = VersionedDir(settings.hashtag_model_dir, ".npz")
         self._model: HashtagModel | None = None

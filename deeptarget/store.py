@@ -1,7 +1,7 @@
-"""Metadata store: posts, their predictions and embeddings, rejections, user profiles. SQLite by default.
-
-Several processes share the file (WAL mode, busy timeout). Every write is an upsert keyed by post id, so a post that
-is processed twice (at-least-once delivery) is overwritten, never duplicated.
+"""Metadata store: posts, their predictions and embeddings, rejections, user profiles. SQLite by default (several
+processes on one host share the file: WAL mode, busy timeout); PostgreSQL when several hosts share it
+(``database_url = "postgresql://..."``; databases.py holds what differs). Every write is an upsert keyed by post id,
+so a post that is processed twice (at-least-once delivery) is overwritten, never duplicated.
 
 Post status: ``queued`` (known, not processed) -> ``embedded`` (embedding stored) -> ``indexed`` (in the FAISS
 writer's index), or ``rejected`` with a reason at any point.
@@ -10,7 +10,6 @@ writer's index), or ``rejected`` with a reason at any point.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from deeptarget.databases import Database, Row, open_database
 from deeptarget.schema import Owner, Post, Prediction, Profile, vector_id
 
 USABLE_STATUSES = ("embedded", "indexed")
@@ -28,7 +28,7 @@ USABLE_STATUSES = ("embedded", "indexed")
 _USABLE = "status IN ({})".format(", ".join(f"'{status}'" for status in USABLE_STATUSES))
 
 # Usable posts with a stored image that another model than the ``?`` one embedded (a model switch re-embeds them).
-_STALE = f"{_USABLE} AND blob IS NOT NULL AND model_id IS NOT ?"
+_STALE = f"{_USABLE} AND blob IS NOT NULL AND (model_id IS NULL OR model_id != ?)"
 
 # What StoredPost needs: everything but the embedding, a 5 KB blob that queries would only read to throw away.
 _POST_COLUMNS = (
@@ -36,24 +36,26 @@ _POST_COLUMNS = (
     "owner_id, owner_username, owner_followers, blob, status, reason, faces, classes"
 )
 
+# Column types come from the database (databases.py): INTEGER/REAL/BLOB in SQLite, BIGINT/DOUBLE PRECISION/BYTEA in
+# PostgreSQL (whose INTEGER is 32 bits and REAL 4 bytes: too small for vector ids and times).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS posts (
     post_id TEXT PRIMARY KEY,
-    vector_id INTEGER NOT NULL UNIQUE,
+    vector_id {int} NOT NULL UNIQUE,
     source TEXT NOT NULL,
     media_url TEXT, permalink TEXT, caption TEXT,
     hashtags TEXT NOT NULL DEFAULT '[]',
-    like_count INTEGER, comments_count INTEGER, timestamp TEXT,
-    owner_id TEXT, owner_username TEXT, owner_followers INTEGER,
+    like_count {int}, comments_count {int}, timestamp TEXT,
+    owner_id TEXT, owner_username TEXT, owner_followers {int},
     blob TEXT,
     status TEXT NOT NULL DEFAULT 'queued',
     reason TEXT,
-    faces INTEGER, face_confidence REAL, face_boxes TEXT,
+    faces {int}, face_confidence {real}, face_boxes TEXT,
     classes TEXT,
     model_id TEXT,
-    embedding BLOB,
-    indexed_seq INTEGER,
-    updated_at REAL NOT NULL
+    embedding {blob},
+    indexed_seq {int},
+    updated_at {real} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS posts_owner ON posts(owner_id);
 CREATE INDEX IF NOT EXISTS posts_status ON posts(status);
@@ -61,21 +63,21 @@ CREATE INDEX IF NOT EXISTS posts_indexed_seq ON posts(indexed_seq);
 CREATE TABLE IF NOT EXISTS profiles (
     user_id TEXT PRIMARY KEY,
     profile TEXT NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at {real} NOT NULL
 );
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value {int} NOT NULL);
 CREATE TABLE IF NOT EXISTS interests (
     interest TEXT NOT NULL,  -- 'class:<head>:<label>' or 'hashtag:<tag>'
     user_id TEXT NOT NULL,
-    score REAL NOT NULL,     -- the profile's weight share for it
+    score {real} NOT NULL,   -- the profile's weight share for it
     PRIMARY KEY (interest, user_id)
-) WITHOUT ROWID;
+){without_rowid};
 CREATE INDEX IF NOT EXISTS interests_ranked ON interests(interest, score DESC);
 CREATE INDEX IF NOT EXISTS interests_user ON interests(user_id);
 CREATE TABLE IF NOT EXISTS models (
     model_id TEXT PRIMARY KEY,
     spec TEXT NOT NULL,      -- JSON: what builds the embedder again (models.embedder.EmbedderSpec)
-    registered_at REAL NOT NULL
+    registered_at {real} NOT NULL
 );
 """
 
@@ -86,16 +88,16 @@ INSERT INTO posts (post_id, vector_id, source, media_url, permalink, caption, ha
 VALUES (:post_id, :vector_id, :source, :media_url, :permalink, :caption, :hashtags, :like_count, :comments_count,
         :timestamp, :owner_id, :owner_username, :owner_followers, :now)
 ON CONFLICT(post_id) DO UPDATE SET
-    media_url = COALESCE(excluded.media_url, media_url),
-    permalink = COALESCE(excluded.permalink, permalink),
-    caption = COALESCE(excluded.caption, caption),
-    hashtags = CASE WHEN excluded.hashtags != '[]' THEN excluded.hashtags ELSE hashtags END,
-    like_count = COALESCE(excluded.like_count, like_count),
-    comments_count = COALESCE(excluded.comments_count, comments_count),
-    timestamp = COALESCE(excluded.timestamp, timestamp),
-    owner_id = COALESCE(excluded.owner_id, owner_id),
-    owner_username = COALESCE(excluded.owner_username, owner_username),
-    owner_followers = COALESCE(excluded.owner_followers, owner_followers),
+    media_url = COALESCE(excluded.media_url, posts.media_url),
+    permalink = COALESCE(excluded.permalink, posts.permalink),
+    caption = COALESCE(excluded.caption, posts.caption),
+    hashtags = CASE WHEN excluded.hashtags != '[]' THEN excluded.hashtags ELSE posts.hashtags END,
+    like_count = COALESCE(excluded.like_count, posts.like_count),
+    comments_count = COALESCE(excluded.comments_count, posts.comments_count),
+    timestamp = COALESCE(excluded.timestamp, posts.timestamp),
+    owner_id = COALESCE(excluded.owner_id, posts.owner_id),
+    owner_username = COALESCE(excluded.owner_username, posts.owner_username),
+    owner_followers = COALESCE(excluded.owner_followers, posts.owner_followers),
     updated_at = excluded.updated_at
 """
 
@@ -147,17 +149,13 @@ def profile_interests(profile: Profile) -> list[tuple[str, float]]:
 
 
 class MetadataStore:
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, location: str | Path) -> None:
+        """``location``: a SQLite file's path, or a ``postgresql://`` URL (``Settings.metadata_database``)."""
+        self.location = location
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=60000")
+        self._db = open_database(location)
         with self._lock:
-            self._db.executescript(_SCHEMA)
+            self._db.create_schema(_SCHEMA.format(**self._db.types))
             self._backfill_interests()
 
     def close(self) -> None:
@@ -303,19 +301,20 @@ class MetadataStore:
         for rows in self._pages(columns, f"embedding IS NOT NULL AND {where}", params, batch):
             yield _embedding_rows(rows)
 
-    def _pages(self, columns: str, where: str, params: tuple[Any, ...], batch: int) -> Iterator[list[sqlite3.Row]]:
-        """``SELECT columns FROM posts WHERE where`` in rowid order, ``batch`` rows at a time, each page its own
-        short read (writers are never held up by a long scan)."""
-        last_rowid = 0
+    def _pages(self, columns: str, where: str, params: tuple[Any, ...], batch: int) -> Iterator[list[Row]]:
+        """``SELECT columns FROM posts WHERE where`` in vector id order (unique and indexed in either database),
+        ``batch`` rows at a time, each page its own short read (writers are never held up by a long scan)."""
+        last = -(2**63)
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    f"SELECT rowid, {columns} FROM posts WHERE rowid > ? AND {where} ORDER BY rowid LIMIT ?",
-                    (last_rowid, *params, batch),
+                    f"SELECT vector_id AS page_key, {columns} FROM posts WHERE vector_id > ? AND {where} "
+                    "ORDER BY vector_id LIMIT ?",
+                    (last, *params, batch),
                 ).fetchall()
             if not rows:
                 return
-            last_rowid = rows[-1]["rowid"]
+            last = rows[-1]["page_key"]
             yield rows
 
     def embeddings_of_model(self, model_id: str, batch: int = 4096) -> Iterator[EmbeddingRows]:
@@ -324,12 +323,11 @@ class MetadataStore:
 
     def set_head_predictions(self, head: str, predictions: dict[str, dict[str, float]]) -> None:
         """Replace one head's class probabilities of these posts, keeping the other heads' and the embeddings."""
-        path = '$."' + head.replace('"', "") + '"'
+        key = self._db.json_key(head)
         with self._transaction() as db:
             db.executemany(
-                "UPDATE posts SET classes = json_set(COALESCE(classes, '{}'), ?, json(?)), updated_at = ? "
-                "WHERE post_id = ?",
-                [(path, json.dumps(classes), time.time(), post_id) for post_id, classes in predictions.items()],
+                f"UPDATE posts SET classes = {db.json_set('classes')}, updated_at = ? WHERE post_id = ?",
+                [(key, json.dumps(classes), time.time(), post_id) for post_id, classes in predictions.items()],
             )
 
     def count_embeddings(self, model_id: str) -> int:
@@ -340,17 +338,19 @@ class MetadataStore:
         return int(row[0])
 
     def sample_embeddings(self, n: int, model_id: str, seed: int = 0) -> EmbeddingRows:
-        """``n`` embeddings of this model drawn uniformly (rowids first: the blobs of the rest are never read)."""
+        """``n`` embeddings of this model drawn uniformly (ids first: the blobs of the rest are never read)."""
         with self._lock:
-            rowids = [
+            ids = [
                 r[0]
                 for r in self._db.execute(
-                    f"SELECT rowid FROM posts WHERE {_USABLE} AND model_id = ? AND embedding IS NOT NULL", (model_id,)
-                )
+                    f"SELECT vector_id FROM posts WHERE {_USABLE} AND model_id = ? AND embedding IS NOT NULL "
+                    "ORDER BY vector_id",
+                    (model_id,),
+                ).fetchall()
             ]
-        chosen = np.random.default_rng(seed).permutation(len(rowids))[:n]
+        chosen = np.random.default_rng(seed).permutation(len(ids))[:n]
         rows = self._fetch_in(
-            "SELECT post_id, vector_id, embedding, model_id FROM posts WHERE rowid IN", [rowids[i] for i in chosen]
+            "SELECT post_id, vector_id, embedding, model_id FROM posts WHERE vector_id IN", [ids[i] for i in chosen]
         )
         return _embedding_rows(rows)
 
@@ -416,12 +416,13 @@ class MetadataStore:
         exclude_outliers: bool = False,
     ) -> list[Audience]:
         """Users ranked by their share of ``interest`` (a key of ``profile_interests``), best first."""
-        outliers = "AND COALESCE(json_extract(p.profile, '$.follower_outlier'), 0) = 0" if exclude_outliers else ""
+        db = self._db
+        outliers = f"AND NOT {db.json_flag('p.profile', 'follower_outlier')}" if exclude_outliers else ""
         with self._lock:
-            rows = self._db.execute(
+            rows = db.execute(
                 f"""SELECT i.user_id, i.score, p.profile FROM interests i JOIN profiles p ON p.user_id = i.user_id
-                   WHERE i.interest = ? AND i.score >= ? AND json_extract(p.profile, '$.post_count') >= ? {outliers}
-                   ORDER BY i.score DESC, i.user_id LIMIT ?""",
+                   WHERE i.interest = ? AND i.score >= ? AND {db.json_number("p.profile", "post_count")} >= ?
+                   {outliers} ORDER BY i.score DESC, i.user_id LIMIT ?""",
                 (interest, min_score, min_posts, limit),
             ).fetchall()
         return [Audience(r["user_id"], float(r["score"]), Profile.model_validate_json(r["profile"])) for r in rows]
@@ -440,7 +441,7 @@ class MetadataStore:
             rows = self._db.execute(
                 "SELECT post_id, owner_id, like_count, owner_followers, blob, embedding FROM posts "
                 f"WHERE {_USABLE} AND model_id = ? AND embedding IS NOT NULL AND like_count IS NOT NULL "
-                "AND owner_followers > 0 ORDER BY rowid",
+                "AND owner_followers > 0 ORDER BY vector_id",
                 (model_id,),
             ).fetchall()
         return EngagementRows(
@@ -475,13 +476,13 @@ class MetadataStore:
         """Posts per hashtag, most first (every stored post, whatever its status)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT tag.value, COUNT(*) FROM posts, json_each(posts.hashtags) AS tag "
+                f"SELECT tag.value, COUNT(*) FROM posts, {self._db.json_elements('posts.hashtags', 'tag')} "
                 "WHERE posts.status != 'deleted' GROUP BY tag.value ORDER BY 2 DESC, 1 LIMIT ?",
                 (limit,),
             ).fetchall()
         return {r[0]: int(r[1]) for r in rows}
 
-    def usable_summaries(self, batch: int = 10_000) -> Iterator[list[sqlite3.Row]]:
+    def usable_summaries(self, batch: int = 10_000) -> Iterator[list[Row]]:
         """(faces, classes, like_count, owner_followers) of every usable post, in batches: what a report counts."""
         return self._pages("faces, classes, like_count, owner_followers", _USABLE, (), batch)
 
@@ -532,8 +533,8 @@ class MetadataStore:
             ).fetchall()
         return {r[0]: int(r[1]) for r in rows}
 
-    def _fetch_in(self, sql: str, values: list[Any], chunk: int = 500) -> list[sqlite3.Row]:
-        out: list[sqlite3.Row] = []
+    def _fetch_in(self, sql: str, values: list[Any], chunk: int = 500) -> list[Row]:
+        out: list[Row] = []
         with self._lock:
             for start in range(0, len(values), chunk):
                 part = values[start : start + chunk]
@@ -543,20 +544,24 @@ class MetadataStore:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT under the store's lock: takes the write lock up front, so no deadlock upgrade."""
+    """A write transaction under the store's lock (the database serializes writers across processes)."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock) -> None:
+    def __init__(self, db: Database, lock: threading.RLock) -> None:
         self._db = db
         self._lock = lock
 
-    def __enter__(self) -> sqlite3.Connection:
+    def __enter__(self) -> Database:
         self._lock.acquire()
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.begin()
+        except BaseException:
+            self._lock.release()
+            raise
         return self._db
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         try:
-            self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            self._db.end(commit=exc_type is None)
         finally:
             self._lock.release()
 
@@ -581,7 +586,7 @@ def _post_params(post: Post) -> dict[str, Any]:
     }
 
 
-def _stored_post(row: sqlite3.Row) -> StoredPost:
+def _stored_post(row: Row) -> StoredPost:
     owner = None
     if row["owner_id"] is not None:
         owner = Owner(id=row["owner_id"], username=row["owner_username"], followers_count=row["owner_followers"])
@@ -608,7 +613,7 @@ def _stored_post(row: sqlite3.Row) -> StoredPost:
     )
 
 
-def _embedding_rows(rows: list[sqlite3.Row]) -> EmbeddingRows:
+def _embedding_rows(rows: list[Row]) -> EmbeddingRows:
     return EmbeddingRows(
         post_ids=[r["post_id"] for r in rows],
         vector_ids=np.array([r["vector_id"] for r in rows], dtype=np.int64),
@@ -617,7 +622,7 @@ def _embedding_rows(rows: list[sqlite3.Row]) -> EmbeddingRows:
     )
 
 
-def _vectors(rows: list[sqlite3.Row]) -> np.ndarray:
+def _vectors(rows: list[Row]) -> np.ndarray:
     """The rows' ``embedding`` blobs as one (n, d) float32 array; (0, 0) for no rows."""
     if not rows:
         return np.zeros((0, 0), np.float32)

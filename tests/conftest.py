@@ -17,6 +17,7 @@ from deeptarget.index.vectors import SnapshotStore
 from deeptarget.redis_server import EmbeddedRedis
 from deeptarget.runtime import spawn_worker, stop_processes
 from deeptarget.workers.app import create_celery
+from tests.postgres import LocalPostgres
 
 # Settings come from the test, never from the machine's environment.
 for _name in [n for n in os.environ if n.startswith("DEEPTARGET_")]:
@@ -28,6 +29,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[LocalPostgres]:
+    server = LocalPostgres().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def metadata_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a store lives, on each database it supports: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "metadata.sqlite3")
+    return request.getfixturevalue("postgres_server").create_database()
 
 
 @pytest.fixture

@@ -31,9 +31,9 @@ def profile(user: str, sushi: float, posts: int = 5, hashtags: dict[str, float] 
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> QueryService:
-    settings = make_settings(tmp_path / "data")
-    store = MetadataStore(settings.sqlite_path)
+def service(tmp_path: Path, metadata_database: str) -> QueryService:
+    settings = make_settings(tmp_path / "data", database_url=metadata_database)
+    store = MetadataStore(settings.metadata_database)
     for p in [
         profile("u1", 0.9),
         profile("u2", 0.2, hashtags={"sushi": 0.5, "tokyo": 0.5}),
@@ -66,7 +66,7 @@ def test_an_unknown_interest_says_what_was_looked_for(service: QueryService) -> 
 def test_interests_are_backfilled_for_profiles_saved_before_the_table_existed(service: QueryService) -> None:
     db = service.store._db
     db.execute("DELETE FROM interests")
-    reopened = MetadataStore(service.store.path)
+    reopened = MetadataStore(service.store.location)
     assert [a.user_id for a in reopened.audience("class:food:sushi")] == ["u4", "u1", "u3", "u2"]
 
 

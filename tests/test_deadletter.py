@@ -63,7 +63,7 @@ def test_retries_then_dead_letter_then_retry_from_the_cli(
     assert [r["post"]["id"] for r in letter["args"][0]] == [m.id for m in media]
     table = run_cli(settings, "list").stdout
     assert "1 dead letters" in table and constants.infer_task in table
-    store = MetadataStore(settings.sqlite_path)
+    store = MetadataStore(settings.metadata_database)
     assert store.status_counts() == {}, "a failed batch must not half-record its posts"
 
     shard.unlink()

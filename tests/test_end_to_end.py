@@ -56,14 +56,21 @@ def _wait(condition, timeout_s: float, what: str, workers: list[subprocess.Popen
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def run(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def run(
+    request: pytest.FixtureRequest, redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Run]:
+    """The whole flow, once with the metadata store on SQLite and once on PostgreSQL (as several hosts share it)."""
     redis.Redis.from_url(redis_server.url).flushall()
     root = tmp_path_factory.mktemp("e2e")
     network = SandboxNetwork(seed=21, n_posts=60, n_users=10, n_hashtags=6, corrupt_share=0.08)
+    database = {}
+    if request.param == "postgresql":
+        database["database_url"] = request.getfixturevalue("postgres_server").create_database()
     settings = make_settings(
         root / "data",
         redis_server.url,
+        **database,
         batch_size=8,
         page_size=10,
         hashtags=network.hashtags,
@@ -89,7 +96,7 @@ def run(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -
                 await crawl(settings.model_copy(update={"source_url": server.url}))
 
         asyncio.run(crawl_sandbox())
-        store = MetadataStore(settings.sqlite_path)
+        store = MetadataStore(settings.metadata_database)
         seen = redis.Redis.from_url(redis_server.url).scard(constants.seen_posts_key)
 
         def settled() -> bool:
@@ -111,6 +118,8 @@ def run(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -
         )
         _wait(lambda: store.profile_backlog() == 0, 120, "profiles up to date", workers, logs)
         assert snapshots.current()
+        # On PostgreSQL no process fell back to a SQLite file of its own.
+        assert (settings.data_dir / "metadata.sqlite3").exists() == (request.param == "sqlite")
         yield Run(settings, network, store, logs)
     finally:
         stop_processes(workers, timeout_s=20)

@@ -46,7 +46,7 @@ def test_published_head_reaches_the_next_batch_and_reclassify_the_earlier_ones(
 ) -> None:
     make_dataset(tmp_path / "photos")
     settings = make_settings(tmp_path / "data", redis_url)
-    store = MetadataStore(settings.sqlite_path)
+    store = MetadataStore(settings.metadata_database)
     first = train_head(settings, tmp_path / "photos", "colour", publish=True, report=False)
     start_worker(settings, [constants.infer_queue, constants.profiles_queue], "heads")
 

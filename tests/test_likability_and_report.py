@@ -23,7 +23,7 @@ ACCOUNTS, POSTS_EACH, DIM = 30, 12, 32
 def fill_store(settings: Settings) -> tuple[MetadataStore, int]:
     """Posts whose engagement is high when their embedding leans one way; returns the store and outlier posts."""
     rng = np.random.default_rng(3)
-    store = MetadataStore(settings.sqlite_path)
+    store = MetadataStore(settings.metadata_database)
     direction = rng.normal(size=DIM)
     results = []
     for account in range(ACCOUNTS):

@@ -31,7 +31,7 @@ def test_reembed_moves_every_post_and_the_index_to_the_new_weights(
 ) -> None:
     make_dataset(tmp_path / "photos")
     old = make_settings(tmp_path / "data", redis_url)
-    store = MetadataStore(old.sqlite_path)
+    store = MetadataStore(old.metadata_database)
     workers = [
         start_worker(old, [constants.index_queue], "index-old", pool="solo"),
         start_worker(old, [constants.infer_queue, constants.profiles_queue], "infer-old"),

@@ -43,7 +43,7 @@ def test_kill_9_mid_run_then_restart_processes_every_post_exactly_once(
 
     asyncio.run(crawl_sandbox())  # every post waits on the infer queue before any worker runs
     assert len(queued_post_refs(redis_client)) == len(network.media)
-    store = MetadataStore(settings.sqlite_path)
+    store = MetadataStore(settings.metadata_database)
 
     index_worker = start_worker(settings, [constants.index_queue], "index", pool="solo")
     victim = start_worker(settings, [constants.infer_queue, constants.profiles_queue], "victim")

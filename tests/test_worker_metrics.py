@@ -39,7 +39,7 @@ def test_posts_counted_by_the_pool_processes_are_served_by_the_worker(
     app = create_celery(settings)
     for start in range(0, len(refs), 3):  # several tasks, so both pool processes get some
         app.send_task(constants.infer_task, args=[refs[start : start + 3]], queue=constants.infer_queue)
-    store = MetadataStore(settings.sqlite_path)
+    store = MetadataStore(settings.metadata_database)
     wait_for(lambda: sum(store.status_counts().values()) == len(refs), "every post processed", 120)
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:

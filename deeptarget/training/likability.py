@@ -85,7 +85,7 @@ def split_by_owner(owners: list[str], labels: np.ndarray, test_share: float, see
 def train_likability(
     settings: Settings, model_id: str | None = None, publish: bool = False, test_share: float = 0.25, seed: int = 0
 ) -> LikabilityHead:
-    store = MetadataStore(settings.sqlite_path)
+    store = MetadataStore(settings.metadata_database)
     known = store.model_ids()
     model_id = model_id or next(iter(known), None)
     if model_id is None:
@@ -118,10 +118,11 @@ def train_likability(
     paths = [blobs.path(data.blobs[i]) if data.blobs[i] else Path("/nonexistent") for i in test]
     evaluation = Evaluation(CLASSES, data.labels[test], probabilities, paths, metrics, history=fit.history)
     summary = [
-        f"Likability head v{version} on {model_id} embeddings from {settings.sqlite_path}: {len(train)} training "
-        f"posts and {len(test)} held out (accounts never on both sides when there are enough); {data.outlier_posts} "
-        f"posts of follower-count outliers left out (k = {settings.follower_outlier_k}). Likable = engagement "
-        f"(likes / followers) above the median {data.threshold:.4g}.",
+        f"Likability head v{version} on {model_id} embeddings from {settings.metadata_database_shown}: "
+        f"{len(train)} training posts and {len(test)} held out (accounts never on both sides when there are "
+        f"enough); {data.outlier_posts} posts of follower-count outliers left out "
+        f"(k = {settings.follower_outlier_k}). Likable = engagement (likes / followers) above the median "
+        f"{data.threshold:.4g}.",
         f"accuracy {metrics['accuracy']:.3f}, average precision {metrics['average_precision']:.3f} (a random ranking "
         f"scores {metrics['positive_share']:.3f}), ROC AUC {metrics['roc_auc']:.3f}",
     ]

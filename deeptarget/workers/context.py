@@ -28,7 +28,7 @@ class WorkerContext:
 
     @cached_property
     def store(self) -> MetadataStore:
-        return MetadataStore(self.settings.sqlite_path)
+        return MetadataStore(self.settings.metadata_database)
 
     @cached_property
     def blobs(self) -> BlobStore:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import sqlite3
 from typing import Any, TypeVar
 
 import redis
@@ -28,6 +27,7 @@ from prometheus_client import Counter
 from pydantic import BaseModel, ValidationError
 
 from deeptarget import constants
+from deeptarget.databases import TRANSIENT_DB_ERRORS
 from deeptarget.errors import TransientError
 from deeptarget.index.hashtags import HashtagModel
 from deeptarget.profiles.builder import rebuild_profiles
@@ -46,7 +46,7 @@ RETRIES = Counter("deeptarget_worker_task_retries_total", "Task retries after tr
 DEAD = Counter("deeptarget_worker_dead_letters_total", "Tasks that failed for good", ["task"])
 
 # Task-level failures worth retrying: the store, blob store or broker briefly unavailable, the GPU full.
-TRANSIENT = (sqlite3.OperationalError, redis.ConnectionError, redis.TimeoutError, OperationalError, TransientError)
+TRANSIENT = (*TRANSIENT_DB_ERRORS, redis.ConnectionError, redis.TimeoutError, OperationalError, TransientError)
 
 
 class PipelineTask(Task):
