@@ -44,6 +44,7 @@ class LocalPostgres:
         self.port = _free_port()
         self.user: str | None = None
         self.process: subprocess.Popen[bytes] | None = None
+        self.install = Path()
         self._names = itertools.count(1)
 
     def _run_as(self) -> list[str]:
@@ -56,13 +57,17 @@ class LocalPostgres:
             self.root.chmod(0o755)
             install = self._copy_for_the_server_user(install)
             shutil.chown(self.root, self.user)
-        data, log = self.root / "data", self.root / "server.log"
+        self.install = install
         subprocess.run(
-            [*self._run_as(), str(install / "bin" / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-             "-E", "UTF8", "--no-sync"],
+            [*self._run_as(), str(install / "bin" / "initdb"), "-D", str(self.root / "data"), "-U", "postgres",
+             "--auth=trust", "-E", "UTF8", "--no-sync"],
             check=True, capture_output=True,
         )  # fmt: skip
-        with log.open("wb") as out:
+        return self._launch(timeout_s)
+
+    def _launch(self, timeout_s: float) -> LocalPostgres:
+        install, data, log = self.install, self.root / "data", self.root / "server.log"
+        with log.open("ab") as out:
             self.process = subprocess.Popen(
                 [*self._run_as(), str(install / "bin" / "postgres"), "-D", str(data), "-p", str(self.port),
                  "-k", str(self.root), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
@@ -100,7 +105,16 @@ class LocalPostgres:
             admin.execute(f"CREATE DATABASE {name}")
         return self.url(name)
 
+    def restart(self, timeout_s: float = 60.0) -> None:
+        """Stop the server (its clients' connections break) and start it again on the same data and port."""
+        self._shut_down()
+        self._launch(timeout_s)
+
     def stop(self) -> None:
+        self._shut_down()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _shut_down(self) -> None:
         """Fast shutdown (SIGINT: clients are disconnected), sent to the postmaster itself, not to runuser."""
         if self.process is not None and self.process.poll() is None:
             pid = int((self.root / "data" / "postmaster.pid").read_text().split()[0])
@@ -110,7 +124,6 @@ class LocalPostgres:
             except subprocess.TimeoutExpired:
                 os.kill(pid, signal.SIGKILL)
                 self.process.wait()
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _user_exists(name: str) -> bool:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import psycopg
+import pytest
 
 from deeptarget.schema import Owner, Post, Prediction, Profile
 from deeptarget.store import MetadataStore
+from tests.postgres import LocalPostgres
 
 
 def embedded(pid: str, vector: np.ndarray) -> tuple[Post, str, Prediction, np.ndarray]:
@@ -96,3 +99,19 @@ def test_every_read_and_write_of_the_store(metadata_database: str) -> None:
     store.mark_indexed([p.id for p in posts[1:]], first_seq=5)
     assert store.max_indexed_seq() == 10 and store.status_counts() == {"deleted": 1, "indexed": 6}
     assert sorted(pid for rows in store.embeddings_to_index(after_seq=8) for pid in rows.post_ids) == ["p5", "p6"]
+
+
+def test_a_postgresql_restart_costs_one_failed_call_not_the_store() -> None:
+    """A worker's store outlives a database restart: the call that meets the broken connection fails with a transient
+    error (the task is retried), and the next one reconnects. No write is half done."""
+    server = LocalPostgres().start()
+    try:
+        store = MetadataStore(server.create_database())
+        store.record_results([embedded("p1", np.ones(4, np.float32))])
+        server.restart()
+        with pytest.raises(psycopg.OperationalError):
+            store.record_results([embedded("p2", np.ones(4, np.float32))])
+        store.record_results([embedded("p2", np.ones(4, np.float32))])
+        assert store.status_counts() == {"embedded": 2}
+    finally:
+        server.stop()
