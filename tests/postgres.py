@@ -38,8 +38,13 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+# Durability off: a test server's data is thrown away (bench/store.py turns it back on).
+FAST = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+
+
 class LocalPostgres:
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        self.settings = {**FAST, "max_connections": "300", **(settings or {})}
         self.root = Path(tempfile.mkdtemp(prefix="deeptarget-pg-"))
         self.port = _free_port()
         self.user: str | None = None
@@ -70,8 +75,8 @@ class LocalPostgres:
         with log.open("ab") as out:
             self.process = subprocess.Popen(
                 [*self._run_as(), str(install / "bin" / "postgres"), "-D", str(data), "-p", str(self.port),
-                 "-k", str(self.root), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
-                 "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=300"],
+                 "-k", str(self.root), "-c", "listen_addresses=127.0.0.1",
+                 *(arg for name, value in self.settings.items() for arg in ("-c", f"{name}={value}"))],
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         deadline = time.monotonic() + timeout_s
