@@ -139,9 +139,7 @@ class PostgresDatabase:
         self.end(commit=True)
 
     def begin(self) -> None:
-        connection = self._live()
-        connection.execute("BEGIN")
-        connection.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+        self._live().execute(f"BEGIN; SELECT pg_advisory_xact_lock({_WRITE_LOCK})")  # one round trip
 
     def end(self, commit: bool) -> None:
         if commit:

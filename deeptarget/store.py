@@ -178,30 +178,34 @@ class MetadataStore:
         """Store what the infer task found: (post, blob sha, prediction, embedding or None) per post, atomically.
 
         Returns the owner ids of the posts (as the store knows them, which may be more than the posts said)."""
-        post_ids: list[str] = []
-        with self._transaction() as db:
-            for post, blob, prediction, embedding in results:
-                post_ids.append(post.id)
-                db.execute(_UPSERT_POST, _post_params(post))
-                db.execute(
-                    """UPDATE posts SET blob = :blob, status = :status, reason = :reason, faces = :faces,
-                       face_confidence = :conf, face_boxes = :boxes, classes = :classes, model_id = :model_id,
-                       embedding = :embedding, indexed_seq = NULL, updated_at = :now
-                       WHERE post_id = :post_id AND status != 'deleted'""",
-                    {
-                        "post_id": post.id,
-                        "blob": blob,
-                        "status": prediction.status,
-                        "reason": prediction.reason,
-                        "faces": prediction.faces,
-                        "conf": prediction.face_confidence,
-                        "boxes": json.dumps(prediction.face_boxes),
-                        "classes": json.dumps(prediction.classes),
-                        "model_id": prediction.model_id,
-                        "embedding": None if embedding is None else np.asarray(embedding, np.float32).tobytes(),
-                        "now": time.time(),
-                    },
-                )
+        results = list(results)
+        now = time.time()
+        outcomes = [
+            {
+                "post_id": post.id,
+                "blob": blob,
+                "status": prediction.status,
+                "reason": prediction.reason,
+                "faces": prediction.faces,
+                "conf": prediction.face_confidence,
+                "boxes": json.dumps(prediction.face_boxes),
+                "classes": json.dumps(prediction.classes),
+                "model_id": prediction.model_id,
+                "embedding": None if embedding is None else np.asarray(embedding, np.float32).tobytes(),
+                "now": now,
+            }
+            for post, blob, prediction, embedding in results
+        ]
+        with self._transaction() as db:  # two statements for the batch, not two per post (one round trip each)
+            db.executemany(_UPSERT_POST, [_post_params(post) for post, *_ in results])
+            db.executemany(
+                """UPDATE posts SET blob = :blob, status = :status, reason = :reason, faces = :faces,
+                   face_confidence = :conf, face_boxes = :boxes, classes = :classes, model_id = :model_id,
+                   embedding = :embedding, indexed_seq = NULL, updated_at = :now
+                   WHERE post_id = :post_id AND status != 'deleted'""",
+                outcomes,
+            )
+        post_ids = [post.id for post, *_ in results]
         return self.owners_of(post_ids)
 
     def owners_of(self, post_ids: list[str]) -> set[str]:
