@@ -66,6 +66,14 @@ def test_secrets_never_show_in_repr_but_reach_child_processes() -> None:
     assert "EAAB-very-secret" in env["DEEPTARGET_ACCESS_TOKENS"]
 
 
+def test_a_database_url_is_a_secret_and_shown_without_its_password() -> None:
+    settings = Settings(database_url="postgresql://deeptarget:pg-s3cret@db.internal:5432/deeptarget")
+    assert "pg-s3cret" not in repr(settings) and "pg-s3cret" in settings.to_env()["DEEPTARGET_DATABASE_URL"]
+    assert settings.metadata_database == "postgresql://deeptarget:pg-s3cret@db.internal:5432/deeptarget"
+    assert settings.metadata_database_shown == "postgresql://deeptarget:***@db.internal:5432/deeptarget"
+    assert Settings(data_dir=Path("d")).metadata_database == str(Path("d") / "metadata.sqlite3")
+
+
 def test_settings_survive_the_trip_through_child_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(hashtags=["a", "b"], access_tokens=[SecretStr("t1"), SecretStr("t2")], batch_size=3)
     for name, value in settings.to_env().items():
