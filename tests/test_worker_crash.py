@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def test_kill_9_mid_run_then_restart_processes_every_post_exactly_once(
-    tmp_path: Path, redis_url: str, redis_client: redis.Redis, start_worker: WorkerFactory
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, start_worker: WorkerFactory, metadata_database: str
 ) -> None:
     network = SandboxNetwork(seed=31, n_posts=80, n_users=8, n_hashtags=4, corrupt_share=0.0)
     # Unacked tasks of a dead worker come back after the visibility timeout: short here, an hour in production.
@@ -35,6 +35,7 @@ def test_kill_9_mid_run_then_restart_processes_every_post_exactly_once(
         visibility_timeout_s=3,
         hashtags=network.hashtags,
         accounts=[a.username for a in network.accounts],
+        database_url=metadata_database,  # SQLite, then PostgreSQL: a write cut short by the kill must roll back
     )
 
     async def crawl_sandbox() -> None:
