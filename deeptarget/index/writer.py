@@ -111,8 +111,9 @@ class IndexWriter:
         )
         if not keep.all():
             bad = sorted({m for m, k in zip(rows.model_ids, keep, strict=True) if not k})
-            LOG.error(
-                "%s",
+            # Expected while `deeptarget reembed` runs (the rebuild it ends with takes them); a mistake otherwise.
+            LOG.warning(
+                "%s (a switch of weights? `deeptarget reembed` re-embeds the stored posts and rebuilds the index)",
                 IndexMismatchError(f"index holds {self.index.model_id}; {int((~keep).sum())} rows from {bad} skipped"),
             )
         return keep
