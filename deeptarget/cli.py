@@ -16,6 +16,7 @@
     deeptarget train-likability           a likable-or-not head from the stored likes / followers
     deeptarget compare-backbones DATA_DIR accuracy, size and speed of each backbone
     deeptarget report [--out DIR]         HTML report of the live system
+    deeptarget store-copy --to URL        copy the metadata store (e.g. SQLite -> PostgreSQL)
     deeptarget enqueue FILE.jsonl         push posts (JSON lines with id and media_url) to the scraper
     deeptarget delete POST_ID...          forget posts and take them out of the index
     deeptarget deadletter list|retry|drop [IDS] [--all]   tasks that failed for good
@@ -448,6 +449,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_copy(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from deeptarget.config import without_password
+    from deeptarget.store import MetadataStore
+    from deeptarget.store_copy import copy_store
+
+    settings = _settings(args)
+    source = MetadataStore(settings.metadata_database)
+    destination = MetadataStore(args.to)
+    print(f"copying {settings.metadata_database_shown} -> {without_password(args.to)}")
+    with Progress() as progress:
+        tasks: dict[str, Any] = {}
+
+        def advance(table: str, n: int) -> None:
+            if table not in tasks:
+                tasks[table] = progress.add_task(table, total=None)
+            progress.advance(tasks[table], n)
+
+        counts = copy_store(source, destination, advance)
+    print(f"copied {counts.posts} posts, {counts.profiles} profiles, {counts.models} embedder records")
+    if source.status_counts() != destination.status_counts():
+        print("the copy's post counts differ from the source's: was something still writing?", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_enqueue(args: argparse.Namespace) -> int:
     import redis.asyncio as aioredis
 
@@ -660,6 +688,14 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="an HTML report of the live system (posts, faces, classes, engagement)")
     report.add_argument("--out", help="folder for index.html and its PNGs (default: data/reports/system-<time>)")
     report.set_defaults(func=cmd_report)
+
+    store_copy = sub.add_parser(
+        "store-copy", help="copy the metadata store to another (SQLite path or postgresql:// URL); stop writers first"
+    )
+    store_copy.add_argument(
+        "--to", required=True, help="the destination; a password may come from PGPASSWORD or ~/.pgpass instead"
+    )
+    store_copy.set_defaults(func=cmd_store_copy)
 
     enqueue = sub.add_parser("enqueue", help="queue posts from a JSON-lines file (- for stdin) for the scraper")
     enqueue.add_argument("file")

@@ -201,11 +201,7 @@ class Settings(BaseSettings):
     @property
     def metadata_database_shown(self) -> str:
         """``metadata_database`` fit for logs and reports: a URL's password left out."""
-        location = urlsplit(self.metadata_database)
-        if not location.password:
-            return self.metadata_database
-        netloc = location.netloc.replace(f":{location.password}@", ":***@", 1)
-        return urlunsplit(location._replace(netloc=netloc))
+        return without_password(self.metadata_database)
 
     @property
     def blob_dir(self) -> Path:
@@ -256,3 +252,11 @@ def _json(value: Any) -> str:
     import json
 
     return json.dumps(value)
+
+
+def without_password(location: str) -> str:
+    """A database URL (or path) fit for logs: its password, if any, replaced by ***."""
+    parts = urlsplit(location)
+    if not parts.password:
+        return location
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))

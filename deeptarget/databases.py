@@ -182,6 +182,9 @@ class _PostgresRow(tuple):
     def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
         return super().__getitem__(self.columns[key] if isinstance(key, str) else key)
 
+    def keys(self) -> list[str]:
+        return list(self.columns)
+
 
 def _postgres_rows(cursor: psycopg.Cursor[Any]) -> Any:
     columns = {column.name: i for i, column in enumerate(cursor.description or ())}

@@ -81,6 +81,10 @@ CREATE TABLE IF NOT EXISTS models (
 );
 """
 
+# What a copy of the store (store_copy.py) moves row by row, with each table's key; profiles go through
+# ``save_profile``, which rebuilds their interests.
+_COPIED_AS_ROWS = {"posts": "post_id", "counters": "name", "models": "model_id"}
+
 # Owner fields only ever get better: a later observation without an owner keeps what an earlier one knew.
 _UPSERT_POST = """
 INSERT INTO posts (post_id, vector_id, source, media_url, permalink, caption, hashtags, like_count, comments_count,
@@ -279,7 +283,32 @@ class MetadataStore:
                 (model_id, json.dumps(spec), time.time()),
             )
 
+    def put_rows(self, table: str, rows: list[Row]) -> None:
+        """Upsert rows as ``rows_of`` gives them (another store's, perhaps on the other database)."""
+        if not rows:
+            return
+        key = _COPIED_AS_ROWS[table]
+        columns = [c for c in rows[0].keys() if c != "page_key"]  # noqa: SIM118 (a row iterates its values)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != key)
+        with self._transaction() as db:
+            db.executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+                f"ON CONFLICT({key}) DO UPDATE SET {updates}",
+                [tuple(row[c] for c in columns) for row in rows],
+            )
+
     # -- reads ----------------------------------------------------------------------------------------------------
+    def rows_of(self, table: str, batch: int = 1000) -> Iterator[list[Row]]:
+        """Every row of a table copied as rows (``_COPIED_AS_ROWS``), whole: posts in pages by vector id."""
+        if table == "posts":
+            yield from self._pages("*", "1 = 1", (), batch)
+            return
+        assert table in _COPIED_AS_ROWS, table
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM {table}").fetchall()
+        if rows:
+            yield rows
+
     def model_spec(self, model_id: str) -> dict[str, Any] | None:
         with self._lock:
             row = self._db.execute("SELECT spec FROM models WHERE model_id = ?", (model_id,)).fetchone()
