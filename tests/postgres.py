@@ -53,9 +53,20 @@ class LocalPostgres:
         self._names = itertools.count(1)
 
     def _run_as(self) -> list[str]:
-        return ["runuser", "-u", self.user, "--"] if self.user else []
+        """The prefix that drops root: setpriv only switches ids and execs (no PAM session, unlike runuser/su)."""
+        if not self.user:
+            return []
+        entry = pwd.getpwnam(self.user)
+        return ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups"]
 
     def start(self, timeout_s: float = 60.0) -> LocalPostgres:
+        try:
+            return self._init_and_launch(timeout_s)
+        except BaseException:
+            self.stop()  # nothing of a server that never came up is left behind
+            raise
+
+    def _init_and_launch(self, timeout_s: float) -> LocalPostgres:
         install = server_binaries()
         if os.geteuid() == 0:
             self.user = "postgres" if _user_exists("postgres") else "nobody"
@@ -63,11 +74,13 @@ class LocalPostgres:
             install = self._copy_for_the_server_user(install)
             shutil.chown(self.root, self.user)
         self.install = install
-        subprocess.run(
+        done = subprocess.run(
             [*self._run_as(), str(install / "bin" / "initdb"), "-D", str(self.root / "data"), "-U", "postgres",
              "--auth=trust", "-E", "UTF8", "--no-sync"],
-            check=True, capture_output=True,
+            capture_output=True, text=True, check=False,
         )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed ({done.returncode}): {done.stderr[-2000:]}")
         return self._launch(timeout_s)
 
     def _launch(self, timeout_s: float) -> LocalPostgres:
@@ -120,14 +133,13 @@ class LocalPostgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _shut_down(self) -> None:
-        """Fast shutdown (SIGINT: clients are disconnected), sent to the postmaster itself, not to runuser."""
+        """Fast shutdown (SIGINT: clients are disconnected). setpriv execs, so the process is the postmaster."""
         if self.process is not None and self.process.poll() is None:
-            pid = int((self.root / "data" / "postmaster.pid").read_text().split()[0])
-            os.kill(pid, signal.SIGINT)
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                os.kill(pid, signal.SIGKILL)
+                self.process.kill()
                 self.process.wait()
 
 
