@@ -9,9 +9,11 @@ seen_posts_key = key_prefix + "seen"
 """SET of post ids whose image was fetched and handed to the workers. Membership means 'never fetch again'."""
 
 claim_key_prefix = key_prefix + "claim:"
-download_failures_key = key_prefix + "download-failures"  # post id -> its failed downloads (retries spent) so far
 """``claim:<post id>``: a scraper is working on this post; expires after ``claim_ttl_s`` so a crashed scraper's
 posts become available again."""
+
+download_failures_key = key_prefix + "download-failures"
+"""HASH post id -> how many times its download failed after its retries; cleared when the post is committed."""
 
 owner_known_key = key_prefix + "owner-known"
 """SET of post ids whose owner (and follower count) the workers have been told about."""

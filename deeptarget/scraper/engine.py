@@ -234,12 +234,12 @@ class Crawler:
                 await self.stats.add("skipped_album_without_images")
             for post in images:
                 posts.setdefault(post.id, post)  # a page that repeats a post handles it once
-        retry_later = await self._handle_posts(downloader, list(posts.values()))
-        # The cursor moves past this page, and a later round may never page back to it: the stream keeps the posts.
-        await self.ingest.push([posts[post_id] for post_id in retry_later])
+        await self._handle_posts(downloader, list(posts.values()))
 
     async def _handle_posts(self, downloader: Fetcher, posts: list[Post]) -> set[str]:
-        """Claim, download, enqueue, commit; returns the ids left for a later run (their downloads failed)."""
+        """Claim, download, enqueue, commit. Posts whose downloads failed go (back) on the ingest stream for a later
+        run, whatever brought them: a crawl's cursor moves past their page, and a later round may never page back to
+        it. Returns their ids."""
         claims = await asyncio.gather(*(self.claims.claim(p.id) for p in posts))
         taken = [p for p, c in zip(posts, claims, strict=True) if c is Claim.TAKEN]
         seen = [p for p, c in zip(posts, claims, strict=True) if c is Claim.SEEN]
@@ -254,15 +254,16 @@ class Crawler:
             await self.claims.release([p.id for p in taken])
             raise
         await self.claims.commit([r.post.id for r in refs])
-        retry_later = [p.id for p, r in zip(taken, results, strict=True) if r is None]
-        await self.claims.release(retry_later)
+        retry_later = [p for p, r in zip(taken, results, strict=True) if r is None]
+        await self.ingest.push(retry_later)  # before the release (and a drained entry's ack): a crash loses none
+        await self.claims.release([p.id for p in retry_later])
         await self.stats.add("enqueued", len(refs))
         await self.stats.add("rejected", sum(r.rejected is not None for r in refs))
         await self.stats.measure_queues()
         with_owner = [r for r in refs if r.post.owner is not None]
         if with_owner or any(p.owner is not None for p in seen):
             await self._merge_owner(with_owner, [p for p in seen if p.owner is not None])
-        return set(retry_later)
+        return {p.id for p in retry_later}
 
     async def read_feed(self, session: aiohttp.ClientSession, url: str) -> None:
         """A partner's JSON-lines feed: every valid record joins the ingest stream (drained below, deduplicated
@@ -319,10 +320,9 @@ class Crawler:
             entries = await self.ingest.take(self.consumer, batch, self.settings.claim_ttl_s * 1000)
             if not entries:
                 return
-            posts = {post.id: post for _, post in entries}
-            retry_later = await self._handle_posts(downloader, list(posts.values()))
+            posts = list({post.id: post for _, post in entries}.values())
+            retry_later = await self._handle_posts(downloader, posts)
             await self.stats.add("page:push")
-            await self.ingest.push([posts[post_id] for post_id in retry_later])  # before the ack: a crash loses none
             await self.ingest.ack([entry for entry, _ in entries])
             if retry_later:  # they are back at the end of the stream: a later run tries them again
                 return
