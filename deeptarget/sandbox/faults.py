@@ -39,11 +39,9 @@ class Faults:
         return every > 0 and count % every == 0
 
     def spared(self, faulted: Counter[str], key: str) -> bool:
-        """Whether this request has had its share of faults in a row (and, if so, starts a fresh count)."""
-        if faulted[key] < self.max_faults_per_request:
-            return False
-        del faulted[key]
-        return True
+        """Whether this request has had its share of faults in a row (the server's count of them starts again once it
+        is answered)."""
+        return faulted[key] >= self.max_faults_per_request
 
     def throttle_headers(self) -> dict[str, str]:
         headers = {}
