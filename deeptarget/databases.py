@@ -187,6 +187,11 @@ class _PostgresRow(tuple):
 
 
 def _postgres_rows(cursor: psycopg.Cursor[Any]) -> Any:
-    columns = {column.name: i for i, column in enumerate(cursor.description or ())}
-    row_type = type("Row", (_PostgresRow,), {"columns": columns})
-    return row_type
+    """psycopg's row factory, called for every statement: the row type of its columns."""
+    return _row_type(tuple(column.name for column in cursor.description or ()))
+
+
+@lru_cache(maxsize=256)
+def _row_type(names: tuple[str, ...]) -> type[_PostgresRow]:
+    """One row type per column list (the store runs a few dozen), not a new class per statement."""
+    return type("Row", (_PostgresRow,), {"columns": {name: i for i, name in enumerate(names)}})
