@@ -127,11 +127,8 @@ async def _scrape(settings: Settings, *, forever: bool, interval_s: float) -> in
         loop.add_signal_handler(sig, crawler.stop)
     progress = asyncio.create_task(_show_progress(crawler))
     try:
-        while True:
-            counts = await crawler.run()
-            LOG.info("crawl round finished: %s", json.dumps(counts, sort_keys=True))
-            if not forever or crawler.stopping or await crawler.wait_stopped(interval_s):
-                return 0
+        await crawler.serve(forever=forever, interval_s=interval_s)
+        return 0
     finally:
         progress.cancel()
         await client.aclose()

@@ -27,8 +27,12 @@ scraper_stats_key = key_prefix + "stats:scraper"
 ingest_stream = key_prefix + "ingest"
 """STREAM of pushed posts (field ``post``: JSON) waiting for a scraper to fetch their images; group ``scrapers``."""
 
+ingest_later_key = key_prefix + "ingest:later"
+"""ZSET of posts (JSON) whose download failed, scored by when they go back on the ingest stream (scraper/later.py)."""
+
 token_key_prefix = key_prefix + "tokens:"
-"""``tokens:calls:<fingerprint>`` (ZSET, the token's calls in the rolling window), ``tokens:pause:<fingerprint>``."""
+"""``tokens:calls:<fingerprint>`` (ZSET, the token's calls in the rolling window), ``tokens:pause:<fingerprint>``,
+``tokens:app-pause:<app>`` (every token of that app pauses: Graph error #4)."""
 
 retired_tokens_key = key_prefix + "tokens:retired"
 """SET of fingerprints of access tokens the API called invalid (OAuth 190); never used again."""

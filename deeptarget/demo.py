@@ -106,6 +106,10 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             stack.push_async_callback(redis_client.aclose)
             store = MetadataStore(settings.metadata_database)
             crawler = Crawler(settings, redis_client, CelerySink(create_celery(settings)), BlobStore(settings.blob_dir))
+            await stack.enter_async_context(crawler)
+            # Pushed posts (POST /ingest) are taken as they arrive for as long as the API is up, not once a round.
+            follower = crawler.follow_in_background()
+            stack.push_async_callback(_stop_following, crawler, follower)
             await _crawl_with_progress(console, crawler, store, redis_client, workers, len(network.media))
             await _publish_models(console, settings, store, workers)
             await _print_summary(console, store, time.monotonic() - started)
@@ -119,6 +123,7 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
                 f"  curl '{api.url}/similar?post_id={network.media[0].id}&k=5'\n"
                 f"  curl --data-binary @photo.jpg '{api.url}/hashtags'\n"
                 f"  curl '{api.url}/users/{network.accounts[0].username}'\n"
+                f"  curl -H 'X-API-Key: ...' --data-binary @posts.jsonl '{api.url}/ingest'  (queryable in seconds)\n"
                 "Ctrl-C stops everything."
             )
             await wait_for_signal()
@@ -127,6 +132,11 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             stop_processes(workers)
             if redis_server is not None:
                 redis_server.stop()
+
+
+async def _stop_following(crawler: Crawler, follower: asyncio.Task[None]) -> None:
+    crawler.stop()
+    await follower
 
 
 def _api_server(settings: Settings) -> AppServer:

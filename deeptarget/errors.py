@@ -4,6 +4,7 @@
      +-- ConfigurationError      settings that cannot work (missing weights file, bad URL scheme)
      +-- SourceError             a source answered something unusable
      |    +-- GraphApiError       the Graph API returned an error object (carries its code)
+     +-- CrawlStopped            a stop was requested: the crawl winds down (not a failure)
      +-- ImageRejected           one image cannot be used; carries a short machine-readable reason
      +-- IndexMismatchError      embeddings from a different backbone/weights than the index holds
      +-- ModelNotReadyError      a query needs a model or index that has not been built yet
@@ -37,6 +38,10 @@ class GraphApiError(SourceError):
         super().__init__(f"{message} (code={code}, http={status})")
         self.code = code
         self.status = status
+
+
+class CrawlStopped(DeepTargetError):
+    """A stop was requested while the crawl waited (for a token, a retry, a download): nothing new starts."""
 
 
 class ImageRejected(DeepTargetError):

@@ -6,6 +6,7 @@ limit is abandoned on the spot. Transient failures are retried with backoff; the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from deeptarget.blobs import BlobStore
-from deeptarget.errors import ImageRejected
+from deeptarget.errors import CrawlStopped, ImageRejected
 from deeptarget.models.decode import check_pixels, sniff_image_type
 
 LOG = logging.getLogger(__name__)
@@ -24,6 +25,10 @@ CHUNK = 64 * 1024
 
 class _Transient(Exception):
     pass
+
+
+class DownloadDeferred(CrawlStopped):
+    """A stop came while the download waited to try again: the post is left for the next run, not counted failed."""
 
 
 class ImageDownloader:
@@ -36,6 +41,7 @@ class ImageDownloader:
         max_pixels: int | None = None,
         timeout_s: float = 20.0,
         retries: int = 3,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self.session = session
         self.blobs = blobs
@@ -43,6 +49,15 @@ class ImageDownloader:
         self.max_pixels = max_pixels
         self.timeout_s = timeout_s
         self.retries = retries
+        self.stop = stop or asyncio.Event()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Tenacity's wait between tries, cut short by a stop (no new try starts after it)."""
+        try:
+            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+        except TimeoutError:
+            return
+        raise DownloadDeferred("stop requested between download tries")
 
     async def __call__(self, url: str) -> tuple[str, int]:
         """Download ``url``; returns (sha256, bytes). Raises ``ImageRejected`` with the reason it gave up."""
@@ -51,12 +66,15 @@ class ImageDownloader:
             wait=wait_random_exponential(multiplier=0.2, max=5),
             retry=retry_if_exception_type(_Transient),
             reraise=True,
+            sleep=self._sleep,
         )
         try:
             async for attempt in retrying:
                 with attempt:
                     return await self._once(url)
         except _Transient as err:
+            if self.stop.is_set():
+                raise DownloadDeferred(str(err)) from err
             raise ImageRejected("download_failed", str(err)) from err
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -97,6 +115,9 @@ class ImageDownloader:
                 return writer.commit(), size
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
             raise _Transient(f"{type(err).__name__}: {err}") from err
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError, ValueError) as err:
+            # One malformed URL is that post's problem, never the crawl's: before, it escaped and ended the run.
+            raise ImageRejected("bad_url", f"{type(err).__name__}: {str(err)[:200]}") from err
         finally:
             if writer is not None:
                 writer.abort()

@@ -1,14 +1,21 @@
 """The crawl engine: follow hashtags and accounts page by page, fetch each new post's image once, hand the posts to
-the workers in batches, and remember where each target stopped.
+the workers in batches, and remember where each target stopped; and, all the while, take pushed posts off the ingest
+stream as they arrive.
 
 Per page: parse -> claim each post (dedup) -> download the claimed ones concurrently -> send their references
-(``PostRef``) to the infer queue -> mark them seen -> save the cursor. A page is finished before a stop request is
-honoured, so a stopped crawl leaves no post half-handled, and a restart resumes at the saved cursor.
+(``PostRef``) to the infer queue -> mark them seen -> save the cursor. Once a stop is requested nothing new starts (no
+target, hashtag search, page, retry or download); the page in hand is finished, its posts not yet downloaded go on
+the ingest stream for the next run, and its cursor is saved, so a restart resumes there with nothing lost or doubled.
+
+Paging ends where the documentation says it does (``graph.py``); a source that loops anyway is caught on evidence, not
+on a repeated cursor (hashtag cursors repeat by design): ``loop_after_stale_pages`` pages in a row that bring no post
+new to this round, or ``max_pages_per_round`` pages of one target.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -21,19 +28,20 @@ import redis.asyncio as aioredis
 
 from deeptarget.blobs import BlobStore
 from deeptarget.config import Settings
-from deeptarget.errors import GraphApiError, ImageRejected, SourceError
+from deeptarget.errors import CrawlStopped, GraphApiError, ImageRejected, SourceError
 from deeptarget.schema import Owner, Post, PostRef
 from deeptarget.scraper import instaloader
 from deeptarget.scraper.claims import Claim, PostClaims
 from deeptarget.scraper.cursors import CursorStore
-from deeptarget.scraper.download import ImageDownloader
+from deeptarget.scraper.download import DownloadDeferred, ImageDownloader
 from deeptarget.scraper.graph import GraphApiClient, Page
 from deeptarget.scraper.instaloader import LocalImages
+from deeptarget.scraper.later import RetryLater
 from deeptarget.scraper.push import IngestStream, parse_posts
 from deeptarget.scraper.quota import HashtagQuota
 from deeptarget.scraper.sink import PostSink
 from deeptarget.scraper.stats import ScraperStats
-from deeptarget.scraper.structures import MEDIA_FIELDS, is_image, posts_from_media
+from deeptarget.scraper.structures import MEDIA_FIELDS, is_image, is_video_album, posts_from_media
 from deeptarget.scraper.tokens import TokenPool
 
 LOG = logging.getLogger(__name__)
@@ -49,7 +57,54 @@ HASHTAG = "hashtag"
 ACCOUNT = "account"
 
 
+class _Connection:
+    """What a crawl talks through: one HTTP pool, the Graph client and the image downloader. It outlives a round, so
+    the ingest follower keeps going between rounds."""
+
+    def __init__(self, crawler: Crawler) -> None:
+        s = crawler.settings
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(  # one pool, keep-alive, bounded overall and per host
+                limit=s.download_concurrency + s.target_concurrency,
+                limit_per_host=s.per_host_concurrency,
+                keepalive_timeout=30,
+            )
+        )
+        tokens = TokenPool(
+            crawler.redis,
+            [t.get_secret_value() for t in s.all_access_tokens],
+            s.token_calls,
+            s.token_window_s,
+            apps=s.token_app_of,
+            stop=crawler._stop,
+        )
+        self.client = GraphApiClient(
+            self.session,
+            s.source_url,
+            s.source_user_id,
+            tokens=tokens,
+            retries=s.http_retries,
+            timeout_s=s.http_timeout_s,
+            throttle_pause_s=s.throttle_pause_s,
+            max_pause_s=s.max_pause_s,
+            usage_pause_at=s.usage_pause_at,
+            token_in=s.token_in,
+            stop=crawler._stop,
+        )
+        self.downloader = ImageDownloader(
+            self.session,
+            crawler.blobs,
+            max_bytes=s.max_image_bytes,
+            max_pixels=s.max_image_pixels,
+            timeout_s=s.http_timeout_s,
+            retries=s.http_retries,
+            stop=crawler._stop,
+        )
+
+
 class Crawler:
+    """Use as ``async with crawler:`` to keep one connection across rounds (``serve``), or call ``run`` alone."""
+
     def __init__(
         self,
         settings: Settings,
@@ -68,13 +123,16 @@ class Crawler:
         self.cursors = CursorStore(redis, source)
         self.stats = ScraperStats(redis)
         self.ingest = IngestStream(redis)
+        self.later = RetryLater(redis, settings.download_retry_delay_s)
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
         self.quota = HashtagQuota(redis, settings.source_user_id, settings.hashtag_quota, settings.hashtag_quota_days)
         self._downloads = asyncio.Semaphore(settings.download_concurrency)
         self._stop = asyncio.Event()
+        self._connection: _Connection | None = None
+        self._following = False  # an ingest follower runs: rounds leave the stream to it
 
     def stop(self) -> None:
-        """Finish the pages in hand, save cursors, return. Safe to call from a signal handler."""
+        """Start nothing new, finish the pages in hand, save cursors, return. Safe to call from a signal handler."""
         self._stop.set()
 
     @property
@@ -89,59 +147,80 @@ class Crawler:
             return False
         return True
 
+    async def __aenter__(self) -> Crawler:
+        if self._connection is None:
+            self._connection = _Connection(self)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._connection is not None:
+            await self._connection.session.close()
+            self._connection = None
+
     @property
     def targets(self) -> list[tuple[str, str]]:
         return [(ACCOUNT, a) for a in self.settings.accounts] + [(HASHTAG, h) for h in self.settings.hashtags]
 
+    async def serve(self, *, forever: bool, interval_s: float) -> None:
+        """Crawl rounds (one, or one every ``interval_s`` until a stop) while following the ingest stream the whole
+        time, so a pushed post never waits for a round. With one round, pushed posts are taken until none is left."""
+        async with self:
+            if not forever:
+                counts = await self.run()
+                LOG.info("crawl round finished: %s", json.dumps(counts, sort_keys=True))
+                return
+            follower = self.follow_in_background()
+            try:
+                while not self.stopping:
+                    counts = await self.run()
+                    LOG.info("crawl round finished: %s", json.dumps(counts, sort_keys=True))
+                    if not self.targets and not self.settings.jsonl_feeds and not self.settings.instaloader_dirs:
+                        await self._stop.wait()  # nothing to crawl: only pushed posts, until the stop
+                    elif await self.wait_stopped(interval_s):
+                        break
+            finally:
+                self.stop()
+                await follower
+
     async def run(self) -> dict[str, int]:
         """One crawl round over every target; resumes an unfinished round. Returns this run's counters."""
+        if self._connection is None:
+            async with self:
+                return await self.run()
+        connection = self._connection
+        before = self.stats.local.copy()
         targets = self.targets
         if targets and all([await self.cursors.is_done(k, t) for k, t in targets]):
             LOG.info("every target was crawled to the end: starting a new round (seen posts are skipped)")
             for kind, target in targets:
                 await self.cursors.reset(kind, target)
-        connector = aiohttp.TCPConnector(  # one pool, keep-alive, bounded overall and per host
-            limit=self.settings.download_concurrency + self.settings.target_concurrency,
-            limit_per_host=self.settings.per_host_concurrency,
-            keepalive_timeout=30,
-        )
-        async with aiohttp.ClientSession(connector=connector) as session:
-            s = self.settings
-            tokens = TokenPool(self.redis, [t.get_secret_value() for t in s.access_tokens], s.token_calls,
-                               s.token_window_s)  # fmt: skip
-            client = GraphApiClient(
-                session,
-                s.source_url,
-                s.source_user_id,
-                tokens=tokens,
-                retries=s.http_retries,
-                timeout_s=s.http_timeout_s,
-                throttle_pause_s=s.throttle_pause_s,
-                usage_pause_at=s.usage_pause_at,
-            )
-            downloader = ImageDownloader(
-                session,
-                self.blobs,
-                max_bytes=s.max_image_bytes,
-                max_pixels=s.max_image_pixels,
-                timeout_s=s.http_timeout_s,
-                retries=s.http_retries,
-            )
-            target_slots = asyncio.Semaphore(s.target_concurrency)
+        target_slots = asyncio.Semaphore(self.settings.target_concurrency)
 
-            async def crawl(kind: str, target: str) -> None:
-                async with target_slots:
-                    await self._crawl_target(client, downloader, kind, target)
+        async def crawl(kind: str, target: str) -> None:
+            async with target_slots:
+                await self._crawl_target(connection.client, connection.downloader, kind, target)
 
-            for feed in s.jsonl_feeds:
-                await self.read_feed(session, feed)
-            await asyncio.gather(*(crawl(k, t) for k, t in targets), self.drain_ingest(downloader))
-            for folder in s.instaloader_dirs:
-                await self.read_instaloader(folder)
-        return dict(self.stats.local)
+        for feed in self.settings.jsonl_feeds:
+            if not self.stopping:
+                await self.read_feed(connection.session, feed)
+        crawled = asyncio.Event()
+
+        async def crawl_all() -> None:
+            try:
+                await asyncio.gather(*(crawl(k, t) for k, t in targets))
+            finally:
+                crawled.set()
+
+        # Pushed posts (and what the feeds just pushed) are taken alongside the crawl, unless a follower that
+        # outlives the round does it already.
+        pushed = [] if self._following else [self.follow_ingest(until=crawled)]
+        await asyncio.gather(crawl_all(), *pushed)
+        for folder in self.settings.instaloader_dirs:
+            await self.read_instaloader(folder)
+        return dict(self.stats.local - before)
 
     async def _crawl_target(self, client: GraphApiClient, downloader: ImageDownloader, kind: str, target: str) -> None:
-        if await self.cursors.is_done(kind, target):
+        if self.stopping or await self.cursors.is_done(kind, target):
             return
         try:
             hashtag_id = None
@@ -149,28 +228,34 @@ class Crawler:
                 hashtag_id = await self._hashtag_id(client, target)
                 if hashtag_id is None:
                     return
-            after = await self.cursors.get(kind, target)
-            pages = 0
-            cursors_seen = {after}
-            while not self._stop.is_set():
-                owner, page = await self._fetch_page(client, kind, target, hashtag_id, after)
+            resume = await self.cursors.get(kind, target)
+            pages = stale = 0
+            round_ids: set[str] = set()  # post ids this target brought in this round: the evidence of a loop
+            while not self.stopping:
+                owner, page = await self._fetch_page(client, kind, target, hashtag_id, resume)
                 pages += 1
                 await self.stats.add(f"page:{kind}")
-                await self._handle_page(downloader, page.items, owner)
-                if page.after is None or not page.items:
+                ids = await self._handle_page(downloader, page.items, owner)
+                # Only a page that shows posts, all met before in this round, is evidence: empty and short pages are
+                # normal (the API filters after paging) and the hashtag cursor repeats by design.
+                stale = stale + 1 if ids and ids <= round_ids else 0
+                round_ids |= ids
+                if page.next is None:
                     await self.cursors.mark_done(kind, target)
                     LOG.info("%s %s: crawled to the end (%d pages)", kind, target, pages)
                     return
-                if page.after in cursors_seen:  # the source sent us round in a circle: nothing new down that way
-                    await self.stats.add("cursor_loop")
-                    await self.cursors.mark_done(kind, target)
-                    LOG.warning("%s %s: the cursor loops back after %d pages; target finished", kind, target, pages)
+                resume = page.next
+                await self.cursors.save(kind, target, resume)
+                if stale >= self.settings.loop_after_stale_pages:
+                    await self._end_looping(kind, target, f"{stale} pages in a row brought no new post", pages)
                     return
-                cursors_seen.add(page.after)
-                after = page.after
-                await self.cursors.save(kind, target, after)
+                if pages >= self.settings.max_pages_per_round:
+                    await self._end_looping(kind, target, f"page cap ({pages} pages) reached", pages)
+                    return
                 if self.settings.max_pages_per_target and pages >= self.settings.max_pages_per_target:
                     return
+        except CrawlStopped:
+            LOG.info("%s %s: stopped; its cursor is kept for the next run", kind, target)
         except GraphApiError as err:
             await self.stats.add(f"target_error:{err.code}")
             LOG.error("%s %s: %s; its cursor is kept for the next run", kind, target, err)
@@ -178,11 +263,19 @@ class Crawler:
             await self.stats.add("bad_page")
             LOG.error("%s %s: %s; its cursor is kept for the next run", kind, target, err)
 
+    async def _end_looping(self, kind: str, target: str, why: str, pages: int) -> None:
+        await self.stats.add("cursor_loop")
+        await self.cursors.mark_done(kind, target)
+        LOG.warning("%s %s: %s after %d pages; the source seems to loop, target finished for this round",
+                    kind, target, why, pages)  # fmt: skip
+
     async def _hashtag_id(self, client: GraphApiClient, hashtag: str) -> str | None:
         """The hashtag's Graph id (cached), or None when it is unknown or over the 30-hashtags-a-week quota."""
         cached = await self.quota.cached_id(hashtag)
         if cached:
             return cached
+        if self.stopping:  # a search spends a slot of the weekly quota: never for a crawl that is winding down
+            raise CrawlStopped("stop requested before the hashtag search")
         if not await self.quota.allow(hashtag):
             await self.stats.add("hashtag_quota")
             days = self.quota.window_s / 86400
@@ -202,24 +295,27 @@ class Crawler:
         return hashtag_id
 
     async def _fetch_page(
-        self, client: GraphApiClient, kind: str, target: str, hashtag_id: str | None, after: str | None
+        self, client: GraphApiClient, kind: str, target: str, hashtag_id: str | None, resume: str | None
     ) -> tuple[Owner | None, Page]:
         limit = self.settings.page_size
         if kind == HASHTAG:
             assert hashtag_id is not None
-            return None, await client.hashtag_media(hashtag_id, self.settings.hashtag_edge, MEDIA_FIELDS, after, limit)
-        account, page = await client.business_discovery(target, MEDIA_FIELDS, after, limit)
+            edge = self.settings.hashtag_edge
+            return None, await client.hashtag_media(hashtag_id, edge, MEDIA_FIELDS, resume, limit)
+        account, page = await client.business_discovery(target, MEDIA_FIELDS, resume, limit)
+        followers = account.get("followers_count")
         owner = Owner(
             id=str(account.get("id") or target),
-            username=account.get("username") or target,
-            followers_count=account.get("followers_count"),
+            username=str(account.get("username") or target),
+            followers_count=followers if isinstance(followers, int) and followers >= 0 else None,
         )
         return owner, page
 
-    async def _handle_page(self, downloader: ImageDownloader, items: Sequence[Any], owner: Owner | None) -> None:
+    async def _handle_page(self, downloader: ImageDownloader, items: Sequence[Any], owner: Owner | None) -> set[str]:
+        """Every post of a page handled; returns the ids of the posts it held."""
         posts: dict[str, Post] = {}
         for node in items:
-            if isinstance(node, dict) and not is_image(node):
+            if isinstance(node, dict) and (not is_image(node) or is_video_album(node)):
                 await self.stats.add("skipped_video")
                 continue
             try:
@@ -235,6 +331,7 @@ class Crawler:
             for post in images:
                 posts.setdefault(post.id, post)  # a page that repeats a post handles it once
         await self._handle_posts(downloader, list(posts.values()))
+        return set(posts)
 
     async def _handle_posts(self, downloader: Fetcher, posts: list[Post]) -> set[str]:
         """Claim, download, enqueue, commit. Posts whose downloads failed go (back) on the ingest stream for a later
@@ -255,7 +352,13 @@ class Crawler:
             raise
         await self.claims.commit([r.post.id for r in refs])
         retry_later = [p for p, r in zip(taken, results, strict=True) if r is None]
-        await self.ingest.push(retry_later)  # before the release (and a drained entry's ack): a crash loses none
+        # Before the release (and a pushed entry's ack), so a crash loses none. What a stop left undownloaded goes
+        # straight back on the stream; a failed download waits its delay first (later.py).
+        if self.stopping:
+            await self.stats.add("deferred_by_stop", len(retry_later))
+            await self.ingest.push(retry_later)
+        else:
+            await self.later.put(retry_later)
         await self.claims.release([p.id for p in retry_later])
         await self.stats.add("enqueued", len(refs))
         await self.stats.add("rejected", sum(r.rejected is not None for r in refs))
@@ -313,19 +416,86 @@ class Crawler:
             await self._handle_posts(images, batch)
             await self.stats.add("page:instaloader")
 
-    async def drain_ingest(self, downloader: ImageDownloader) -> None:
-        """Posts pushed through ``deeptarget enqueue`` / ``POST /ingest``, until the stream has none for us."""
-        while not self._stop.is_set():
-            batch = max(self.settings.page_size, 4 * self.settings.download_concurrency)  # keep the downloads busy
-            entries = await self.ingest.take(self.consumer, batch, self.settings.claim_ttl_s * 1000)
-            if not entries:
-                return
-            posts = list({post.id: post for _, post in entries}.values())
-            retry_later = await self._handle_posts(downloader, posts)
-            await self.stats.add("page:push")
-            await self.ingest.ack([entry for entry, _ in entries])
-            if retry_later:  # they are back at the end of the stream: a later run tries them again
-                return
+    async def follow_ingest(self, until: asyncio.Event | None = None) -> None:
+        """Posts pushed through ``deeptarget enqueue`` / ``POST /ingest`` / feeds, as they arrive: a blocking group
+        read, until a stop, or (with ``until``) until that event is set and the stream has nothing left for us.
+
+        A post never waits for a full batch: a read returns as soon as one entry is there, and takes what else came
+        within ``ingest_max_delay_s`` (a queue delay, as in Triton's dynamic batching). Several batches are handled
+        at once, so one slow image does not hold back the ones behind it."""
+        if self._connection is None:
+            async with self:
+                return await self.follow_ingest(until)
+        downloader = self._connection.downloader
+        outer = until is None
+        if outer:
+            self._following = True
+        in_flight: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(self.settings.ingest_batches_in_flight)
+        batch = max(self.settings.batch_size, 1)
+        await self.later.release(everything=True)  # a new run tries every post a failed download left for later
+        released_at = asyncio.get_running_loop().time()
+        try:
+            while not self.stopping:
+                if outer and asyncio.get_running_loop().time() - released_at >= 1.0:
+                    await self.later.release()
+                    released_at = asyncio.get_running_loop().time()
+                await slots.acquire()
+                finished = until is not None and until.is_set()
+                entries = [] if self.stopping else await self._take_pushed(batch, block=not finished)
+                if not entries:
+                    slots.release()
+                    if finished:
+                        break
+                    continue
+                task = asyncio.create_task(self._handle_pushed(downloader, entries))
+                in_flight.add(task)
+                task.add_done_callback(lambda t: (in_flight.discard(t), slots.release()))
+        finally:
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+            if outer:
+                self._following = False
+
+    def follow_in_background(self) -> asyncio.Task[None]:
+        """``follow_ingest`` as a task that runs until ``stop`` (rounds started meanwhile leave the stream to it)."""
+        if self._connection is None:
+            raise RuntimeError("follow_in_background needs the crawler entered (async with crawler)")
+        self._following = True
+        return asyncio.create_task(self.follow_ingest())
+
+    async def _take_pushed(self, batch: int, *, block: bool) -> list[tuple[str, Post]]:
+        """Up to ``batch`` entries: waits up to ``ingest_block_s`` for the first one (when ``block``), then at most
+        ``ingest_max_delay_s`` for more."""
+        idle_ms = self.settings.claim_ttl_s * 1000
+        first_ms = int(self.settings.ingest_block_s * 1000) if block else None
+        entries = await self.ingest.take(self.consumer, batch, idle_ms, block_ms=first_ms)
+        deadline = asyncio.get_running_loop().time() + self.settings.ingest_max_delay_s
+        while entries and len(entries) < batch and not self.stopping:
+            left_ms = int((deadline - asyncio.get_running_loop().time()) * 1000)
+            if left_ms <= 0:
+                break
+            more = await self.ingest.take(self.consumer, batch - len(entries), idle_ms, block_ms=left_ms)
+            if not more:
+                break
+            entries += more
+        return entries
+
+    async def _handle_pushed(self, downloader: Fetcher, entries: list[tuple[str, Post]]) -> None:
+        posts = list({post.id: post for _, post in entries}.values())
+        try:
+            await self._handle_posts(downloader, posts)
+        except Exception:  # left pending: another take (ours after claim_ttl_s, or another scraper's) gets them
+            LOG.exception("pushed posts %s not handled; they stay on the ingest stream", [p.id for p in posts][:5])
+            return
+        await self.stats.add("page:push")
+        await self.ingest.ack([entry for entry, _ in entries])
+
+    async def drain_ingest(self) -> None:
+        """Pushed posts until the stream has none for us (``deeptarget enqueue`` then a one-off crawl)."""
+        done = asyncio.Event()
+        done.set()
+        await self.follow_ingest(until=done)
 
     async def _merge_owner(self, refs: list[PostRef], seen: list[Post]) -> None:
         """Posts first met under a hashtag learn their owner when met again through the owner's account."""
@@ -338,13 +508,20 @@ class Crawler:
             await self.stats.add("merged_owner", len(merges))
 
     async def _fetch(self, downloader: Fetcher, post: Post) -> PostRef | None:
-        """The post's reference: with its stored image, or rejected with a reason; None to retry in a later run."""
+        """The post's reference: with its stored image, or rejected with a reason; None to retry in a later run
+        (a download that failed, or one a stop came before)."""
         if not post.media_url:
             await self.stats.add("rejected:no_media_url")
             return PostRef(post=post, rejected="no_media_url")
+        if self.stopping:
+            return None
         async with self._downloads:
+            if self.stopping:  # no download starts after a stop; the post goes on the ingest stream
+                return None
             try:
                 sha, size = await downloader(post.media_url)
+            except DownloadDeferred:
+                return None
             except ImageRejected as err:
                 if err.reason == "download_failed":
                     await self.stats.add("download_failed")

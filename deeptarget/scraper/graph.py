@@ -1,17 +1,26 @@
 """A client for the Instagram Graph API's hashtag and business-discovery endpoints (and the sandbox, which speaks them).
 
-Every request takes a token from the shared ``TokenPool`` (budget per token, rotation). The token travels in the
-``Authorization`` header, never in a URL, so it cannot leak into logs. Outcomes:
+Written from Meta's documentation; ``GRAPH_API.md`` beside this file cites each behaviour. Every request takes a
+token from the shared ``TokenPool`` (budget per token, rotation). Outcomes (``graph_errors.py`` decides which):
 
-- throttled (HTTP 429, Graph codes 4/17/32/613): that token pauses for ``Retry-After`` /
-  ``estimated_time_to_regain_access`` (or ``throttle_pause_s``) and the request goes again on another token; this
-  does not use up retries, the crawl just slows down;
+- throttled: ``#4`` (the app's limit) pauses every token of the app, ``#17``/``#32``/``#613``/``80002``/HTTP 429
+  pause the token, for ``Retry-After`` / ``estimated_time_to_regain_access`` when sane or ``throttle_pause_s``,
+  never above ``max_pause_s``; the request goes again on another token. This uses up no retries;
 - usage headers (``X-App-Usage``, ``X-Business-Use-Case-Usage``) at or above ``usage_pause_at`` percent: the answer
   is used, and the token pauses before it gets throttled;
 - OAuth error 190: the token is retired and the request goes again on another one;
-- transient (5xx, resets, timeouts, a page cut short): retried with exponential backoff and full jitter, up to
-  ``retries`` times;
+- transient (5xx, ``is_transient``, codes 1 and 2, resets, timeouts, a page cut short): retried with exponential
+  backoff and full jitter, up to ``retries`` times;
 - any other error: ``GraphApiError``, not retried.
+
+Paging follows the documentation, not a guess: a hashtag edge is paged by its ``next`` link until ``next`` is absent
+(its ``after`` cursor is documented to repeat on every page, so the cursor alone says nothing); business discovery's
+nested media edge has no ``next`` at all, so the client builds ``.after(CURSOR)`` itself and stops when no new
+``after`` comes. Empty and short pages are normal (the API filters after paging) and never end a walk.
+
+The token goes where ``token_in`` says: the ``access_token`` query parameter (as documented) or an ``Authorization``
+header. Either way it never reaches a log line, an error or a metric: messages name the path only, and redirects
+are not followed (a redirect would carry a query token to another host).
 """
 
 from __future__ import annotations
@@ -21,41 +30,37 @@ import json
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import aiohttp
 from prometheus_client import Counter, Histogram
 
-from deeptarget.errors import GraphApiError, SourceError
+from deeptarget.errors import CrawlStopped, GraphApiError, SourceError
+from deeptarget.scraper.graph_errors import (
+    ErrorBody,
+    InvalidToken,
+    Throttled,
+    TransientError,
+    bounded_pause,
+    classify,
+    usage,
+)
 from deeptarget.scraper.tokens import Lease, TokenPool
 
 LOG = logging.getLogger(__name__)
 
-THROTTLE_CODES = frozenset({4, 17, 32, 613})
-INVALID_TOKEN_CODE = 190
-
 REQUESTS = Counter("deeptarget_scraper_requests_total", "Graph API requests by outcome", ["outcome"])
 LATENCY = Histogram("deeptarget_scraper_request_seconds", "Graph API request latency")
 
-
-class TransientError(SourceError):
-    """A failure worth retrying: 5xx, a reset, a timeout, a truncated page."""
-
-
-class Throttled(SourceError):
-    def __init__(self, message: str, wait_s: float | None) -> None:
-        super().__init__(message)
-        self.wait_s = wait_s
-
-
-class InvalidToken(SourceError):
-    pass
+TokenPlacement = Literal["query", "header"]
+MAX_BODY_BYTES = 16 * 1024 * 1024  # a page of 50 media is tens of KB; anything near this is not a Graph answer
 
 
 @dataclass
 class Page:
     items: list[dict[str, Any]]
-    after: str | None  # cursor of the next page; None at the end
+    next: str | None  # what the next call takes to fetch the page after this one; None at the documented end
 
 
 @dataclass
@@ -68,11 +73,15 @@ class GraphApiClient:
     timeout_s: float = 20.0
     max_wait_s: float = 30.0
     throttle_pause_s: float = 60.0
+    max_pause_s: float = 3600.0
     usage_pause_at: float = 95.0
+    token_in: TokenPlacement = "query"
+    stop: asyncio.Event | None = None
 
     async def get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
         failures = 0
         while True:
+            self._check_stop()
             lease = await self.tokens.acquire()
             try:
                 with LATENCY.time():
@@ -84,8 +93,12 @@ class GraphApiClient:
                 REQUESTS.labels("ok").inc()
                 return payload
             except Throttled as err:
-                REQUESTS.labels("throttled").inc()
-                await self.tokens.pause(lease, err.wait_s or self.throttle_pause_s, str(err))
+                REQUESTS.labels(f"throttled_{err.scope}").inc()
+                pause = bounded_pause(err.wait_s, self.throttle_pause_s, self.max_pause_s)
+                if err.scope == "app":
+                    await self.tokens.pause_app(lease, pause, str(err))
+                else:
+                    await self.tokens.pause(lease, pause, str(err))
             except InvalidToken as err:
                 REQUESTS.labels("invalid_token").inc()
                 await self.tokens.retire(lease, str(err))
@@ -96,15 +109,35 @@ class GraphApiClient:
                     raise
                 delay = random.uniform(0, min(self.max_wait_s, 0.5 * 2**failures))
                 LOG.warning("%s; retry %d of %d in %.1f s", err, failures, self.retries, delay)
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
             except GraphApiError:
                 REQUESTS.labels("error").inc()
                 raise
 
+    def _check_stop(self) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise CrawlStopped("stop requested: no new request")
+
+    async def _sleep(self, seconds: float) -> None:
+        if self.stop is None:
+            await asyncio.sleep(seconds)
+            return
+        try:
+            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+        except TimeoutError:
+            return
+        raise CrawlStopped("stop requested during a retry's backoff")
+
     async def _get_once(self, path: str, params: dict[str, str], lease: Lease, calls: list[str]) -> dict[str, Any]:
-        url = self.base_url.rstrip("/") + "/" + path.lstrip("/")
-        headers = {"Authorization": f"Bearer {lease.token}"}
+        url = path if path.startswith(("http://", "https://")) else self.base_url.rstrip("/") + "/" + path.lstrip("/")
+        params = {k: v for k, v in params.items() if k != "access_token"}
+        headers = {}
+        if self.token_in == "query":
+            params["access_token"] = lease.token
+        else:
+            headers["Authorization"] = f"Bearer {lease.token}"
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        what = f"GET {urlsplit(url).path}"
 
         attempts = 0
 
@@ -117,35 +150,40 @@ class GraphApiClient:
 
         try:
             async with self.session.get(
-                url, params=params, headers=headers, timeout=timeout, middlewares=(every_attempt_is_a_call,)
+                url,
+                params=params,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
+                middlewares=(every_attempt_is_a_call,),
             ) as response:
-                body = await response.read()
+                if response.content_length is not None and response.content_length > MAX_BODY_BYTES:
+                    raise SourceError(f"{what}: HTTP {response.status}, a body of {response.content_length} bytes")
+                body = await response.content.read(MAX_BODY_BYTES + 1)
                 status = response.status
                 response_headers = response.headers
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
-            raise TransientError(f"GET {path}: {type(err).__name__}: {err}") from err
+            # The exception's text can hold the URL, and with it a query token: name its type only.
+            raise TransientError(f"{what}: {type(err).__name__}") from err
+        if len(body) > MAX_BODY_BYTES:
+            raise SourceError(f"{what}: HTTP {status}, a body over {MAX_BODY_BYTES} bytes")
+        if 300 <= status < 400:
+            raise SourceError(f"{what}: HTTP {status} redirect, not followed (the Graph API does not redirect)")
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             if status >= 500 or status == 200:  # a 200 whose body does not parse was cut short on the way
-                raise TransientError(f"GET {path}: HTTP {status}, body is not JSON: {body[:80]!r}") from err
-            raise SourceError(f"GET {path}: HTTP {status}, body is not JSON: {body[:120]!r}") from err
+                raise TransientError(f"{what}: HTTP {status}, body is not JSON") from err
+            raise classify(status, None, response_headers, what) or SourceError(f"{what}: body is not JSON") from err
         if not isinstance(payload, dict):
-            raise SourceError(f"GET {path}: expected a JSON object, got {type(payload).__name__}")
-        error = payload.get("error")
-        code = error.get("code") if isinstance(error, dict) else None
-        if status == 429 or code in THROTTLE_CODES:
-            raise Throttled(f"GET {path}: throttled (HTTP {status}, code {code})", _wait_from(response_headers))
-        if code == INVALID_TOKEN_CODE:
-            raise InvalidToken(f"GET {path}: {error.get('message', 'invalid OAuth access token')}")
-        if status >= 500:
-            raise TransientError(f"GET {path}: HTTP {status}")
-        if error is not None or status >= 400:
-            detail = error if isinstance(error, dict) else {}
-            raise GraphApiError(f"GET {path}: {detail.get('message', 'error')}", code=code, status=status)
-        usage, regain_s = _usage(response_headers)
-        if usage >= self.usage_pause_at:
-            await self.tokens.pause(lease, regain_s or self.throttle_pause_s, f"usage at {usage:.0f}%")
+            raise SourceError(f"{what}: expected a JSON object, got {type(payload).__name__}")
+        failure = classify(status, ErrorBody.of(payload), response_headers, what)
+        if failure is not None:
+            raise failure
+        percent, regain_s = usage(response_headers)
+        if percent >= self.usage_pause_at:
+            pause = bounded_pause(regain_s, self.throttle_pause_s, self.max_pause_s)
+            await self.tokens.pause(lease, pause, f"usage at {percent:.0f}%")
         return payload
 
     # -- endpoints ------------------------------------------------------------------------------------------------
@@ -155,16 +193,49 @@ class GraphApiClient:
         return str(data[0]["id"]) if data and isinstance(data[0], dict) and "id" in data[0] else None
 
     async def hashtag_media(
-        self, hashtag_id: str, edge: str, fields: str, after: str | None = None, limit: int = 25
+        self, hashtag_id: str, edge: str, fields: str, resume: str | None = None, limit: int = 25
     ) -> Page:
+        """A page of a hashtag edge. ``resume`` is a page's ``next`` (or a bare ``after`` cursor saved by an older
+        version). The next page is the one the ``next`` link names: the edge's ``after`` repeats on every page
+        (IG Hashtag Recent Media / Top Media, Limitations), so only the link tells pages apart."""
+        path = f"{hashtag_id}/{edge}"
         params = {"user_id": self.user_id, "fields": fields, "limit": str(limit)}
-        if after:
-            params["after"] = after
-        return _page(await self.get(f"{hashtag_id}/{edge}", params))
+        if resume and resume.startswith("/"):
+            path, params = self._next_request(resume, path)
+        elif resume:
+            params["after"] = resume
+        payload = await self.get(path, params)
+        items = _items(payload)
+        next_link = (payload.get("paging") or {}).get("next") if isinstance(payload.get("paging"), dict) else None
+        # Graph API, Paginated Results: "stop paging when the next link no longer appears" (an empty page may
+        # still carry one).
+        return Page(items=items, next=self._resume_of(next_link) if next_link else None)
+
+    def _resume_of(self, next_link: Any) -> str:
+        """A ``next`` link as something to save and call later: its path and query, the token taken out. Only a
+        link to the configured API host is followed (a link elsewhere would be handed our token)."""
+        if not isinstance(next_link, str) or len(next_link) > 8192:
+            raise SourceError("paging.next is not a usable link")
+        base, link = urlsplit(self.base_url), urlsplit(next_link)
+        if link.netloc and (link.scheme, link.netloc) != (base.scheme, base.netloc):
+            raise SourceError(f"paging.next points to another host ({link.netloc!r}): not followed")
+        query = [(k, v) for k, v in parse_qsl(link.query, keep_blank_values=True) if k != "access_token"]
+        return (link.path or "/") + "?" + urlencode(query)
+
+    def _next_request(self, resume: str, expected_path: str) -> tuple[str, dict[str, str]]:
+        """URL (on the configured host) and params of a saved ``next`` link, which must lead to the same edge."""
+        link = urlsplit(resume)
+        if not link.path.rstrip("/").endswith("/" + expected_path):
+            raise SourceError(f"paging.next leads to {link.path!r}, not to {expected_path!r}")
+        base = urlsplit(self.base_url)
+        return f"{base.scheme}://{base.netloc}{link.path}", dict(parse_qsl(link.query, keep_blank_values=True))
 
     async def business_discovery(
         self, username: str, fields: str, after: str | None = None, limit: int = 25
     ) -> tuple[dict[str, Any], Page]:
+        """The account and a page of its media. The nested media edge has no ``next``/``previous`` (IG User Business
+        Discovery, Pagination: construct them "manually" from the cursors), so the next page is ``.after(<after>)``
+        and the walk ends when no ``after`` comes, or the one we sent comes back."""
         modifiers = f".limit({limit})" + (f".after({after})" if after else "")
         account_fields = f"id,username,followers_count,media_count,media{modifiers}{{{fields}}}"
         spec = f"business_discovery.username({username}){{{account_fields}}}"
@@ -172,47 +243,18 @@ class GraphApiClient:
         account = payload.get("business_discovery")
         if not isinstance(account, dict):
             raise SourceError(f"business_discovery for {username}: no account in the answer")
-        return account, _page(account.get("media") or {})
+        media = account.get("media") or {"data": []}
+        if not isinstance(media, dict):
+            raise SourceError(f"business_discovery for {username}: media is not an object")
+        cursors = (media.get("paging") or {}).get("cursors") if isinstance(media.get("paging"), dict) else None
+        new_after = cursors.get("after") if isinstance(cursors, dict) else None
+        if not isinstance(new_after, str) or not new_after or new_after == after or len(new_after) > 4096:
+            new_after = None
+        return account, Page(items=_items(media), next=new_after)
 
 
-def _page(payload: dict[str, Any]) -> Page:
+def _items(payload: dict[str, Any]) -> list[dict[str, Any]]:
     items = payload.get("data")
     if not isinstance(items, list):
         raise SourceError(f"page without a data list: {str(payload)[:200]}")
-    paging = payload.get("paging") or {}
-    after = (paging.get("cursors") or {}).get("after") if paging.get("next") else None
-    return Page(items=items, after=after)
-
-
-def _wait_from(headers: Any) -> float | None:
-    """Seconds to wait from ``Retry-After`` or a usage header's ``estimated_time_to_regain_access`` (minutes)."""
-    retry_after = headers.get("Retry-After")
-    if retry_after:
-        try:
-            return max(0.0, float(retry_after))
-        except ValueError:
-            pass  # an HTTP date: rare here; fall back to the usage headers or the default pause
-    return _usage(headers)[1]
-
-
-def _usage(headers: Any) -> tuple[float, float | None]:
-    """(highest usage percentage, seconds until access is regained or None) from the Graph usage headers."""
-    highest, regain = 0.0, None
-    for name in ("X-App-Usage", "X-Business-Use-Case-Usage"):
-        raw = headers.get(name)
-        if not raw:
-            continue
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            continue
-        entries = [value] if name == "X-App-Usage" else [e for v in value.values() for e in v]
-        for entry in entries:
-            if not isinstance(entry, dict):
-                continue
-            for key in ("call_count", "total_time", "total_cputime"):
-                highest = max(highest, float(entry.get(key) or 0))
-            minutes = entry.get("estimated_time_to_regain_access")
-            if minutes:
-                regain = max(regain or 0.0, float(minutes) * 60)
-    return highest, regain
+    return items

@@ -1,26 +1,87 @@
 """Push ingestion: partners hand over posts as JSON lines (``deeptarget enqueue FILE``, ``POST /ingest``).
 
 Every record is validated on its own: a bad one is reported with its line number and reason and the good ones go on.
-Valid posts wait on a Redis stream (``deeptarget:ingest``, durable with AOF); the scraper drains it through the same
-path as crawled posts (dedup, download with limits, the infer queue), acknowledging each entry only once its post is
-on the queue, so a scraper that dies mid-way leaves its entries pending for the next one to take over.
+A pushed record is a ``PushedPost``: the fields a crawled post has, nothing else (an unknown field is rejected and
+named, with where it belongs when it is an owner's field given at top level), each bounded so that hostile input
+stops at the door. Its hashtags are normalised as crawled posts' are; without any, they come from the caption (the
+same ``hashtags_in`` the crawler uses). Valid posts become ``Post`` records and wait on a Redis stream
+(``deeptarget:ingest``, durable with AOF); the scraper drains it through the same path as crawled posts (dedup,
+download with limits, the infer queue), acknowledging each entry only once its post is on the queue, so a scraper
+that dies mid-way leaves its entries pending for the next one to take over.
+
+Bounds (the reasons name the field and the bound):
+
+- a record is one line of at most ``MAX_LINE_BYTES`` (64 KiB) of UTF-8 JSON: an object, no field given twice, no
+  NaN/Infinity;
+- ``id`` (and ``owner.id``): a string of 1 to ``MAX_ID_CHARS`` letters, digits and ``_ . : -``, starting with a letter
+  or digit, so it is usable as a URL path segment (``DELETE /posts/{id}``, ``GET /users/{id}``) and a key;
+- ``caption``: at most ``MAX_CAPTION_CHARS`` (2,200) characters, Instagram's limit for a caption, no control
+  characters but tab and line breaks;
+- ``hashtags``: at most ``MAX_HASHTAGS`` (30), Instagram's limit per post; each, once normalised, letters, digits and
+  ``_`` (what a ``#tag`` in a caption can be), at most ``MAX_HASHTAG_CHARS``;
+- ``media_url`` (required) and ``permalink``: http(s) URLs with a host, no ``user:password@``, no spaces, backslashes
+  or control characters, at most ``MAX_URL_CHARS`` (2 KiB). Which hosts may be fetched is the downloader's business;
+- ``like_count``, ``comments_count``, ``owner.followers_count``: whole numbers from 0 to 2^63-1 (int64), not booleans;
+- ``timestamp``: an ISO 8601 string (Graph's ``2024-05-01T12:00:00+0000`` too), from ``EARLIEST_TIMESTAMP`` to a day
+  ahead of now; one without an offset is taken as UTC, and every timestamp is stored in UTC;
+- ``owner.username``: 1 to 30 letters, digits, periods and underscores (Instagram's rule for usernames).
+
+The Instagram limits (2,200 characters and 30 hashtags per caption, 30-character usernames) are the ones Instagram's
+apps enforce, as publishers document them, e.g. https://ayrshare.com/apis/post/social-networks/instagram ("up to 30
+hashtags", "Maximum 2,200 post characters") and https://bulkpublish.com/blog/instagram-character-limit/ (the same,
+and "Username | 30 characters").
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from pydantic import ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from deeptarget import constants
-from deeptarget.schema import Post, normalise_hashtag
+from deeptarget.schema import Owner, Post, hashtags_in, normalise_hashtag
+
+LOG = logging.getLogger(__name__)
 
 GROUP = "scrapers"
 MAX_LINE_BYTES = 64 * 1024
+MAX_ID_CHARS = 128
+MAX_CAPTION_CHARS = 2200  # Instagram's limit for a caption
+MAX_HASHTAGS = 30  # Instagram's limit per post
+MAX_HASHTAG_CHARS = 100  # no documented limit; generous, and far above any real tag
+MAX_URL_CHARS = 2048
+MAX_USERNAME_CHARS = 30  # Instagram's limit for a username
+INT64_MAX = 2**63 - 1
+EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)  # before any social network's first post
+FUTURE_SKEW = timedelta(days=1)
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+USERNAME_PATTERN = r"^[A-Za-z0-9._]+$"
+
+_ID_RE = re.compile(ID_PATTERN)
+_USERNAME_RE = re.compile(USERNAME_PATTERN)
+_HASHTAG_WORD_RE = re.compile(r"\w+")
+_OWNER_SHAPE = '{"id": ..., "username": ..., "followers_count": ...}'
+_OWNER_EXAMPLE = f'"owner": {_OWNER_SHAPE}'
+# An owner's fields given at top level: where each belongs.
+OWNER_FIELD_HINTS = {
+    "username": "owner.username",
+    "owner_username": "owner.username",
+    "followers_count": "owner.followers_count",
+    "owner_followers_count": "owner.followers_count",
+    "owner_id": "owner.id",
+    "user_id": "owner.id",
+}
+_LISTED_NAMES = 10  # unknown field names named in a reason; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -29,35 +90,372 @@ class BadRecord:
     reason: str
 
 
+def _reject(message: str) -> PydanticCustomError:
+    return PydanticCustomError("pushed_post", message)
+
+
+def _bad_text(value: str, allowed: str = "") -> str | None:
+    """Why a string can't be stored as it is (a control or lone surrogate character), or None."""
+    for char in value:
+        category = unicodedata.category(char)
+        if category == "Cs":
+            return "not valid Unicode (a lone surrogate)"
+        if category == "Cc" and char not in allowed:
+            return "control characters are not allowed" + (" (tab and line breaks are)" if allowed else "")
+    return None
+
+
+def _check_id(value: Any) -> Any:
+    if value is None:
+        return value  # "required" is pydantic's to say (a missing field) or the type's (null)
+    if not isinstance(value, str):
+        raise _reject(
+            'must be a string (a number may have lost digits on the way: send "17895695668004550", '
+            "not 17895695668004550)"
+        )
+    if not value:
+        raise _reject("empty")
+    if problem := _bad_text(value):
+        raise _reject(problem)
+    if len(value) > MAX_ID_CHARS:
+        raise _reject(f"longer than {MAX_ID_CHARS} characters")
+    if not _ID_RE.fullmatch(value):
+        raise _reject("can't be a post id: letters, digits and _ . : - only, starting with a letter or digit")
+    return value
+
+
+def _check_count(value: Any) -> Any:
+    if value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX:
+        raise _reject(f"must be a whole number from 0 to {INT64_MAX}")
+    return value
+
+
+def _check_url(value: Any, what: str) -> Any:
+    if value is None:
+        return value
+    if not isinstance(value, str):
+        raise _reject(f"must be a string: {what}")
+    if len(value) > MAX_URL_CHARS:
+        raise _reject(f"longer than {MAX_URL_CHARS} characters")
+    if problem := _bad_text(value):
+        raise _reject(problem)
+    if any(char.isspace() or char == "\\" for char in value):
+        raise _reject("spaces and backslashes are not allowed in the URL (percent-encode them)")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (a port that is no number raises here)
+    except ValueError as err:
+        raise _reject(f"not a URL ({err})") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise _reject(f"{what} is required")
+    if not parts.hostname:
+        raise _reject("the URL has no host")
+    if parts.username is not None or parts.password is not None:
+        raise _reject("no user:password@ in the URL (credentials do not belong in a post)")
+    return value
+
+
+def _check_timestamp(value: Any) -> Any:
+    if value is None:
+        return value
+    example = "ISO 8601, e.g. 2024-05-01T12:00:00Z"
+    if not isinstance(value, str):
+        raise _reject(f"a date and time as a string ({example})")
+    when = None
+    if len(value) <= 64:
+        for parse in (lambda v: datetime.strptime(v, "%Y-%m-%dT%H:%M:%S%z"), datetime.fromisoformat):
+            try:
+                when = parse(value)
+                break
+            except ValueError:
+                continue
+    if when is None:
+        raise _reject(f"not a date and time ({example})")
+    try:
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except OverflowError:  # an offset that carries it past year 9999 (or before year 1)
+        raise _reject(f"not a date and time ({example})") from None
+    if when < EARLIEST_TIMESTAMP:
+        raise _reject(f"before {EARLIEST_TIMESTAMP.date().isoformat()}: not the time of a post")
+    if when > datetime.now(UTC) + FUTURE_SKEW:
+        raise _reject("more than a day in the future")
+    return when
+
+
+def _check_hashtag(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise _reject("must be a string")
+    if len(value) > 4 * MAX_HASHTAG_CHARS:  # before NFKC, which can only grow it so much
+        raise _reject(f"longer than {MAX_HASHTAG_CHARS} characters")
+    if problem := _bad_text(value):
+        raise _reject(problem)
+    tag = normalise_hashtag(value)
+    if len(tag) > MAX_HASHTAG_CHARS:
+        raise _reject(f"longer than {MAX_HASHTAG_CHARS} characters")
+    if not _HASHTAG_WORD_RE.fullmatch(tag):
+        raise _reject("not a hashtag: letters, digits and _ only (an optional leading #)")
+    return tag
+
+
+Hashtag = Annotated[
+    str,
+    BeforeValidator(_check_hashtag),
+    Field(min_length=1, max_length=MAX_HASHTAG_CHARS, description="normalised: NFKC, casefolded, no leading #"),
+]
+
+
+class PushedOwner(BaseModel):
+    """The account that posted. Only these fields; any other is rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN, description="the account's id")
+    username: str | None = Field(
+        None, min_length=1, max_length=MAX_USERNAME_CHARS, pattern=USERNAME_PATTERN, description="the account's handle"
+    )
+    followers_count: int | None = Field(None, ge=0, le=INT64_MAX)
+
+    _id = field_validator("id", mode="before")(_check_id)
+    _count = field_validator("followers_count", mode="before")(_check_count)
+
+    @field_validator("username", mode="before")
+    @classmethod
+    def _username(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if not isinstance(value, str) or not 1 <= len(value) <= MAX_USERNAME_CHARS or not _USERNAME_RE.fullmatch(value):
+            raise _reject(
+                f"1 to {MAX_USERNAME_CHARS} letters, digits, periods and underscores (Instagram's rule for usernames)"
+            )
+        return value
+
+
+class PushedPost(BaseModel):
+    """A post as a partner pushes it (one JSON object; ``POST /ingest``, ``deeptarget enqueue``, partner feeds).
+
+    Only these fields; any other is rejected and named. Without ``hashtags`` (missing, null or empty) they are the
+    caption's ``#tags``; given, they are normalised and kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN, description="the post's id at its source"
+    )
+    media_url: str = Field(
+        max_length=MAX_URL_CHARS,
+        description="http(s) URL of the image (fetched by the scraper, within its host and size limits)",
+        json_schema_extra={"format": "uri"},
+    )
+    permalink: str | None = Field(
+        None, max_length=MAX_URL_CHARS, description="http(s) URL of the post", json_schema_extra={"format": "uri"}
+    )
+    caption: str | None = Field(None, max_length=MAX_CAPTION_CHARS, description="Instagram's limit: 2,200 characters")
+    hashtags: list[Hashtag] = Field(
+        default_factory=list,
+        max_length=MAX_HASHTAGS,
+        description="at most 30 (Instagram's limit); without any, the caption's #tags",
+    )
+    like_count: int | None = Field(None, ge=0, le=INT64_MAX)
+    comments_count: int | None = Field(None, ge=0, le=INT64_MAX)
+    timestamp: datetime | None = Field(
+        None, description="ISO 8601; without an offset, UTC. From 2000-01-01 to a day ahead of now."
+    )
+    owner: PushedOwner | None = None
+
+    _id = field_validator("id", mode="before")(_check_id)
+    _counts = field_validator("like_count", "comments_count", mode="before")(_check_count)
+    _timestamp = field_validator("timestamp", mode="before")(_check_timestamp)
+
+    @field_validator("media_url", mode="before")
+    @classmethod
+    def _media_url(cls, value: Any) -> Any:
+        return _check_url(value, "an http(s) URL of the image")
+
+    @field_validator("permalink", mode="before")
+    @classmethod
+    def _permalink(cls, value: Any) -> Any:
+        return _check_url(value, "an http(s) URL of the post")
+
+    @field_validator("caption", mode="before")
+    @classmethod
+    def _caption(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if not isinstance(value, str):
+            raise _reject("must be a string")
+        if len(value) > MAX_CAPTION_CHARS:
+            raise _reject(f"longer than {MAX_CAPTION_CHARS} characters (Instagram's limit for a caption)")
+        if problem := _bad_text(value, allowed="\t\n\r"):
+            raise _reject(problem)
+        return value
+
+    @field_validator("hashtags", mode="before")
+    @classmethod
+    def _hashtags(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise _reject("must be a list of strings")
+        if len(value) > MAX_HASHTAGS:
+            raise _reject(f"more than {MAX_HASHTAGS} (Instagram's limit per post)")
+        return value
+
+    @field_validator("owner", mode="before")
+    @classmethod
+    def _owner(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, dict):
+            raise _reject(f"must be an object: {_OWNER_SHAPE}")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_hashtags(self) -> PushedPost:
+        if self.hashtags:
+            self.hashtags = list(dict.fromkeys(self.hashtags))
+            return self
+        tags = hashtags_in(self.caption)
+        if len(tags) > MAX_HASHTAGS:
+            raise _reject(f"caption: more than {MAX_HASHTAGS} hashtags (Instagram's limit per post)")
+        self.hashtags = tags
+        return self
+
+    def to_post(self, source: str = "push") -> Post:
+        owner = self.owner
+        return Post(
+            id=self.id,
+            source=source,
+            media_url=self.media_url,
+            permalink=self.permalink,
+            caption=self.caption,
+            hashtags=self.hashtags,
+            like_count=self.like_count,
+            comments_count=self.comments_count,
+            timestamp=self.timestamp,
+            owner=None if owner is None else Owner(**owner.model_dump()),
+        )
+
+
+POST_FIELDS = tuple(PushedPost.model_fields)
+OWNER_FIELDS = tuple(PushedOwner.model_fields)
+
+
+class _Rejected(ValueError):
+    """A line that is no record, with the reason."""
+
+
+def _shown(name: object) -> str:
+    """A field name as a reason shows it: as it is when plain, else JSON-quoted (ASCII), at most 40 characters."""
+    text = str(name)
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", text):
+        return text
+    return json.dumps(text[:40] + ("..." if len(text) > 40 else ""))
+
+
+def _names(names: list[object]) -> str:
+    shown = ", ".join(_shown(n) for n in names[:_LISTED_NAMES])
+    return shown + (f" and {len(names) - _LISTED_NAMES} more" if len(names) > _LISTED_NAMES else "")
+
+
+def unknown_fields_reason(names: list[object]) -> str:
+    """``unknown field(s): ...``, saying where an owner's field given at top level belongs."""
+    reason = f"unknown field(s): {_names(names)}"
+    hints = [f"{n} goes in {OWNER_FIELD_HINTS[n]}" for n in names if isinstance(n, str) and n in OWNER_FIELD_HINTS]
+    if hints:
+        reason += f"; the owner goes in {_OWNER_EXAMPLE} ({', '.join(hints[:_LISTED_NAMES])})"
+    if len(hints) < len(names):
+        reason += f"; a record has {', '.join(POST_FIELDS)}"
+    return reason
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def describe(err: ValidationError) -> str:
+    """One readable reason for all that is wrong with a record: unknown fields first, then each field's problem."""
+    errors = err.errors(include_url=False, include_input=False)
+    unknown = [e["loc"][0] for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
+    owner_unknown = [
+        e["loc"][1] for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 2 and e["loc"][0] == "owner"
+    ]
+    parts = []
+    if unknown:
+        parts.append(unknown_fields_reason(unknown))
+    if owner_unknown:
+        parts.append(f"owner: unknown field(s): {_names(owner_unknown)}; an owner has {', '.join(OWNER_FIELDS)}")
+    for e in errors:
+        if e["type"] == "extra_forbidden":
+            continue
+        message = "required" if e["type"] == "missing" else e["msg"]
+        if e["type"] == "missing" and e["loc"] == ("media_url",):
+            message = "required: the http(s) URL of the image"
+        parts.append(f"{_where(e['loc'])}: {message}" if e["loc"] else message)
+    return "; ".join(parts)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _Rejected(f"field given twice: {_shown(key)}")
+        record[key] = value
+    return record
+
+
+def _no_constant(name: str) -> Any:
+    raise _Rejected(f"not JSON: {name} is not a JSON number")
+
+
+def _record(raw: str | bytes, first: bool) -> dict[str, Any] | None:
+    """The JSON object on one line; None for a blank line. Raises ``_Rejected`` with the reason."""
+    if isinstance(raw, bytes):
+        raw = raw.rstrip(b"\r\n")
+        if len(raw) > MAX_LINE_BYTES:
+            raise _Rejected(f"record longer than {MAX_LINE_BYTES} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _Rejected(f"not UTF-8 text (byte {err.start + 1})") from None
+    else:
+        text = raw.rstrip("\r\n")
+        if len(text) > MAX_LINE_BYTES // 4 and len(text.encode("utf-8", "surrogatepass")) > MAX_LINE_BYTES:
+            raise _Rejected(f"record longer than {MAX_LINE_BYTES} bytes")
+    if first:
+        text = text.removeprefix("\ufeff")  # a byte order mark at the start of a file
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        raise _Rejected(f"not JSON: {err.msg} at column {err.colno}") from None
+    except RecursionError:
+        raise _Rejected("not JSON: nested too deeply") from None
+    except _Rejected:
+        raise
+    except ValueError as err:  # an integer of more digits than Python converts ("Exceeds the limit (4300 digits)...")
+        raise _Rejected(f"not JSON: {str(err).split(':')[0]}") from None
+    if not isinstance(record, dict):
+        raise _Rejected(f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def parse_posts(lines: Iterable[str | bytes], source: str = "push") -> tuple[list[Post], list[BadRecord]]:
-    """Posts from JSON lines (blank lines skipped). A record needs ``id`` and an http(s) ``media_url``."""
+    """Posts from JSON lines (blank lines skipped), each line a ``PushedPost``; the bad ones with their reasons."""
     posts, bad = [], []
     for number, raw in enumerate(lines, 1):
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-        if not text.strip():
-            continue
-        if len(text) > MAX_LINE_BYTES:
-            bad.append(BadRecord(number, f"record longer than {MAX_LINE_BYTES} bytes"))
-            continue
         try:
-            record = json.loads(text)
-            if not isinstance(record, dict):
-                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-            post = Post.model_validate({"source": source, **record})
-        except json.JSONDecodeError as err:
-            bad.append(BadRecord(number, f"not JSON: {err.msg} at column {err.colno}"))
-            continue
-        except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-            bad.append(BadRecord(number, problems))
-            continue
-        except ValueError as err:
+            record = _record(raw, first=number == 1)
+            if record is None:
+                continue
+            posts.append(PushedPost.model_validate(record).to_post(source))
+        except _Rejected as err:
             bad.append(BadRecord(number, str(err)))
-            continue
-        if not post.media_url or urlparse(post.media_url).scheme not in ("http", "https"):
-            bad.append(BadRecord(number, "media_url: an http(s) URL of the image is required"))
-            continue
-        posts.append(post.model_copy(update={"hashtags": [normalise_hashtag(t) for t in post.hashtags]}))
+        except ValidationError as err:
+            bad.append(BadRecord(number, describe(err)))
     return posts, bad
 
 
@@ -81,8 +479,12 @@ class IngestStream:
             if "BUSYGROUP" not in str(err):
                 raise
 
-    async def take(self, consumer: str, count: int, idle_ms: int) -> list[tuple[str, Post]]:
-        """Entries for this consumer: first ones other consumers left pending for ``idle_ms`` (they died), then new."""
+    async def take(
+        self, consumer: str, count: int, idle_ms: int, block_ms: int | None = None
+    ) -> list[tuple[str, Post]]:
+        """Entries for this consumer: first ones other consumers left pending for ``idle_ms`` (they died), then new
+        ones, waiting up to ``block_ms`` for one when there is none (None: no wait). An entry that is not a valid
+        post (written by hand, or by another version) is dropped with a warning instead of stopping the reader."""
         await self._group()
         _, claimed, *_ = await self.redis.xautoclaim(
             constants.ingest_stream, GROUP, consumer, min_idle_time=idle_ms, start_id="0-0", count=count
@@ -90,15 +492,24 @@ class IngestStream:
         entries = list(claimed)
         if len(entries) < count:
             fresh = await self.redis.xreadgroup(
-                GROUP, consumer, {constants.ingest_stream: ">"}, count=count - len(entries)
+                GROUP,
+                consumer,
+                {constants.ingest_stream: ">"},
+                count=count - len(entries),
+                block=block_ms if block_ms and not entries else None,
             )
-            entries += [entry for _, stream_entries in fresh for entry in stream_entries]
-        out = []
+            entries += [entry for _, stream_entries in fresh or [] for entry in stream_entries]
+        out, bad = [], []
         for entry_id, fields in entries:
+            key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             if not fields:  # deleted while pending
                 continue
-            key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            out.append((key, Post.model_validate_json(fields[b"post"])))
+            try:
+                out.append((key, Post.model_validate_json(fields[b"post"])))
+            except (KeyError, ValidationError) as err:
+                LOG.warning("ingest entry %s is not a post, dropped: %s", key, str(err)[:300])
+                bad.append(key)
+        await self.ack(bad)
         return out
 
     async def ack(self, entry_ids: list[str]) -> None:

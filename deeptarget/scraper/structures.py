@@ -30,9 +30,15 @@ def posts_from_media(node: dict[str, Any], *, source: str, owner: Owner | None =
     post = post_from_media(node, source=source, owner=owner)
     if node.get("media_type") != "CAROUSEL_ALBUM":
         return [post]
-    children = (node.get("children") or {}).get("data") or []
-    urls = [c.get("media_url") for c in children if isinstance(c, dict) and c.get("media_type") == "IMAGE"]
-    urls = [u for u in urls if u] or ([post.media_url] if post.media_url else [])
+    children_edge = node.get("children")
+    children = children_edge.get("data") if isinstance(children_edge, dict) else None
+    if isinstance(children, list) and children:
+        # The children say what the album holds: an album of videos has no image, whatever its own media_url is
+        # (that is the first child's, a video's cover or nothing).
+        urls = [c.get("media_url") for c in children if isinstance(c, dict) and c.get("media_type") == "IMAGE"]
+        urls = [u for u in urls if isinstance(u, str) and u]
+    else:  # children not given: the album's own media_url is its first image, as far as we can know
+        urls = [post.media_url] if post.media_url else []
     return [
         post.model_copy(update={"id": post.id if k == 0 else f"{post.id}_{k}", "media_url": url})
         for k, url in enumerate(urls)
@@ -60,3 +66,15 @@ def post_from_media(node: dict[str, Any], *, source: str, owner: Owner | None = 
 
 def is_image(node: dict[str, Any]) -> bool:
     return node.get("media_type", "IMAGE") in IMAGE_TYPES
+
+
+def is_video_album(node: dict[str, Any]) -> bool:
+    """A carousel album whose children are all videos: skipped as a video."""
+    if node.get("media_type") != "CAROUSEL_ALBUM" or not isinstance(node.get("children"), dict):
+        return False
+    children = node["children"].get("data")
+    return (
+        isinstance(children, list)
+        and bool(children)
+        and all(isinstance(c, dict) and c.get("media_type") == "VIDEO" for c in children)
+    )
