@@ -39,11 +39,32 @@ class Settings(BaseSettings):
     source_url: str = Field("http://127.0.0.1:8700", description="Base URL of a Graph-API-shaped source.")
     source_user_id: str = Field("17841400000000000", description="IG user id the API calls are made on behalf of.")
     access_tokens: list[SecretStr] = Field(default_factory=lambda: [SecretStr("sandbox-token")])
+    token_apps: dict[str, list[SecretStr]] = Field(
+        default_factory=dict,
+        description="More access tokens, by the Meta app they belong to (a Graph #4 'Application request limit "
+        "reached' pauses every token of that app). access_tokens belong to the app 'default'.",
+    )
+    token_in: Literal["query", "header"] = Field(
+        "query",
+        description="Where the token travels: the access_token query parameter, as Meta documents it, or an "
+        "Authorization: Bearer header. Never in a log line, error or metric either way.",
+    )
     hashtags: list[str] = Field(default_factory=list, description="Hashtags to follow (with or without '#').")
     accounts: list[str] = Field(default_factory=list, description="Usernames to follow via business_discovery.")
     hashtag_edge: Literal["recent_media", "top_media"] = "recent_media"
     page_size: int = Field(25, ge=1, le=50)
-    max_pages_per_target: int = Field(0, ge=0, description="0 = follow the cursor to the end.")
+    max_pages_per_target: int = Field(
+        0, ge=0, description="Pages per target per run (0 = to the end); the next run goes on from there."
+    )
+    max_pages_per_round: int = Field(
+        2000, ge=1, description="A target that gives more pages in one round is taken to loop and ended there."
+    )
+    loop_after_stale_pages: int = Field(
+        5,
+        ge=1,
+        description="Pages in a row that bring no post new to the round before a target is taken to loop (empty "
+        "pages do not count: the API filters after paging; hashtag cursors repeat by design).",
+    )
     download_concurrency: int = Field(16, ge=1)
     per_host_concurrency: int = Field(16, ge=1, description="Connections to any one host at a time (politeness).")
     target_concurrency: int = Field(4, ge=1)
@@ -69,12 +90,25 @@ class Settings(BaseSettings):
     token_calls: int = Field(200, ge=1, description="Requests one access token may make per token_window_s.")
     token_window_s: float = Field(3600.0, gt=0, description="The rolling window of the token budget.")
     throttle_pause_s: float = Field(60.0, gt=0, description="A throttled token's pause when the API names none.")
+    max_pause_s: float = Field(
+        3600.0, gt=0, description="The longest pause any answer can impose (the Graph API's window is an hour)."
+    )
     usage_pause_at: float = Field(95.0, gt=0, description="Usage-header percentage at which a token pauses.")
     hashtag_quota: int = Field(30, ge=1, description="Unique hashtags one IG user may search per rolling window.")
     hashtag_quota_days: float = Field(7.0, gt=0)
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
     batch_size: int = Field(16, ge=1, description="Posts per infer task.")
     claim_ttl_s: int = Field(900, gt=0, description="How long a scraper may hold a post before another may take it.")
+    download_retry_delay_s: float = Field(
+        60.0, ge=0, description="A post whose download failed waits this long before it is tried again."
+    )
+    ingest_block_s: float = Field(
+        1.0, gt=0, description="How long one read of the ingest stream waits for a pushed post (then reads again)."
+    )
+    ingest_max_delay_s: float = Field(
+        0.05, ge=0, description="How long a pushed post may wait for others to share its batch (a queue delay)."
+    )
+    ingest_batches_in_flight: int = Field(4, ge=1, description="Batches of pushed posts handled at once.")
 
     # -- workers --------------------------------------------------------------------------------------------------
     backbone: Literal["mobilenet_v2", "resnet50", "efficientnet_b0"] = "mobilenet_v2"
@@ -115,8 +149,13 @@ class Settings(BaseSettings):
     task_retry_backoff_max_s: float = Field(300.0, gt=0)
 
     # -- index and models -----------------------------------------------------------------------------------------
-    snapshot_every_adds: int = Field(1000, ge=1)
-    snapshot_every_s: float = Field(5.0, ge=0)
+    snapshot_every_adds: int = Field(1000, ge=1, description="This many index changes are published at once.")
+    snapshot_every_s: float = Field(
+        0.5,
+        ge=0,
+        description="New vectors are published (a snapshot the API loads) at most this long after they are added, "
+        "coalescing the adds in between; 0 = a snapshot after every add. Stretched when snapshots get slow.",
+    )
     snapshots_kept: int = Field(3, ge=1)
     index_ivf_from: int = Field(20_000, ge=1000, description="Exact search below this many vectors, IVF from here on.")
     index_target_recall: float = Field(0.95, gt=0, le=1, description="IVF nprobe is tuned to this recall@10.")
@@ -185,6 +224,20 @@ class Settings(BaseSettings):
             else:
                 os.environ[CONFIG_ENV] = previous
 
+    # -- derived ----------------------------------------------------------------------------------------------------
+    @property
+    def all_access_tokens(self) -> list[SecretStr]:
+        """``access_tokens`` and the tokens of ``token_apps``, each once."""
+        seen: dict[str, SecretStr] = {}
+        for token in [*self.access_tokens, *(t for tokens in self.token_apps.values() for t in tokens)]:
+            seen.setdefault(token.get_secret_value(), token)
+        return list(seen.values())
+
+    @property
+    def token_app_of(self) -> dict[str, str]:
+        """Token value -> the app it belongs to (``token_apps``; the rest: 'default')."""
+        return {t.get_secret_value(): app for app, tokens in self.token_apps.items() for t in tokens}
+
     # -- derived paths --------------------------------------------------------------------------------------------
     @property
     def deadletter_path(self) -> Path:
@@ -244,6 +297,9 @@ class Settings(BaseSettings):
                 value = raw.get_secret_value()
             elif isinstance(raw, list) and raw and isinstance(raw[0], SecretStr):
                 value = [s.get_secret_value() for s in raw]
+            elif isinstance(raw, dict) and any(isinstance(v, list) and v and isinstance(v[0], SecretStr)
+                                               for v in raw.values()):  # fmt: skip
+                value = {k: [s.get_secret_value() for s in v] for k, v in raw.items()}
             env[f"DEEPTARGET_{name.upper()}"] = value if isinstance(value, str) else _json(value)
         return env
 
