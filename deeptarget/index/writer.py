@@ -9,6 +9,13 @@ When the collection outgrows exact search (``IndexPolicy``), an IVF index is bui
 background thread while adds go on into the current index; the finished index then catches up with what was added
 meanwhile (by sequence number, the same replay) and replaces the current one under the writer's lock, and a snapshot
 publishes it to the readers, who never stop answering.
+
+Publishing is bounded in time: the first change after a snapshot arms a deferred snapshot ``snapshot_every_s`` later
+(a publisher thread, under the writer's lock), which takes every change made meanwhile; ``snapshot_every_adds``
+changes publish at once. A trickle of posts is therefore queryable within ``snapshot_every_s`` (plus the readers'
+check interval), with no further add, flush task or batch needed. When the index grows so large that a snapshot
+takes a good share of that delay, the delay stretches so that snapshots keep at most ``MAX_SNAPSHOT_SHARE`` of the
+writer's time (issue 17's segments will lift this).
 """
 
 from __future__ import annotations
@@ -30,6 +37,11 @@ from deeptarget.store import EmbeddingRows, MetadataStore
 
 LOG = logging.getLogger(__name__)
 
+# Snapshots may take at most about this share of the writer's time: the deferred snapshot waits at least
+# (1 / share - 1) times the last save's duration (the adds wait for the lock while a snapshot is written).
+MAX_SNAPSHOT_SHARE = 0.25
+RETRY_FAILED_SNAPSHOT_S = 5.0  # a deferred snapshot that failed (disk full?) is tried again this much later
+
 
 class IndexWriter:
     def __init__(
@@ -37,21 +49,26 @@ class IndexWriter:
         store: MetadataStore,
         snapshots: SnapshotStore,
         snapshot_every_adds: int = 1000,
-        snapshot_every_s: float = 5.0,
+        snapshot_every_s: float = 0.5,
         policy: IndexPolicy | None = None,
     ) -> None:
         self.store = store
         self.snapshots = snapshots
         self.snapshot_every_adds = snapshot_every_adds
-        self.snapshot_every_s = snapshot_every_s
+        self.snapshot_every_s = snapshot_every_s  # changes are published at most this long after they are made
         self.policy = policy or IndexPolicy()
         self._lock = threading.RLock()  # adds, snapshots and the swap to a newly built index
+        self._wake = threading.Condition(self._lock)  # the publisher waits on it for the next deferred snapshot
+        self._publish_at: float | None = None  # monotonic time of the deferred snapshot; None: nothing pending
+        self._publisher: threading.Thread | None = None  # started on the first deferred snapshot (after any fork)
+        self._closed = False
+        self._last_save_s = 0.0
+        snapshots.sweep_temporary()  # left by a writer that died mid-snapshot
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="index-build")
         self.build: Future[Tuning | None] | None = None
         self._next_build_at = 0  # after a failed build, wait for growth before trying again
         self.index: VectorIndex | None = snapshots.load()
         self._adds_since_snapshot = 0
-        self._last_snapshot = time.monotonic()
         self._seq = max(self.index.seq if self.index else 0, store.max_indexed_seq())
         snapshot_seq = self.index.seq if self.index else 0
         replayed = sum(self.add(rows, snapshot=False) for rows in store.embeddings_to_index(after_seq=snapshot_seq))
@@ -98,7 +115,7 @@ class IndexWriter:
         self.index.seq = self._seq
         self._adds_since_snapshot += len(post_ids)
         if snapshot:
-            self.maybe_snapshot()
+            self._changed()
         return len(post_ids)
 
     def _compatible(self, rows: EmbeddingRows) -> np.ndarray:
@@ -129,7 +146,7 @@ class IndexWriter:
             removed = self.index.remove(np.array([vector_id(p) for p in post_ids], np.int64))
             self.index.seq = self._seq
             self._adds_since_snapshot += len(post_ids)
-            self.maybe_snapshot()
+            self._changed()
             return removed
 
     # -- growing into an IVF index ----------------------------------------------------------------------------------
@@ -170,18 +187,73 @@ class IndexWriter:
         build = self.build
         return None if build is None else build.result(timeout_s)
 
+    # -- publishing ------------------------------------------------------------------------------------------------
+    def _changed(self) -> None:
+        """After a change (under the lock): publish now when enough changes wait, else within the delay."""
+        if self._adds_since_snapshot >= self.snapshot_every_adds or self.snapshot_every_s <= 0:
+            self.snapshot()
+        elif self._publish_at is None:
+            self._publish_at = time.monotonic() + self.publish_delay_s
+            self._start_publisher()
+            self._wake.notify()
+
+    @property
+    def publish_delay_s(self) -> float:
+        """How long a change may wait for its snapshot: ``snapshot_every_s``, stretched when snapshots get slow."""
+        return max(self.snapshot_every_s, self._last_save_s * (1 / MAX_SNAPSHOT_SHARE - 1))
+
+    def _start_publisher(self) -> None:
+        if self._closed or (self._publisher is not None and self._publisher.is_alive()):
+            return
+        # A daemon: a stop never waits for it (close() publishes what is pending; a crash is covered by the replay).
+        self._publisher = threading.Thread(target=self._publish_loop, name="index-publisher", daemon=True)
+        self._publisher.start()
+
+    def _publish_loop(self) -> None:
+        with self._lock:
+            while not self._closed:
+                if self._publish_at is None:
+                    self._wake.wait()
+                    continue
+                left = self._publish_at - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                try:
+                    self.snapshot()
+                except Exception:  # keep the thread: the next change, or this retry, tries again
+                    LOG.exception("deferred index snapshot failed; trying again in %.0f s", RETRY_FAILED_SNAPSHOT_S)
+                    self._publish_at = time.monotonic() + RETRY_FAILED_SNAPSHOT_S
+
+    def close(self) -> int | None:
+        """Stop the publisher and snapshot what it had not published yet (a clean stop of the worker)."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+            pending = self._adds_since_snapshot > 0
+        publisher = self._publisher
+        if publisher is not None and publisher is not threading.current_thread():
+            publisher.join(timeout=10)
+        return self.snapshot() if pending else None
+
     def maybe_snapshot(self) -> int | None:
-        due_by_count = self._adds_since_snapshot >= self.snapshot_every_adds
-        due_by_time = self._adds_since_snapshot > 0 and time.monotonic() - self._last_snapshot >= self.snapshot_every_s
-        return self.snapshot() if due_by_count or due_by_time else None
+        """Snapshot when changes wait and are due (by count, or their deferred snapshot's time has come): the beat's
+        periodic flush, a safety net behind the publisher thread."""
+        with self._lock:
+            due_by_count = self._adds_since_snapshot >= self.snapshot_every_adds
+            due_by_time = self._publish_at is not None and time.monotonic() >= self._publish_at
+            return self.snapshot() if due_by_count or due_by_time else None
 
     def snapshot(self) -> int | None:
         with self._lock:
             if self.index is None:
+                self._publish_at = None
                 return None
+            started = time.monotonic()
             version = self.snapshots.save(self.index)
             self._adds_since_snapshot = 0
-            self._last_snapshot = time.monotonic()
+            self._publish_at = None
+            self._last_save_s = time.monotonic() - started
             return version
 
     def rebuild(self) -> int:

@@ -42,9 +42,10 @@ def create_celery(settings: Settings) -> Celery:
         worker_send_task_events=False,
         beat_schedule={
             "refit-hashtag-model": {"task": constants.train_task, "schedule": settings.train_every_s},
+            # A safety net only: the index writer publishes its changes within snapshot_every_s by itself.
             "flush-index-snapshot": {
                 "task": constants.snapshot_task,
-                "schedule": max(settings.snapshot_every_s, 1.0),
+                "schedule": max(settings.snapshot_every_s, 10.0),
                 "kwargs": {"if_changed": True},
             },
         },

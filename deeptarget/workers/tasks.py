@@ -130,7 +130,8 @@ def remove_posts(self: Task, post_ids: list[str]) -> int:
 @shared_task(name=constants.snapshot_task, **TASK)
 def snapshot(self: Task, if_changed: bool = False) -> int | None:
     """Write a snapshot now (and give readers its version); with ``if_changed``, only when something changed since
-    the last one and it is due (the beat's periodic flush, so removals without later adds still reach readers)."""
+    the last one and it is due (the beat's periodic flush: a safety net, the writer publishes changes on its own
+    within ``snapshot_every_s``)."""
     writer = _context(self).writer
     return writer.maybe_snapshot() if if_changed else writer.snapshot()
 
@@ -196,7 +197,8 @@ def _forget_metrics(pid: int | None = None, **_: Any) -> None:
 @worker_process_shutdown.connect
 @worker_shutdown.connect
 def _final_snapshot(sender: Any = None, **_: Any) -> None:
-    """A clean stop leaves a snapshot of everything indexed (a crash is covered by the replay on start)."""
+    """A clean stop leaves a snapshot of everything indexed (a crash is covered by the replay on start); the writer's
+    publisher thread stops first."""
     from celery import current_app
 
     settings = getattr(current_app, "deeptarget_settings", None)
@@ -205,6 +207,6 @@ def _final_snapshot(sender: Any = None, **_: Any) -> None:
     ctx = context_for(settings)
     if "writer" in ctx.__dict__:
         try:
-            ctx.writer.snapshot()
+            ctx.writer.close()
         except Exception:  # shutting down: report, never raise from a signal handler
             LOG.exception("final index snapshot failed; the next start replays from the metadata store")

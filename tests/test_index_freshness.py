@@ -1,0 +1,92 @@
+"""New vectors reach readers on their own: the writer's deferred snapshot publishes a trickle of adds (or removals)
+without any further add, flush task or call to snapshot(). Real writer, real snapshot files, real reader; waits poll
+with a generous timeout and nothing asserts on time (speed lives in bench/latency.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from deeptarget.index.vectors import SnapshotReader, SnapshotStore
+from deeptarget.index.writer import IndexWriter
+from deeptarget.schema import Post, Prediction, vector_id
+from deeptarget.store import MetadataStore
+from tests.conftest import wait_for
+
+MODEL = "mobilenet_v2:random0:imagenet:96"
+
+
+def _record(store: MetadataStore, ids: list[str], seed: int = 0) -> list[str]:
+    """Embedded posts in the store, as the infer task leaves them for the index task."""
+    vectors = np.random.default_rng(seed).normal(size=(len(ids), 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store.record_results(
+        (Post(id=pid), None, Prediction(post_id=pid, status="embedded", model_id=MODEL), v)
+        for pid, v in zip(ids, vectors, strict=True)
+    )
+    return ids
+
+
+def _holds(reader: SnapshotReader, post_ids: list[str]) -> bool:
+    index = reader.get()
+    return index is not None and all(vector_id(p) in index for p in post_ids)
+
+
+def test_a_trickle_of_adds_reaches_readers_without_another_add(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "meta.sqlite3")
+    snapshots = SnapshotStore(tmp_path / "index", keep=2)
+    writer = IndexWriter(store, snapshots, snapshot_every_s=0.2)
+    reader = SnapshotReader(snapshots, check_interval_s=0)
+    added: list[str] = []
+    for seed, batch in enumerate((["a", "b", "c"], ["d"], ["e", "f", "g", "h", "i"])):
+        writer.add(store.embeddings(_record(store, batch, seed)))  # published later by the deferred snapshot alone
+        added.extend(batch)
+        wait_for(lambda: _holds(reader, added), f"the reader to see {batch}", timeout_s=10)
+    assert reader.get().ntotal == 9
+    # a snapshot every few tenths of a second keeps only `keep` versions and leaves no temporary file
+    assert len(snapshots.versions.versions()) <= 2
+    assert not list((tmp_path / "index").glob(".*tmp*"))
+    writer.close()
+
+
+def test_a_removal_reaches_readers_without_another_change(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "meta.sqlite3")
+    ids = _record(store, [f"p{i}" for i in range(5)])
+    snapshots = SnapshotStore(tmp_path / "index")
+    writer = IndexWriter(store, snapshots, snapshot_every_s=0.2)  # the replay of the 5 stored rows is published
+    reader = SnapshotReader(snapshots, check_interval_s=0)
+    assert _holds(reader, ids)
+    deleted, _ = store.delete_posts(["p2"])
+    writer.remove(deleted)
+    wait_for(lambda: reader.get().ntotal == 4, "the removal to reach the reader", timeout_s=10)
+    assert vector_id("p2") not in reader.get()
+    writer.close()
+
+
+def test_close_publishes_what_the_deferred_snapshot_had_not_yet(tmp_path: Path) -> None:
+    store = MetadataStore(tmp_path / "meta.sqlite3")
+    snapshots = SnapshotStore(tmp_path / "index")
+    writer = IndexWriter(store, snapshots, snapshot_every_s=3600)
+    writer.add(store.embeddings(_record(store, ["a", "b", "c", "d"])))
+    assert snapshots.load() is None  # its deferred snapshot is an hour away
+    assert writer.close() is not None  # the worker's clean stop
+    assert snapshots.load().ntotal == 4
+    assert writer.close() is None  # nothing left to publish
+
+
+def test_temporary_files_of_a_writer_that_died_are_swept(tmp_path: Path) -> None:
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [index_dir / f".v000007.faiss.tmp-{dead.pid}", index_dir / f".CURRENT.tmp-{dead.pid}"]
+    ours = index_dir / f".v000008.faiss.tmp-{os.getpid()}"  # a live process's write in progress stays
+    for path in (*stale, ours):
+        path.write_bytes(b"half a snapshot")
+    IndexWriter(MetadataStore(tmp_path / "meta.sqlite3"), SnapshotStore(index_dir)).close()
+    assert not any(p.exists() for p in stale)
+    assert ours.exists()
