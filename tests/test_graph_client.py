@@ -138,7 +138,7 @@ async def test_the_token_goes_in_the_query_as_documented_or_in_a_header(hostile:
 
 
 async def test_a_next_link_to_another_host_is_not_followed(hostile: Any, pool: TokenPool) -> None:
-    url, seen, routes = hostile
+    url, _seen, routes = hostile
 
     async def page(request: web.Request) -> web.Response:
         return web.json_response(
