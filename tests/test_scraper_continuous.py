@@ -1,0 +1,104 @@
+"""The scraper as a long-running process: pushed posts are taken as they arrive (during a round and between rounds,
+never only once a round), and SIGTERM ends it quickly without starting anything new."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+
+from deeptarget import constants
+from deeptarget.config import Settings
+from deeptarget.sandbox import SandboxNetwork, sandbox_server
+from deeptarget.schema import Owner, Post
+from deeptarget.scraper.push import IngestStream
+from tests.queue_messages import queued_post_refs
+from tests.test_scraper import crawl_settings
+
+
+async def start_scraper(settings: Settings, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "deeptarget", "scrape", *args, env={**os.environ, **settings.to_env()},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def wait_queued(
+    client: redis.Redis, post_id: str, process: asyncio.subprocess.Process, timeout_s: float
+) -> float:
+    """Seconds until ``post_id`` is on the infer queue (the scraper must stay up meanwhile)."""
+    started = time.monotonic()
+    while post_id not in {r["post"]["id"] for r in queued_post_refs(client)}:
+        assert process.returncode is None, "the scraper exited"
+        assert time.monotonic() - started < timeout_s, f"post {post_id} not queued in {timeout_s} s"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def stop(process: asyncio.subprocess.Process, timeout_s: float = 30) -> str:
+    process.send_signal(signal.SIGTERM)
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    return stderr.decode()
+
+
+async def test_pushed_posts_are_taken_as_they_arrive_by_a_scraper_that_runs_forever(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    network = SandboxNetwork(seed=61, n_posts=40, n_users=4, n_hashtags=2, corrupt_share=0.0, video_share=0.0,
+                             carousel_share=0.0)  # fmt: skip
+    async with sandbox_server(network) as server:
+        # Targets to crawl, then a 600 s wait for the next round: pushed posts must not wait for it.
+        settings = crawl_settings(tmp_path, redis_url, network, server.url, hashtags=network.hashtags[:1])
+        scraper = await start_scraper(settings, "--forever", "--interval", "600")
+        client = aioredis.Redis.from_url(redis_url)
+        stream = IngestStream(client)
+        owner = Owner(id="partner-1", username="partner", followers_count=100)
+        try:
+            pushed = [m for m in network.media if network.hashtags[0] not in m.hashtags][:6]
+            assert pushed
+            waits = []
+            for media in pushed:  # one at a time, as a trickle
+                post = Post(id=f"push-{media.id}", source="push", media_url=f"{server.url}/media/{media.id}.jpg",
+                            caption=media.caption, owner=owner)  # fmt: skip
+                await stream.push([post])
+                waits.append(await wait_queued(redis_client, post.id, scraper, timeout_s=30))
+            assert await stream.backlog() == 0
+        finally:
+            await client.aclose()
+            await stop(scraper)
+    ids = Counter(r["post"]["id"] for r in queued_post_refs(redis_client))
+    assert all(ids[f"push-{m.id}"] == 1 for m in pushed)
+    assert max(ids.values()) == 1
+    assert redis_client.xlen(constants.ingest_stream) == 0
+    print("push -> infer queue, s:", [round(w, 2) for w in waits])  # shown with -s
+
+
+async def test_a_scraper_with_nothing_to_crawl_only_follows_the_stream_and_stops_at_once(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    network = SandboxNetwork(seed=62, n_posts=5, n_users=2, n_hashtags=1, corrupt_share=0.0, video_share=0.0,
+                             carousel_share=0.0)  # fmt: skip
+    async with sandbox_server(network) as server:
+        settings = crawl_settings(tmp_path, redis_url, network, server.url, hashtags=[], accounts=[])
+        scraper = await start_scraper(settings, "--forever")
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            media = network.media[0]
+            post = Post(id="lonely", source="push", media_url=f"{server.url}/media/{media.id}.jpg")
+            await IngestStream(client).push([post])
+            await wait_queued(redis_client, "lonely", scraper, timeout_s=30)
+        finally:
+            await client.aclose()
+            started = time.monotonic()
+            await stop(scraper)
+            stopped_in = time.monotonic() - started
+    # The blocking read wakes within ingest_block_s; 2 s for the rest, a margin for a loaded machine.
+    assert stopped_in < 2 + settings.ingest_block_s + 5
