@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 import aiohttp
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from deeptarget.blobs import BlobStore
 from deeptarget.config import Settings
@@ -435,14 +437,25 @@ class Crawler:
         batch = max(self.settings.batch_size, 1)
         await self.later.release(everything=True)  # a new run tries every post a failed download left for later
         released_at = asyncio.get_running_loop().time()
+        outage = 0
         try:
             while not self.stopping:
-                if outer and asyncio.get_running_loop().time() - released_at >= 1.0:
-                    await self.later.release()
-                    released_at = asyncio.get_running_loop().time()
                 await slots.acquire()
                 finished = until is not None and until.is_set()
-                entries = [] if self.stopping else await self._take_pushed(batch, block=not finished)
+                try:
+                    if outer and asyncio.get_running_loop().time() - released_at >= 1.0:
+                        await self.later.release()
+                        released_at = asyncio.get_running_loop().time()
+                    entries = [] if self.stopping else await self._take_pushed(batch, block=not finished)
+                    outage = 0
+                except (RedisConnectionError, RedisTimeoutError) as err:
+                    # A follower outlives many rounds: it waits Redis out (capped backoff) instead of dying.
+                    slots.release()
+                    outage += 1
+                    delay = min(30.0, 0.5 * 2**outage)
+                    LOG.warning("ingest stream unreachable (%s); reading again in %.1f s", err, delay)
+                    await self.wait_stopped(delay)
+                    continue
                 if not entries:
                     slots.release()
                     if finished:
