@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -58,7 +57,7 @@ from deeptarget.errors import (
 )
 from deeptarget.query import Neighbour, PostFilter, QueryService
 from deeptarget.schema import Profile
-from deeptarget.scraper.push import IngestStream, parse_posts
+from deeptarget.scraper.push import IngestStream, PushedPost, body_records, parse_posts
 
 LOG = logging.getLogger(__name__)
 
@@ -218,17 +217,16 @@ async def audiences(request: web.Request) -> web.Response:
 
 
 async def ingest(request: web.Request) -> web.Response:
-    """Posts as JSON lines (or one JSON array); each validated alone, the good ones queued for the scraper."""
+    """Posts (each a ``PushedPost``) as JSON lines, one JSON object or a JSON array; each validated alone, the good
+    ones queued for the scraper. 202 when any was queued, else 400; both answer each rejected record's reason."""
     body = await request.read()
     if not body.strip():
         raise web.HTTPBadRequest(text="empty body: send posts as JSON lines with at least id and media_url")
-    lines: list[bytes] = body.splitlines()
-    if body.lstrip().startswith(b"["):
-        try:
-            lines = [json.dumps(record).encode() for record in json.loads(body)]
-        except json.JSONDecodeError as err:
-            raise web.HTTPBadRequest(text=f"body is not a JSON array: {err.msg}") from None
-    posts, bad = parse_posts(lines)
+    try:
+        records = await _run(body_records, body)
+    except ValueError as err:
+        raise web.HTTPBadRequest(text=str(err)) from None
+    posts, bad = await _run(parse_posts, records)
     if posts:
         await IngestStream(request.app[REDIS_KEY]).push(posts)
     rejected = [BadRecordBody(line=b.line, reason=b.reason) for b in bad]
@@ -306,8 +304,14 @@ OPERATIONS: list[Operation] = [
               write=True, errors=()),
     Operation("post", "/index/snapshot", "Snapshot the index now (a task on the index queue)", TaskAcceptedBody,
               write=True, errors=()),
-    Operation("post", "/ingest", "Queue posts (JSON lines or a JSON array, each with id and media_url) for the "
-              "scraper; bad records are reported by line", IngestBody, write=True, errors=(400,)),
+    Operation("post", "/ingest", "Queue posts (JSON lines, a JSON object or an array, each with id and media_url) "
+              "for the scraper; bad records are reported by line", IngestBody, write=True, errors=(400, 413),
+              request=PushedPost, request_lines=True, status=202, request_description=(
+                  "Posts for the scraper to fetch, each validated alone: a bad one is rejected with its line (or "
+                  "array position) and reason, the others are queued. Unknown fields are rejected; without "
+                  "hashtags, the caption's #tags are used. Each line (or element) is at most 64 KiB."),
+              error_models=((400, IngestBody, "Nothing queued: every record was rejected (IngestBody, with each "
+                             "one's reason), or the body is empty or not a JSON array (ErrorBody)"),)),
     Operation("delete", "/posts/{post_id}", "Delete a post: forgotten by the store, removed from the index",
               DeletedBody, (Param("post_id", "string", "the post", where="path"),), write=True, errors=(404,)),
     Operation("get", "/healthz", "Redis and index state", HealthBody, errors=(503,)),

@@ -32,28 +32,45 @@ class Operation:
     response: type[BaseModel] | None
     params: tuple[Param, ...] = ()
     upload: bool = False  # takes an image as the body or as multipart field "image"
+    # The body is records of this model: one JSON object or a JSON array of them, or (with ``request_lines``) JSON
+    # lines, one object per line. Its schema is generated from the model, in validation mode.
+    request: type[BaseModel] | None = None
+    request_lines: bool = False
+    request_description: str | None = None
+    status: int = 200  # the answer when it goes well (202: accepted, the work happens later)
+    # (status, model, description): statuses whose body can be a response model (e.g. 400 with the rejected
+    # records) as well as the ``ErrorBody`` any error can have.
+    error_models: tuple[tuple[int, type[BaseModel], str], ...] = ()
     write: bool = False  # needs the API key
     errors: tuple[int, ...] = (400,)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def openapi_document(operations: list[Operation]) -> dict[str, Any]:
-    models = {op.response for op in operations if op.response is not None} | {ErrorBody}
+    responses_models = {op.response for op in operations if op.response is not None} | {ErrorBody}
+    responses_models |= {model for op in operations for _, model, _ in op.error_models}
+    request_models = {op.request for op in operations if op.request is not None}
     refs, definitions = models_json_schema(
-        [(model, "serialization") for model in sorted(models, key=lambda m: m.__name__)],
+        [(model, "serialization") for model in sorted(responses_models, key=lambda m: m.__name__)]
+        + [(model, "validation") for model in sorted(request_models, key=lambda m: m.__name__)],
         ref_template="#/components/schemas/{model}",
     )
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
         responses: dict[str, Any] = {}
+        success: dict[str, Any] = {"description": _SUCCESS.get(op.status, "OK")}
         if op.response is not None:
-            schema = refs[(op.response, "serialization")]
-            responses["200"] = {"description": "OK", "content": {"application/json": {"schema": schema}}}
-        else:
-            responses["200"] = {"description": "OK"}
-        error = {"application/json": {"schema": refs[(ErrorBody, "serialization")]}}
-        for status in sorted({*op.errors, *((401, 403) if op.write else ())}):
-            responses[str(status)] = {"description": _STATUS[status], "content": error}
+            success["content"] = {"application/json": {"schema": refs[(op.response, "serialization")]}}
+        responses[str(op.status)] = success
+        error_schema = refs[(ErrorBody, "serialization")]
+        body_models = {status: (model, description) for status, model, description in op.error_models}
+        for status in sorted({*op.errors, *body_models, *((401, 403) if op.write else ())}):
+            schema, description = error_schema, _STATUS[status]
+            if status in body_models:
+                model, description = body_models[status]
+                schema = {"anyOf": [refs[(model, "serialization")], error_schema]}
+            content = {"application/json": {"schema": schema}}
+            responses[str(status)] = {"description": description, "content": content}
         operation: dict[str, Any] = {
             "summary": op.summary,
             "operationId": f"{op.method}_{op.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
@@ -80,6 +97,8 @@ def openapi_document(operations: list[Operation]) -> dict[str, Any]:
                     },
                 },
             }
+        if op.request is not None:
+            operation["requestBody"] = _records_body(op, refs[(op.request, "validation")])
         if op.write:
             operation["security"] = [{"ApiKey": []}]
         paths.setdefault(op.path, {})[op.method] = operation
@@ -94,6 +113,21 @@ def openapi_document(operations: list[Operation]) -> dict[str, Any]:
     }
 
 
+def _records_body(op: Operation, record: dict[str, Any]) -> dict[str, Any]:
+    assert op.request is not None
+    name = op.request.__name__
+    forms = f"application/json: one {name} object or an array of them"
+    if op.request_lines:
+        forms += f"; application/x-ndjson (JSON lines): one {name} object per line, blank lines skipped"
+    content: dict[str, Any] = {"application/json": {"schema": {"anyOf": [record, {"type": "array", "items": record}]}}}
+    if op.request_lines:
+        # OpenAPI 3.1 has no schema for a sequence of values: this is the schema of each line.
+        content["application/x-ndjson"] = {"schema": record}
+    description = f"{op.request_description} " if op.request_description else ""
+    return {"required": True, "description": f"{description}{forms}.", "content": content}
+
+
+_SUCCESS = {200: "OK", 201: "Created", 202: "Accepted"}
 _STATUS = {
     400: "Bad request (a parameter or the upload is invalid)",
     401: "Missing or wrong API key",

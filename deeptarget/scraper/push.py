@@ -38,7 +38,7 @@ import json
 import logging
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -81,6 +81,7 @@ OWNER_FIELD_HINTS = {
     "owner_id": "owner.id",
     "user_id": "owner.id",
 }
+_MEDIA_URL_REQUIRED = "required: the http(s) URL of the image"
 _LISTED_NAMES = 10  # unknown field names named in a reason; the rest are counted
 
 
@@ -107,7 +108,7 @@ def _bad_text(value: str, allowed: str = "") -> str | None:
 
 def _check_id(value: Any) -> Any:
     if value is None:
-        return value  # "required" is pydantic's to say (a missing field) or the type's (null)
+        raise _reject("required")
     if not isinstance(value, str):
         raise _reject(
             'must be a string (a number may have lost digits on the way: send "17895695668004550", '
@@ -241,21 +242,30 @@ class PushedPost(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(
-        min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN, description="the post's id at its source"
+        min_length=1,
+        max_length=MAX_ID_CHARS,
+        pattern=ID_PATTERN,
+        description="the post's id at its source (a string: letters, digits and _ . : -)",
     )
     media_url: str = Field(
         max_length=MAX_URL_CHARS,
-        description="http(s) URL of the image (fetched by the scraper, within its host and size limits)",
+        description="http(s) URL of the image, with a host and no user:password@ (the scraper fetches it, within its "
+        "host and size limits)",
         json_schema_extra={"format": "uri"},
     )
     permalink: str | None = Field(
         None, max_length=MAX_URL_CHARS, description="http(s) URL of the post", json_schema_extra={"format": "uri"}
     )
-    caption: str | None = Field(None, max_length=MAX_CAPTION_CHARS, description="Instagram's limit: 2,200 characters")
+    caption: str | None = Field(
+        None,
+        max_length=MAX_CAPTION_CHARS,
+        description="at most 2,200 characters (Instagram's limit); no control characters but tab and line breaks",
+    )
     hashtags: list[Hashtag] = Field(
         default_factory=list,
         max_length=MAX_HASHTAGS,
-        description="at most 30 (Instagram's limit); without any, the caption's #tags",
+        description="at most 30 (Instagram's limit per post), each letters, digits and _ (a leading # is dropped); "
+        "without any, the caption's #tags",
     )
     like_count: int | None = Field(None, ge=0, le=INT64_MAX)
     comments_count: int | None = Field(None, ge=0, le=INT64_MAX)
@@ -271,6 +281,8 @@ class PushedPost(BaseModel):
     @field_validator("media_url", mode="before")
     @classmethod
     def _media_url(cls, value: Any) -> Any:
+        if value is None:
+            raise _reject(_MEDIA_URL_REQUIRED)
         return _check_url(value, "an http(s) URL of the image")
 
     @field_validator("permalink", mode="before")
@@ -352,12 +364,12 @@ def _shown(name: object) -> str:
     return json.dumps(text[:40] + ("..." if len(text) > 40 else ""))
 
 
-def _names(names: list[object]) -> str:
+def _names(names: Sequence[object]) -> str:
     shown = ", ".join(_shown(n) for n in names[:_LISTED_NAMES])
     return shown + (f" and {len(names) - _LISTED_NAMES} more" if len(names) > _LISTED_NAMES else "")
 
 
-def unknown_fields_reason(names: list[object]) -> str:
+def unknown_fields_reason(names: Sequence[object]) -> str:
     """``unknown field(s): ...``, saying where an owner's field given at top level belongs."""
     reason = f"unknown field(s): {_names(names)}"
     hints = [f"{n} goes in {OWNER_FIELD_HINTS[n]}" for n in names if isinstance(n, str) and n in OWNER_FIELD_HINTS]
@@ -392,7 +404,7 @@ def describe(err: ValidationError) -> str:
             continue
         message = "required" if e["type"] == "missing" else e["msg"]
         if e["type"] == "missing" and e["loc"] == ("media_url",):
-            message = "required: the http(s) URL of the image"
+            message = _MEDIA_URL_REQUIRED
         parts.append(f"{_where(e['loc'])}: {message}" if e["loc"] else message)
     return "; ".join(parts)
 
@@ -441,6 +453,56 @@ def _record(raw: str | bytes, first: bool) -> dict[str, Any] | None:
     if not isinstance(record, dict):
         raise _Rejected(f"expected a JSON object, got {type(record).__name__}")
     return record
+
+
+def body_records(body: bytes) -> Sequence[str | bytes]:
+    """The records of a request body, for ``parse_posts``: a JSON array's elements (as their text, so each is checked
+    as a line is), one JSON object (pretty-printed or not), or else the body's lines. Raises ``ValueError`` with the
+    reason when the body is an array that is no JSON."""
+    try:
+        text = body.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        return body.splitlines()  # each line says for itself whether it is UTF-8
+    decoder = json.JSONDecoder()
+    start = len(text) - len(text.lstrip())
+    if text.startswith("[", start):
+        records: list[str | bytes] = []
+        at = _skip_space(text, start + 1)
+        try:
+            if text.startswith("]", at):
+                at += 1
+            else:
+                while True:
+                    _, end = decoder.raw_decode(text, at)
+                    records.append(text[at:end])
+                    at = _skip_space(text, end)
+                    if text.startswith("]", at):
+                        at += 1
+                        break
+                    if not text.startswith(",", at):
+                        raise json.JSONDecodeError("Expecting ',' delimiter", text, at)
+                    at = _skip_space(text, at + 1)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"body is not a JSON array: {err.msg} at line {err.lineno} column {err.colno}") from None
+        except RecursionError:
+            raise ValueError("body is not a JSON array: nested too deeply") from None
+        if text[at:].strip():
+            raise ValueError("body is not a JSON array: more after its closing ]")
+        return records
+    if text.startswith("{", start):
+        try:
+            _, end = decoder.raw_decode(text, start)
+        except (ValueError, RecursionError):  # not one object: the lines say what is wrong
+            return body.splitlines()
+        if not text[end:].strip():
+            return [text[start:end]]
+    return body.splitlines()
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    return at
 
 
 def parse_posts(lines: Iterable[str | bytes], source: str = "push") -> tuple[list[Post], list[BadRecord]]:
