@@ -39,15 +39,18 @@ def _holds(reader: SnapshotReader, post_ids: list[str]) -> bool:
 def test_a_trickle_of_adds_reaches_readers_without_another_add(tmp_path: Path) -> None:
     store = MetadataStore(tmp_path / "meta.sqlite3")
     snapshots = SnapshotStore(tmp_path / "index", keep=2)
-    writer = IndexWriter(store, snapshots, snapshot_every_s=0.2)
+    writer = IndexWriter(store, snapshots, snapshot_every_s=0.5)
     reader = SnapshotReader(snapshots, check_interval_s=0)
-    added: list[str] = []
-    for seed, batch in enumerate((["a", "b", "c"], ["d"], ["e", "f", "g", "h", "i"])):
-        writer.add(store.embeddings(_record(store, batch, seed)))  # published later by the deferred snapshot alone
-        added.extend(batch)
-        wait_for(lambda: _holds(reader, added), f"the reader to see {batch}", timeout_s=10)
+    writer.add(store.embeddings(_record(store, ["a", "b", "c"])))  # the first snapshot: published at once
+    assert _holds(reader, ["a", "b", "c"])
+    for seed, batch in enumerate((["d"], ["e", "f", "g"]), 1):  # right after it: these wait for the deferred one
+        writer.add(store.embeddings(_record(store, batch, seed)))
+    wait_for(lambda: _holds(reader, list("abcdefg")), "the deferred snapshot to reach the reader", timeout_s=10)
+    for seed, batch in enumerate((["h"], ["i"]), 3):  # later ones, one at a time
+        writer.add(store.embeddings(_record(store, batch, seed)))
+        wait_for(lambda: _holds(reader, batch), f"the reader to see {batch}", timeout_s=10)  # noqa: B023
     assert reader.get().ntotal == 9
-    # a snapshot every few tenths of a second keeps only `keep` versions and leaves no temporary file
+    # a snapshot every half second keeps only `keep` versions and leaves no temporary file
     assert len(snapshots.versions.versions()) <= 2
     assert not list((tmp_path / "index").glob(".*tmp*"))
     writer.close()
@@ -71,8 +74,10 @@ def test_close_publishes_what_the_deferred_snapshot_had_not_yet(tmp_path: Path) 
     store = MetadataStore(tmp_path / "meta.sqlite3")
     snapshots = SnapshotStore(tmp_path / "index")
     writer = IndexWriter(store, snapshots, snapshot_every_s=3600)
-    writer.add(store.embeddings(_record(store, ["a", "b", "c", "d"])))
-    assert snapshots.load() is None  # its deferred snapshot is an hour away
+    writer.add(store.embeddings(_record(store, ["a", "b"])))  # no snapshot yet: published at once
+    assert snapshots.load().ntotal == 2
+    writer.add(store.embeddings(_record(store, ["c", "d"], seed=1)))
+    assert snapshots.load().ntotal == 2  # the next snapshot is an hour away
     assert writer.close() is not None  # the worker's clean stop
     assert snapshots.load().ntotal == 4
     assert writer.close() is None  # nothing left to publish

@@ -10,12 +10,13 @@ background thread while adds go on into the current index; the finished index th
 meanwhile (by sequence number, the same replay) and replaces the current one under the writer's lock, and a snapshot
 publishes it to the readers, who never stop answering.
 
-Publishing is bounded in time: the first change after a snapshot arms a deferred snapshot ``snapshot_every_s`` later
-(a publisher thread, under the writer's lock), which takes every change made meanwhile; ``snapshot_every_adds``
-changes publish at once. A trickle of posts is therefore queryable within ``snapshot_every_s`` (plus the readers'
-check interval), with no further add, flush task or batch needed. When the index grows so large that a snapshot
-takes a good share of that delay, the delay stretches so that snapshots keep at most ``MAX_SNAPSHOT_SHARE`` of the
-writer's time (issue 17's segments will lift this).
+Publishing is bounded in time, and snapshots come at most once per ``snapshot_every_s``: a change made when the last
+snapshot is older than that is published at once; a change made sooner arms a deferred snapshot for when that
+interval is over (a publisher thread, under the writer's lock), which takes every change made meanwhile;
+``snapshot_every_adds`` changes publish at once. A trickle of posts is therefore queryable within ``snapshot_every_s``
+(plus the readers' check interval), a lone post at once, with no further add, flush task or batch needed. When the
+index grows so large that a snapshot takes a good share of that interval, the interval stretches so that snapshots
+keep at most ``MAX_SNAPSHOT_SHARE`` of the writer's time (issue 17's segments will lift this).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class IndexWriter:
         self._publisher: threading.Thread | None = None  # started on the first deferred snapshot (after any fork)
         self._closed = False
         self._last_save_s = 0.0
+        self._last_snapshot = float("-inf")  # monotonic time the last snapshot was published
         snapshots.sweep_temporary()  # left by a writer that died mid-snapshot
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="index-build")
         self.build: Future[Tuning | None] | None = None
@@ -189,17 +191,23 @@ class IndexWriter:
 
     # -- publishing ------------------------------------------------------------------------------------------------
     def _changed(self) -> None:
-        """After a change (under the lock): publish now when enough changes wait, else within the delay."""
-        if self._adds_since_snapshot >= self.snapshot_every_adds or self.snapshot_every_s <= 0:
+        """After a change (under the lock): publish now when enough changes wait or the last snapshot is an interval
+        old, else when the interval is over."""
+        if self._publish_at is not None and self._adds_since_snapshot < self.snapshot_every_adds:
+            return  # the deferred snapshot takes this change too
+        now = time.monotonic()
+        publish_at = self._last_snapshot + self.publish_interval_s
+        if self._adds_since_snapshot >= self.snapshot_every_adds or publish_at <= now:
             self.snapshot()
-        elif self._publish_at is None:
-            self._publish_at = time.monotonic() + self.publish_delay_s
+        else:
+            self._publish_at = publish_at
             self._start_publisher()
             self._wake.notify()
 
     @property
-    def publish_delay_s(self) -> float:
-        """How long a change may wait for its snapshot: ``snapshot_every_s``, stretched when snapshots get slow."""
+    def publish_interval_s(self) -> float:
+        """The least time between two snapshots, and the most a change waits for one: ``snapshot_every_s``,
+        stretched when snapshots get slow."""
         return max(self.snapshot_every_s, self._last_save_s * (1 / MAX_SNAPSHOT_SHARE - 1))
 
     def _start_publisher(self) -> None:
@@ -253,7 +261,8 @@ class IndexWriter:
             version = self.snapshots.save(self.index)
             self._adds_since_snapshot = 0
             self._publish_at = None
-            self._last_save_s = time.monotonic() - started
+            self._last_snapshot = time.monotonic()
+            self._last_save_s = self._last_snapshot - started
             return version
 
     def rebuild(self) -> int:
