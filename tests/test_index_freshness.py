@@ -50,10 +50,10 @@ def test_a_trickle_of_adds_reaches_readers_without_another_add(tmp_path: Path) -
         writer.add(store.embeddings(_record(store, batch, seed)))
         wait_for(lambda: _holds(reader, batch), f"the reader to see {batch}", timeout_s=10)  # noqa: B023
     assert reader.get().ntotal == 9
+    writer.close()  # waits for a snapshot in progress (readers may see it before its sweep of old versions)
     # a snapshot every half second keeps only `keep` versions and leaves no temporary file
     assert len(snapshots.versions.versions()) <= 2
     assert not list((tmp_path / "index").glob(".*tmp*"))
-    writer.close()
 
 
 def test_a_removal_reaches_readers_without_another_change(tmp_path: Path) -> None:
