@@ -1,9 +1,15 @@
 """A small deterministic social network: accounts with follower counts and interests, posts with captions, hashtags,
-likes, comments and pictures. Same seed and sizes, same network (timestamps are relative to ``now``)."""
+likes, comments and pictures. Same seed and sizes, same network (timestamps are relative to ``now``).
+
+Some media are not ``visible``: the Graph API pages first and filters what the caller may not see afterwards, so the
+server leaves them out of the pages they fall on (sandbox/paging.py). ``offered`` is what a client following some
+targets can collect: the post ids of the visible images.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
@@ -63,16 +69,28 @@ class Media:
     selfie: bool
     corruption: str | None = None  # "truncated", "html" or "garbage": served broken on purpose
     kind: str = "IMAGE"  # or "VIDEO" (never fetched; every other one has no media_url) or "CAROUSEL_ALBUM"
-    children: int = 0  # image children of an album (it also holds one video child)
+    children: int = 0  # image children of an album
+    # An album's children in order ("IMAGE" / "VIDEO"); empty: its ``children`` images, then one video.
+    child_kinds: tuple[str, ...] = ()
+    # False: restricted or removed, so the caller may not see it; it still takes its place when pages are cut.
+    visible: bool = True
 
     @property
     def has_face(self) -> bool:
         return self.selfie or (self.topic.face and self.corruption is None)
 
     @property
+    def layout(self) -> tuple[str, ...]:
+        """An album's children in order; () for anything else."""
+        if self.kind != "CAROUSEL_ALBUM":
+            return ()
+        return self.child_kinds or ("IMAGE",) * self.children + ("VIDEO",)
+
+    @property
     def image_ids(self) -> list[str]:
-        """The post ids its images become: an album's first image keeps the album's id, the others get ``_k``."""
-        if self.kind == "VIDEO":
+        """The post ids its images become: an album's first image keeps the album's id, the others get ``_k`` (k
+        counts image children only, the way the scraper names them); videos and albums of videos give none."""
+        if self.kind == "VIDEO" or (self.kind == "CAROUSEL_ALBUM" and self.children == 0):
             return []
         if self.kind == "CAROUSEL_ALBUM":
             return [self.id] + [f"{self.id}_{k}" for k in range(1, self.children)]
@@ -91,6 +109,32 @@ class Media:
         return data
 
 
+# Album layouts in turn, so that any network with a few albums has each: the old one first (images, then a video),
+# then an album of videos only, one whose first child (whose URL the album's own media_url is) is a video, and one of
+# images only.
+_ALBUM_LAYOUTS = ("images_then_video", "videos", "video_first", "images")
+EDGES = ("recent_media", "top_media")
+
+
+def recent_media(media: Iterable[Media], hashtag: str, now: datetime) -> list[Media]:
+    """A hashtag's recent_media result set, unfiltered and in page order."""
+    # IG Hashtag Recent Media, Limitations: "Only returns media objects published within 24 hours of query
+    # execution."
+    cutoff = now - timedelta(hours=24)
+    tagged = (m for m in media if hashtag in m.hashtags and m.timestamp >= cutoff)
+    return sorted(tagged, key=lambda m: (m.timestamp, m.id), reverse=True)
+
+
+def top_media(media: Iterable[Media], hashtag: str) -> list[Media]:
+    """A hashtag's top_media result set ("the most popular"), unfiltered and in page order."""
+    return sorted((m for m in media if hashtag in m.hashtags), key=lambda m: (-m.like_count, m.id))
+
+
+def account_media(media: Iterable[Media], account: Account) -> list[Media]:
+    """An account's media edge (business discovery), unfiltered and newest first."""
+    return sorted((m for m in media if m.owner.id == account.id), key=lambda m: (m.timestamp, m.id), reverse=True)
+
+
 @dataclass
 class SandboxNetwork:
     seed: int = 7
@@ -98,9 +142,13 @@ class SandboxNetwork:
     n_users: int = 30
     n_hashtags: int = 10
     corrupt_share: float = 0.03
-    video_share: float = 0.0
-    carousel_share: float = 0.0
+    video_share: float = 0.1
+    carousel_share: float = 0.15
     now: datetime = field(default_factory=lambda: datetime.now(UTC).replace(microsecond=0))
+    hidden_share: float = 0.2  # media the caller may not see (restricted, removed), drawn at random
+    # Besides those, the biggest hashtag (recent_media) and the biggest account each hide positions [run, 2 * run) of
+    # their result set when it has more than 2 * run media: a page of ``run`` there comes back empty with a next link.
+    hidden_run: int = 25
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_hashtags <= len(TOPICS):
@@ -145,6 +193,7 @@ class SandboxNetwork:
         kinds = ("truncated", "html", "garbage")
         formats = np.random.default_rng([self.seed, 3])  # its own stream: the other draws stay as they were
         out: list[Media] = []
+        albums = 0
         for i in range(self.n_posts):
             owner = self.accounts[int(rng.choice(self.n_users, p=activity))]
             topic_ids, weights = zip(*owner.interests, strict=True)
@@ -158,6 +207,8 @@ class SandboxNetwork:
             corruption = None
             if rng.random() < self.corrupt_share:
                 corruption = kinds[sum(m.corruption is not None for m in out) % len(kinds)]
+            media_format = self._format(formats, corruption, albums)
+            albums += media_format.get("kind") == "CAROUSEL_ALBUM"
             out.append(
                 Media(
                     id=str(17900000000000000 + i * 104729),
@@ -171,18 +222,69 @@ class SandboxNetwork:
                     image_seed=int(rng.integers(2**31)),
                     selfie=not topic.face and bool(rng.random() < 0.12),
                     corruption=corruption,
-                    **self._format(formats, corruption),
+                    **media_format,  # type: ignore[arg-type]
                 )
             )
-        return out
+        return self._with_visibility(out)
 
-    def _format(self, rng: np.random.Generator, corruption: str | None) -> dict[str, object]:
+    def _format(self, rng: np.random.Generator, corruption: str | None, albums: int) -> dict[str, object]:
         draw = rng.random()
         if corruption is None and draw < self.video_share:
             return {"kind": "VIDEO"}
         if corruption is None and draw < self.video_share + self.carousel_share:
-            return {"kind": "CAROUSEL_ALBUM", "children": int(rng.integers(2, 4))}
+            n = int(rng.integers(2, 4))
+            layout = _ALBUM_LAYOUTS[albums % len(_ALBUM_LAYOUTS)]
+            child_kinds = {
+                "images_then_video": ("IMAGE",) * n + ("VIDEO",),
+                "videos": ("VIDEO",) * n,
+                "video_first": ("VIDEO",) + ("IMAGE",) * n,
+                "images": ("IMAGE",) * n,
+            }[layout]
+            return {"kind": "CAROUSEL_ALBUM", "children": child_kinds.count("IMAGE"), "child_kinds": child_kinds}
         return {}
+
+    def _with_visibility(self, media: list[Media]) -> list[Media]:
+        """Marks the media the caller may not see: a share at random, and the runs that make empty pages."""
+        rng = np.random.default_rng([self.seed, 4])  # its own stream, as above
+        hidden = {m.id for m in media if rng.random() < self.hidden_share}
+        run = self.hidden_run
+        if run > 0 and media:
+            biggest_tag = max(self.hashtags, key=lambda t: (len(recent_media(media, t, self.now)), t))
+            owners = {m.owner.id: m.owner for m in media}
+            biggest_account = max(owners.values(), key=lambda a: (len(account_media(media, a)), a.id))
+            for ordered in (recent_media(media, biggest_tag, self.now), account_media(media, biggest_account)):
+                if len(ordered) > 2 * run:
+                    hidden |= {m.id for m in ordered[run : 2 * run]}
+        return [replace(m, visible=False) if m.id in hidden else m for m in media]
+
+    def hashtag_media(self, hashtag: str, edge: str = "recent_media") -> list[Media]:
+        """A hashtag's result set on ``edge`` (recent_media or top_media), unfiltered, in page order."""
+        if edge == "recent_media":
+            return recent_media(self.media, hashtag, self.now)
+        if edge == "top_media":
+            return top_media(self.media, hashtag)
+        raise ValueError(f"no hashtag edge {edge!r}")
+
+    def account_media(self, account: Account) -> list[Media]:
+        """An account's media edge, unfiltered, newest first."""
+        return account_media(self.media, account)
+
+    def offered(
+        self, hashtags: Iterable[str] = (), accounts: Iterable[str] = (), edge: str = "recent_media"
+    ) -> set[str]:
+        """The post ids a client following these hashtags (on ``edge``) and accounts (usernames) should collect, each
+        once: the images of the visible media in their result sets, named as the scraper names them (an album's
+        image children ``<id>`` and ``<id>_<k>``); videos and albums of videos give none. Unknown names give none."""
+        media: dict[str, Media] = {}
+        for hashtag in hashtags:
+            name = hashtag.lstrip("#").casefold()
+            if name in self.hashtags:
+                media.update((m.id, m) for m in self.hashtag_media(name, edge))
+        for username in accounts:
+            account = self.account_by_username.get(username)
+            if account is not None:
+                media.update((m.id, m) for m in self.account_media(account))
+        return {image_id for m in media.values() if m.visible for image_id in m.image_ids}
 
     @cached_property
     def media_by_id(self) -> dict[str, Media]:
