@@ -103,6 +103,8 @@ async def test_hashtag_pages_share_one_after_cursor_and_the_next_links_give_ever
     assert all("__paging_token=" in p["paging"]["next"] for p in pages[:-1])
     seen = [m["id"] for page in pages for m in page["data"]]
     assert seen == visible_ids(items)  # each visible post once, in order; the hidden ones never
+    albums = [m for page in pages for m in page["data"] if m["media_type"] == "CAROUSEL_ALBUM"]
+    assert albums and all("media_url" not in m and m["children"]["data"] for m in albums)  # as documented
     assert any(len(page["data"]) < 7 for page in pages[:-1])  # filtered after paging: short pages before the end
 
 
@@ -455,3 +457,25 @@ async def test_a_request_that_keeps_failing_is_answered_after_max_faults_in_a_ro
         search = {"user_id": "1", "q": network.hashtags[0]}
         assert await statuses("/ig_hashtag_search", search) == [500, 500, 200, 500]
         assert await statuses("/ig_hashtag_search", {**search, "q": network.hashtags[1]}) == [500, 500, 200, 500]
+
+
+async def test_duplicated_posts_and_looping_cursors_on_both_kinds_of_paging() -> None:
+    network = SandboxNetwork(seed=3, n_posts=80, n_users=10, n_hashtags=5)
+    hashtag_id = network.hashtag_id("coffee") or ""
+    account = max(network.accounts, key=lambda a: len(network.account_media(a)))
+    faults = Faults(duplicate_across_pages=True, cursor_loop_after=5)
+    async with sandbox_server(network, faults=faults) as server, aiohttp.ClientSession(headers=AUTH) as http:
+        link = f"{server.url}/{hashtag_id}/recent_media?user_id=1&limit=5"
+        first = (await get(http, link))[2]
+        second = (await get(http, first["paging"]["next"]))[2]
+        third = (await get(http, second["paging"]["next"]))[2]  # the page at offset 5 points back to the start
+        fields = f"business_discovery.username({account.username}){{media.limit(5){{id}}}}"
+        bd_first = (await get(http, f"{server.url}/1", fields=fields))[2]["business_discovery"]["media"]
+        after = bd_first["paging"]["cursors"]["after"]
+        fields = f"business_discovery.username({account.username}){{media.limit(5).after({after}){{id}}}}"
+        bd_second = (await get(http, f"{server.url}/1", fields=fields))[2]["business_discovery"]["media"]
+    recent = network.hashtag_media("coffee")
+    assert second["data"][0]["id"] == visible_ids(recent[:5])[-1]  # the previous page's last post, again
+    assert [m["id"] for m in third["data"]] == visible_ids(recent[:5])
+    assert bd_second["data"][0]["id"] == visible_ids(network.account_media(account)[:5])[-1]
+    assert bd_second["paging"]["cursors"]["after"] == bd_first["paging"]["cursors"]["before"]

@@ -19,7 +19,8 @@ Endpoints (an optional ``/v21.0``-style version prefix is accepted):
 The model, by default (see sandbox/paging.py, sandbox/limits.py, sandbox/network.py):
 - pages are windows of the unfiltered result set, filtered afterwards: media the caller may not see (``visible``
   False) are left out, so pages come short and some come empty, with a ``next`` link all the same;
-- albums have image and video children in any order, some only videos; an album's ``media_url`` is its first child's;
+- albums have image and video children in any order, some only videos; hashtag edges give an album no ``media_url``,
+  business discovery gives it its first child's (a video's, for some);
 - access tokens come as ``access_token`` (the documented way) or ``Authorization: Bearer``/``OAuth``; an unknown one
   gets #190. Tokens belong to apps (``apps``: token -> app id, default one app); every call counts against its app's
   and its own budget over a rolling hour; every answer carries ``X-App-Usage`` and ``X-Business-Use-Case-Usage``;
@@ -118,7 +119,8 @@ def _children(media: Media, origin: str) -> list[dict[str, object]]:
     return out
 
 
-def _media_json(media: Media, fields: Iterable[str], origin: str) -> dict[str, object]:
+def _media_json(media: Media, fields: Iterable[str], origin: str, album_url: bool = True) -> dict[str, object]:
+    """A media node with the fields asked for. ``album_url``: whether an album has a media_url of its own."""
     out: dict[str, object] = {}
     for name in fields:
         if name == "id":
@@ -129,14 +131,17 @@ def _media_json(media: Media, fields: Iterable[str], origin: str) -> dict[str, o
             out["media_type"] = media.kind
         elif name == "media_url":
             if media.kind == "VIDEO":
-                # IG Media: "The media_url field is omitted from responses if the media contains copyrighted
-                # material" (here: every other video)
+                # IG User Business Discovery: "The media_url field is omitted for video media that contains
+                # copyrighted or licensed audio ... or that has been flagged for a copyright violation" (here: every
+                # other video)
                 if int(media.id) % 2:
                     out["media_url"] = f"{origin}/media/{media.id}.mp4"
             elif media.kind == "CAROUSEL_ALBUM":
-                # The album's own media_url is its first child's, a video's when that comes first (seen in the field;
-                # the IG Media reference does not say), so a client that falls back on it can fetch a video.
-                out["media_url"] = _children(media, origin)[0]["media_url"]
+                # IG Hashtag Recent Media and Top Media, returnable fields: "media_url (not returned for Album IG
+                # Media)". Elsewhere an album's media_url is its first child's, a video's when that comes first (seen
+                # in the field; the IG Media reference does not say), so a client that falls back on it fetches one.
+                if album_url:
+                    out["media_url"] = _children(media, origin)[0]["media_url"]
             else:
                 out["media_url"] = f"{origin}/media/{media.id}.jpg"
         elif (name == "children" or name.startswith("children{")) and media.kind == "CAROUSEL_ALBUM":
@@ -280,9 +285,8 @@ async def hashtag_media(request: web.Request) -> web.Response:
     after, paging_token = request.query.get("after"), request.query.get(paging.PAGING_TOKEN)
     offset = paging.hashtag_offset(after, paging_token, result_set, limit)
     origin = str(request.url.origin())
-    body: dict[str, object] = {
-        "data": [_media_json(m, fields, origin) for m in paging.visible_page(items, offset, limit, faults)]
-    }
+    chunk = paging.visible_page(items, offset, limit, faults)
+    body: dict[str, object] = {"data": [_media_json(m, fields, origin, album_url=False) for m in chunk]}
     page = paging.hashtag_paging(request.url, result_set, offset, limit, len(items), faults)
     if page is not None:
         body["paging"] = page
@@ -307,8 +311,8 @@ async def node(request: web.Request) -> web.Response:
     out: dict[str, object] = {"id": account.id}
     for field in _split_fields(match.group(2)):
         if field in ("username", "id", "followers_count", "media_count"):
-            # IG User: media_count is the "Total number of IG Media published": all of them, those the caller may
-            # not see too (a client that counts on it to stop is caught).
+            # IG User: media_count is the "Total number of IG Media published on your app user's account": all of
+            # them, those the caller may not see too (a client that counts on it to stop is caught).
             values = {"username": account.username, "id": account.id, "followers_count": account.followers_count,
                       "media_count": len(items)}  # fmt: skip
             out[field] = values[field]
