@@ -2,8 +2,10 @@
 likes, comments and pictures. Same seed and sizes, same network (timestamps are relative to ``now``).
 
 Some media are not ``visible``: the Graph API pages first and filters what the caller may not see afterwards, so the
-server leaves them out of the pages they fall on (sandbox/paging.py). ``offered`` is what a client following some
-targets can collect: the post ids of the visible images.
+server leaves them out of the pages they fall on (sandbox/paging.py). A share of the regular posts is restricted at
+random, and after the ``n_posts`` regular ones ``media`` holds two runs of removed media, placed early in the biggest
+hashtag's and the biggest account's result sets so that pages there come back empty. ``offered`` is what a client
+following some targets can collect: the post ids of the visible images.
 """
 
 from __future__ import annotations
@@ -146,8 +148,9 @@ class SandboxNetwork:
     carousel_share: float = 0.15
     now: datetime = field(default_factory=lambda: datetime.now(UTC).replace(microsecond=0))
     hidden_share: float = 0.2  # media the caller may not see (restricted, removed), drawn at random
-    # Besides those, the biggest hashtag (recent_media) and the biggest account each hide positions [run, 2 * run) of
-    # their result set when it has more than 2 * run media: a page of ``run`` there comes back empty with a next link.
+    # Besides those, the biggest hashtag (recent_media) and the biggest account each get a run of 2 * hidden_run - 1
+    # removed media early in their result set (media appended to ``media`` after the n_posts regular ones): at every
+    # page size up to hidden_run, some page there comes back empty with a next link. 0: none.
     hidden_run: int = 25
 
     def __post_init__(self) -> None:
@@ -244,18 +247,42 @@ class SandboxNetwork:
         return {}
 
     def _with_visibility(self, media: list[Media]) -> list[Media]:
-        """Marks the media the caller may not see: a share at random, and the runs that make empty pages."""
+        """Marks a share of the media at random as not visible, then adds the runs of removed media that make empty
+        pages."""
         rng = np.random.default_rng([self.seed, 4])  # its own stream, as above
         hidden = {m.id for m in media if rng.random() < self.hidden_share}
-        run = self.hidden_run
-        if run > 0 and media:
+        media = [replace(m, visible=False) if m.id in hidden else m for m in media]
+        if self.hidden_run > 0 and media:
             biggest_tag = max(self.hashtags, key=lambda t: (len(recent_media(media, t, self.now)), t))
+            media += self._removed_run(media, recent_media(media, biggest_tag, self.now), (biggest_tag,), len(media))
             owners = {m.owner.id: m.owner for m in media}
-            biggest_account = max(owners.values(), key=lambda a: (len(account_media(media, a)), a.id))
-            for ordered in (recent_media(media, biggest_tag, self.now), account_media(media, biggest_account)):
-                if len(ordered) > 2 * run:
-                    hidden |= {m.id for m in ordered[run : 2 * run]}
-        return [replace(m, visible=False) if m.id in hidden else m for m in media]
+            biggest = max(owners.values(), key=lambda a: (len(account_media(media, a)), a.id))
+            media += self._removed_run(media, account_media(media, biggest), None, len(media))
+        return media
+
+    def _removed_run(
+        self, media: list[Media], ordered: list[Media], hashtags: tuple[str, ...] | None, first_index: int
+    ) -> list[Media]:
+        """2 * hidden_run - 1 removed media (not visible, no pictures fetched) that fall right after the first
+        min(hidden_run, len - 1) media of ``ordered`` (a result set, newest first): every page size up to hidden_run
+        then has a page inside the run, empty, with more after it. ``hashtags``: theirs (None: none, and the owner of
+        ``ordered``). Appended after the regular media, so ``media[:n]`` stays as it was."""
+        if len(ordered) < 2:
+            return []
+        at = min(self.hidden_run, len(ordered) - 1)
+        newer, older = ordered[at - 1].timestamp, ordered[at].timestamp
+        count = 2 * self.hidden_run - 1
+        return [
+            replace(
+                ordered[at],
+                id=str(17900000000000000 + (first_index + j) * 104729),
+                caption="",
+                hashtags=hashtags or (),
+                timestamp=older + (newer - older) * (count - j) / (count + 1),
+                visible=False,
+            )
+            for j in range(count)
+        ]
 
     def hashtag_media(self, hashtag: str, edge: str = "recent_media") -> list[Media]:
         """A hashtag's result set on ``edge`` (recent_media or top_media), unfiltered, in page order."""
