@@ -182,7 +182,9 @@ class Pipeline:
         s = self.settings
         self.logs.mkdir(parents=True, exist_ok=True)
         queues = [constants.infer_queue, constants.profiles_queue, constants.train_queue]
-        self.processes["infer"] = spawn_worker(s, queues, name="infer", log_file=self.logs / "worker-infer.log")
+        self.processes["infer"] = spawn_worker(
+            s, queues, name="infer", concurrency=s.worker_concurrency, log_file=self.logs / "worker-infer.log"
+        )
         self.processes["index"] = spawn_worker(
             s, [constants.index_queue], name="index", pool="solo", log_file=self.logs / "worker-index.log"
         )
