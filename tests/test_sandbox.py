@@ -258,7 +258,7 @@ async def test_throttles_answer_with_their_documented_code_and_status(code: int 
 async def test_error_4_pauses_every_token_of_the_app_and_counts_their_calls_as_violations() -> None:
     network = SandboxNetwork(seed=3, n_posts=20, n_users=4, n_hashtags=2)
     apps = {"alpha-1": "app-a", "alpha-2": "app-a", "beta-1": "app-b"}
-    faults = Faults(app_throttle_every=3, retry_after_s=0.4)
+    faults = Faults(app_throttle_every=3, retry_after_s=0.4, in_flight_allowance=0)
     async with (
         sandbox_server(network, tokens=apps, faults=faults, apps=apps) as server,
         aiohttp.ClientSession() as http,
@@ -286,7 +286,7 @@ async def test_error_4_pauses_every_token_of_the_app_and_counts_their_calls_as_v
 
 async def test_the_app_budget_over_a_rolling_window_answers_4_until_the_calls_age_out() -> None:
     network = SandboxNetwork(seed=3, n_posts=20, n_users=4, n_hashtags=2)
-    faults = Faults(app_calls_per_hour=3, usage_window_s=0.8, default_pause_s=0.3)
+    faults = Faults(app_calls_per_hour=3, usage_window_s=0.8, default_pause_s=0.3, in_flight_allowance=0)
     async with sandbox_server(network, faults=faults) as server:
         sessions = [aiohttp.ClientSession(headers={"Authorization": f"OAuth token-{k}"}) for k in (1, 2)]
         try:
@@ -313,7 +313,7 @@ async def test_the_app_budget_over_a_rolling_window_answers_4_until_the_calls_ag
 
 async def test_a_token_throttle_pauses_that_token_alone_and_counts_its_calls_as_violations() -> None:
     network = SandboxNetwork(seed=3, n_posts=20, n_users=4, n_hashtags=2)
-    faults = Faults(throttle_every=3, throttle_code=80002, regain_minutes=0.006)  # 0.36 s
+    faults = Faults(throttle_every=3, throttle_code=80002, regain_minutes=0.006, in_flight_allowance=0)  # 0.36 s
     async with sandbox_server(network, faults=faults) as server, aiohttp.ClientSession() as http:
 
         async def search(token: str) -> tuple[int, dict[str, Any], Any]:

@@ -44,6 +44,11 @@ async def crawl(settings: Settings) -> dict[str, int]:
         await client.aclose()
 
 
+def offered(network: SandboxNetwork, settings: Settings) -> set[str]:
+    """The posts a crawl of these settings' targets must collect, each once (the sandbox's documented model)."""
+    return network.offered(settings.hashtags, settings.accounts, settings.hashtag_edge)
+
+
 async def server_stats(url: str) -> dict:
     async with aiohttp.ClientSession() as http, http.get(f"{url}/sandbox/stats") as response:
         return await response.json()
@@ -65,10 +70,11 @@ async def test_a_crawl_enqueues_every_post_once_and_rejects_broken_images(
         counts = await crawl(settings)
         stats = await server_stats(server.url)
 
-    assert_each_image_once(redis_client, stats, {m.id for m in network.media})
+    expected = offered(network, settings)
+    assert_each_image_once(redis_client, stats, expected)
     refs = queued_post_refs(redis_client)
     by_id = {r["post"]["id"]: r for r in refs}
-    for media in network.media:
+    for media in (m for m in network.media if m.visible and m.kind == "IMAGE"):
         ref = by_id[media.id]
         if media.corruption == "html":
             assert ref["rejected"] == "not_an_image" and ref["blob"] is None
@@ -76,11 +82,11 @@ async def test_a_crawl_enqueues_every_post_once_and_rejects_broken_images(
             assert ref["rejected"] is None and ref["blob"] in BlobStore(settings.blob_dir)
             assert ref["post"]["owner"]["followers_count"] == media.owner.followers_count  # accounts come first
             assert ref["post"]["hashtags"] == list(media.hashtags)
-    assert counts["enqueued"] == len(network.media)
+    assert counts["enqueued"] == len(expected)
     assert counts["duplicate"] > 0  # every post met twice: by account and by hashtag
     batches = [args[0] for name, args in queued_task_args(redis_client, "infer")]
     assert batches and all(1 <= len(batch) <= settings.batch_size for batch in batches)
-    # Tokens travel in headers only: the stats name them by fingerprint.
+    # Tokens are named by fingerprint in the server's stats, never by value.
     assert all(len(fp) == 10 for fp in stats["requests"])
     # Queue lag is exported: what waits on the infer queue after the crawl
     depth = REGISTRY.get_sample_value("deeptarget_queue_depth", {"queue": constants.infer_queue})
@@ -96,7 +102,7 @@ async def test_a_second_run_fetches_nothing_again(tmp_path: Path, redis_url: str
         stats = await server_stats(server.url)
     assert second.get("enqueued", 0) == 0 and second["duplicate"] > 0
     assert max(stats["image_fetches"].values()) == 1
-    assert len(queued_post_refs(redis_client)) == len(network.media)
+    assert len(queued_post_refs(redis_client)) == len(offered(network, settings))
 
 
 async def test_posts_met_first_under_a_hashtag_learn_their_owner_later(
@@ -113,8 +119,10 @@ async def test_posts_met_first_under_a_hashtag_learn_their_owner_later(
     merges = [
         p for name, args in queued_task_args(redis_client, "profiles") if name == constants.merge_task for p in args[0]
     ]
-    assert {p["id"] for p in merges} == {m.id for m in network.media}
-    assert counts["merged_owner"] == len(network.media) and counts.get("enqueued", 0) == 0
+    under_hashtags = network.offered(hashtags_only.hashtags)
+    assert {p["id"] for p in merges} == under_hashtags
+    assert counts["merged_owner"] == len(under_hashtags)
+    assert counts.get("enqueued", 0) == len(network.offered(accounts=accounts_only.accounts) - under_hashtags)
 
 
 async def test_unknown_accounts_and_hashtags_do_not_stop_the_crawl(
@@ -132,9 +140,7 @@ async def test_unknown_accounts_and_hashtags_do_not_stop_the_crawl(
         )
         counts = await crawl(settings)
     assert counts["target_error:110"] == 1 and counts["unknown_hashtag"] == 1
-    assert {r["post"]["id"] for r in queued_post_refs(redis_client)} == {
-        m.id for m in network.media if set(m.hashtags) & set(network.hashtags)
-    }
+    assert {r["post"]["id"] for r in queued_post_refs(redis_client)} == network.offered(network.hashtags)
 
 
 async def test_a_scraper_stopped_half_way_resumes_without_fetching_any_post_twice(
@@ -161,14 +167,14 @@ async def test_a_scraper_stopped_half_way_resumes_without_fetching_any_post_twic
         _, stderr = await asyncio.wait_for(first.communicate(), timeout=60)
         assert first.returncode == 0, stderr.decode()[-2000:]
         half = redis_client.scard(constants.seen_posts_key)
-        assert 20 <= half < len(network.media)
+        assert 20 <= half < len(offered(network, settings))
 
         second = await scrape()
         _, stderr = await asyncio.wait_for(second.communicate(), timeout=120)
         assert second.returncode == 0, stderr.decode()[-2000:]
         stats = await server_stats(server.url)
 
-    assert_each_image_once(redis_client, stats, {m.id for m in network.media})
+    assert_each_image_once(redis_client, stats, offered(network, settings))
 
 
 async def test_two_scraper_processes_on_the_same_targets_fetch_each_post_once_between_them(
@@ -191,7 +197,7 @@ async def test_two_scraper_processes_on_the_same_targets_fetch_each_post_once_be
             assert scraper.returncode == 0, stderr.decode()[-2000:]
         stats = await server_stats(server.url)
 
-    assert_each_image_once(redis_client, stats, {m.id for m in network.media})
+    assert_each_image_once(redis_client, stats, offered(network, settings))
     assert set(stats["requests"]) == {fingerprint("token-one"), fingerprint("token-two")}  # both were crawling
 
 
@@ -200,17 +206,23 @@ async def test_carousels_give_every_image_child_and_videos_are_skipped(
 ) -> None:
     network = SandboxNetwork(seed=17, n_posts=50, n_users=5, n_hashtags=3, corrupt_share=0.0, video_share=0.2,
                              carousel_share=0.25)  # fmt: skip
-    albums = [m for m in network.media if m.kind == "CAROUSEL_ALBUM"]
-    videos = [m for m in network.media if m.kind == "VIDEO"]
-    assert albums and videos
+    visible = [m for m in network.media if m.visible]
+    albums = [m for m in visible if m.kind == "CAROUSEL_ALBUM" and m.image_ids]
+    video_albums = [m for m in visible if m.kind == "CAROUSEL_ALBUM" and not m.image_ids]
+    videos = [m for m in visible if m.kind == "VIDEO"]
+    assert albums and videos and video_albums
     async with sandbox_server(network) as server:
-        counts = await crawl(crawl_settings(tmp_path, redis_url, network, server.url))
+        settings = crawl_settings(tmp_path, redis_url, network, server.url)
+        counts = await crawl(settings)
         stats = await server_stats(server.url)
-    assert_each_image_once(redis_client, stats, {image_id for m in network.media for image_id in m.image_ids})
+    assert_each_image_once(redis_client, stats, offered(network, settings))
     album = albums[0]
     children = [r for r in queued_post_refs(redis_client) if r["post"]["id"] in album.image_ids]
     assert len(children) == album.children and all(r["post"]["caption"] == album.caption for r in children)
     # profiles count an album once by the permalink its images share (profiles.builder.album_key)
     assert len({r["post"]["permalink"] for r in children}) == 1 and children[0]["post"]["permalink"]
-    assert counts["skipped_video"] >= len(videos)  # met through the account and through hashtags
+    # An album of videos is a video: its own media_url (a video's) is never fetched, nothing is rejected for it.
+    assert stats["video_fetches"] == {}
+    assert not {m.id for m in video_albums} & {r["post"]["id"] for r in queued_post_refs(redis_client)}
+    assert counts["skipped_video"] >= len(videos) + len(video_albums)  # met through the account and hashtags
     assert counts["carousel_images"] >= sum(m.children for m in albums)

@@ -20,7 +20,7 @@ from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.schema import Owner, Post
 from deeptarget.scraper.push import IngestStream
 from tests.queue_messages import queued_post_refs
-from tests.test_scraper import crawl_settings
+from tests.test_scraper import assert_each_image_once, crawl_settings, server_stats
 
 
 async def start_scraper(settings: Settings, *args: str) -> asyncio.subprocess.Process:
@@ -102,3 +102,32 @@ async def test_a_scraper_with_nothing_to_crawl_only_follows_the_stream_and_stops
             stopped_in = time.monotonic() - started
     # The blocking read wakes within ingest_block_s; 2 s for the rest, a margin for a loaded machine.
     assert stopped_in < 2 + settings.ingest_block_s + 5
+
+
+async def test_sigterm_starts_nothing_new_and_exits_fast_and_a_restart_collects_every_post_once(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    network = SandboxNetwork(seed=63, n_posts=200, n_users=6, n_hashtags=10)
+    async with sandbox_server(network) as server:
+        settings = crawl_settings(tmp_path, redis_url, network, server.url, page_size=5, target_concurrency=1,
+                                  download_concurrency=2, http_timeout_s=5.0)  # fmt: skip
+        first = await start_scraper(settings)
+        while redis_client.scard(constants.seen_posts_key) < 15:
+            assert first.returncode is None, (await first.stderr.read()).decode()[-2000:]  # type: ignore[union-attr]
+            await asyncio.sleep(0.02)
+        signalled = time.time()
+        await stop(first)
+        exited_in = time.time() - signalled
+        stats = await server_stats(server.url)
+        searches_after = [t for t in stats["hashtag_search_times"] if t > signalled + 0.05]
+        graph_calls_after_exit = sum(1 for times in stats["calls"].values() for t in times if t > time.time())
+
+        second = await start_scraper(settings)
+        _, stderr = await asyncio.wait_for(second.communicate(), timeout=180)
+        assert second.returncode == 0, stderr.decode()[-2000:]
+        stats = await server_stats(server.url)
+    # "the process exits within 2 s plus one in-flight request's timeout" (issue 11); a margin for a busy machine.
+    assert exited_in < 2 + settings.http_timeout_s + 3, exited_in
+    assert searches_after == [] and graph_calls_after_exit == 0
+    offered = network.offered(settings.hashtags, settings.accounts, settings.hashtag_edge)
+    assert_each_image_once(redis_client, stats, offered)

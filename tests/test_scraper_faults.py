@@ -5,7 +5,7 @@ right counters move, and no token ever exceeds its request budget, as measured o
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ async def crawl_with(
     faults: Faults, tmp_path: Path, redis_url: str, sandbox: SandboxNetwork | None = None, **extra: Any
 ) -> tuple[dict, dict, SandboxNetwork]:
     sandbox = sandbox or network()
+    if faults.default_pause_s == Faults.default_pause_s:  # the pause it expects when it names none: the client's
+        faults = replace(faults, default_pause_s=0.3)
     async with sandbox_server(sandbox, faults=faults) as server:
         settings = crawl_settings(tmp_path, redis_url, sandbox, server.url, http_timeout_s=1.0, http_retries=4,
                                   throttle_pause_s=0.3, **{**BUDGET, **extra})  # fmt: skip
@@ -47,13 +49,20 @@ def fault_id(faults: Faults) -> str:
     return ",".join(f"{name}={value}" for name, value in changed.items())
 
 
+def everything(sandbox: SandboxNetwork) -> set[str]:
+    """What a crawl of every hashtag and account must collect (crawl_settings follows them all)."""
+    return sandbox.offered(sandbox.hashtags, [a.username for a in sandbox.accounts])
+
+
 def assert_complete_and_polite(client: redis.Redis, stats: dict, sandbox: SandboxNetwork, calls: int = 12) -> None:
     ids = Counter(ref["post"]["id"] for ref in queued_post_refs(client))
-    assert set(ids) == {m.id for m in sandbox.media}, "a post was lost"
+    assert set(ids) == everything(sandbox), "a post was lost"
     assert max(ids.values()) == 1, "a post was enqueued twice"
     assert max(stats["image_fetches"].values()) == 1, "an image was fetched whole twice"
     for times in stats["calls"].values():
         assert max_calls_in_window(times, 1.0) <= calls, "a token went over its budget"
+    # Measured by the server: no call while the app (#4) or the token (#17, #32, #613, 429) was told to wait.
+    assert stats["app_pause_violations"] == {} and stats["token_pause_violations"] == {}, "a pause was not honoured"
 
 
 @pytest.mark.parametrize(
@@ -61,7 +70,7 @@ def assert_complete_and_polite(client: redis.Redis, stats: dict, sandbox: Sandbo
     [
         (Faults(throttle_every=7), "token_paused"),  # HTTP 429 without Retry-After: the default pause
         (Faults(throttle_every=7, retry_after_s=0.2), "token_paused"),  # 429 with Retry-After
-        (Faults(throttle_every=7, throttle_code=4), "token_paused"),
+        (Faults(throttle_every=7, throttle_code=4), "app_paused"),  # the app's limit: every token waits
         (Faults(throttle_every=7, throttle_code=17), "token_paused"),
         (Faults(throttle_every=7, throttle_code=32, regain_minutes=0.005), "token_paused"),
         (Faults(throttle_every=7, throttle_code=613), "token_paused"),
@@ -82,7 +91,7 @@ async def test_the_crawl_survives_the_fault(
     counts, stats, sandbox = await crawl_with(faults, tmp_path, redis_url)
     assert sum(stats["faults"].values()) > 0 or faults.usage_percent, "the fault never fired"
     assert_complete_and_polite(redis_client, stats, sandbox)
-    assert counts["enqueued"] == len(sandbox.media)
+    assert counts["enqueued"] == len(everything(sandbox))
     if counter:
         assert int(redis_client.hget(constants.scraper_stats_key, counter) or 0) > 0
 
@@ -107,12 +116,13 @@ async def test_a_post_whose_download_runs_out_of_retries_is_fetched_by_a_later_r
     # Each image fails twice in a row and the client tries twice: every download of the crawl fails.
     faults = Faults(image_error_every=1, max_faults_per_request=2)
     first, second, stats = await crawl_then_drain(faults, tmp_path, redis_url, http_retries=1)
-    expected = {m.id for m in network().media}
+    expected = network().offered(accounts=[a.username for a in network().accounts])
     assert first["download_failed"] == first["retries_waiting"] == len(expected) and first.get("enqueued", 0) == 0
     assert second["enqueued"] == len(expected) and second.get("download_failed", 0) == 0
     assert_each_image_once(redis_client, stats, expected)
     assert all(ref["blob"] and ref["rejected"] is None for ref in queued_post_refs(redis_client))
     assert redis_client.xlen(constants.ingest_stream) == 0 and not redis_client.exists(constants.download_failures_key)
+    assert not redis_client.exists(constants.ingest_later_key)
 
 
 async def test_a_post_whose_download_keeps_failing_is_recorded_as_rejected_after_max_download_failures(
@@ -120,7 +130,7 @@ async def test_a_post_whose_download_keeps_failing_is_recorded_as_rejected_after
 ) -> None:
     faults = Faults(image_error_every=1, max_faults_per_request=1000)
     first, second, _ = await crawl_then_drain(faults, tmp_path, redis_url, http_retries=0, max_download_failures=2)
-    expected = {m.id for m in network().media}
+    expected = network().offered(accounts=[a.username for a in network().accounts])
     assert first["download_failed"] == len(expected) and first.get("enqueued", 0) == 0
     assert second["rejected:download_failed"] == len(expected)
     refs = queued_post_refs(redis_client)
@@ -134,7 +144,7 @@ async def test_duplicates_across_pages_are_fetched_once(
 ) -> None:
     counts, stats, sandbox = await crawl_with(Faults(duplicate_across_pages=True), tmp_path, redis_url)
     assert_complete_and_polite(redis_client, stats, sandbox)
-    assert counts["duplicate"] > len(sandbox.media)  # met by account and hashtag, plus the repeats
+    assert counts["duplicate"] > len(everything(sandbox))  # met by account and hashtag, plus the repeats
 
 
 async def test_a_looping_cursor_ends_the_target_instead_of_crawling_forever(
@@ -177,3 +187,23 @@ async def test_the_hashtag_quota_is_enforced_before_calling(
     assert counts.get("page:hashtag", 0) >= 2 and again.get("page:hashtag", 0) >= 2
     searched = redis_client.zrange(constants.hashtag_queries_key_prefix + settings.source_user_id, 0, -1)
     assert len(searched) == 2
+
+
+async def test_an_app_throttle_pauses_every_token_of_that_app_and_no_other(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Graph #4 is the app's limit: each of its tokens must wait (the server counts any call as a violation), while
+    a token of another app goes on."""
+    sandbox = network()
+    apps = {"alpha-1": "app-a", "alpha-2": "app-a", "beta-1": "app-b"}
+    faults = Faults(app_throttle_every=6, retry_after_s=0.3)
+    async with sandbox_server(sandbox, faults=faults, apps=apps) as server:
+        settings = crawl_settings(tmp_path, redis_url, sandbox, server.url, access_tokens=[],
+                                  token_apps={"app-a": ["alpha-1", "alpha-2"], "app-b": ["beta-1"]},
+                                  token_calls=50, token_window_s=1.0)  # fmt: skip
+        counts = await crawl(settings)
+        stats = await server_stats(server.url)
+    assert_complete_and_polite(redis_client, stats, sandbox, calls=50)
+    assert {p["scope"] for p in stats["pauses"]} == {"app"} and counts["enqueued"] == len(everything(sandbox))
+    assert int(redis_client.hget(constants.scraper_stats_key, "app_paused") or 0) > 0
+    assert set(stats["calls"]) == {fingerprint(t) for t in apps}

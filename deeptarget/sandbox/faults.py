@@ -52,6 +52,9 @@ class Faults:
     # regain_minutes). The Graph API documents none ("until enough time has passed for the call count to drop below
     # the limit"); ours is short so that tests run fast, yet long enough that an immediate retry is a violation.
     default_pause_s: float = 1.0
+    # Calls arriving during a pause that count as already on the wire when the throttle was answered (the scraper's
+    # target_concurrency, 4 by default, is how many Graph requests it has in flight at most); beyond: violations.
+    in_flight_allowance: int = 4
 
     def due(self, every: int, count: int) -> bool:
         return every > 0 and count % every == 0

@@ -114,6 +114,7 @@ class Pause:
     until: float
     announce_retry_after: bool
     announce_regain: bool
+    held: int = 0  # calls that came while it was on
 
     def remaining_s(self, now: float) -> float:
         return max(0.0, self.until - now)
@@ -156,10 +157,16 @@ class Limits:
             while calls and calls[0] <= now - self.faults.usage_window_s:
                 calls.popleft()
         app_pause, token_pause = self._pauses(app, fingerprint, now)
+        # A client cannot call back requests already on the wire when the throttle reached it: up to
+        # Faults.in_flight_allowance calls arriving during a pause are those; any more were sent after it.
         if app_pause is not None:
-            self.app_pause_violations[app] += 1
+            app_pause.held += 1
+            if app_pause.held > self.faults.in_flight_allowance:
+                self.app_pause_violations[app] += 1
         if token_pause is not None:
-            self.token_pause_violations[fingerprint] += 1
+            token_pause.held += 1
+            if token_pause.held > self.faults.in_flight_allowance:
+                self.token_pause_violations[fingerprint] += 1
         if app_pause is not None or token_pause is not None:
             return app_pause or token_pause
         # Graph API Rate Limits: "Once a rate limit is reached, any subsequent requests made by your app will fail and
