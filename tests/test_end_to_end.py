@@ -27,6 +27,7 @@ from deeptarget.index.vectors import SnapshotStore
 from deeptarget.redis_server import EmbeddedRedis, free_port
 from deeptarget.runtime import spawn_worker, stop_processes
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
+from deeptarget.sandbox.network import Media
 from deeptarget.schema import vector_id
 from deeptarget.store import MetadataStore
 from deeptarget.versioned import VersionedDir
@@ -43,6 +44,11 @@ class Run:
     network: SandboxNetwork
     store: MetadataStore
     logs: Path
+    posts: set[str]  # the post ids the crawl of the configured targets must collect (SandboxNetwork.offered)
+
+    def indexed_media(self) -> list[Media]:
+        """Visible media with images, in network order, whose first image (the album's own id) was indexed."""
+        return [m for m in self.network.media if m.id in self.posts and self.store.post(m.id).status == "indexed"]
 
 
 def _wait(condition, timeout_s: float, what: str, workers: list[subprocess.Popen[bytes]], logs: Path) -> None:
@@ -120,7 +126,8 @@ def run(
         assert snapshots.current()
         # On PostgreSQL no process fell back to a SQLite file of its own.
         assert (settings.data_dir / "metadata.sqlite3").exists() == (request.param == "sqlite")
-        yield Run(settings, network, store, logs)
+        posts = network.offered(settings.hashtags, settings.accounts, settings.hashtag_edge)
+        yield Run(settings, network, store, logs, posts)
     finally:
         stop_processes(workers, timeout_s=20)
 
@@ -133,9 +140,11 @@ async def api(run: Run) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
 
 
 def test_every_post_is_indexed_or_rejected_with_a_reason_none_lost_none_twice(run: Run) -> None:
-    media_ids = {m.id for m in run.network.media}
+    media_ids = run.posts
+    assert len(media_ids) >= 30
     stored = {pid: run.store.post(pid) for pid in media_ids}
     assert all(p is not None for p in stored.values()), "a post was lost"
+    assert sum(run.store.status_counts().values()) == len(media_ids), "a post no target offers was stored"
     statuses = {pid: p.status for pid, p in stored.items()}
     assert set(statuses.values()) <= {"indexed", "rejected"}
     assert all(p.reason for p in stored.values() if p.status == "rejected")
@@ -147,7 +156,7 @@ def test_every_post_is_indexed_or_rejected_with_a_reason_none_lost_none_twice(ru
 
 
 def test_broken_images_are_rejected_with_their_reasons(run: Run) -> None:
-    broken = [m for m in run.network.media if m.corruption]
+    broken = [m for m in run.network.media if m.corruption and m.id in run.posts]
     assert {m.corruption for m in broken} >= {"truncated", "html"}
     expected = {
         "html": {"not_an_image"},
@@ -162,19 +171,24 @@ def test_broken_images_are_rejected_with_their_reasons(run: Run) -> None:
 def test_every_user_with_posts_has_a_profile_counting_them(run: Run) -> None:
     owners = run.store.owner_ids()
     assert len(owners) >= 5
+    albums = 0
     for owner in owners:
         profile = run.store.profile(owner)
-        assert profile is not None and profile.post_count == sum(
-            1 for p in run.store.user_posts(owner) if p.status == "indexed"
-        )
+        images = {p.post.id for p in run.store.user_posts(owner) if p.status == "indexed"}
+        # A carousel album is one post however many of its images were indexed.
+        posts = [m for m in run.network.media if m.owner.id == owner and images & set(m.image_ids)]
+        assert sum(len(images & set(m.image_ids)) for m in posts) == len(images)  # each image is one of theirs
+        assert profile is not None and profile.post_count == len(posts)
+        albums += sum(len(images & set(m.image_ids)) > 1 for m in posts)
         assert abs(sum(profile.hashtags.values()) - 1) < 1e-3
+    assert albums, "no album with several indexed images: the test proves nothing about albums"
     published = redis.Redis.from_url(run.settings.redis_url).xlen(constants.profiles_stream)
     assert published >= len(owners)
 
 
 async def test_similar_by_post_id_returns_the_post_first(run: Run, api) -> None:
     url, http = api
-    for media in [m for m in run.network.media if run.store.post(m.id).status == "indexed"][:5]:
+    for media in run.indexed_media()[:5]:
         async with http.get(f"{url}/similar", params={"post_id": media.id, "k": "5"}) as response:
             assert response.status == 200
             results = (await response.json())["results"]
@@ -184,7 +198,7 @@ async def test_similar_by_post_id_returns_the_post_first(run: Run, api) -> None:
 
 async def test_an_uploaded_copy_of_a_posts_image_finds_that_post_first(run: Run, api) -> None:
     url, http = api
-    for media in [m for m in run.network.media if run.store.post(m.id).status == "indexed"][:5]:
+    for media in run.indexed_media()[:5]:
         async with http.post(f"{url}/similar?k=3", data=media.image_bytes()) as response:
             assert response.status == 200, await response.text()
             results = (await response.json())["results"]
@@ -195,7 +209,7 @@ async def test_hashtag_suggestions_for_uploaded_images(run: Run, api) -> None:
     url, http = api
     vocabulary = {t for m in run.network.media for t in m.hashtags}
     hits = 0
-    indexed = [m for m in run.network.media if run.store.post(m.id).status == "indexed"][:12]
+    indexed = run.indexed_media()[:12]
     for media in indexed:
         form = aiohttp.FormData()
         form.add_field("image", media.image_bytes(), filename="upload.jpg", content_type="image/jpeg")
@@ -211,7 +225,8 @@ async def test_hashtag_suggestions_for_uploaded_images(run: Run, api) -> None:
 
 async def test_user_profiles_by_id_and_username(run: Run, api) -> None:
     url, http = api
-    account = max(run.network.accounts, key=lambda a: sum(m.owner is a for m in run.network.media))
+    indexed = run.indexed_media()
+    account = max(run.network.accounts, key=lambda a: sum(m.owner is a for m in indexed))
     async with http.get(f"{url}/users/{account.username}") as by_name, http.get(f"{url}/users/{account.id}") as by_id:
         assert by_name.status == by_id.status == 200
         assert (await by_name.json())["user_id"] == (await by_id.json())["user_id"] == account.id
@@ -224,7 +239,7 @@ async def test_bad_requests_get_json_errors(run: Run, api) -> None:
     cases = [
         (http.get(f"{url}/similar"), 400),
         (http.get(f"{url}/similar", params={"post_id": "404404"}), 404),
-        (http.get(f"{url}/similar", params={"post_id": run.network.media[0].id, "k": "0"}), 400),
+        (http.get(f"{url}/similar", params={"post_id": run.indexed_media()[0].id, "k": "0"}), 400),
         (http.post(f"{url}/similar", data=b"<html>not an image</html>"), 422),
         (http.post(f"{url}/hashtags", data=b""), 400),
         (http.post(f"{url}/similar", data=np.zeros(3_000_000, np.uint8).tobytes()), 413),
@@ -246,7 +261,7 @@ async def test_health_and_metrics(run: Run, api) -> None:
 
 async def test_similar_with_filters(run: Run, api) -> None:
     url, http = api
-    media = next(m for m in run.network.media if run.store.post(m.id).status == "indexed")
+    media = run.indexed_media()[0]
     tag = media.topic.hashtag
     params = {"post_id": media.id, "k": "8", "hashtag": f"#{tag.upper()}"}
     async with http.get(f"{url}/similar", params=params) as response:
@@ -264,7 +279,7 @@ async def test_similar_with_filters(run: Run, api) -> None:
 
 async def test_audiences_rank_users_by_their_share_of_an_interest(run: Run, api) -> None:
     url, http = api
-    tag = run.network.media[0].topic.hashtag
+    tag = run.indexed_media()[0].topic.hashtag
     async with http.get(f"{url}/audiences", params={"interest": f"#{tag}", "limit": "50"}) as response:
         assert response.status == 200, await response.text()
         body = await response.json()
@@ -314,7 +329,7 @@ async def test_write_endpoints_need_the_api_key(run: Run) -> None:
 
 def test_audience_query_and_profile_export_from_the_cli(run: Run, tmp_path: Path) -> None:
     env = {**os.environ, **run.settings.model_copy(update={"redis_url": None}).to_env()}
-    tag = run.network.media[0].topic.hashtag
+    tag = run.indexed_media()[0].topic.hashtag
 
     def cli(*args: str) -> str:
         done = subprocess.run([sys.executable, "-m", "deeptarget", *args], env=env, capture_output=True, text=True,
@@ -331,7 +346,7 @@ def test_audience_query_and_profile_export_from_the_cli(run: Run, tmp_path: Path
 
 
 def test_query_cli_reads_the_newest_snapshot_without_redis(run: Run) -> None:
-    media = next(m for m in run.network.media if run.store.post(m.id).status == "indexed")
+    media = run.indexed_media()[0]
     env = {**os.environ, **run.settings.model_copy(update={"redis_url": None}).to_env()}
 
     def query(*args: str) -> object:
@@ -353,14 +368,15 @@ async def test_health_reports_a_dead_redis(run: Run) -> None:
         async with http.get(f"{server.url}/healthz") as response:
             health = await response.json()
         assert response.status == 503 and health["redis"].startswith("down")
-        async with http.get(f"{server.url}/similar", params={"post_id": run.network.media[0].id}) as response:
+        async with http.get(f"{server.url}/similar", params={"post_id": run.indexed_media()[0].id}) as response:
             assert response.status in (200, 404)  # queries need no Redis: they read the snapshot and the store
 
 
 async def test_a_deleted_post_leaves_the_index_and_its_owners_profile(run: Run) -> None:
     """Last in this module: it deletes a post from the shared run."""
     keyed = run.settings.model_copy(update={"api_key": SecretStr("s3cret-key")})
-    media = next(m for m in run.network.media if m.owner and run.store.post(m.id).status == "indexed")
+    # A single image: an album stays one post of its owner's while any of its images is left.
+    media = next(m for m in run.indexed_media() if m.kind == "IMAGE")
     owner_posts = run.store.profile(media.owner.id).post_count
     key = {"X-API-Key": "s3cret-key"}
     async with AppServer(create_app(keyed)) as server, aiohttp.ClientSession() as http:

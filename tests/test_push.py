@@ -20,16 +20,27 @@ from deeptarget import constants
 from deeptarget.api.app import create_app
 from deeptarget.http_server import AppServer
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
+from deeptarget.sandbox.network import Media
 from deeptarget.scraper.push import IngestStream, parse_posts
 from tests.queue_messages import queued_post_refs
 from tests.test_scraper import crawl, crawl_settings, server_stats
 
 
+def pushable(network: SandboxNetwork) -> list[Media]:
+    """The media a partner can push: visible ones with a picture (no videos, no albums of videos only)."""
+    return [m for m in network.media if m.visible and m.image_ids]
+
+
+def image_url(url: str, media: Media) -> str:
+    """The media's (first) picture: an album's first image is its child 0."""
+    return f"{url}/media/{media.id}_0.jpg" if media.kind == "CAROUSEL_ALBUM" else f"{url}/media/{media.id}.jpg"
+
+
 def records(url: str, network: SandboxNetwork) -> list[str]:
     return [
-        json.dumps({"id": m.id, "media_url": f"{url}/media/{m.id}.jpg", "caption": m.caption,
+        json.dumps({"id": m.id, "media_url": image_url(url, m), "caption": m.caption,
                     "hashtags": ["#Partner"], "like_count": 3, "owner": {"id": m.owner.id, "followers_count": 10}})
-        for m in network.media
+        for m in pushable(network)
     ]  # fmt: skip
 
 
@@ -54,11 +65,13 @@ def test_each_record_is_validated_alone_with_its_line_number() -> None:
 async def test_pushed_posts_are_fetched_once_even_when_a_scraper_died_holding_them(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis
 ) -> None:
-    network = SandboxNetwork(seed=51, n_posts=20, n_users=4, n_hashtags=2, corrupt_share=0.0)
+    network = SandboxNetwork(seed=51, n_posts=40, n_users=4, n_hashtags=2, corrupt_share=0.0)
+    pushed = {m.id for m in pushable(network)}
+    assert len(pushed) >= 15
     async with sandbox_server(network) as server:
         settings = crawl_settings(tmp_path, redis_url, network, server.url, hashtags=[], accounts=[], claim_ttl_s=1)
         posts, bad = parse_posts(records(server.url, network))
-        assert not bad
+        assert not bad and len(posts) == len(pushed)
         client = aioredis.Redis.from_url(redis_url)
         stream = IngestStream(client)
         await stream.push(posts)
@@ -71,16 +84,17 @@ async def test_pushed_posts_are_fetched_once_even_when_a_scraper_died_holding_th
         await client.aclose()
         stats = await server_stats(server.url)
     ids = Counter(ref["post"]["id"] for ref in queued_post_refs(redis_client))
-    assert set(ids) == {m.id for m in network.media} and max(ids.values()) == 1
-    assert max(stats["image_fetches"].values()) == 1
-    assert counts["enqueued"] == 20 and again["duplicate"] == 5
+    assert set(ids) == pushed and max(ids.values()) == 1
+    assert set(stats["image_fetches"]) == pushed and max(stats["image_fetches"].values()) == 1
+    assert counts["enqueued"] == len(pushed) and again["duplicate"] == 5
     ref = next(r for r in queued_post_refs(redis_client))
     assert ref["post"]["hashtags"] == ["partner"] and ref["post"]["owner"]["followers_count"] == 10
 
 
 async def test_ingest_endpoint_and_enqueue_command(tmp_path: Path, redis_url: str, redis_client: redis.Redis) -> None:
-    network = SandboxNetwork(seed=52, n_posts=6, n_users=2, n_hashtags=1, corrupt_share=0.0)
-    lines = records("http://127.0.0.1:9", network)
+    network = SandboxNetwork(seed=52, n_posts=8, n_users=2, n_hashtags=1, corrupt_share=0.0)
+    lines = records("http://127.0.0.1:9", network)[:6]
+    assert len(lines) == 6
     settings = crawl_settings(tmp_path, redis_url, network, "http://127.0.0.1:9", api_key=SecretStr("k"))
     body = "\n".join([*lines[:3], '{"id": "x"}']).encode()
     async with AppServer(create_app(settings)) as server, aiohttp.ClientSession() as http:
@@ -108,6 +122,8 @@ async def test_a_partner_feed_over_http_is_read_each_round(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis
 ) -> None:
     network = SandboxNetwork(seed=53, n_posts=8, n_users=2, n_hashtags=1, corrupt_share=0.0)
+    pushed = {m.id for m in pushable(network)}
+    assert any(network.media_by_id[i].kind == "CAROUSEL_ALBUM" for i in pushed)  # an album's first picture too
     async with sandbox_server(network) as sandbox:
         feed_body = "\n".join([*records(sandbox.url, network), '{"id": "no-image"}']) + "\n"
 
@@ -123,6 +139,6 @@ async def test_a_partner_feed_over_http_is_read_each_round(
             counts = await crawl(settings)
             again = await crawl(settings)
     ids = Counter(ref["post"]["id"] for ref in queued_post_refs(redis_client))
-    assert set(ids) == {m.id for m in network.media} and max(ids.values()) == 1
+    assert set(ids) == pushed and max(ids.values()) == 1
     assert counts["feed_rejected"] == 1 and counts["feed_error"] == 1  # the bad line, the 404 feed
-    assert again["duplicate"] == 8 and "enqueued" not in again
+    assert counts["enqueued"] == len(pushed) and again["duplicate"] == len(pushed) and "enqueued" not in again
