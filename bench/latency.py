@@ -450,13 +450,15 @@ async def one_run(http: aiohttp.ClientSession, api_url: str, headers: dict[str, 
 
 
 def report(console: Console, runs: list[Run], args: argparse.Namespace) -> None:
-    table = Table("posts/s", "posts", "queryable", "p50 s", "p95 s", "max s", "held posts/s", "rejected")
+    table = Table("posts/s", "posts", "queryable", "p50 s", "p95 s", "max s", "held posts/s", "rejected",
+                  "others' cores")  # fmt: skip
     for run in runs:
         lat = run.latencies
         p50, p95, worst = (np.percentile(lat, 50), np.percentile(lat, 95), lat.max()) if lat.size else (np.nan,) * 3
         rejected = sum(p.rejected is not None for p in run.posts)
         table.add_row(f"{run.rate:g}", str(len(run.posts)), str(lat.size), f"{p50:.2f}", f"{p95:.2f}", f"{worst:.2f}",
-                      f"{run.held_per_s:.1f}", str(rejected))  # fmt: skip
+                      f"{run.held_per_s:.1f}", str(rejected),
+                      f"{run.cpu.get('others', 0.0) / max(run.ended - run.first_push, 1e-9):.2f}")  # fmt: skip
     console.print(table)
     console.print(f"push (POST /ingest) -> GET /similar?post_id=ID&k=1 answers 200, {args.duration_s:g} s per rate, "
                   f"polled every {args.poll_ms} ms, {os.cpu_count()} cores")  # fmt: skip
