@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import socket
 import subprocess
 import time
@@ -81,8 +83,10 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
                     "access_tokens": settings.access_tokens or [SecretStr("sandbox-token")],
                 }
             )
+            settings, api_key = _with_api_key(settings)
+            offered = network.offered(settings.hashtags, settings.accounts, settings.hashtag_edge)
             console.print(
-                f"[bold]Sandbox[/] at {sandbox.url}: {len(network.media)} posts by {len(network.accounts)} accounts "
+                f"[bold]Sandbox[/] at {sandbox.url}: {len(offered)} posts by {len(network.accounts)} accounts "
                 f"under #{', #'.join(network.hashtags)}"
             )
             workers.append(
@@ -110,7 +114,7 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             # Pushed posts (POST /ingest) are taken as they arrive for as long as the API is up, not once a round.
             follower = crawler.follow_in_background()
             stack.push_async_callback(_stop_following, crawler, follower)
-            await _crawl_with_progress(console, crawler, store, redis_client, workers, len(network.media))
+            await _crawl_with_progress(console, crawler, store, redis_client, workers, len(offered))
             await _publish_models(console, settings, store, workers)
             await _print_summary(console, store, time.monotonic() - started)
             await _print_examples(console, api.url, network, store)
@@ -123,7 +127,8 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
                 f"  curl '{api.url}/similar?post_id={network.media[0].id}&k=5'\n"
                 f"  curl --data-binary @photo.jpg '{api.url}/hashtags'\n"
                 f"  curl '{api.url}/users/{network.accounts[0].username}'\n"
-                f"  curl -H 'X-API-Key: ...' --data-binary @posts.jsonl '{api.url}/ingest'  (queryable in seconds)\n"
+                f"  curl -H \"X-API-Key: {api_key}\" --data-binary @posts.jsonl '{api.url}/ingest'\n"
+                "    (JSON lines with id, media_url, caption: queryable in seconds)\n"
                 "Ctrl-C stops everything."
             )
             await wait_for_signal()
@@ -132,6 +137,22 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             stop_processes(workers)
             if redis_server is not None:
                 redis_server.stop()
+
+
+def _with_api_key(settings: Settings) -> tuple[Settings, str]:
+    """The demo's write key: the configured one, or one made for this data dir (kept in a 0600 file, never printed),
+    so that POST /ingest works out of the box and is still not open to anyone who can reach the port. Returns the
+    settings and a shell expression for the key."""
+    if settings.api_key is not None and settings.api_key.get_secret_value().strip():
+        return settings, "$DEEPTARGET_API_KEY"
+    key_file = settings.data_dir / "api-key"
+    if not key_file.is_file():
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_urlsafe(24))
+    key = key_file.read_text().strip()
+    return settings.model_copy(update={"api_key": SecretStr(key)}), f"$(cat {key_file})"
 
 
 async def _stop_following(crawler: Crawler, follower: asyncio.Task[None]) -> None:
