@@ -63,3 +63,17 @@ async def test_limits_reject_before_storing(server: str, tmp_path: Path, name: s
     assert sha in blobs and size == len(jpeg())
     stored = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
     assert len(stored) == 1  # the rejected ones left nothing behind, not even a temporary file
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "ftp://example.com/a.jpg", "http://", "not a url", "http://a b/c.jpg"])
+async def test_a_malformed_url_is_that_posts_rejection_not_the_crawls_end(
+    server: str, tmp_path: Path, url: str
+) -> None:
+    blobs = BlobStore(tmp_path / "blobs")
+    async with aiohttp.ClientSession() as session:
+        download = ImageDownloader(session, blobs, max_bytes=200_000, retries=0)
+        with pytest.raises(ImageRejected) as err:
+            await download(url)
+        assert err.value.reason in ("bad_url", "download_failed")
+        sha, _ = await download(f"{server}/ok.jpg")  # the next one goes on as usual
+    assert sha in blobs
