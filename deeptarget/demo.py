@@ -37,6 +37,7 @@ from deeptarget.reports.live import write_system_report
 from deeptarget.runtime import spawn_worker, start_embedded_redis, stop_processes, wait_for_signal
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.sandbox import images as sandbox_images
+from deeptarget.sandbox.network import Media
 from deeptarget.scraper import CelerySink, Crawler
 from deeptarget.store import MetadataStore
 from deeptarget.versioned import VersionedDir
@@ -124,7 +125,7 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
                 return 0
             console.print(
                 f"\nThe API stays up at [bold]{api.url}[/]; try\n"
-                f"  curl '{api.url}/similar?post_id={network.media[0].id}&k=5'\n"
+                f"  curl '{api.url}/similar?post_id={_example_post(network, store).id}&k=5'\n"
                 f"  curl --data-binary @photo.jpg '{api.url}/hashtags'\n"
                 f"  curl '{api.url}/users/{network.accounts[0].username}'\n"
                 f"  curl -H \"X-API-Key: {api_key}\" --data-binary @posts.jsonl '{api.url}/ingest'\n"
@@ -254,10 +255,19 @@ async def _print_summary(console: Console, store: MetadataStore, elapsed_s: floa
     console.print(table)
 
 
+def _example_post(network: SandboxNetwork, store: MetadataStore) -> Media:
+    """An indexed #astronaut picture (the sandbox also holds media the API never shows: removed ones, videos)."""
+    for media in network.media:
+        stored = store.post(media.id) if media.visible and media.kind == "IMAGE" else None
+        if stored is not None and stored.status == "indexed" and media.topic.hashtag == "astronaut":
+            return media
+    raise DeepTargetError("no #astronaut post was indexed: see data/logs/worker-*.log")
+
+
 async def _print_examples(console: Console, api_url: str, network: SandboxNetwork, store: MetadataStore) -> None:
     async with aiohttp.ClientSession() as http:
         # 1. Similar images for a post.
-        post = next(m for m in network.media if m.topic.hashtag == "astronaut" and m.corruption is None)
+        post = _example_post(network, store)
         similar = await _get(http, f"{api_url}/similar", params={"post_id": post.id, "k": "6"})
         table = Table(title=f"GET /similar?post_id={post.id}  (a #{post.topic.hashtag} post by @{post.owner.username})")
         for column in ("post", "score", "hashtags", "owner", "faces"):
@@ -281,7 +291,7 @@ async def _print_examples(console: Console, api_url: str, network: SandboxNetwor
             console.print(f"POST /hashtags with a new {topic.hashtag} picture -> {tags}")
 
         # 3. One user's interest profile.
-        most_active = max(network.accounts, key=lambda a: sum(m.owner is a for m in network.media))
+        most_active = max(network.accounts, key=lambda a: sum(m.owner is a and m.visible for m in network.media))
         profile = await _get(http, f"{api_url}/users/{most_active.username}")
         top = ", ".join(f"#{t} {w:.0%}" for t, w in list(profile["hashtags"].items())[:6])
         engagement = profile["median_engagement"]
