@@ -9,7 +9,7 @@ photos enlarged, cropped at random and re-encoded, so nothing is identical). Bot
 keep the bytes as they are (no resizing, no re-encoding):
 
 - deeptarget: the per-host connection cap set to the same concurrency (one host here); the posts go in through push
-  ingestion and ``Crawler.drain_ingest`` takes them the way it takes any
+  ingestion and ``Crawler.follow_ingest`` takes them the way it takes any
   post: Redis claims and the seen set (dedup on), content-type and magic-byte checks and the byte limit, streaming to a
   temporary file renamed into the content-addressed blob store, ``PostRef`` batches on the Celery queue of a real
   (embedded) Redis;

@@ -103,7 +103,11 @@ class Settings(BaseSettings):
         60.0, ge=0, description="A post whose download failed waits this long before it is tried again."
     )
     ingest_block_s: float = Field(
-        1.0, gt=0, description="How long one read of the ingest stream waits for a pushed post (then reads again)."
+        1.0,
+        gt=0,
+        le=5,
+        description="How long one read of the ingest stream waits for a pushed post (then reads again; a stop waits "
+        "for it, hence the bound).",
     )
     ingest_max_delay_s: float = Field(
         0.05, ge=0, description="How long a pushed post may wait for others to share its batch (a queue delay)."

@@ -19,7 +19,9 @@ owner_known_key = key_prefix + "owner-known"
 """SET of post ids whose owner (and follower count) the workers have been told about."""
 
 cursor_key = key_prefix + "cursors"
-"""HASH ``<source>|<kind>|<target>`` -> next-page cursor; ``<...>|done`` once a target was crawled to the end."""
+"""HASH ``<source>|<kind>|<target>`` -> next-page cursor (a hashtag's saved ``next`` link without its token, an
+account's ``after``), or a marker once the target was crawled to the end; ``<...>|failed`` while its last crawl ended
+on an error (it keeps its cursor and does not hold the round open)."""
 
 scraper_stats_key = key_prefix + "stats:scraper"
 """HASH of scraper counters (pages, posts enqueued, duplicates, rejections by reason)."""

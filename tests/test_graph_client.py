@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,12 +16,25 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from deeptarget import constants
+from deeptarget.blobs import BlobStore
 from deeptarget.errors import CrawlStopped, GraphApiError, SourceError
 from deeptarget.http_server import AppServer
+from deeptarget.scraper import CelerySink, Crawler
 from deeptarget.scraper.graph import GraphApiClient
-from deeptarget.scraper.graph_errors import ErrorBody, Throttled, TransientError, bounded_pause, classify, usage
+from deeptarget.scraper.graph_errors import (
+    ErrorBody,
+    GraphTransientError,
+    Throttled,
+    Usage,
+    bounded_pause,
+    classify,
+    usage,
+)
 from deeptarget.scraper.graph_errors import wait_from as graph_wait_from
 from deeptarget.scraper.tokens import TokenPool
+from deeptarget.workers.app import create_celery
+from tests.conftest import make_settings
+from tests.test_download import jpeg
 
 SECRET = "EAAG-very-secret-token-value"
 
@@ -49,15 +63,16 @@ def test_absurd_retry_after_means_the_default_pause_never_a_crash(retry_after: s
     ],
 )
 def test_malformed_usage_headers_count_as_absent(header: str) -> None:
-    assert usage({"X-App-Usage": header, "X-Business-Use-Case-Usage": header}) == (0.0, None)
+    assert usage({"X-App-Usage": header, "X-Business-Use-Case-Usage": header}) == Usage(0.0, 0.0, None)
 
 
 def test_usage_headers_as_documented() -> None:
     app = json.dumps({"call_count": 28, "total_time": 25, "total_cputime": 97})
     buc = json.dumps({"1784": [{"type": "instagram", "call_count": 12, "estimated_time_to_regain_access": 7}]})
-    assert usage({"X-App-Usage": app, "X-Business-Use-Case-Usage": buc}) == (97.0, 420.0)
+    assert usage({"X-App-Usage": app, "X-Business-Use-Case-Usage": buc}) == Usage(97.0, 12.0, 420.0)
     assert bounded_pause(420.0, default_s=60, cap_s=3600) == 420.0
     assert bounded_pause(10**7, default_s=60, cap_s=3600) == 60  # absurd: the default, not a year
+    assert bounded_pause(0.0, default_s=60, cap_s=3600) == 1.0  # "retry at once" on every throttle: a floor
 
 
 @pytest.mark.parametrize(
@@ -69,9 +84,9 @@ def test_usage_headers_as_documented() -> None:
         (400, {"code": 32}, ("token", Throttled)),
         (400, {"code": 613}, ("token", Throttled)),
         (400, {"code": 80002}, ("token", Throttled)),
-        (400, {"code": 2, "is_transient": True}, (None, TransientError)),
-        (500, {"code": 1}, (None, TransientError)),
-        (400, {"code": 100, "is_transient": True}, (None, TransientError)),
+        (400, {"code": 2, "is_transient": True}, (None, GraphTransientError)),
+        (500, {"code": 1}, (None, GraphTransientError)),
+        (400, {"code": 100, "is_transient": True}, (None, GraphTransientError)),
         (400, {"code": 100, "is_transient": False}, (None, GraphApiError)),
         (400, {"code": "not a number", "is_transient": "yes"}, (None, GraphApiError)),
     ],
@@ -148,8 +163,8 @@ async def test_a_next_link_to_another_host_is_not_followed(hostile: Any, pool: T
     routes["/1/recent_media"] = page
     session, client = await client_for(url, pool)
     async with session:
-        with pytest.raises(SourceError, match="another host"):
-            await client.hashtag_media("1", "recent_media", "id")
+        page = await client.hashtag_media("1", "recent_media", "id")
+    assert page.next is None and page.problem and "another host" in page.problem
 
 
 async def test_a_next_link_is_followed_without_its_token_and_with_ours(hostile: Any, pool: TokenPool) -> None:
@@ -213,7 +228,7 @@ async def test_the_token_is_in_no_error_and_no_log_line(
                 await call
             errors.append(caught.value)
     text = " ".join([str(e) + repr(e) + str(e.__cause__) for e in errors] + [r.getMessage() for r in caplog.records])
-    assert seen and SECRET not in text
+    assert seen and SECRET not in text and "second-token" not in text
 
 
 async def test_app_throttle_pauses_every_token_of_the_app_and_a_stop_ends_the_wait(
@@ -243,3 +258,117 @@ async def test_app_throttle_pauses_every_token_of_the_app_and_a_stop_ends_the_wa
         stop.set()
         with pytest.raises(CrawlStopped):
             await asyncio.wait_for(call, timeout=2)
+
+
+async def test_a_page_that_arrives_in_pieces_is_read_whole(hostile: Any, pool: TokenPool) -> None:
+    """Real pages of 50 media come in several TCP segments, with pauses between them."""
+    url, _seen, routes = hostile
+    items = [{"id": str(k), "caption": "x" * 500} for k in range(50)]
+    body = json.dumps({"data": items}).encode()
+
+    async def slow_page(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for start in range(0, len(body), 4096):
+            await response.write(body[start : start + 4096])
+            await asyncio.sleep(0.02)
+        await response.write_eof()
+        return response
+
+    routes["/1/recent_media"] = slow_page
+    session, client = await client_for(url, pool)
+    async with session:
+        page = await client.hashtag_media("1", "recent_media", "id,caption")
+    assert page.items == items
+
+
+async def test_a_broken_header_is_a_retried_failure_that_names_no_token(hostile: Any, pool: TokenPool) -> None:
+    url, seen, routes = hostile
+
+    async def huge_header(request: web.Request) -> web.Response:
+        return web.json_response({"data": []}, headers={"X-Junk": "j" * 20_000})
+
+    routes["/ig_hashtag_search"] = huge_header
+    session, client = await client_for(url, pool)
+    async with session:
+        with pytest.raises(SourceError) as caught:
+            await client.hashtag_id("sushi")
+    assert len(seen) == 2  # the first try and its one retry
+    chain = f"{caught.value} {caught.value.__cause__} {caught.value.__context__}"
+    assert SECRET not in chain and "second-token" not in chain
+
+
+async def test_a_bad_next_link_keeps_the_page_and_ends_the_walk(hostile: Any, pool: TokenPool) -> None:
+    url, _seen, routes = hostile
+    for path, link in {"/1/recent_media": "relative/1/recent_media?after=X", "/2/recent_media": f"{url}/9/top_media",
+                       "/3/recent_media": ["not", "a", "link"]}.items():  # fmt: skip
+
+        async def page(request: web.Request, link: object = link) -> web.Response:
+            return web.json_response({"data": [{"id": "7"}], "paging": {"next": link}})
+
+        routes[path] = page
+    session, client = await client_for(url, pool)
+    async with session:
+        for hashtag_id in ("1", "2", "3"):
+            result = await client.hashtag_media(hashtag_id, "recent_media", "id")
+            assert result.items == [{"id": "7"}] and result.next is None and result.problem
+
+
+async def test_high_app_usage_slows_the_whole_app_and_high_account_usage_the_token(
+    hostile: Any, pool: TokenPool, redis_url: str
+) -> None:
+    url, _seen, routes = hostile
+    headers = {"X-App-Usage": json.dumps({"call_count": 99})}
+
+    async def busy(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "1"}]}, headers=headers)
+
+    routes["/ig_hashtag_search"] = busy
+    redis = aioredis.Redis.from_url(redis_url)
+    session, client = await client_for(url, pool, throttle_pause_s=5)
+    async with session:
+        assert await client.hashtag_id("sushi") == "1"
+        assert await redis.pttl(f"{constants.token_key_prefix}app-pause:default") > 3000
+        await redis.delete(f"{constants.token_key_prefix}app-pause:default")
+        headers.clear()
+        headers["X-Business-Use-Case-Usage"] = json.dumps({"1784": [{"call_count": 99}]})
+        assert await client.hashtag_id("sushi") == "1"
+    assert not await redis.exists(f"{constants.token_key_prefix}app-pause:default")
+    assert len(await redis.keys(f"{constants.token_key_prefix}pause:*")) == 1
+    await redis.aclose()
+
+
+async def test_hostile_media_shapes_are_each_skipped_and_the_crawl_goes_on(
+    hostile: Any, tmp_path: Path, redis_url: str
+) -> None:
+    url, _seen, routes = hostile
+    nodes = [
+        {"id": "1", "media_type": []},
+        {"id": "2", "media_type": "IMAGE", "timestamp": 5},
+        {"id": "3", "media_type": "IMAGE", "caption": 5},
+        {"id": "4", "media_type": "CAROUSEL_ALBUM", "children": {"data": "nope"}},
+        {"id": "5", "media_type": "IMAGE", "like_count": -3},
+        "not a node",
+        None,
+        {"media_type": "IMAGE"},
+        {"id": "6", "media_type": "IMAGE", "caption": "fine #ok", "media_url": f"{url}/img/6.jpg"},
+    ]
+
+    async def search(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "1"}]})
+
+    async def page(request: web.Request) -> web.Response:
+        return web.json_response({"data": nodes, "paging": "not an object"})
+
+    async def image(request: web.Request) -> web.Response:
+        return web.Response(body=jpeg(), content_type="image/jpeg")
+
+    routes.update({"/ig_hashtag_search": search, "/1/recent_media": page, "/img/6.jpg": image})
+    settings = make_settings(tmp_path / "data", redis_url, source_url=url, hashtags=["ok"], accounts=[])
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        crawler = Crawler(settings, client, CelerySink(create_celery(settings)), BlobStore(settings.blob_dir))
+        counts = await crawler.run()
+    finally:
+        await client.aclose()
+    assert counts["enqueued"] == 1 and counts["malformed_media"] >= 6

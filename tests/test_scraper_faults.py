@@ -74,7 +74,7 @@ def assert_complete_and_polite(client: redis.Redis, stats: dict, sandbox: Sandbo
         (Faults(throttle_every=7, throttle_code=17), "token_paused"),
         (Faults(throttle_every=7, throttle_code=32, regain_minutes=0.005), "token_paused"),
         (Faults(throttle_every=7, throttle_code=613), "token_paused"),
-        (Faults(usage_percent=97.0), "token_paused"),  # usage headers near 100%: slow down before the throttle
+        (Faults(usage_percent=97.0), "app_paused"),  # X-App-Usage near 100%: the app slows down before a #4
         (Faults(error_every=6, error_burst=2, error_status=500), None),
         (Faults(error_every=9, error_burst=3, error_status=503), None),
         (Faults(reset_every=5), None),

@@ -36,4 +36,14 @@ class CursorStore:
         return await self._read(kind, target) == DONE
 
     async def reset(self, kind: str, target: str) -> None:
-        await self.redis.hdel(constants.cursor_key, self._field(kind, target))
+        await self.redis.hdel(constants.cursor_key, self._field(kind, target), self._field(kind, target) + "|failed")
+
+    async def mark_failed(self, kind: str, target: str) -> None:
+        """The target's last crawl ended on an error: its cursor stays, but it does not hold the round open."""
+        await self.redis.hset(constants.cursor_key, self._field(kind, target) + "|failed", "1")
+
+    async def clear_failed(self, kind: str, target: str) -> None:
+        await self.redis.hdel(constants.cursor_key, self._field(kind, target) + "|failed")
+
+    async def failed(self, kind: str, target: str) -> bool:
+        return bool(await self.redis.hexists(constants.cursor_key, self._field(kind, target) + "|failed"))

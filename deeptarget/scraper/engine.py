@@ -19,14 +19,13 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from deeptarget.blobs import BlobStore
 from deeptarget.config import Settings
@@ -47,6 +46,7 @@ from deeptarget.scraper.structures import MEDIA_FIELDS, is_image, is_video_album
 from deeptarget.scraper.tokens import TokenPool
 
 LOG = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Fetcher(Protocol):
@@ -192,10 +192,15 @@ class Crawler:
         connection = self._connection
         before = self.stats.local.copy()
         targets = self.targets
-        if targets and all([await self.cursors.is_done(k, t) for k, t in targets]):
+        done = [await self.cursors.is_done(k, t) for k, t in targets]
+        failed = [await self.cursors.failed(k, t) for k, t in targets]
+        # A target whose last crawl failed (an unknown account, a source error) keeps its cursor, but must not keep
+        # every other target from being crawled again: the round is over when the rest are done.
+        if targets and all(d or f for d, f in zip(done, failed, strict=True)):
             LOG.info("every target was crawled to the end: starting a new round (seen posts are skipped)")
-            for kind, target in targets:
-                await self.cursors.reset(kind, target)
+            for (kind, target), was_done in zip(targets, done, strict=True):
+                if was_done:
+                    await self.cursors.reset(kind, target)
         target_slots = asyncio.Semaphore(self.settings.target_concurrency)
 
         async def crawl(kind: str, target: str) -> None:
@@ -231,6 +236,7 @@ class Crawler:
                 if hashtag_id is None:
                     return
             resume = await self.cursors.get(kind, target)
+            await self.cursors.clear_failed(kind, target)
             pages = stale = 0
             round_ids: set[str] = set()  # post ids this target brought in this round: the evidence of a loop
             while not self.stopping:
@@ -244,7 +250,12 @@ class Crawler:
                 round_ids |= ids
                 if page.next is None:
                     await self.cursors.mark_done(kind, target)
-                    LOG.info("%s %s: crawled to the end (%d pages)", kind, target, pages)
+                    if page.problem:
+                        await self.stats.add("bad_next_link")
+                        LOG.warning("%s %s: %s; target finished for this round after %d pages", kind, target,
+                                    page.problem, pages)  # fmt: skip
+                    else:
+                        LOG.info("%s %s: crawled to the end (%d pages)", kind, target, pages)
                     return
                 resume = page.next
                 await self.cursors.save(kind, target, resume)
@@ -259,9 +270,11 @@ class Crawler:
         except CrawlStopped:
             LOG.info("%s %s: stopped; its cursor is kept for the next run", kind, target)
         except GraphApiError as err:
+            await self.cursors.mark_failed(kind, target)
             await self.stats.add(f"target_error:{err.code}")
             LOG.error("%s %s: %s; its cursor is kept for the next run", kind, target, err)
         except SourceError as err:
+            await self.cursors.mark_failed(kind, target)
             await self.stats.add("bad_page")
             LOG.error("%s %s: %s; its cursor is kept for the next run", kind, target, err)
 
@@ -322,9 +335,9 @@ class Crawler:
                 continue
             try:
                 images = posts_from_media(node, source=self.source, owner=owner)
-            except ValueError as err:
+            except (ValueError, TypeError, KeyError) as err:  # a hostile shape is one node's problem
                 await self.stats.add("malformed_media")
-                LOG.warning("malformed media node skipped: %s", err)
+                LOG.warning("malformed media node skipped: %s", str(err)[:300])
                 continue
             if len(images) > 1:
                 await self.stats.add("carousel_images", len(images))
@@ -371,30 +384,51 @@ class Crawler:
         return {p.id for p in retry_later}
 
     async def read_feed(self, session: aiohttp.ClientSession, url: str) -> None:
-        """A partner's JSON-lines feed: every valid record joins the ingest stream (drained below, deduplicated
-        there); each bad one is counted and logged with its line number and reason."""
-        lines: list[bytes] = []
-        size, limit = 0, self.settings.max_feed_bytes
+        """A partner's JSON-lines feed: every valid record joins the ingest stream (taken from there like any pushed
+        post, deduplicated there); each bad one is counted and logged with its line number and reason. A stop ends
+        the read at once (a feed may take minutes): nothing of it is pushed, the next run reads it again."""
         try:
-            timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout_s * 10)
-            async with session.get(url, timeout=timeout) as response:
-                if response.status != 200:
-                    raise SourceError(f"HTTP {response.status}")
-                async for line in response.content:
-                    size += len(line)
-                    if size > limit:
-                        LOG.warning("feed %s: longer than %d bytes, the rest is left out", url, limit)
-                        break
-                    lines.append(line)
+            lines = await self._unless_stopped(self._feed_lines(session, url))
+        except CrawlStopped:
+            return
         except (TimeoutError, aiohttp.ClientError, SourceError) as err:
             await self.stats.add("feed_error")
-            LOG.error("feed %s unreadable (%s); tried again next round", url, err)
+            LOG.error("feed %s unreadable (%s); tried again next round", url, type(err).__name__)
             return
         posts, bad = parse_posts(lines, source="feed")
         for record in bad:
             LOG.warning("feed %s line %d rejected: %s", url, record.line, record.reason)
         await self.stats.add("feed_rejected", len(bad))
         await self.ingest.push(posts)
+
+    async def _feed_lines(self, session: aiohttp.ClientSession, url: str) -> list[bytes]:
+        lines: list[bytes] = []
+        size, limit = 0, self.settings.max_feed_bytes
+        timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout_s * 10)
+        async with session.get(url, timeout=timeout) as response:
+            if response.status != 200:
+                raise SourceError(f"HTTP {response.status}")
+            async for line in response.content:
+                size += len(line)
+                if size > limit:
+                    LOG.warning("feed %s: longer than %d bytes, the rest is left out", url, limit)
+                    break
+                lines.append(line)
+        return lines
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, T]) -> T:
+        """``work``'s result, or ``CrawlStopped`` as soon as a stop is requested (the work is cancelled)."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise CrawlStopped("stop requested")
+        return task.result()
 
     async def read_instaloader(self, folder: Path) -> None:
         """Every post in an instaloader download folder (posts seen before are skipped by the claims)."""
@@ -448,7 +482,7 @@ class Crawler:
                         released_at = asyncio.get_running_loop().time()
                     entries = [] if self.stopping else await self._take_pushed(batch, block=not finished)
                     outage = 0
-                except (RedisConnectionError, RedisTimeoutError) as err:
+                except RedisError as err:  # down, failing over (READONLY), out of memory: all pass
                     # A follower outlives many rounds: it waits Redis out (capped backoff) instead of dying.
                     slots.release()
                     outage += 1
@@ -503,12 +537,6 @@ class Crawler:
             return
         await self.stats.add("page:push")
         await self.ingest.ack([entry for entry, _ in entries])
-
-    async def drain_ingest(self) -> None:
-        """Pushed posts until the stream has none for us (``deeptarget enqueue`` then a one-off crawl)."""
-        done = asyncio.Event()
-        done.set()
-        await self.follow_ingest(until=done)
 
     async def _merge_owner(self, refs: list[PostRef], seen: list[Post]) -> None:
         """Posts first met under a hashtag learn their owner when met again through the owner's account."""

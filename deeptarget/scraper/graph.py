@@ -39,9 +39,9 @@ from prometheus_client import Counter, Histogram
 from deeptarget.errors import CrawlStopped, GraphApiError, SourceError
 from deeptarget.scraper.graph_errors import (
     ErrorBody,
+    GraphTransientError,
     InvalidToken,
     Throttled,
-    TransientError,
     bounded_pause,
     classify,
     usage,
@@ -61,6 +61,7 @@ MAX_BODY_BYTES = 16 * 1024 * 1024  # a page of 50 media is tens of KB; anything 
 class Page:
     items: list[dict[str, Any]]
     next: str | None  # what the next call takes to fetch the page after this one; None at the documented end
+    problem: str | None = None  # why paging cannot go on although the API did not say it ended
 
 
 @dataclass
@@ -79,6 +80,13 @@ class GraphApiClient:
     stop: asyncio.Event | None = None
 
     async def get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
+        try:
+            return await self._get(path, params)
+        except SourceError as err:  # a server may echo the request, token and all, into its error message
+            err.args = tuple(self.tokens.redact(a) if isinstance(a, str) else a for a in err.args)
+            raise
+
+    async def _get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
         failures = 0
         while True:
             self._check_stop()
@@ -102,7 +110,7 @@ class GraphApiClient:
             except InvalidToken as err:
                 REQUESTS.labels("invalid_token").inc()
                 await self.tokens.retire(lease, str(err))
-            except TransientError as err:
+            except GraphTransientError as err:
                 REQUESTS.labels("transient").inc()
                 failures += 1
                 if failures > self.retries:
@@ -159,38 +167,55 @@ class GraphApiClient:
             ) as response:
                 if response.content_length is not None and response.content_length > MAX_BODY_BYTES:
                     raise SourceError(f"{what}: HTTP {response.status}, a body of {response.content_length} bytes")
-                body = await response.content.read(MAX_BODY_BYTES + 1)
+                chunks, size = [], 0
+                async for chunk in response.content.iter_chunked(64 * 1024):  # the whole body, however it comes
+                    size += len(chunk)
+                    if size > MAX_BODY_BYTES:
+                        raise SourceError(f"{what}: HTTP {response.status}, a body over {MAX_BODY_BYTES} bytes")
+                    chunks.append(chunk)
+                body = b"".join(chunks)
                 status = response.status
                 response_headers = response.headers
+        # An aiohttp exception's text can hold the URL, and with it a query token: name its type only, and raise
+        # outside the handler so that nothing keeps it as cause or context (a traceback would print its text).
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
-            # The exception's text can hold the URL, and with it a query token: name its type only.
-            raise TransientError(f"{what}: {type(err).__name__}") from err
-        if len(body) > MAX_BODY_BYTES:
-            raise SourceError(f"{what}: HTTP {status}, a body over {MAX_BODY_BYTES} bytes")
+            failure: SourceError | None = GraphTransientError(f"{what}: {type(err).__name__}")
+        except aiohttp.ClientResponseError as err:  # e.g. a header line too long: the answer is broken, not late
+            failure = GraphTransientError(f"{what}: {type(err).__name__} (HTTP {err.status})")
+        except aiohttp.ClientError as err:
+            failure = SourceError(f"{what}: {type(err).__name__}")
+        else:
+            failure = None
+        if failure is not None:
+            raise failure
         if 300 <= status < 400:
             raise SourceError(f"{what}: HTTP {status} redirect, not followed (the Graph API does not redirect)")
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             if status >= 500 or status == 200:  # a 200 whose body does not parse was cut short on the way
-                raise TransientError(f"{what}: HTTP {status}, body is not JSON") from err
+                raise GraphTransientError(f"{what}: HTTP {status}, body is not JSON") from err
             raise classify(status, None, response_headers, what) or SourceError(f"{what}: body is not JSON") from err
         if not isinstance(payload, dict):
             raise SourceError(f"{what}: expected a JSON object, got {type(payload).__name__}")
-        failure = classify(status, ErrorBody.of(payload), response_headers, what)
-        if failure is not None:
-            raise failure
-        percent, regain_s = usage(response_headers)
-        if percent >= self.usage_pause_at:
-            pause = bounded_pause(regain_s, self.throttle_pause_s, self.max_pause_s)
-            await self.tokens.pause(lease, pause, f"usage at {percent:.0f}%")
+        refused = classify(status, ErrorBody.of(payload), response_headers, what)
+        if refused is not None:
+            raise refused
+        used = usage(response_headers)
+        pause = bounded_pause(used.regain_s, self.throttle_pause_s, self.max_pause_s)
+        if used.app_percent >= self.usage_pause_at:  # X-App-Usage is the app's: all its tokens slow down
+            await self.tokens.pause_app(lease, pause, f"app usage at {used.app_percent:.0f}%")
+        elif used.account_percent >= self.usage_pause_at:
+            await self.tokens.pause(lease, pause, f"usage at {used.account_percent:.0f}%")
         return payload
 
     # -- endpoints ------------------------------------------------------------------------------------------------
     async def hashtag_id(self, hashtag: str) -> str | None:
         payload = await self.get("ig_hashtag_search", {"user_id": self.user_id, "q": hashtag})
-        data = payload.get("data") or []
-        return str(data[0]["id"]) if data and isinstance(data[0], dict) and "id" in data[0] else None
+        data = payload.get("data")
+        first = data[0] if isinstance(data, list) and data else None
+        found = first.get("id") if isinstance(first, dict) else None
+        return str(found) if isinstance(found, str | int) and not isinstance(found, bool) and str(found) else None
 
     async def hashtag_media(
         self, hashtag_id: str, edge: str, fields: str, resume: str | None = None, limit: int = 25
@@ -205,28 +230,36 @@ class GraphApiClient:
         elif resume:
             params["after"] = resume
         payload = await self.get(path, params)
-        items = _items(payload)
-        next_link = (payload.get("paging") or {}).get("next") if isinstance(payload.get("paging"), dict) else None
+        items = self._items(payload)
+        paging = payload.get("paging")
+        next_link = paging.get("next") if isinstance(paging, dict) else None
         # Graph API, Paginated Results: "stop paging when the next link no longer appears" (an empty page may
         # still carry one).
-        return Page(items=items, next=self._resume_of(next_link) if next_link else None)
+        if not next_link:
+            return Page(items=items, next=None)
+        try:
+            return Page(items=items, next=self._resume_of(next_link, f"{hashtag_id}/{edge}"))
+        except SourceError as err:  # the page is still good; only the way on is not
+            return Page(items=items, next=None, problem=self.tokens.redact(str(err)))
 
-    def _resume_of(self, next_link: Any) -> str:
+    def _resume_of(self, next_link: Any, edge_path: str) -> str:
         """A ``next`` link as something to save and call later: its path and query, the token taken out. Only a
-        link to the configured API host is followed (a link elsewhere would be handed our token)."""
+        link to the same edge on the configured API host is followed (a link elsewhere would be handed our token)."""
         if not isinstance(next_link, str) or len(next_link) > 8192:
             raise SourceError("paging.next is not a usable link")
         base, link = urlsplit(self.base_url), urlsplit(next_link)
         if link.netloc and (link.scheme, link.netloc) != (base.scheme, base.netloc):
-            raise SourceError(f"paging.next points to another host ({link.netloc!r}): not followed")
+            raise SourceError(f"paging.next points to another host ({link.netloc[:100]!r}): not followed")
+        if not link.path.startswith("/") or not link.path.rstrip("/").endswith("/" + edge_path):
+            raise SourceError(f"paging.next leads to {link.path[:200]!r}, not to {edge_path!r}: not followed")
         query = [(k, v) for k, v in parse_qsl(link.query, keep_blank_values=True) if k != "access_token"]
-        return (link.path or "/") + "?" + urlencode(query)
+        return link.path + "?" + urlencode(query)
 
     def _next_request(self, resume: str, expected_path: str) -> tuple[str, dict[str, str]]:
         """URL (on the configured host) and params of a saved ``next`` link, which must lead to the same edge."""
         link = urlsplit(resume)
         if not link.path.rstrip("/").endswith("/" + expected_path):
-            raise SourceError(f"paging.next leads to {link.path!r}, not to {expected_path!r}")
+            raise SourceError(f"the saved next link leads to {link.path[:200]!r}, not to {expected_path!r}")
         base = urlsplit(self.base_url)
         return f"{base.scheme}://{base.netloc}{link.path}", dict(parse_qsl(link.query, keep_blank_values=True))
 
@@ -250,11 +283,10 @@ class GraphApiClient:
         new_after = cursors.get("after") if isinstance(cursors, dict) else None
         if not isinstance(new_after, str) or not new_after or new_after == after or len(new_after) > 4096:
             new_after = None
-        return account, Page(items=_items(media), next=new_after)
+        return account, Page(items=self._items(media), next=new_after)
 
-
-def _items(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    items = payload.get("data")
-    if not isinstance(items, list):
-        raise SourceError(f"page without a data list: {str(payload)[:200]}")
-    return items
+    def _items(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        items = payload.get("data")
+        if not isinstance(items, list):
+            raise SourceError(f"page without a data list: {self.tokens.redact(str(payload)[:200])}")
+        return items

@@ -33,7 +33,7 @@ INVALID_TOKEN_CODE = 190
 Scope = Literal["app", "token"]
 
 
-class TransientError(SourceError):
+class GraphTransientError(SourceError):
     """A failure worth retrying: 5xx, ``is_transient``, a reset, a timeout, a truncated page."""
 
 
@@ -85,7 +85,7 @@ def classify(status: int, error: ErrorBody | None, headers: Mapping[str, str], w
     if code == INVALID_TOKEN_CODE:
         return InvalidToken(f"{what}: {error.message if error else 'invalid OAuth access token'}")
     if status >= 500 or (error is not None and (error.transient or code in TRANSIENT_CODES)):
-        return TransientError(f"{what}: HTTP {status}, code {code}" + (" (transient)" if error else ""))
+        return GraphTransientError(f"{what}: HTTP {status}, code {code}" + (" (transient)" if error else ""))
     if error is not None or status >= 400:
         return GraphApiError(f"{what}: {error.message if error else 'error'}", code=code, status=status)
     return None
@@ -99,7 +99,7 @@ def wait_from(headers: Mapping[str, str]) -> float | None:
         seconds = _retry_after_s(retry_after.strip())
         if seconds is not None:
             return seconds
-    return usage(headers)[1]
+    return usage(headers).regain_s
 
 
 def _retry_after_s(value: str) -> float | None:
@@ -116,11 +116,22 @@ def _retry_after_s(value: str) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-def usage(headers: Mapping[str, str]) -> tuple[float, float | None]:
-    """(highest usage percentage, seconds until access is regained or None) from the Graph usage headers. Anything
-    malformed (not JSON, wrong shapes, non-numbers, NaN, negatives) counts as absent."""
-    highest, regain = 0.0, None
-    for name in ("X-App-Usage", "X-Business-Use-Case-Usage"):
+@dataclass(frozen=True)
+class Usage:
+    """What the usage headers say: the app's share of its hourly budget (``X-App-Usage``), the highest share of an
+    account's (``X-Business-Use-Case-Usage``), in percent, and the longest announced wait in seconds (or None)."""
+
+    app_percent: float = 0.0
+    account_percent: float = 0.0
+    regain_s: float | None = None
+
+
+def usage(headers: Mapping[str, str]) -> Usage:
+    """The Graph usage headers read. Anything malformed (not JSON, wrong shapes, non-numbers, NaN, negatives) counts
+    as absent."""
+    percents = {"X-App-Usage": 0.0, "X-Business-Use-Case-Usage": 0.0}
+    regain = None
+    for name in percents:
         raw = headers.get(name)
         if not raw or len(raw) > 64 * 1024:
             continue
@@ -132,11 +143,11 @@ def usage(headers: Mapping[str, str]) -> tuple[float, float | None]:
             for key in ("call_count", "total_time", "total_cputime"):
                 percent = _number(entry.get(key))
                 if percent is not None:
-                    highest = max(highest, percent)
+                    percents[name] = max(percents[name], percent)
             minutes = _number(entry.get("estimated_time_to_regain_access"))
             if minutes:
                 regain = max(regain or 0.0, minutes * 60)
-    return highest, regain
+    return Usage(percents["X-App-Usage"], percents["X-Business-Use-Case-Usage"], regain)
 
 
 def _usage_entries(value: Any) -> list[dict[str, Any]]:
@@ -169,7 +180,9 @@ def _int_or_none(value: Any) -> int | None:
 
 def bounded_pause(wait_s: float | None, default_s: float, cap_s: float) -> float:
     """The pause to take: the named wait when it is sane, else the default; never above the cap (an absurd header
-    must not park a token for a year)."""
+    must not park a token for a year), and never below a floor (``Retry-After: 0`` on every throttle would have us
+    hammer the API: throttles use up no retries)."""
+    floor = min(1.0, default_s, cap_s)
     if wait_s is None or not math.isfinite(wait_s) or wait_s < 0 or wait_s > cap_s:
         return min(default_s, cap_s)
-    return wait_s
+    return max(wait_s, floor)

@@ -17,6 +17,8 @@ def parse_timestamp(value: str | None) -> datetime | None:
     """Graph timestamps look like ``2026-11-23T07:00:00+0000``."""
     if not value:
         return None
+    if not isinstance(value, str):
+        raise ValueError(f"timestamp is not a string: {str(value)[:40]}")
     try:
         return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S%z")
     except ValueError:
@@ -50,6 +52,8 @@ def post_from_media(node: dict[str, Any], *, source: str, owner: Owner | None = 
     if not isinstance(node, dict) or not node.get("id"):
         raise ValueError(f"media node without id: {str(node)[:200]}")
     caption = node.get("caption")
+    if caption is not None and not isinstance(caption, str):
+        raise ValueError(f"caption is not a string: {type(caption).__name__}")
     return Post(
         id=str(node["id"]),
         source=source,
@@ -65,7 +69,8 @@ def post_from_media(node: dict[str, Any], *, source: str, owner: Owner | None = 
 
 
 def is_image(node: dict[str, Any]) -> bool:
-    return node.get("media_type", "IMAGE") in IMAGE_TYPES
+    media_type = node.get("media_type", "IMAGE")
+    return isinstance(media_type, str) and media_type in IMAGE_TYPES
 
 
 def is_video_album(node: dict[str, Any]) -> bool:

@@ -105,6 +105,13 @@ class TokenPool:
             return
         raise CrawlStopped("stop requested while waiting for a token")
 
+    def redact(self, text: str) -> str:
+        """``text`` with every token value replaced by its fingerprint (for messages a server may have echoed)."""
+        for fp, token in self._tokens.items():
+            if token in text:
+                text = text.replace(token, f"<token {fp}>")
+        return text
+
     async def usable(self) -> list[str]:
         retired = {m.decode() for m in await self.redis.smembers(constants.retired_tokens_key)}
         return [fp for fp in self._tokens if fp not in retired]
