@@ -497,7 +497,12 @@ class Crawler:
                     continue
                 task = asyncio.create_task(self._handle_pushed(downloader, entries))
                 in_flight.add(task)
-                task.add_done_callback(lambda t: (in_flight.discard(t), slots.release()))
+
+                def finished_batch(done: asyncio.Task[None]) -> None:
+                    in_flight.discard(done)
+                    slots.release()
+
+                task.add_done_callback(finished_batch)
         finally:
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
