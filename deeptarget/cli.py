@@ -193,12 +193,22 @@ def cmd_beat(args: argparse.Namespace) -> int:
     return 0
 
 
+MIN_API_KEY_BYTES = 16
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from deeptarget.api.app import create_app
     from deeptarget.http_server import AppServer
     from deeptarget.runtime import connect_redis, wait_for_signal
 
-    settings = connect_redis(_settings(args))
+    settings = _settings(args)
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    if key is not None and len(key.encode()) < MIN_API_KEY_BYTES:
+        raise DeepTargetError(
+            f"DEEPTARGET_API_KEY is shorter than {MIN_API_KEY_BYTES} bytes: use a random secret "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(24))'), or none to keep write endpoints closed"
+        )
+    settings = connect_redis(settings)
 
     async def serve() -> None:
         async with AppServer(create_app(settings), settings.api_host, settings.api_port) as server:

@@ -180,7 +180,11 @@ class Settings(BaseSettings):
     # -- API ------------------------------------------------------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(8800, ge=0, le=65535)
-    api_key: SecretStr | None = Field(None, description="Required by write endpoints when set.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="The key write endpoints need (X-API-Key); unset, empty or blank: write endpoints are closed. "
+        "`deeptarget serve` refuses one shorter than 16 bytes.",
+    )
     max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0)
 
     # -- sandbox --------------------------------------------------------------------------------------------------
@@ -188,6 +192,13 @@ class Settings(BaseSettings):
     sandbox_posts: int = Field(300, ge=1)
     sandbox_users: int = Field(30, ge=1)
     sandbox_hashtags: int = Field(10, ge=1, le=10)
+
+    @field_validator("api_key")
+    @classmethod
+    def _blank_key_is_no_key(cls, key: SecretStr | None) -> SecretStr | None:
+        # An empty key (compose's ${DEEPTARGET_API_KEY:-}) compared equal to an empty header and opened every write
+        # endpoint: blank means none.
+        return key if key is not None and key.get_secret_value().strip() else None
 
     @field_validator("hashtags", "stop_hashtags")
     @classmethod

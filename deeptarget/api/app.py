@@ -336,7 +336,7 @@ HANDLERS: dict[tuple[str, str], Callable[[web.Request], Awaitable[web.Response]]
 
 def _requires_key(settings: Settings, handler: Callable[[web.Request], Awaitable[web.Response]]):
     async def checked(request: web.Request) -> web.Response:
-        if settings.api_key is None:
+        if settings.api_key is None or not settings.api_key.get_secret_value().strip():
             raise web.HTTPForbidden(text="write endpoints are disabled: set DEEPTARGET_API_KEY on the API")
         given = request.headers.get(API_KEY_HEADER, "")
         if not hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):

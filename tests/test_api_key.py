@@ -1,0 +1,50 @@
+"""An empty key is no key (issue 12, C1): a real ``deeptarget serve`` process with ``DEEPTARGET_API_KEY`` empty or
+blank keeps every write endpoint closed, and one with a short key refuses to start."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import make_settings
+from tests.test_demo import free_port
+
+WRITES = [("post", "/ingest"), ("post", "/index/snapshot"), ("delete", "/posts/some-post")]
+
+
+@pytest.mark.parametrize("key", ["", "   ", "\t\n"])
+async def test_an_empty_or_blank_key_closes_every_write_endpoint(tmp_path: Path, redis_url: str, key: str) -> None:
+    settings = make_settings(tmp_path / "data", redis_url, api_port=free_port())
+    env = {**os.environ, **settings.to_env(), "DEEPTARGET_API_KEY": key}
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "deeptarget", "serve", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        line = await asyncio.wait_for(server.stdout.readline(), timeout=60)
+        assert b"deeptarget API at" in line, line
+        url = f"http://127.0.0.1:{settings.api_port}"
+        async with aiohttp.ClientSession() as http:
+            for method, path in WRITES:
+                for headers in ({}, {"X-API-Key": ""}, {"X-API-Key": "   "}):
+                    async with http.request(method, url + path, data=b'{"id": "x"}', headers=headers) as response:
+                        assert response.status == 403, (method, path, headers, response.status)
+    finally:
+        server.terminate()
+        await asyncio.wait_for(server.wait(), timeout=30)
+
+
+def test_serve_refuses_a_short_key(tmp_path: Path, redis_url: str) -> None:
+    settings = make_settings(tmp_path / "data", redis_url, api_port=free_port())
+    env = {**os.environ, **settings.to_env(), "DEEPTARGET_API_KEY": "short-key"}
+    done = subprocess.run([sys.executable, "-m", "deeptarget", "serve"], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode != 0 and "shorter than 16 bytes" in done.stderr
+    assert "short-key" not in done.stderr + done.stdout  # the secret itself is never shown
