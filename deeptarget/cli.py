@@ -72,7 +72,10 @@ def cmd_redis(args: argparse.Namespace) -> int:
     from deeptarget.runtime import start_embedded_redis
 
     settings, server = start_embedded_redis(_settings(args))
-    print(f"embedded Redis for {settings.data_dir} at {server.url} (AOF in {settings.redis_dir}); Ctrl-C stops it")
+    print(
+        f"embedded Redis for {settings.data_dir} at {server.shown_url} (AOF in {settings.redis_dir}, password in "
+        f"{settings.redis_dir / 'password'}); Ctrl-C stops it"
+    )
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:

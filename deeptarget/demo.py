@@ -74,7 +74,7 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
         try:
             if settings.redis_url is None:
                 settings, redis_server = start_embedded_redis(settings)
-                console.print(f"[bold]Redis[/] embedded at {settings.redis_url}, AOF in {settings.redis_dir}")
+                console.print(f"[bold]Redis[/] embedded at {redis_server.shown_url}, AOF in {settings.redis_dir}")
             sandbox = await stack.enter_async_context(sandbox_server(network))
             settings = settings.model_copy(
                 update={

@@ -8,6 +8,8 @@ tasks are never evicted.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -50,10 +52,38 @@ class EmbeddedRedis:
         self.port = port or free_port()
         self.start_timeout_s = start_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
+        self._password: str | None = None
+
+    @property
+    def password(self) -> str:
+        """The server's password: made once per directory, kept there mode 0600 (any local user could otherwise
+        push Celery tasks, read queued posts, or have Redis write files where it may)."""
+        if self._password is None:
+            self._ensure_private_dir()
+            path = self.directory / "password"
+            try:
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(descriptor, "w") as handle:
+                    handle.write(secrets.token_urlsafe(32))
+            os.chmod(path, 0o600)
+            self._password = path.read_text().strip()
+        return self._password
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The redis:// URL, password included (a secret: show ``shown_url``)."""
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def shown_url(self) -> str:
+        return f"redis://:***@127.0.0.1:{self.port}/0"
+
+    def _ensure_private_dir(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)  # the AOF holds every queued post; the password file is here
 
     @property
     def running(self) -> bool:
@@ -74,6 +104,13 @@ class EmbeddedRedis:
                 "maxmemory-policy noeviction",
                 "logfile redis.log",
                 "daemonize no",
+                f"requirepass {self.password}",
+                # Commands no client of ours needs, and the ones an intruder uses to write files or load code.
+                'rename-command CONFIG ""',
+                'rename-command DEBUG ""',
+                'rename-command MODULE ""',
+                'rename-command SLAVEOF ""',
+                'rename-command REPLICAOF ""',
                 "",
             ]
         )
@@ -81,9 +118,12 @@ class EmbeddedRedis:
     def start(self) -> EmbeddedRedis:
         if self.running:
             return self
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._ensure_private_dir()
         config = self.directory / "redis.conf"
-        config.write_text(self._config())
+        descriptor = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the password
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(self._config())
+        os.chmod(config, 0o600)
         self._process = subprocess.Popen(
             [redis_server_binary(), str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -106,7 +146,7 @@ class EmbeddedRedis:
                 time.sleep(0.05)
         finally:
             client.close()
-        LOG.info("embedded redis on %s (AOF in %s)", self.url, self.directory)
+        LOG.info("embedded redis on %s (AOF in %s)", self.shown_url, self.directory)
         return self
 
     def stop(self, kill: bool = False) -> None:

@@ -38,7 +38,11 @@ def _alive(url: str) -> bool:
 def start_embedded_redis(settings: Settings) -> tuple[Settings, EmbeddedRedis]:
     """Start the project's own Redis in the data dir; returns settings pointing at it."""
     server = EmbeddedRedis(settings.redis_dir).start()
-    _url_file(settings).write_text(server.url)
+    url_file = _url_file(settings)
+    descriptor = os.open(url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the URL holds the password
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(server.url)
+    os.chmod(url_file, 0o600)
     return settings.model_copy(update={"redis_url": server.url}), server
 
 

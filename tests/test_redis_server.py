@@ -1,0 +1,49 @@
+"""The embedded Redis is not open to other local users (issue 12, H3): a password kept mode 0600 in a 0700 directory,
+no CONFIG (which lets a client make Redis write files anywhere), and the URL written for other commands 0600 too."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+import redis
+
+from deeptarget.redis_server import EmbeddedRedis
+from deeptarget.runtime import start_embedded_redis
+from tests.conftest import make_settings
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_embedded_redis_wants_its_password_and_refuses_config(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        anonymous = redis.Redis(host="127.0.0.1", port=server.port)
+        with pytest.raises(redis.AuthenticationError):
+            anonymous.set("k", "v")
+        anonymous.close()
+        client = redis.Redis.from_url(server.url)
+        assert client.ping()
+        with pytest.raises(redis.ResponseError, match="unknown command"):
+            client.execute_command("CONFIG", "SET", "dir", "/tmp")
+        with pytest.raises(redis.ResponseError, match="unknown command"):
+            client.execute_command("DEBUG", "SLEEP", "0")
+        client.close()
+        assert server.password not in server.shown_url
+        assert mode(tmp_path / "redis") == 0o700
+        assert mode(tmp_path / "redis" / "password") == 0o600 and mode(tmp_path / "redis" / "redis.conf") == 0o600
+    # The same directory keeps its password across restarts (the AOF and the clients' URLs stay valid).
+    with EmbeddedRedis(tmp_path / "redis") as again:
+        assert again.password == server.password
+
+
+def test_the_url_file_other_commands_read_is_private(tmp_path: Path) -> None:
+    settings, server = start_embedded_redis(make_settings(tmp_path / "data"))
+    try:
+        url_file = settings.redis_dir / "url"
+        assert mode(url_file) == 0o600 and url_file.read_text() == settings.redis_url
+        assert redis.Redis.from_url(url_file.read_text()).ping()
+    finally:
+        server.stop()
