@@ -359,15 +359,16 @@ async def measure(args: argparse.Namespace, console: Console, data_dir: Path) ->
     overrides: dict[str, object] = dict(item.split("=", 1) for item in args.set)
     if args.face_model != "none":
         overrides.setdefault("face_model_path", args.face_model)
+    image_port = free_port()  # named in image_hosts: the scraper fetches from no host it was not told of
     values = {"data_dir": data_dir, "api_key": SecretStr(api_key), "api_port": free_port(), "hashtags": [],
-              "accounts": [], **overrides}  # fmt: skip
+              "accounts": [], "image_hosts": [f"127.0.0.1:{image_port}"], **overrides}  # fmt: skip
     base = Settings(**values)  # type: ignore[arg-type]
     settings, redis_server = start_embedded_redis(base)
     pipeline = Pipeline(settings, data_dir / "logs")
     runs: list[Run] = []
     try:
         async with AsyncExitStack() as stack:
-            images_server = await stack.enter_async_context(AppServer(image_app(images), "127.0.0.1", 0))
+            images_server = await stack.enter_async_context(AppServer(image_app(images), "127.0.0.1", image_port))
             pipeline.start(console)
             api_url = f"http://{settings.api_host}:{settings.api_port}"
             await pipeline.wait_ready(api_url)

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     per_host_concurrency: int = Field(16, ge=1, description="Connections to any one host at a time (politeness).")
     target_concurrency: int = Field(4, ge=1)
     http_timeout_s: float = Field(20.0, gt=0)
+    image_hosts: list[str] = Field(
+        default_factory=lambda: ["*.cdninstagram.com", "*.fbcdn.net"],
+        description="Hosts images may be fetched from besides the source's own: patterns (public addresses, ports "
+        "80/443), or host:port / IP entries (trusted as named, private addresses too); '*' = any public host.",
+    )
     jsonl_feeds: list[str] = Field(
         default_factory=list, description="HTTP(S) URLs of partner feeds: JSON lines of posts, read each round."
     )

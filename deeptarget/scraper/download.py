@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from urllib.parse import urljoin
 
 import aiohttp
 from PIL import Image
@@ -17,10 +18,13 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from deeptarget.blobs import BlobStore
 from deeptarget.errors import CrawlStopped, ImageRejected
 from deeptarget.models.decode import check_pixels, sniff_image_type
+from deeptarget.scraper.fetch_policy import FetchPolicy, FetchRefused, NotPublicAddress
 
 LOG = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
+MAX_REDIRECTS = 3
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class _Transient(Exception):
@@ -42,6 +46,7 @@ class ImageDownloader:
         timeout_s: float = 20.0,
         retries: int = 3,
         stop: asyncio.Event | None = None,
+        policy: FetchPolicy | None = None,
     ) -> None:
         self.session = session
         self.blobs = blobs
@@ -50,6 +55,7 @@ class ImageDownloader:
         self.timeout_s = timeout_s
         self.retries = retries
         self.stop = stop or asyncio.Event()
+        self.policy = policy  # None: any URL (a library default for tests and notebooks; the crawler passes one)
 
     async def _sleep(self, seconds: float) -> None:
         """Tenacity's wait between tries, cut short by a stop (no new try starts after it)."""
@@ -79,10 +85,34 @@ class ImageDownloader:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _once(self, url: str) -> tuple[str, int]:
+        """One try: redirects are followed by hand, each hop checked against the fetch policy."""
+        for _ in range(MAX_REDIRECTS + 1):
+            self._allowed(url)
+            location = await self._get(url)
+            if isinstance(location, tuple):
+                return location
+            url = location
+        raise ImageRejected("too_many_redirects", f"more than {MAX_REDIRECTS}")
+
+    def _allowed(self, url: str) -> None:
+        if self.policy is None:
+            return
+        try:
+            self.policy.check(url)
+        except FetchRefused as err:
+            raise ImageRejected("not_allowed", str(err)) from None
+
+    async def _get(self, url: str) -> tuple[str, int] | str:
+        """The stored image (sha256, bytes), or the URL a redirect points to."""
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         writer = None
         try:
-            async with self.session.get(url, timeout=timeout) as response:
+            async with self.session.get(url, timeout=timeout, allow_redirects=False) as response:
+                if response.status in REDIRECTS:
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise ImageRejected("http_error", f"HTTP {response.status} without a Location")
+                    return urljoin(url, location)
                 if response.status >= 500 or response.status == 429:
                     raise _Transient(f"HTTP {response.status}")
                 if response.status != 200:
@@ -93,7 +123,7 @@ class ImageDownloader:
                     and not content_type.startswith("image/")
                     and content_type != "application/octet-stream"
                 ):
-                    raise ImageRejected("not_an_image", f"content-type {content_type}")
+                    raise ImageRejected("not_an_image", f"content-type {content_type[:80]}")
                 if response.content_length is not None and response.content_length > self.max_bytes:
                     raise ImageRejected("too_large", f"{response.content_length} bytes > {self.max_bytes}")
                 writer = self.blobs.writer()
@@ -113,11 +143,19 @@ class ImageDownloader:
                 self._check_pixels(writer.path)
                 size = writer.size
                 return writer.commit(), size
+        except aiohttp.ClientConnectorDNSError as err:
+            if isinstance(err.os_error, NotPublicAddress):  # refused at connect time: say nothing of the network
+                raise ImageRejected("not_allowed", "not an allowed host (no public address)") from None
+            raise _Transient(type(err).__name__) from None
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
-            raise _Transient(f"{type(err).__name__}: {err}") from err
+            raise _Transient(type(err).__name__) from None
+        except aiohttp.ClientResponseError as err:  # a broken answer (bad header lines, not HTTP): this post's
+            raise ImageRejected("bad_response", f"{type(err).__name__} (HTTP {err.status})") from None
         except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError, ValueError) as err:
             # One malformed URL is that post's problem, never the crawl's: before, it escaped and ended the run.
-            raise ImageRejected("bad_url", f"{type(err).__name__}: {str(err)[:200]}") from err
+            raise ImageRejected("bad_url", f"{type(err).__name__}: {str(err)[:200]}") from None
+        except aiohttp.ClientError as err:
+            raise ImageRejected("http_error", type(err).__name__) from None
         finally:
             if writer is not None:
                 writer.abort()

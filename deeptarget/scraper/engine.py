@@ -35,6 +35,7 @@ from deeptarget.scraper import instaloader
 from deeptarget.scraper.claims import Claim, PostClaims
 from deeptarget.scraper.cursors import CursorStore
 from deeptarget.scraper.download import DownloadDeferred, ImageDownloader
+from deeptarget.scraper.fetch_policy import FetchPolicy
 from deeptarget.scraper.graph import GraphApiClient, Page
 from deeptarget.scraper.instaloader import LocalImages
 from deeptarget.scraper.later import RetryLater
@@ -65,11 +66,13 @@ class _Connection:
 
     def __init__(self, crawler: Crawler) -> None:
         s = crawler.settings
+        policy = FetchPolicy.from_settings(s)
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(  # one pool, keep-alive, bounded overall and per host
                 limit=s.download_concurrency + s.target_concurrency,
                 limit_per_host=s.per_host_concurrency,
                 keepalive_timeout=30,
+                resolver=policy.resolver(),  # connects to public addresses only, but for the hosts configured
             )
         )
         tokens = TokenPool(
@@ -101,6 +104,7 @@ class _Connection:
             timeout_s=s.http_timeout_s,
             retries=s.http_retries,
             stop=crawler._stop,
+            policy=policy,
         )
 
 
@@ -405,7 +409,7 @@ class Crawler:
         lines: list[bytes] = []
         size, limit = 0, self.settings.max_feed_bytes
         timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout_s * 10)
-        async with session.get(url, timeout=timeout) as response:
+        async with session.get(url, timeout=timeout, allow_redirects=False) as response:
             if response.status != 200:
                 raise SourceError(f"HTTP {response.status}")
             async for line in response.content:
