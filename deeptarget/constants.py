@@ -29,6 +29,9 @@ scraper_stats_key = key_prefix + "stats:scraper"
 ingest_stream = key_prefix + "ingest"
 """STREAM of pushed posts (field ``post``: JSON) waiting for a scraper to fetch their images; group ``scrapers``."""
 
+ingest_dead_stream = key_prefix + "ingest:dead"
+"""STREAM of pushed entries delivered ``push.MAX_DELIVERIES`` times and never handled (fields entry, reason, post)."""
+
 ingest_later_key = key_prefix + "ingest:later"
 """ZSET of posts (JSON) whose download failed, scored by when they go back on the ingest stream (scraper/later.py)."""
 

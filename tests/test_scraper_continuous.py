@@ -18,7 +18,7 @@ from deeptarget import constants
 from deeptarget.config import Settings
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.schema import Owner, Post
-from deeptarget.scraper.push import IngestStream
+from deeptarget.scraper.push import MAX_DELIVERIES, IngestStream
 from tests.queue_messages import queued_post_refs
 from tests.test_scraper import assert_each_image_once, crawl_settings, server_stats
 
@@ -135,3 +135,23 @@ async def test_sigterm_starts_nothing_new_and_exits_fast_and_a_restart_collects_
     assert searches_after == [] and graph_calls_after_exit == 0
     offered = network.offered(settings.hashtags, settings.accounts, settings.hashtag_edge)
     assert_each_image_once(redis_client, stats, offered)
+
+
+async def test_a_pushed_entry_that_keeps_coming_back_unhandled_goes_to_the_dead_letters(redis_url: str) -> None:
+    """A poison pill must not come back forever (issue 12, H2): after MAX_DELIVERIES takes without an ack, the entry
+    is moved to deeptarget:ingest:dead with its reason, and the entries behind it go on."""
+    client = aioredis.Redis.from_url(redis_url)
+    stream = IngestStream(client)
+    try:
+        await stream.push([Post(id="poison", source="push", media_url="http://x.example/p.jpg")])
+        for _ in range(MAX_DELIVERIES):  # taken, and each time the scraper died before its ack
+            assert [p.id for _, p in await stream.take("dying", 10, idle_ms=0)] == ["poison"]
+        await stream.push([Post(id="innocent", source="push", media_url="http://x.example/i.jpg")])
+        taken = await stream.take("healthy", 10, idle_ms=0)
+        assert [p.id for _, p in taken] == ["innocent"]
+        dead = await client.xrange(constants.ingest_dead_stream)
+        assert len(dead) == 1 and b"delivered 6 times" in dead[0][1][b"reason"] and b"poison" in dead[0][1][b"post"]
+        await stream.ack([entry for entry, _ in taken])
+        assert await stream.backlog() == 0
+    finally:
+        await client.aclose()

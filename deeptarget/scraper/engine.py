@@ -541,8 +541,17 @@ class Crawler:
         posts = list({post.id: post for _, post in entries}.values())
         try:
             await self._handle_posts(downloader, posts)
-        except Exception:  # left pending: another take (ours after claim_ttl_s, or another scraper's) gets them
-            LOG.exception("pushed posts %s not handled; they stay on the ingest stream", [p.id for p in posts][:5])
+        except Exception:
+            # One post must not keep the others of its batch from going on: each alone, and what still fails stays
+            # pending (another take gets it after claim_ttl_s; after MAX_DELIVERIES it goes to the dead letters).
+            LOG.exception("a batch of %d pushed posts failed; handling them one by one", len(posts))
+            for entry, post in entries:
+                try:
+                    await self._handle_posts(downloader, [post])
+                except Exception:
+                    LOG.exception("pushed post %s not handled; it stays on the ingest stream", post.id[:100])
+                    continue
+                await self.ingest.ack([entry])
             return
         await self.stats.add("page:push")
         await self.ingest.ack([entry for entry, _ in entries])

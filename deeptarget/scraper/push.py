@@ -54,6 +54,7 @@ from deeptarget.schema import Owner, Post, hashtags_in, normalise_hashtag
 LOG = logging.getLogger(__name__)
 
 GROUP = "scrapers"
+MAX_DELIVERIES = 5  # a pushed entry taken this many times without an ack is a poison pill: dead letters
 MAX_LINE_BYTES = 64 * 1024
 MAX_ID_CHARS = 128
 MAX_CAPTION_CHARS = 2200  # Instagram's limit for a caption
@@ -551,7 +552,7 @@ class IngestStream:
         _, claimed, *_ = await self.redis.xautoclaim(
             constants.ingest_stream, GROUP, consumer, min_idle_time=idle_ms, start_id="0-0", count=count
         )
-        entries = list(claimed)
+        entries = await self._without_poison(list(claimed))
         if len(entries) < count:
             fresh = await self.redis.xreadgroup(
                 GROUP,
@@ -573,6 +574,25 @@ class IngestStream:
                 bad.append(key)
         await self.ack(bad)
         return out
+
+    async def _without_poison(self, claimed: list[Any]) -> list[Any]:
+        """Entries taken over from a consumer that never acknowledged them, less those delivered more than
+        ``MAX_DELIVERIES`` times: whatever fails on them would fail again, so they go to the ingest dead letters
+        (``deeptarget:ingest:dead``) with the reason, instead of coming back forever."""
+        kept = []
+        for entry_id, fields in claimed:
+            pending = await self.redis.xpending_range(constants.ingest_stream, GROUP, entry_id, entry_id, 1)
+            delivered = int(pending[0]["times_delivered"]) if pending else 0
+            if delivered <= MAX_DELIVERIES or not fields:
+                kept.append((entry_id, fields))
+                continue
+            key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            reason = f"delivered {delivered} times and never handled"
+            await self.redis.xadd(constants.ingest_dead_stream, {"entry": key, "reason": reason,
+                                  "post": fields.get(b"post", b"")}, maxlen=100_000, approximate=True)  # fmt: skip
+            await self.ack([key])
+            LOG.error("ingest entry %s %s: moved to %s", key, reason, constants.ingest_dead_stream)
+        return kept
 
     async def ack(self, entry_ids: list[str]) -> None:
         if entry_ids:
