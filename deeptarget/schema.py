@@ -8,8 +8,9 @@ import unicodedata
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MAX_COUNT = 2**63 - 1  # counts go into int64 columns (SQLite, PostgreSQL): one above would fail a whole batch
 _HASHTAG_RE = re.compile(r"#(\w+)", re.UNICODE)
 
 
@@ -43,7 +44,7 @@ class Owner(BaseModel):
 
     id: str
     username: str | None = None
-    followers_count: int | None = Field(None, ge=0)
+    followers_count: int | None = Field(None, ge=0, le=MAX_COUNT)
 
 
 class Post(BaseModel):
@@ -57,9 +58,16 @@ class Post(BaseModel):
     permalink: str | None = None
     caption: str | None = None
     hashtags: list[str] = Field(default_factory=list)
-    like_count: int | None = Field(None, ge=0)
-    comments_count: int | None = Field(None, ge=0)
+    like_count: int | None = Field(None, ge=0, le=MAX_COUNT)
+    comments_count: int | None = Field(None, ge=0, le=MAX_COUNT)
     timestamp: datetime | None = None
+
+    @field_validator("timestamp")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        """A time without an offset is taken as UTC: compared with aware ones it made every since/until query fail."""
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
     owner: Owner | None = None
 
     @property

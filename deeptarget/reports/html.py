@@ -20,6 +20,10 @@ from matplotlib.figure import Figure
 
 from deeptarget.versioned import atomic_write
 
+# Labels are data (scraped hashtags, usernames): a '$...$' in one must be shown, not parsed as mathtext, which
+# raised on malformed input and stopped every report that showed it (issue 12, M8).
+matplotlib.rcParams["text.parse_math"] = False
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
