@@ -76,8 +76,12 @@ def cmd_redis(args: argparse.Namespace) -> int:
         f"embedded Redis for {settings.data_dir} at {server.shown_url} (AOF in {settings.redis_dir}, password in "
         f"{settings.redis_dir / 'password'}); Ctrl-C stops it"
     )
+    # sigwait only receives signals that are blocked: unblocked, SIGTERM's default action killed this process at
+    # once and left its redis-server running (issue 12, L14).
+    signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        signal.sigwait(signals)
     finally:
         server.stop()
     return 0

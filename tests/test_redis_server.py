@@ -3,7 +3,11 @@ no CONFIG (which lets a client make Redis write files anywhere), and the URL wri
 
 from __future__ import annotations
 
+import os
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +51,27 @@ def test_the_url_file_other_commands_read_is_private(tmp_path: Path) -> None:
         assert redis.Redis.from_url(url_file.read_text()).ping()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_deeptarget_redis_stops_its_server_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    settings = make_settings(tmp_path / "data")
+    env = {**os.environ, **settings.to_env()}
+    env.pop("DEEPTARGET_REDIS_URL", None)
+    process = subprocess.Popen([sys.executable, "-m", "deeptarget", "redis"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline()]
+        while "Ctrl-C stops it" not in lines[-1]:
+            assert lines[-1], "".join(lines)
+            lines.append(process.stdout.readline())
+        url = (settings.redis_dir / "url").read_text()
+        assert redis.Redis.from_url(url).ping()
+        process.send_signal(sig)
+        assert process.wait(timeout=30) == 0
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    finally:
+        if process.poll() is None:
+            process.kill()
