@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -47,7 +48,20 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = Path(args.data_dir)
-    return Settings.load(Path(args.config) if args.config else None, **overrides)
+    settings = Settings.load(Path(args.config) if args.config else None, **overrides)
+    _private(settings.data_dir)
+    return settings
+
+
+def _private(data_dir: Path) -> None:
+    """The data dir holds the metadata store, the images, the Redis AOF and secrets: 0700, whatever the umask
+    (issue 12, L13: with umask 022 the store and the AOF were world-readable)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if data_dir.stat().st_uid == os.getuid():
+            os.chmod(data_dir, 0o700)
+    except OSError as err:  # a read-only or foreign dir: the command itself says what it cannot do
+        LOG.debug("data dir %s left as it is: %s", data_dir, err)
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -75,3 +75,13 @@ def test_deeptarget_redis_stops_its_server_on_a_signal(tmp_path: Path, sig: sign
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_the_data_dir_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    data_dir = tmp_path / "fresh" / "data"
+    done = subprocess.run([sys.executable, "-c", "import os, sys; os.umask(0o022); from deeptarget.cli import main; "
+                           f"sys.exit(main(['--data-dir', {str(data_dir)!r}, 'deadletter', 'list']))"],
+                          env={**os.environ, "DEEPTARGET_REDIS_URL": "redis://127.0.0.1:9/0"}, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert data_dir.is_dir(), done.stderr
+    assert mode(data_dir) == 0o700
