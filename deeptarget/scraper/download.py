@@ -19,6 +19,7 @@ from deeptarget.blobs import BlobStore
 from deeptarget.errors import CrawlStopped, ImageRejected
 from deeptarget.models.decode import check_pixels, sniff_image_type
 from deeptarget.scraper.fetch_policy import FetchPolicy, FetchRefused, NotPublicAddress
+from deeptarget.scraper.stopping import sleep_or_stop
 
 LOG = logging.getLogger(__name__)
 
@@ -59,11 +60,8 @@ class ImageDownloader:
 
     async def _sleep(self, seconds: float) -> None:
         """Tenacity's wait between tries, cut short by a stop (no new try starts after it)."""
-        try:
-            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
-        except TimeoutError:
-            return
-        raise DownloadDeferred("stop requested between download tries")
+        if await sleep_or_stop(self.stop, seconds):
+            raise DownloadDeferred("stop requested between download tries")
 
     async def __call__(self, url: str) -> tuple[str, int]:
         """Download ``url``; returns (sha256, bytes). Raises ``ImageRejected`` with the reason it gave up."""

@@ -43,6 +43,7 @@ from deeptarget.scraper.push import IngestStream, parse_posts
 from deeptarget.scraper.quota import HashtagQuota
 from deeptarget.scraper.sink import PostSink
 from deeptarget.scraper.stats import ScraperStats
+from deeptarget.scraper.stopping import sleep_or_stop
 from deeptarget.scraper.structures import MEDIA_FIELDS, is_image, is_video_album, posts_from_media
 from deeptarget.scraper.tokens import TokenPool
 
@@ -147,11 +148,7 @@ class Crawler:
 
     async def wait_stopped(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for a stop request; True if one came."""
-        try:
-            await asyncio.wait_for(self._stop.wait(), timeout=timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        return await sleep_or_stop(self._stop, timeout_s)
 
     async def __aenter__(self) -> Crawler:
         if self._connection is None:

@@ -46,6 +46,7 @@ from deeptarget.scraper.graph_errors import (
     classify,
     usage,
 )
+from deeptarget.scraper.stopping import sleep_or_stop
 from deeptarget.scraper.tokens import Lease, TokenPool
 
 LOG = logging.getLogger(__name__)
@@ -130,11 +131,8 @@ class GraphApiClient:
         if self.stop is None:
             await asyncio.sleep(seconds)
             return
-        try:
-            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
-        except TimeoutError:
-            return
-        raise CrawlStopped("stop requested during a retry's backoff")
+        if await sleep_or_stop(self.stop, seconds):
+            raise CrawlStopped("stop requested during a retry's backoff")
 
     async def _get_once(self, path: str, params: dict[str, str], lease: Lease, calls: list[str]) -> dict[str, Any]:
         url = path if path.startswith(("http://", "https://")) else self.base_url.rstrip("/") + "/" + path.lstrip("/")

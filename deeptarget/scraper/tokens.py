@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from deeptarget import constants
 from deeptarget.errors import CrawlStopped, SourceError
+from deeptarget.scraper.stopping import sleep_or_stop
 
 LOG = logging.getLogger(__name__)
 
@@ -99,11 +100,8 @@ class TokenPool:
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, or raise ``CrawlStopped`` as soon as a stop is requested (a wait for budget can last an hour)."""
-        try:
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
-        except TimeoutError:
-            return
-        raise CrawlStopped("stop requested while waiting for a token")
+        if await sleep_or_stop(self._stop, seconds):
+            raise CrawlStopped("stop requested while waiting for a token")
 
     def redact(self, text: str) -> str:
         """``text`` with every token value replaced by its fingerprint (for messages a server may have echoed)."""
