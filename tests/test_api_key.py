@@ -11,7 +11,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from pydantic import SecretStr
 
+from deeptarget.api.app import create_app
+from deeptarget.http_server import AppServer
 from tests.conftest import make_settings
 from tests.test_demo import free_port
 
@@ -48,3 +51,18 @@ def test_serve_refuses_a_short_key(tmp_path: Path, redis_url: str) -> None:
                           timeout=60, check=False)  # fmt: skip
     assert done.returncode != 0 and "shorter than 16 bytes" in done.stderr
     assert "short-key" not in done.stderr + done.stdout  # the secret itself is never shown
+
+
+async def test_with_redis_down_the_api_says_503_and_names_no_internal_address(tmp_path: Path) -> None:
+    """Issue 12, L3: /healthz echoed the Redis exception (internal host and port); writes answered 500."""
+    dead = free_port()  # nothing listens there
+    settings = make_settings(tmp_path / "data", f"redis://127.0.0.1:{dead}/0", api_key=SecretStr("k" * 16))
+    record = b'{"id": "p1", "media_url": "https://scontent.cdninstagram.com/p1.jpg"}'
+    async with AppServer(create_app(settings)) as server, aiohttp.ClientSession() as http:
+        async with http.get(f"{server.url}/healthz") as response:
+            assert response.status == 503
+            body = await response.text()
+        async with http.post(f"{server.url}/ingest", data=record, headers={"X-API-Key": "k" * 16}) as response:
+            assert response.status == 503, await response.text()
+            assert str(dead) not in await response.text()
+    assert str(dead) not in body and "127.0.0.1" not in body

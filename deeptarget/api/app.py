@@ -31,6 +31,8 @@ import prometheus_client
 import redis.asyncio as aioredis
 from aiohttp import web
 from celery import Celery
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
 
 from deeptarget import constants
 from deeptarget.api.models import (
@@ -95,6 +97,9 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
         response = _error(503, str(err))
     except DeepTargetError as err:
         response = _error(400, str(err))
+    except (RedisError, KombuOperationalError) as err:  # a dependency is down: retry later, not a bug of ours
+        LOG.warning("%s %s: Redis unavailable (%s)", request.method, route, type(err).__name__)
+        response = _error(503, "a dependency is unavailable (Redis); try again shortly")
     REQUESTS.labels(route, str(response.status)).observe(loop.time() - started)
     return response
 
@@ -258,8 +263,8 @@ async def healthz(request: web.Request) -> web.Response:
     redis_state: bool | str
     try:
         redis_state = bool(await asyncio.wait_for(request.app[REDIS_KEY].ping(), timeout=2))
-    except Exception as err:  # any failure to ping is "down", reported with its reason
-        redis_state = f"down: {type(err).__name__}: {err}"
+    except Exception as err:  # any failure to ping is "down"; its text would name internal hosts and ports
+        redis_state = f"down: {type(err).__name__}"
         healthy = False
     index = request.app[SERVICE_KEY].snapshots.get()
     index_state: dict[str, object] | str = "no snapshot yet"
