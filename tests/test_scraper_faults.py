@@ -144,7 +144,11 @@ async def test_duplicates_across_pages_are_fetched_once(
 ) -> None:
     counts, stats, sandbox = await crawl_with(Faults(duplicate_across_pages=True), tmp_path, redis_url)
     assert_complete_and_polite(redis_client, stats, sandbox)
-    assert counts["duplicate"] > len(everything(sandbox))  # met by account and hashtag, plus the repeats
+    # Each post is met by its account and its hashtags, and again on the page after its own. A second meeting counts
+    # as a duplicate when the first one has finished, as held elsewhere while the first is still downloading (the
+    # account and hashtag walks run concurrently): which one depends on timing, their sum does not.
+    met_again = counts.get("duplicate", 0) + counts.get("held_elsewhere", 0)
+    assert met_again > len(everything(sandbox))
 
 
 async def test_a_looping_cursor_ends_the_target_instead_of_crawling_forever(
