@@ -218,7 +218,7 @@ MIN_API_KEY_BYTES = 16
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deeptarget.api.app import create_app
+    from deeptarget.api.app import create_app, server_limits
     from deeptarget.http_server import AppServer
     from deeptarget.runtime import connect_redis, wait_for_signal
 
@@ -232,7 +232,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = connect_redis(settings)
 
     async def serve() -> None:
-        async with AppServer(create_app(settings), settings.api_host, settings.api_port) as server:
+        limits = server_limits(settings)  # slow or greedy clients cannot hold every connection
+        async with AppServer(create_app(settings), settings.api_host, settings.api_port, limits) as server:
             print(f"deeptarget API at {server.url}", flush=True)
             await wait_for_signal()
 

@@ -191,6 +191,21 @@ class Settings(BaseSettings):
         "`deeptarget serve` refuses one shorter than 16 bytes.",
     )
     max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    api_header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection must send a request's headers within this long of opening (or of its "
+        "previous answer); idle keep-alive connections close after it too.",
+    )  # fmt: skip
+    api_body_timeout_s: float = Field(30.0, gt=0, description="A request body must arrive whole this fast (else 408).")
+    api_max_connections_per_client: int = Field(
+        32, ge=1, description="Connections one client address may hold open; one more is answered 503 and closed."
+    )
+    api_max_ingest_records: int = Field(10_000, ge=1, description="Records one POST /ingest may carry (more: 413).")
+    api_decode_concurrency: int = Field(
+        0, ge=0, description="Uploaded images decoded and embedded at once; 0 = max(2, cores)."
+    )
+    api_decode_wait_s: float = Field(
+        2.0, ge=0, description="How long an upload waits for a decode slot before a 503 with Retry-After."
+    )
 
     # -- sandbox --------------------------------------------------------------------------------------------------
     sandbox_seed: int = 7

@@ -1,34 +1,159 @@
-"""Serve an aiohttp application from inside a running event loop (sandbox, API, tests)."""
+"""Serve an aiohttp application from inside a running event loop (sandbox, API, tests).
+
+``ServerLimits`` guards a server from clients that hold connections open (slowloris): a connection has
+``header_timeout_s`` to send its first request's headers (aiohttp's keep-alive timeout, set to the same, bounds the
+wait for each later request's), and one client address may hold at most ``max_per_client`` connections; one more is
+answered 503 and closed at once, before it costs a file descriptor for longer than that. Bodies are the
+application's to bound (the API reads them under a deadline).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from aiohttp import web
+
+LOG = logging.getLogger(__name__)
+
+_REFUSAL = b'{"error": "too many connections from this address: close some first", "reason": "too_many_connections"}'
+_TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
+    b"Server: deeptarget\r\nContent-Length: %d\r\n\r\n%s" % (len(_REFUSAL), _REFUSAL)
+)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    header_timeout_s: float | None = None  # None: aiohttp's defaults (no bound on the first request's headers)
+    max_per_client: int | None = None  # None: no cap per client address
+
+
+class _ConnectionGuard:
+    """Counts open connections per client address and wraps each new protocol in a ``_Guarded``."""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], limits: ServerLimits) -> None:
+        self.factory = factory
+        self.limits = limits
+        self.open: Counter[str] = Counter()
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Guarded(self, self.factory())
+
+    def admit(self, peer: str) -> bool:
+        if self.limits.max_per_client is not None and self.open[peer] >= self.limits.max_per_client:
+            return False
+        self.open[peer] += 1
+        return True
+
+    def release(self, peer: str) -> None:
+        self.open[peer] -= 1
+        if self.open[peer] <= 0:
+            del self.open[peer]
+
+
+class _Guarded(asyncio.Protocol):
+    """aiohttp's protocol, behind a per-client cap and a deadline on the first request's headers."""
+
+    def __init__(self, guard: _ConnectionGuard, inner: asyncio.Protocol) -> None:
+        self._guard = guard
+        self._inner: asyncio.Protocol | None = inner
+        self._peer = ""
+        self._transport: asyncio.BaseTransport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._tail = b""  # the last bytes seen, so a header end split across reads is found
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        self._transport = transport
+        if not self._guard.admit(self._peer):
+            LOG.warning("refused a connection: %s holds %d already", self._peer, self._guard.limits.max_per_client)
+            self._inner = None
+            transport.write(_TOO_MANY)  # type: ignore[attr-defined]
+            transport.close()
+            return
+        timeout = self._guard.limits.header_timeout_s
+        if timeout is not None:
+            self._deadline = asyncio.get_running_loop().call_later(timeout, self._too_slow)
+        self._inner.connection_made(transport)  # type: ignore[union-attr]
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self._transport is not None:
+            LOG.info("closed a connection from %s: no complete request headers in time", self._peer)
+            self._transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is None:
+            return
+        if self._deadline is not None:
+            seen = self._tail + data
+            if b"\r\n\r\n" in seen or b"\n\n" in seen:  # the headers are in: from here on the app's deadlines hold
+                self._deadline.cancel()
+                self._deadline = None
+            self._tail = seen[-3:]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._transport = None
+        if self._inner is not None:
+            self._guard.release(self._peer)
+            inner, self._inner = self._inner, None
+            inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
 
 
 class AppServer:
     """``async with AppServer(app, host, port) as server``; port 0 picks a free one, ``server.url`` tells it."""
 
-    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, app: web.Application, host: str = "127.0.0.1", port: int = 0, limits: ServerLimits | None = None
+    ) -> None:
         self.app = app
         self.host = host
         self.port = port
+        self.limits = limits or ServerLimits()
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> AppServer:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        handler_args = {}
+        if self.limits.header_timeout_s is not None:  # also closes idle keep-alive connections after that long
+            handler_args["keepalive_timeout"] = self.limits.header_timeout_s
+        self._runner = web.AppRunner(self.app, access_log=None, **handler_args)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server  # aiohttp keeps the bound socket here; it is how port 0 becomes a real port
-        if server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]
+        assert self._runner.server is not None
+        guard = _ConnectionGuard(self._runner.server, self.limits)
+        self._server = await asyncio.get_running_loop().create_server(guard, self.host, self.port, backlog=128)
+        if self._server.sockets:
+            self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()  # no new connections; the runner then closes the open ones
+            self._server = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

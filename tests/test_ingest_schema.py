@@ -299,7 +299,8 @@ async def test_a_json_array_or_one_object_is_taken_too_and_nothing_good_is_a_400
         {"line": 3, "reason": "expected a JSON object, got int"},
     ]
     pretty = json.dumps({"id": "o1", "media_url": URL, "hashtags": ["#Y"]}, indent=2).encode()
-    assert (await ingest(api, pretty, "application/json")) == (202, {"accepted": 1, "rejected": []})
+    expected = {"accepted": 1, "rejected_count": 0, "rejected": []}
+    assert (await ingest(api, pretty, "application/json")) == (202, expected)
     assert [(p.id, p.hashtags) for p in streamed(redis_client)] == [("a1", ["x"]), ("o1", ["y"])]
 
     status, answer = await ingest(api, line(user_id="7").encode(), "application/json")
@@ -354,7 +355,7 @@ async def test_the_openapi_document_describes_the_ingest_body_from_the_model(
     ingest_body = {"$ref": "#/components/schemas/IngestBody"}
     assert operation["responses"]["202"]["content"]["application/json"]["schema"] == ingest_body
     assert ingest_body in operation["responses"]["400"]["content"]["application/json"]["schema"]["anyOf"]
-    assert set(schemas["IngestBody"]["properties"]) == {"accepted", "rejected"}
+    assert set(schemas["IngestBody"]["properties"]) == {"accepted", "rejected_count", "rejected"}
     assert set(schemas["BadRecordBody"]["properties"]) == {"line", "reason"}
     assert operation["security"] == [{"ApiKey": []}]
     assert refs_in(document) <= {f"#/components/schemas/{name}" for name in schemas}  # every $ref resolves

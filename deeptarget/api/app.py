@@ -13,8 +13,11 @@
 - ``GET  /healthz``                  Redis and index state; 503 when something is down
 - ``GET  /metrics``                  Prometheus;  ``GET /openapi.json``: this API's OpenAPI document
 
-Errors are JSON: ``{"error": "...", "reason": "..."}``. Uploads are limited in bytes (413) and pixels (422). Write
-endpoints need the ``X-API-Key`` header to equal ``settings.api_key``; without a configured key they are off (403).
+Errors are JSON: ``{"error": "...", "reason": "..."}``, any malformed body included (400). Uploads are limited in
+bytes (413) and pixels (422), and decoded a few at a time (503 with Retry-After when all slots stay busy); a body
+must arrive within ``api_body_timeout_s`` (408). Write endpoints need the ``X-API-Key`` header to equal
+``settings.api_key``; without a configured key they are off (403). ``server_limits`` gives ``deeptarget serve`` its
+connection guards (header timeout, connections per client).
 """
 
 from __future__ import annotations
@@ -22,20 +25,24 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from typing import Any
 
 import prometheus_client
 import redis.asyncio as aioredis
-from aiohttp import web
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
 from deeptarget import constants
 from deeptarget.api.models import (
+    MAX_REJECTED_SHOWN,
     AudienceBody,
     AudienceMember,
     BadRecordBody,
@@ -57,6 +64,7 @@ from deeptarget.errors import (
     ModelNotReadyError,
     NotFoundError,
 )
+from deeptarget.http_server import ServerLimits
 from deeptarget.query import Neighbour, PostFilter, QueryService
 from deeptarget.schema import Profile
 from deeptarget.scraper.push import IngestStream, PushedPost, body_records, parse_posts
@@ -67,15 +75,49 @@ SERVICE_KEY = web.AppKey("service", QueryService)
 SETTINGS_KEY = web.AppKey("settings", Settings)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 CELERY_KEY = web.AppKey("celery", Celery)
+DECODES_KEY = web.AppKey("decodes", asyncio.Semaphore)
 
 REQUESTS = prometheus_client.Histogram(
     "deeptarget_api_request_seconds", "API latency by route and status", ["route", "status"]
 )
 MAX_K = 1000
+MAX_MIN_POSTS = 1_000_000
+BUSY_RETRY_AFTER_S = 1
+UPLOAD_CHUNK = 256 * 1024
+# What aiohttp's multipart reader raises on a body that does not match its Content-Type (a bad or missing
+# boundary, a truncated part, garbage): the client's mistake, a 400.
+_MALFORMED_MULTIPART = (ValueError, LookupError, AssertionError, HttpProcessingError, web.RequestPayloadError)
+
+
+class ApiError(Exception):
+    """An answer with a status, a message and a short stable reason (and headers, e.g. Retry-After)."""
+
+    def __init__(
+        self, status: int, message: str, reason: str, headers: dict[str, str] | None = None, close: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+        self.headers = headers or {}
+        self.close = close  # the body is broken or too slow: answer, then close instead of reading the rest
 
 
 def _error(status: int, message: str, reason: str | None = None) -> web.Response:
     return web.json_response({"error": message, "reason": reason}, status=status)
+
+
+def _from_http_exception(err: web.HTTPException) -> web.Response:
+    # aiohttp's default text is "<status>: <reason>"; a text given by a handler is the better message.
+    explicit = err.text and not err.text.startswith(f"{err.status}:")
+    response = _error(err.status, err.text if explicit else err.reason, _REASONS.get(err.status))
+    for name, value in err.headers.items():  # Allow (405), Retry-After...: the body is ours, the headers stay
+        if name.lower() not in ("content-type", "content-length"):
+            response.headers.add(name, value)
+    return response
+
+
+_REASONS = {405: "method_not_allowed", 413: "too_large"}
 
 
 @web.middleware
@@ -86,9 +128,12 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
     try:
         response = await handler(request)
     except web.HTTPException as err:
-        # aiohttp's default text is "<status>: <reason>"; a text given by a handler is the better message.
-        explicit = err.text and not err.text.startswith(f"{err.status}:")
-        response = _error(err.status, err.text if explicit else err.reason)
+        response = _from_http_exception(err)
+    except ApiError as err:
+        response = _error(err.status, err.message, err.reason)
+        response.headers.update(err.headers)
+        if err.close:
+            response = await _answer_and_close(request, response)
     except ImageRejected as err:
         response = _error(413 if err.reason == "too_large" else 422, str(err), err.reason)
     except NotFoundError as err:
@@ -104,56 +149,158 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
     return response
 
 
-def _int_param(request: web.Request, name: str, default: int, low: int = 1, high: int = MAX_K) -> int:
-    raw = request.query.get(name)
+async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send the answer now and close the connection, instead of aiohttp lingering on to read the rest of the body."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()
+    return response
+
+
+async def server_name(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "deeptarget"  # not aiohttp's name and version
+
+
+def _int_param(request: web.Request, param: Param) -> int:
+    raw = request.query.get(param.name)
     if raw is None:
-        return default
+        assert isinstance(param.default, int)
+        return param.default
     try:
         value = int(raw)
     except ValueError:
-        raise web.HTTPBadRequest(text=f"{name} must be an integer") from None
-    if not low <= value <= high:
-        raise web.HTTPBadRequest(text=f"{name} must be between {low} and {high}")
+        raise web.HTTPBadRequest(text=f"{param.name} must be an integer") from None
+    _check_bounds(param, value)
     return value
 
 
-def _float_param(request: web.Request, name: str, default: float) -> float:
-    raw = request.query.get(name)
+def _float_param(request: web.Request, param: Param) -> float:
+    raw = request.query.get(param.name)
+    if raw is None:
+        assert isinstance(param.default, float)
+        return param.default
     try:
-        return default if raw is None else float(raw)
+        value = float(raw)
     except ValueError:
-        raise web.HTTPBadRequest(text=f"{name} must be a number") from None
+        raise web.HTTPBadRequest(text=f"{param.name} must be a number") from None
+    if not math.isfinite(value):  # NaN passes every comparison, so it would pass the bounds too
+        raise web.HTTPBadRequest(text=f"{param.name} must be a finite number")
+    _check_bounds(param, value)
+    return value
+
+
+def _check_bounds(param: Param, value: float) -> None:
+    low = -math.inf if param.minimum is None else param.minimum
+    high = math.inf if param.maximum is None else param.maximum
+    if not low <= value <= high:
+        raise web.HTTPBadRequest(text=f"{param.name} must be between {param.minimum} and {param.maximum}")
+
+
+def _bool_param(request: web.Request, param: Param) -> bool | None:
+    raw = request.query.get(param.name)
+    if raw not in (None, "true", "false"):
+        raise web.HTTPBadRequest(text=f"{param.name} must be true or false")
+    return None if raw is None else raw == "true"
 
 
 def _post_filter(request: web.Request) -> PostFilter:
-    has_face = request.query.get("has_face")
-    if has_face not in (None, "true", "false"):
-        raise web.HTTPBadRequest(text="has_face must be true or false")
+    face = _bool_param(request, _HAS_FACE)
     query = request.query
     try:
-        face = None if has_face is None else has_face == "true"
         return PostFilter.parse(query.get("hashtag"), query.get("since"), query.get("until"), face)
-    except ValueError as err:
+    except (ValueError, OverflowError) as err:
         raise web.HTTPBadRequest(text=str(err)) from None
+
+
+@asynccontextmanager
+async def _body_deadline(request: web.Request) -> AsyncIterator[None]:
+    """The body must arrive whole within ``api_body_timeout_s`` (a client trickling it holds a connection), and be
+    readable (a broken chunked or gzip encoding is the client's fault)."""
+    timeout = request.app[SETTINGS_KEY].api_body_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError:
+        raise ApiError(
+            408, f"the request body did not arrive within {timeout:g} s", "body_timeout", close=True
+        ) from None
+    except web.RequestPayloadError as err:
+        raise ApiError(
+            400, f"the request body cannot be read: {_first_line(err)}", "unreadable_body", close=True
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[-1].strip()[:200] if str(err).strip() else type(err).__name__
 
 
 async def _upload(request: web.Request) -> bytes:
     """The uploaded image: multipart field ``image`` (or the first file), or the raw body."""
-    if request.content_type.startswith("multipart/"):
-        reader = await request.multipart()
-        async for part in reader:
-            if getattr(part, "filename", None) or getattr(part, "name", None) == "image":
-                return await part.read(decode=False)  # type: ignore[union-attr]
-        raise web.HTTPBadRequest(text="multipart upload without an 'image' part")
-    data = await request.read()
+    async with _body_deadline(request):
+        if request.content_type.startswith("multipart/"):
+            return await _multipart_image(request)
+        data = await request.read()
     if not data:
         raise web.HTTPBadRequest(text="empty upload: send the image as the body or as multipart field 'image'")
     return data
 
 
+async def _multipart_image(request: web.Request) -> bytes:
+    limit = request.app[SETTINGS_KEY].max_upload_bytes
+    read = 0
+    try:
+        reader = await request.multipart()
+        async for part in reader:
+            if not isinstance(part, BodyPartReader):  # a nested multipart: not an image
+                continue
+            wanted = bool(part.filename) or part.name == "image"
+            chunks = []
+            while chunk := await part.read_chunk(UPLOAD_CHUNK):
+                read += len(chunk)
+                if read > limit:  # parts are counted as they come, skipped ones too: no part is read whole first
+                    raise ImageRejected("too_large", f"the upload is over {limit} bytes")
+                if wanted:
+                    chunks.append(chunk)
+            if wanted:
+                return b"".join(chunks)
+    except web.HTTPRequestEntityTooLarge:
+        raise ImageRejected("too_large", f"the upload is over {limit} bytes") from None
+    except _MALFORMED_MULTIPART as err:
+        raise ApiError(
+            400, f"malformed multipart body: {_first_line(err)}", "malformed_multipart", close=True
+        ) from None
+    raise web.HTTPBadRequest(text="multipart upload without an 'image' part")
+
+
 async def _run(func: Callable[..., Any], *args: Any) -> Any:
     """Model and index work runs off the event loop (torch and FAISS release the GIL)."""
     return await asyncio.get_running_loop().run_in_executor(None, func, *args)
+
+
+async def _decode(request: web.Request, func: Callable[..., Any], *args: Any) -> Any:
+    """Image work (decode, embed) for an upload, at most ``api_decode_concurrency`` at once: an upload that finds no
+    slot within ``api_decode_wait_s`` is answered 503 with Retry-After, not queued without bound."""
+    slots = request.app[DECODES_KEY]
+    if not await _acquire(slots, request.app[SETTINGS_KEY].api_decode_wait_s):
+        raise ApiError(503, "busy decoding other uploads: try again shortly", "busy",
+                       {"Retry-After": str(BUSY_RETRY_AFTER_S)})  # fmt: skip
+    try:
+        return await _run(func, *args)
+    finally:
+        slots.release()
+
+
+async def _acquire(slots: asyncio.Semaphore, wait_s: float) -> bool:
+    if not slots.locked():
+        return await slots.acquire()  # a free slot: taken at once
+    if wait_s <= 0:
+        return False
+    try:
+        return await asyncio.wait_for(slots.acquire(), timeout=wait_s)
+    except TimeoutError:
+        return False
 
 
 def _neighbours(results: list[Neighbour]) -> list[NeighbourBody]:
@@ -168,23 +315,23 @@ async def similar_by_post(request: web.Request) -> web.Response:
     post_id = request.query.get("post_id")
     if not post_id:
         raise web.HTTPBadRequest(text="post_id is required (or POST an image)")
-    k = _int_param(request, "k", 10)
+    k = _int_param(request, _K)
     results = await _run(request.app[SERVICE_KEY].similar_to_post, post_id, k, _post_filter(request))
     return _json(SimilarBody(post_id=post_id, results=_neighbours(results)))
 
 
 async def similar_by_image(request: web.Request) -> web.Response:
-    k = _int_param(request, "k", 10)
+    k = _int_param(request, _K)
     where = _post_filter(request)
     data = await _upload(request)
-    results = await _run(request.app[SERVICE_KEY].similar_to_image, data, k, where)
+    results = await _decode(request, request.app[SERVICE_KEY].similar_to_image, data, k, where)
     return _json(SimilarBody(results=_neighbours(results)))
 
 
 async def hashtags(request: web.Request) -> web.Response:
-    n = _int_param(request, "n", 10)
+    n = _int_param(request, _N)
     data = await _upload(request)
-    tags, neighbours = await _run(request.app[SERVICE_KEY].suggest_hashtags, data, n)
+    tags, neighbours = await _decode(request, request.app[SERVICE_KEY].suggest_hashtags, data, n)
     scored = [HashtagScore(hashtag=t, score=round(s, 6)) for t, s in tags]
     return _json(HashtagsBody(hashtags=scored, neighbours=[nb.post_id for nb in neighbours]))
 
@@ -201,10 +348,10 @@ async def audiences(request: web.Request) -> web.Response:
     key, members = await _run(
         request.app[SERVICE_KEY].audience,
         interest,
-        _float_param(request, "min_score", 0.0),
-        _int_param(request, "min_posts", 1, 1, 1_000_000),
-        _int_param(request, "limit", 100),
-        request.query.get("exclude_outliers", "false") == "true",
+        _float_param(request, _MIN_SCORE),
+        _int_param(request, _MIN_POSTS),
+        _int_param(request, _LIMIT),
+        bool(_bool_param(request, _EXCLUDE_OUTLIERS)),
     )
     users = [
         AudienceMember(
@@ -221,21 +368,32 @@ async def audiences(request: web.Request) -> web.Response:
     return _json(AudienceBody(interest=key, users=users))
 
 
+def _ingest_records(body: bytes, limit: int) -> Sequence[str | bytes]:
+    records = body_records(body)
+    count = sum(1 for r in records if r.strip())
+    if count > limit:
+        raise ApiError(413, f"{count} records in one request; at most {limit}: split the batch", "too_many_records")
+    return records
+
+
 async def ingest(request: web.Request) -> web.Response:
-    """Posts (each a ``PushedPost``) as JSON lines, one JSON object or a JSON array; each validated alone, the good
-    ones queued for the scraper. 202 when any was queued, else 400; both answer each rejected record's reason."""
-    body = await request.read()
+    """Posts (each a ``PushedPost``) as JSON lines, one JSON object or a JSON array; each validated alone (off the
+    event loop), the good ones queued for the scraper. 202 when any was queued, else 400; both count the rejected
+    records and give the first ``MAX_REJECTED_SHOWN`` with their reasons."""
+    async with _body_deadline(request):
+        body = await request.read()
     if not body.strip():
         raise web.HTTPBadRequest(text="empty body: send posts as JSON lines with at least id and media_url")
     try:
-        records = await _run(body_records, body)
+        records = await _run(_ingest_records, body, request.app[SETTINGS_KEY].api_max_ingest_records)
     except ValueError as err:
         raise web.HTTPBadRequest(text=str(err)) from None
     posts, bad = await _run(parse_posts, records)
     if posts:
         await IngestStream(request.app[REDIS_KEY]).push(posts)
-    rejected = [BadRecordBody(line=b.line, reason=b.reason) for b in bad]
-    return _json(IngestBody(accepted=len(posts), rejected=rejected), status=202 if posts else 400)
+    rejected = [BadRecordBody(line=b.line, reason=b.reason) for b in bad[:MAX_REJECTED_SHOWN]]
+    answer = IngestBody(accepted=len(posts), rejected_count=len(bad), rejected=rejected)
+    return _json(answer, status=202 if posts else 400)
 
 
 async def delete_post(request: web.Request) -> web.Response:
@@ -282,46 +440,54 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document(OPERATIONS))
 
 
-_K = Param("k", "integer", f"how many results (1..{MAX_K}, default 10)")
+_K = Param("k", "integer", "how many results", minimum=1, maximum=MAX_K, default=10)
+_N = Param("n", "integer", "how many hashtags", minimum=1, maximum=MAX_K, default=10)
+_HAS_FACE = Param("has_face", "boolean", "only posts with (true) or without (false) a face")
 _FILTERS = (
     Param("hashtag", "string", "only posts with this hashtag"),
     Param("since", "string", "only posts from this ISO date/time on", format="date-time"),
     Param("until", "string", "only posts before this ISO date/time", format="date-time"),
-    Param("has_face", "boolean", "only posts with (true) or without (false) a face"),
+    _HAS_FACE,
 )
+_MIN_SCORE = Param("min_score", "number", "the least share of the interest", minimum=0.0, maximum=1.0, default=0.0)
+_MIN_POSTS = Param("min_posts", "integer", "the least number of posts a user must have", minimum=1,
+                   maximum=MAX_MIN_POSTS, default=1)  # fmt: skip
+_LIMIT = Param("limit", "integer", "how many users", minimum=1, maximum=MAX_K, default=100)
+_EXCLUDE_OUTLIERS = Param("exclude_outliers", "boolean", "leave out accounts whose follower count is an outlier")
+_UPLOAD_ERRORS = (400, 408, 413, 422, 503)
 OPERATIONS: list[Operation] = [
     Operation("get", "/similar", "Posts most similar to an indexed post", SimilarBody,
-              (Param("post_id", "string", "the query post", required=True), _K, *_FILTERS), errors=(400, 404, 503)),
+              (Param("post_id", "string", "the query post", required=True, min_length=1), _K, *_FILTERS),
+              errors=(400, 404, 503)),
     Operation("post", "/similar", "Posts most similar to an uploaded image", SimilarBody, (_K, *_FILTERS),
-              upload=True, errors=(400, 413, 422, 503)),
-    Operation("post", "/hashtags", "Hashtags suggested for an uploaded image", HashtagsBody,
-              (Param("n", "integer", "how many hashtags (default 10)"),), upload=True, errors=(400, 413, 422, 503)),
+              upload=True, errors=_UPLOAD_ERRORS),
+    Operation("post", "/hashtags", "Hashtags suggested for an uploaded image", HashtagsBody, (_N,), upload=True,
+              errors=_UPLOAD_ERRORS),
     Operation("get", "/users/{user}", "A user's interest profile", Profile,
               (Param("user", "string", "user id or username", where="path"),), errors=(404,)),
     Operation("get", "/audiences", "The users most into an interest, ranked by their share of it", AudienceBody, (
-        Param("interest", "string", "a class (sushi, or head:class) or a hashtag (#sushi)", required=True),
-        Param("min_score", "number", "the least share of the interest (0..1)"),
-        Param("min_posts", "integer", "the least number of posts a user must have"),
-        Param("limit", "integer", f"how many users (1..{MAX_K}, default 100)"),
-        Param("exclude_outliers", "boolean", "leave out accounts whose follower count is an outlier"),
+        Param("interest", "string", "a class (sushi, or head:class) or a hashtag (#sushi)", required=True,
+              min_length=1),
+        _MIN_SCORE, _MIN_POSTS, _LIMIT, _EXCLUDE_OUTLIERS,
     ), errors=(400, 404)),
     Operation("post", "/train/hashtags", "Refit the hashtag model now (a task on the train queue)", TaskAcceptedBody,
-              write=True, errors=()),
+              write=True, status=202, errors=(503,)),
     Operation("post", "/index/snapshot", "Snapshot the index now (a task on the index queue)", TaskAcceptedBody,
-              write=True, errors=()),
+              write=True, status=202, errors=(503,)),
     Operation("post", "/ingest", "Queue posts (JSON lines, a JSON object or an array, each with id and media_url) "
-              "for the scraper; bad records are reported by line", IngestBody, write=True, errors=(400, 413),
+              "for the scraper; bad records are reported by line", IngestBody, write=True, errors=(400, 408, 413, 503),
               request=PushedPost, request_lines=True, status=202, request_description=(
                   "Posts for the scraper to fetch, each validated alone: a bad one is rejected with its line (or "
                   "array position) and reason, the others are queued. Unknown fields are rejected; without "
-                  "hashtags, the caption's #tags are used. Each line (or element) is at most 64 KiB."),
+                  "hashtags, the caption's #tags are used. Each line (or element) is at most 64 KiB; a request "
+                  "carries at most api_max_ingest_records records (10000 by default; more: 413)."),
               error_models=((400, IngestBody, "Nothing queued: every record was rejected (IngestBody, with each "
                              "one's reason), or the body is empty or not a JSON array (ErrorBody)"),)),
     Operation("delete", "/posts/{post_id}", "Delete a post: forgotten by the store, removed from the index",
-              DeletedBody, (Param("post_id", "string", "the post", where="path"),), write=True, errors=(404,)),
+              DeletedBody, (Param("post_id", "string", "the post", where="path"),), write=True, errors=(404, 503)),
     Operation("get", "/healthz", "Redis and index state", HealthBody, errors=(503,)),
-    Operation("get", "/metrics", "Prometheus metrics (text format)", None, errors=()),
-    Operation("get", "/openapi.json", "This document", None, errors=()),
+    Operation("get", "/metrics", "Prometheus metrics (text format)", None, errors=(), text=True),
+    Operation("get", "/openapi.json", "This document", None, errors=(), document=True),
 ]  # fmt: skip
 HANDLERS: dict[tuple[str, str], Callable[[web.Request], Awaitable[web.Response]]] = {
     ("get", "/similar"): similar_by_post,
@@ -343,8 +509,9 @@ def _requires_key(settings: Settings, handler: Callable[[web.Request], Awaitable
     async def checked(request: web.Request) -> web.Response:
         if settings.api_key is None or not settings.api_key.get_secret_value().strip():
             raise web.HTTPForbidden(text="write endpoints are disabled: set DEEPTARGET_API_KEY on the API")
-        given = request.headers.get(API_KEY_HEADER, "")
-        if not hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):
+        # aiohttp reads header bytes as UTF-8 with surrogateescape: any bytes at all come back out as they went in.
+        given = request.headers.get(API_KEY_HEADER, "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, settings.api_key.get_secret_value().encode()):
             raise web.HTTPUnauthorized(text=f"this endpoint needs the {API_KEY_HEADER} header with the API key")
         return await handler(request)
 
@@ -354,6 +521,8 @@ def _requires_key(settings: Settings, handler: Callable[[web.Request], Awaitable
 def create_app(settings: Settings, service: QueryService | None = None) -> web.Application:
     app = web.Application(client_max_size=settings.max_upload_bytes, middlewares=[errors_as_json])
     app[SETTINGS_KEY] = settings
+    app[DECODES_KEY] = asyncio.Semaphore(settings.api_decode_concurrency or max(2, os.cpu_count() or 1))
+    app.on_response_prepare.append(server_name)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         import faiss
@@ -383,3 +552,8 @@ def create_app(settings: Settings, service: QueryService | None = None) -> web.A
         handler = HANDLERS[(op.method, op.path)]
         app.router.add_route(op.method.upper(), op.path, _requires_key(settings, handler) if op.write else handler)
     return app
+
+
+def server_limits(settings: Settings) -> ServerLimits:
+    """How ``deeptarget serve`` guards its connections (``http_server.ServerLimits``)."""
+    return ServerLimits(settings.api_header_timeout_s, settings.api_max_connections_per_client)

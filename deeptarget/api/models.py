@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+MAX_REJECTED_SHOWN = 20  # an /ingest answer lists this many rejected records at most (and counts them all)
+
 
 class ErrorBody(BaseModel):
     error: str = Field(description="What went wrong, for humans.")
@@ -62,7 +64,10 @@ class BadRecordBody(BaseModel):
 
 class IngestBody(BaseModel):
     accepted: int = Field(description="Records queued for the scraper (it fetches their images).")
-    rejected: list[BadRecordBody]
+    rejected_count: int = Field(description="Records rejected, all of them.")
+    rejected: list[BadRecordBody] = Field(
+        description=f"The first rejected records ({MAX_REJECTED_SHOWN} at most), each with its line and reason."
+    )
 
 
 class DeletedBody(BaseModel):

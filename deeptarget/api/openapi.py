@@ -22,6 +22,18 @@ class Param:
     required: bool = False
     where: str = "query"  # or "path"
     format: str | None = None
+    minimum: float | None = None  # bounds the handler checks too (it reads them from here)
+    maximum: float | None = None
+    default: float | None = None
+    min_length: int | None = None
+
+    def schema(self) -> dict[str, Any]:
+        schema: dict[str, Any] = {"type": self.type}
+        for key, value in (("format", self.format), ("minimum", self.minimum), ("maximum", self.maximum),
+                           ("default", self.default), ("minLength", self.min_length)):  # fmt: skip
+            if value is not None:
+                schema[key] = value
+        return schema
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,8 @@ class Operation:
     error_models: tuple[tuple[int, type[BaseModel], str], ...] = ()
     write: bool = False  # needs the API key
     errors: tuple[int, ...] = (400,)
+    text: bool = False  # the answer is text/plain (Prometheus)
+    document: bool = False  # the answer is a JSON object with no model (this document)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,6 +75,10 @@ def openapi_document(operations: list[Operation]) -> dict[str, Any]:
         success: dict[str, Any] = {"description": _SUCCESS.get(op.status, "OK")}
         if op.response is not None:
             success["content"] = {"application/json": {"schema": refs[(op.response, "serialization")]}}
+        elif op.text:
+            success["content"] = {"text/plain": {"schema": {"type": "string"}}}
+        elif op.document:
+            success["content"] = {"application/json": {"schema": {"type": "object"}}}
         responses[str(op.status)] = success
         error_schema = refs[(ErrorBody, "serialization")]
         body_models = {status: (model, description) for status, model, description in op.error_models}
@@ -80,7 +98,7 @@ def openapi_document(operations: list[Operation]) -> dict[str, Any]:
                     "in": p.where,
                     "required": p.required or p.where == "path",
                     "description": p.description,
-                    "schema": {"type": p.type, **({"format": p.format} if p.format else {})},
+                    "schema": p.schema(),
                 }
                 for p in op.params
             ],
@@ -133,7 +151,8 @@ _STATUS = {
     401: "Missing or wrong API key",
     403: "Write endpoints are disabled (no API key configured)",
     404: "Not found",
-    413: "Upload too large",
+    408: "The request body did not arrive in time (api_body_timeout_s)",
+    413: "Too large: the upload or body (max_upload_bytes), or too many records (api_max_ingest_records)",
     422: "The upload is not a usable image",
-    503: "Not ready (no index or model yet) or a dependency is down",
+    503: "Not ready (no index or model yet), busy (uploads; Retry-After says when to retry) or a dependency is down",
 }
