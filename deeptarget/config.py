@@ -8,12 +8,17 @@ Components receive a ``Settings`` instance; nothing reads the environment deep i
 from __future__ import annotations
 
 import os
+import re
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings.exceptions import SettingsError
+
+from deeptarget.errors import ConfigurationError
 
 CONFIG_ENV = "DEEPTARGET_CONFIG"
 
@@ -21,7 +26,10 @@ FacePolicy = Literal["require", "tag", "off"]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DEEPTARGET_", extra="forbid", validate_default=True)
+    # hide_input_in_errors: an error names the setting, never its value (a mistyped key may hold a secret; issue 12, L4)
+    model_config = SettingsConfigDict(
+        env_prefix="DEEPTARGET_", extra="forbid", validate_default=True, hide_input_in_errors=True
+    )
 
     # -- where things live ----------------------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Metadata DB, blobs, index snapshots, models, embedded Redis.")
@@ -220,6 +228,21 @@ class Settings(BaseSettings):
         # endpoint: blank means none.
         return key if key is not None and key.get_secret_value().strip() else None
 
+    @field_validator("database_url")
+    @classmethod
+    def _usable_database_url(cls, url: SecretStr | None) -> SecretStr | None:
+        location = None if url is None else url.get_secret_value()
+        if location is not None and (problem := database_url_problem(location)):
+            raise ValueError(f"{problem} (in {without_password(location)})")
+        return url
+
+    @field_validator("redis_url")
+    @classmethod
+    def _usable_redis_url(cls, url: str | None) -> str | None:
+        if url is not None and (problem := url_problem(url, REDIS_SCHEMES)):
+            raise ValueError(f"{problem} (in {without_password(url)})")
+        return url
+
     @field_validator("hashtags", "stop_hashtags")
     @classmethod
     def _normalise_hashtags(cls, tags: list[str]) -> list[str]:
@@ -244,15 +267,16 @@ class Settings(BaseSettings):
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> Settings:
-        """Settings from the environment, optionally on top of a TOML file."""
+        """Settings from the environment, optionally on top of a TOML file. Raises ``ConfigurationError`` naming each
+        setting that is wrong and why, never a value (``settings_error``)."""
         if path is None:
-            return cls(**overrides)
+            return _checked(cls, None, overrides)
         if not path.is_file():
             raise FileNotFoundError(f"settings file {path} does not exist")
         previous = os.environ.get(CONFIG_ENV)
         os.environ[CONFIG_ENV] = str(path)
         try:
-            return cls(**overrides)
+            return _checked(cls, path, overrides)
         finally:
             if previous is None:
                 os.environ.pop(CONFIG_ENV, None)
@@ -345,9 +369,120 @@ def _json(value: Any) -> str:
     return json.dumps(value)
 
 
+def _checked(cls: type[Settings], path: Path | None, overrides: dict[str, Any]) -> Settings:
+    try:
+        return cls(**overrides)
+    except (ValidationError, SettingsError, tomllib.TOMLDecodeError) as err:
+        raise settings_error(err, path) from None  # not chained: the original may carry the input
+
+
+def settings_error(err: Exception, path: Path | None) -> ConfigurationError:
+    """What is wrong with the settings, each setting named, no value shown (a mistyped key may hold a secret)."""
+    where = f"{path} or the DEEPTARGET_* variables" if path else "the DEEPTARGET_* variables"
+    if isinstance(err, tomllib.TOMLDecodeError):
+        return ConfigurationError(f"settings file {path} is not TOML: {str(err).splitlines()[0][:200]}")
+    if isinstance(err, SettingsError):  # a variable that is no JSON where JSON is wanted; its message names the field
+        return ConfigurationError(f"settings in {where}: {str(err).splitlines()[0][:200]}")
+    assert isinstance(err, ValidationError)
+    problems = []
+    for error in err.errors(include_url=False, include_input=False, include_context=False):
+        name = ".".join(str(part) for part in error["loc"])[:80] or "settings"
+        message = "not a setting (misspelt? every setting is in deeptarget/config.py)"
+        if error["type"] != "extra_forbidden":
+            message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{name}: {message}")
+    return ConfigurationError(f"settings in {where} are not valid: " + "; ".join(problems))
+
+
+DATABASE_SCHEMES = ("postgresql", "postgres")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+_PASSWORD_PARAM = re.compile(r"(?i)([?&]password=)[^&#]*")
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def _split_scheme(location: str) -> tuple[str, str]:
+    """(``scheme://``, the rest) of a URL, ``scheme:`` too when the slashes are missing; ("", location) for a path."""
+    match = _SCHEME.match(location)
+    if not match or len(match.group(1)) == 1:  # "C:..." is a Windows drive
+        return "", location
+    end = match.end()
+    while location[end : end + 1] == "/":
+        end += 1
+    return location[:end], location[end:]
+
+
 def without_password(location: str) -> str:
-    """A database URL (or path) fit for logs: its password, if any, replaced by ***."""
-    parts = urlsplit(location)
-    if not parts.password:
-        return location
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+    """A database or Redis URL (or a path) fit for logs and errors: its password, if any, replaced by ***. Never
+    raises: a malformed URL is just what an error shows. Rather too much left out than too little: the user info
+    ends at the last '@' (a password may hold an unencoded '@', '/' or '?')."""
+    prefix, rest = _split_scheme(location)
+    at = rest.rfind("@")
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        if colon:
+            rest = f"{user}:***{rest[at:]}"
+        elif not prefix.endswith("//"):  # no "scheme://": in "user:secret@host" what looks like a scheme is the user
+            rest = f"***{rest[at:]}"
+    return prefix + _PASSWORD_PARAM.sub(lambda m: m.group(1) + "***", rest)
+
+
+def passwords_in(location: str) -> list[str]:
+    """The secrets a URL holds (its password, a password= parameter), as written and decoded: what an error that
+    echoes a part of the URL must not show."""
+    prefix, rest = _split_scheme(location)
+    found = []
+    if (at := rest.rfind("@")) >= 0:
+        user, colon, password = rest[:at].partition(":")
+        found.append(password if colon or prefix.endswith("//") else user)
+    found += [m.group(0).partition("=")[2] for m in _PASSWORD_PARAM.finditer(rest)]
+    found += [piece for secret in found for piece in re.split(r"[/?#@:]", secret)]  # what a parser may cut it into
+    return list(dict.fromkeys(p for secret in found if secret for p in (secret, unquote(secret))))
+
+
+def redacted(message: str, location: str) -> str:
+    """``message`` with ``location`` and every secret in it replaced (``without_password``, ``passwords_in``)."""
+    message = message.replace(location, without_password(location))
+    for secret in sorted(passwords_in(location), key=len, reverse=True):
+        if len(secret) >= 3:  # shorter, and *** would replace letters of every word
+            message = message.replace(secret, "***")
+    return message
+
+
+def url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    """What keeps a URL from being used, said without any part of it but the scheme; None when it looks usable."""
+    if any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in url):
+        return "spaces or control characters in the URL"
+    match = _SCHEME.match(url)
+    if not match or not url[match.end() :].startswith("//"):
+        return f"not a URL: {' or '.join(s + '://...' for s in schemes)} is wanted"
+    scheme = match.group(1).lower()
+    if scheme not in schemes:
+        shown = repr(scheme) if len(scheme) <= 20 else "that is no"
+        return f"unknown scheme {shown}: {' or '.join(s + '://' for s in schemes)} is wanted"
+    if _BAD_PERCENT.search(url):
+        return "a '%' that is no percent-encoding (%XX): write a '%' in a password as %25"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "not a URL (a '[' without its ']'?)"
+    if "@" in url[url.index("//") + 2 + len(parts.netloc) :]:
+        return "an '@' after the host: a '/', '?', '#' or '@' in the user name or password must be percent-encoded"
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in hosts.split(",") if scheme in DATABASE_SCHEMES else [hosts]:  # libpq takes host1:port1,host2:port2
+        try:
+            urlsplit(f"//{host}").port  # noqa: B018  (raises on a port that is no number from 0 to 65535)
+        except ValueError:
+            return "the port is no number from 0 to 65535 (or a '[' without its ']')"
+    if scheme in ("redis", "rediss") and not parts.hostname:
+        return "the URL has no host"
+    return None
+
+
+def database_url_problem(location: str) -> str | None:
+    """What keeps ``database_url`` from being used: a ``postgresql://`` URL, or a SQLite file's path (never a URL of
+    another scheme, which would be taken for a path)."""
+    match = _SCHEME.match(location)
+    if "://" in location or (match and len(match.group(1)) > 1):  # "C:..." is a Windows drive, not a scheme
+        return url_problem(location, DATABASE_SCHEMES)
+    return None

@@ -4,6 +4,9 @@ The store writes its SQL once, in SQLite's parameter style (``?`` and ``:name``)
 the few pieces that differ between the two: column types, JSON functions, and the write transaction. Writes are
 serialized in both (SQLite's write lock; a PostgreSQL advisory lock), so the store's read-modify-write steps need no
 retry logic of their own.
+
+A URL's password never shows in an error (issue 12, L4): libpq echoes the URL it cannot read, so a URL is checked
+before it is used, and what the driver says about it is redacted (``config.redacted``), never chained.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import psycopg
+
+from deeptarget.config import database_url_problem, redacted, without_password
+from deeptarget.errors import ConfigurationError
 
 # Errors after which the same call may work again (a locked SQLite file, a PostgreSQL server restarting).
 TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)
@@ -43,7 +49,10 @@ class Database(Protocol):
 
 
 def open_database(location: str | Path) -> Database:
-    """A ``postgresql://`` URL, or the path of a SQLite file."""
+    """A ``postgresql://`` URL, or the path of a SQLite file. Raises ``ConfigurationError`` for a URL that cannot
+    work (another scheme, which would be taken for a file's path, or a malformed one), shown without its password."""
+    if isinstance(location, str) and (problem := database_url_problem(location)):
+        raise ConfigurationError(f"metadata store {without_password(location)}: {problem}")
     if str(location).startswith(_POSTGRES_SCHEMES):
         return PostgresDatabase(str(location))
     return SqliteDatabase(Path(location))
@@ -115,7 +124,15 @@ class PostgresDatabase:
         self._conn = self._connect()
 
     def _connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self._url, autocommit=True, row_factory=_postgres_rows)
+        try:
+            return psycopg.connect(self._url, autocommit=True, row_factory=_postgres_rows)
+        except psycopg.ProgrammingError as err:  # libpq could not read the URL: its message quotes it
+            raise ConfigurationError(f"metadata store: {redacted(str(err).strip(), self._url)}") from None
+        except psycopg.Error as err:  # the same kind (an OperationalError stays transient), the message redacted
+            raise type(err)(redacted(str(err).strip(), self._url)) from None
+
+    def __repr__(self) -> str:
+        return f"PostgresDatabase({without_password(self._url)!r})"
 
     def _live(self) -> psycopg.Connection[Any]:
         if self._conn.closed or self._conn.broken:

@@ -11,6 +11,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_COUNT = 2**63 - 1  # counts go into int64 columns (SQLite, PostgreSQL): one above would fail a whole batch
+PUSHED_SOURCES = frozenset({"push", "feed"})
+"""Sources whose posts a partner hands over (``POST /ingest``, ``deeptarget enqueue``, partner feeds), as the server
+names them. Every other source is a crawl (the Graph API, instaloader folders): the truth about its own posts, which a
+pushed record never rewrites (store.py)."""
 _HASHTAG_RE = re.compile(r"#(\w+)", re.UNICODE)
 
 
@@ -69,6 +73,11 @@ class Post(BaseModel):
         return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
     owner: Owner | None = None
+
+    @property
+    def pushed(self) -> bool:
+        """Handed over by a partner rather than crawled (``PUSHED_SOURCES``)."""
+        return self.source in PUSHED_SOURCES
 
     @property
     def engagement(self) -> float | None:

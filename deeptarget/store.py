@@ -5,6 +5,20 @@ so a post that is processed twice (at-least-once delivery) is overwritten, never
 
 Post status: ``queued`` (known, not processed) -> ``embedded`` (embedding stored) -> ``indexed`` (in the FAISS
 writer's index), or ``rejected`` with a reason at any point.
+
+Who may overwrite a post (issue 12, M4). Pushed and crawled posts share one id space, so a partner's id names the post
+everywhere (``GET /similar?post_id=``, ``DELETE /posts/{id}``) and a post pushed and crawled is stored, fetched and
+indexed once. The source column says who wrote a row, and decides:
+
+- a crawl (any source but ``schema.PUSHED_SOURCES``) is the truth about its own posts: it rewrites what a crawl
+  stored before (owners learnt later), and a crawl that brings a post with its image replaces a pushed row whole;
+- a pushed record never rewrites a stored post: not a crawled one (``known_from_a_crawl``), nor one pushed before
+  (``pushed_before``: the first record of an id wins, as the scraper fetches an id once). The same record again (a
+  retried task, a re-embedding: the same image) is no rewrite and goes through;
+- a crawl's fields without its image (an owner merge) leave a pushed row alone (``pushed_first``), so a row never
+  mixes a crawl's fields with a pushed image.
+
+Refused writes change nothing and come back with their reason (``Recorded.refused``, ``upsert_posts``).
 """
 
 from __future__ import annotations
@@ -20,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from deeptarget.config import without_password
 from deeptarget.databases import Database, Row, open_database
-from deeptarget.schema import Owner, Post, Prediction, Profile, vector_id
+from deeptarget.schema import PUSHED_SOURCES, Owner, Post, Prediction, Profile, vector_id
 
 USABLE_STATUSES = ("embedded", "indexed")
 """Posts with an embedding that queries, the hashtag model and profiles count."""
@@ -85,8 +100,20 @@ CREATE TABLE IF NOT EXISTS models (
 # ``save_profile``, which rebuilds their interests.
 _COPIED_AS_ROWS = {"posts": "post_id", "counters": "name", "models": "model_id"}
 
-# Owner fields only ever get better: a later observation without an owner keeps what an earlier one knew.
-_UPSERT_POST = """
+_PUSHED = "({})".format(", ".join(f"'{source}'" for source in sorted(PUSHED_SOURCES)))
+
+REFUSALS = {
+    "known_from_a_crawl": "a crawl stored this post: a pushed record never rewrites it",
+    "pushed_before": "this id was pushed before: the first record of an id wins",
+    "pushed_first": "a push stored this id first: a crawl's fields without its image do not replace it",
+    "seen_before": "the scraper met this id before: a pushed record never rewrites a known post",
+}
+"""Why a write was refused (``Recorded.refused``, ``upsert_posts``): code -> what it means."""
+
+# Owner fields only ever get better: a later observation without an owner keeps what an earlier one knew. A pushed
+# record never rewrites a row, nor does anything rewrite a pushed row's fields (a crawl with its image resets the row
+# first: ``_RESET_PUSHED``).
+_UPSERT_POST = f"""
 INSERT INTO posts (post_id, vector_id, source, media_url, permalink, caption, hashtags, like_count, comments_count,
                    timestamp, owner_id, owner_username, owner_followers, updated_at)
 VALUES (:post_id, :vector_id, :source, :media_url, :permalink, :caption, :hashtags, :like_count, :comments_count,
@@ -103,7 +130,13 @@ ON CONFLICT(post_id) DO UPDATE SET
     owner_username = COALESCE(excluded.owner_username, posts.owner_username),
     owner_followers = COALESCE(excluded.owner_followers, posts.owner_followers),
     updated_at = excluded.updated_at
+WHERE excluded.source NOT IN {_PUSHED} AND posts.source NOT IN {_PUSHED}
 """
+
+# A crawl brought a pushed post with its own image: the pushed fields go, the crawl's come in (the upsert after this).
+_RESET_PUSHED = """UPDATE posts SET source = :source, media_url = NULL, permalink = NULL, caption = NULL,
+    hashtags = '[]', like_count = NULL, comments_count = NULL, timestamp = NULL, owner_id = NULL,
+    owner_username = NULL, owner_followers = NULL WHERE post_id = :post_id"""
 
 
 @dataclass(frozen=True)
@@ -117,6 +150,14 @@ class StoredPost:
     faces: int | None
     classes: dict[str, dict[str, float]]
     blob: str | None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What ``record_results`` did."""
+
+    owners: set[str]  # owners of the posts stored (as the store knows them, which may be more than the posts said)
+    refused: dict[str, str]  # post id -> why nothing of it was written (a code of ``REFUSALS``)
 
 
 @dataclass(frozen=True)
@@ -162,6 +203,9 @@ class MetadataStore:
             self._db.create_schema(_SCHEMA.format(**self._db.types))
             self._backfill_interests()
 
+    def __repr__(self) -> str:  # the location may be a URL with a password
+        return f"MetadataStore({without_password(str(self.location))!r})"
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -171,19 +215,51 @@ class MetadataStore:
         return _Transaction(self._db, self._lock)
 
     # -- writes ---------------------------------------------------------------------------------------------------
-    def upsert_posts(self, posts: Iterable[Post]) -> None:
+    def upsert_posts(self, posts: Iterable[Post]) -> dict[str, str]:
+        """Posts' fields (no image): new ones inserted, known ones updated where the rules above allow. Returns the
+        refused posts: id -> a code of ``REFUSALS``."""
+        posts = list(posts)
         with self._transaction() as db:
-            db.executemany(_UPSERT_POST, [_post_params(p) for p in posts])
+            stored = self._stored_sources([p.id for p in posts])
+            refused = {p.id: why for p in posts if (why := _refusal(stored.get(p.id), p)) is not None}
+            db.executemany(_UPSERT_POST, [_post_params(p) for p in posts if p.id not in refused])
+        return refused
 
     def record_results(
         self,
         results: Iterable[tuple[Post, str | None, Prediction, np.ndarray | None]],
-    ) -> set[str]:
-        """Store what the infer task found: (post, blob sha, prediction, embedding or None) per post, atomically.
-
-        Returns the owner ids of the posts (as the store knows them, which may be more than the posts said)."""
+    ) -> Recorded:
+        """Store what the infer task found: (post, blob sha, prediction, embedding or None) per post, atomically,
+        but for the posts the rules above refuse (nothing of them is written)."""
         results = list(results)
         now = time.time()
+        with self._transaction() as db:  # the rows read and written under the one write lock: no other writer between
+            stored = self._stored_sources([post.id for post, *_ in results])
+            refused: dict[str, str] = {}
+            for post, blob, *_ in results:
+                if (why := _refusal(stored.get(post.id), post, blob, with_image=True)) is not None:
+                    refused[post.id] = why
+            results = [r for r in results if r[0].id not in refused]
+            replaced = [
+                {"post_id": post.id, "source": post.source}
+                for post, *_ in results
+                if not post.pushed
+                and (row := stored.get(post.id)) is not None
+                and row["source"] in PUSHED_SOURCES
+                and row["status"] != "deleted"  # deletions stick
+            ]
+            db.executemany(_RESET_PUSHED, replaced)
+            self._write_results(db, results, now)
+        return Recorded(owners=self.owners_of([post.id for post, *_ in results]), refused=refused)
+
+    def _stored_sources(self, post_ids: list[str]) -> dict[str, Row]:
+        """(source, blob, status) of the posts stored already, by id."""
+        rows = self._fetch_in("SELECT post_id, source, blob, status FROM posts WHERE post_id IN", post_ids)
+        return {r["post_id"]: r for r in rows}
+
+    def _write_results(
+        self, db: Database, results: list[tuple[Post, str | None, Prediction, np.ndarray | None]], now: float
+    ) -> None:
         outcomes = [
             {
                 "post_id": post.id,
@@ -200,17 +276,15 @@ class MetadataStore:
             }
             for post, blob, prediction, embedding in results
         ]
-        with self._transaction() as db:  # two statements for the batch, not two per post (one round trip each)
-            db.executemany(_UPSERT_POST, [_post_params(post) for post, *_ in results])
-            db.executemany(
-                """UPDATE posts SET blob = :blob, status = :status, reason = :reason, faces = :faces,
-                   face_confidence = :conf, face_boxes = :boxes, classes = :classes, model_id = :model_id,
-                   embedding = :embedding, indexed_seq = NULL, updated_at = :now
-                   WHERE post_id = :post_id AND status != 'deleted'""",
-                outcomes,
-            )
-        post_ids = [post.id for post, *_ in results]
-        return self.owners_of(post_ids)
+        # two statements for the batch, not two per post (one round trip each)
+        db.executemany(_UPSERT_POST, [_post_params(post) for post, *_ in results])
+        db.executemany(
+            """UPDATE posts SET blob = :blob, status = :status, reason = :reason, faces = :faces,
+               face_confidence = :conf, face_boxes = :boxes, classes = :classes, model_id = :model_id,
+               embedding = :embedding, indexed_seq = NULL, updated_at = :now
+               WHERE post_id = :post_id AND status != 'deleted'""",
+            outcomes,
+        )
 
     def owners_of(self, post_ids: list[str]) -> set[str]:
         rows = self._fetch_in("SELECT DISTINCT owner_id FROM posts WHERE owner_id IS NOT NULL AND post_id IN", post_ids)
@@ -597,6 +671,19 @@ class _Transaction:
             self._db.end(commit=exc_type is None)
         finally:
             self._lock.release()
+
+
+def _refusal(stored: Row | None, post: Post, blob: str | None = None, with_image: bool = False) -> str | None:
+    """Why this write may not touch the stored row (a code of ``REFUSALS``), or None (the module's docstring)."""
+    if stored is None:
+        return None
+    stored_pushed = stored["source"] in PUSHED_SOURCES
+    if not post.pushed:
+        return "pushed_first" if stored_pushed and not with_image else None
+    if not stored_pushed:
+        return "known_from_a_crawl"
+    # The same pushed post again (a retried task, a re-embedding) brings the same image; another image is a new record.
+    return None if with_image and stored["blob"] == blob else "pushed_before"
 
 
 def _post_params(post: Post) -> dict[str, Any]:

@@ -153,7 +153,7 @@ BOUNDS = [
     (line(media_url=5), "media_url: must be a string: an http(s) URL of the image"),
     (line(id=None), "id: required"),
     (json.dumps({"id": "p1"}), "media_url: required: the http(s) URL of the image"),
-    (line(permalink="ftp://cdn.example/p/1"), "permalink: an http(s) URL of the post is required"),
+    (line(permalink="ftp://cdn.example/p/1"), "permalink: an https URL of the post is required"),
     # counts
     (line(like_count=-5), "like_count: must be a whole number from 0 to 9223372036854775807"),
     (line(like_count=2**63), "like_count: must be a whole number from 0 to 9223372036854775807"),

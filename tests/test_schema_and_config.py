@@ -6,6 +6,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from deeptarget.config import Settings
+from deeptarget.errors import ConfigurationError
 from deeptarget.schema import Owner, Post, hashtags_in, normalise_hashtag, vector_id
 
 PINNED_ID = 2211579637470149810
@@ -54,7 +55,7 @@ def test_settings_reject_unknown_keys_and_bad_values(tmp_path: Path) -> None:
         Settings(batch_size=0)
     toml = tmp_path / "bad.toml"
     toml.write_text("no_such_setting = 1\n")
-    with pytest.raises(ValidationError):
+    with pytest.raises(ConfigurationError, match="no_such_setting: not a setting"):  # a command's error, named
         Settings.load(toml)
 
 

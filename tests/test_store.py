@@ -28,7 +28,7 @@ def test_owner_details_only_ever_improve(metadata_database: str) -> None:
     store = MetadataStore(metadata_database)
     owner = Owner(id="u1", username="ann", followers_count=500)
     store.upsert_posts([Post(id="p1", caption="#a", hashtags=["a"], owner=owner)])  # met through the account
-    owners = store.record_results([embedded("p1", np.ones(4, np.float32))])  # then inferred from a hashtag crawl
+    owners = store.record_results([embedded("p1", np.ones(4, np.float32))]).owners  # then inferred from a hashtag crawl
     assert owners == {"u1"}
     post = store.post("p1")
     assert post is not None and post.post.owner == owner and post.status == "embedded"

@@ -379,9 +379,12 @@ class Crawler:
         await self.stats.add("enqueued", len(refs))
         await self.stats.add("rejected", sum(r.rejected is not None for r in refs))
         await self.stats.measure_queues()
+        # A push of an id met before never rewrites that post (store.py; issue 12, M4): no merge, no owner marked known.
+        await self.stats.add("push_ignored:known_id", sum(p.pushed for p in seen))
+        merges = [p for p in seen if p.owner is not None and not p.pushed]
         with_owner = [r for r in refs if r.post.owner is not None]
-        if with_owner or any(p.owner is not None for p in seen):
-            await self._merge_owner(with_owner, [p for p in seen if p.owner is not None])
+        if with_owner or merges:
+            await self._merge_owner(with_owner, merges)
         return {p.id for p in retry_later}
 
     async def read_feed(self, session: aiohttp.ClientSession, url: str) -> None:

@@ -19,12 +19,18 @@ Bounds (the reasons name the field and the bound):
   characters but tab and line breaks;
 - ``hashtags``: at most ``MAX_HASHTAGS`` (30), Instagram's limit per post; each, once normalised, letters, digits and
   ``_`` (what a ``#tag`` in a caption can be), at most ``MAX_HASHTAG_CHARS``;
-- ``media_url`` (required) and ``permalink``: http(s) URLs with a host, no ``user:password@``, no spaces, backslashes
-  or control characters, at most ``MAX_URL_CHARS`` (2 KiB). Which hosts may be fetched is the downloader's business;
+- ``media_url`` (required): an http(s) URL, and ``permalink``: an https URL (a link for people to open, never
+  ``javascript:``, ``data:`` or relative); each absolute with a host, no ``user:password@``, no spaces, backslashes,
+  control or invisible formatting characters (bidi controls, zero-width), at most ``MAX_URL_CHARS`` (2 KiB). Which
+  hosts may be fetched is the downloader's business;
 - ``like_count``, ``comments_count``, ``owner.followers_count``: whole numbers from 0 to 2^63-1 (int64), not booleans;
 - ``timestamp``: an ISO 8601 string (Graph's ``2024-05-01T12:00:00+0000`` too), from ``EARLIEST_TIMESTAMP`` to a day
   ahead of now; one without an offset is taken as UTC, and every timestamp is stored in UTC;
 - ``owner.username``: 1 to 30 letters, digits, periods and underscores (Instagram's rule for usernames).
+
+The record has no ``source``: the server names it (``push``, or ``feed`` for a partner feed), so a pushed post can never
+pass for a crawled one. Who may overwrite what is the store's rule (store.py): a pushed record never rewrites a post a
+crawl stored, and the first record of an id wins over later pushes of it.
 
 The Instagram limits (2,200 characters and 30 hashtags per caption, 30-character usernames) are the ones Instagram's
 apps enforce, as publishers document them, e.g. https://ayrshare.com/apis/post/social-networks/instagram ("up to 30
@@ -41,7 +47,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -49,7 +55,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from deeptarget import constants
-from deeptarget.schema import Owner, Post, hashtags_in, normalise_hashtag
+from deeptarget.schema import PUSHED_SOURCES, Owner, Post, hashtags_in, normalise_hashtag
 
 LOG = logging.getLogger(__name__)
 
@@ -67,6 +73,7 @@ EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)  # before any social netwo
 FUTURE_SKEW = timedelta(days=1)
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 USERNAME_PATTERN = r"^[A-Za-z0-9._]+$"
+PushedSource = Literal["push", "feed"]  # what the server calls a pushed record's source (schema.PUSHED_SOURCES)
 
 _ID_RE = re.compile(ID_PATTERN)
 _USERNAME_RE = re.compile(USERNAME_PATTERN)
@@ -134,7 +141,7 @@ def _check_count(value: Any) -> Any:
     return value
 
 
-def _check_url(value: Any, what: str) -> Any:
+def _check_url(value: Any, what: str, schemes: tuple[str, ...] = ("http", "https")) -> Any:
     if value is None:
         return value
     if not isinstance(value, str):
@@ -145,12 +152,14 @@ def _check_url(value: Any, what: str) -> Any:
         raise _reject(problem)
     if any(char.isspace() or char == "\\" for char in value):
         raise _reject("spaces and backslashes are not allowed in the URL (percent-encode them)")
+    if any(unicodedata.category(char) == "Cf" for char in value):  # bidi overrides, zero-width: a link that lies
+        raise _reject("invisible formatting characters (bidi controls, zero-width) are not allowed in the URL")
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018  (a port that is no number raises here)
     except ValueError as err:
         raise _reject(f"not a URL ({err})") from None
-    if parts.scheme.lower() not in ("http", "https"):
+    if parts.scheme.lower() not in schemes:
         raise _reject(f"{what} is required")
     if not parts.hostname:
         raise _reject("the URL has no host")
@@ -255,7 +264,10 @@ class PushedPost(BaseModel):
         json_schema_extra={"format": "uri"},
     )
     permalink: str | None = Field(
-        None, max_length=MAX_URL_CHARS, description="http(s) URL of the post", json_schema_extra={"format": "uri"}
+        None,
+        max_length=MAX_URL_CHARS,
+        description="https URL of the post, with a host and no user:password@",
+        json_schema_extra={"format": "uri"},
     )
     caption: str | None = Field(
         None,
@@ -289,7 +301,7 @@ class PushedPost(BaseModel):
     @field_validator("permalink", mode="before")
     @classmethod
     def _permalink(cls, value: Any) -> Any:
-        return _check_url(value, "an http(s) URL of the post")
+        return _check_url(value, "an https URL of the post", schemes=("https",))
 
     @field_validator("caption", mode="before")
     @classmethod
@@ -333,7 +345,9 @@ class PushedPost(BaseModel):
         self.hashtags = tags
         return self
 
-    def to_post(self, source: str = "push") -> Post:
+    def to_post(self, source: PushedSource = "push") -> Post:
+        if source not in PUSHED_SOURCES:  # a pushed record must never pass for a crawled one (issue 12, L8)
+            raise ValueError(f"a pushed record's source is one of {sorted(PUSHED_SOURCES)}, not {source!r}")
         owner = self.owner
         return Post(
             id=self.id,
@@ -506,8 +520,9 @@ def _skip_space(text: str, at: int) -> int:
     return at
 
 
-def parse_posts(lines: Iterable[str | bytes], source: str = "push") -> tuple[list[Post], list[BadRecord]]:
-    """Posts from JSON lines (blank lines skipped), each line a ``PushedPost``; the bad ones with their reasons."""
+def parse_posts(lines: Iterable[str | bytes], source: PushedSource = "push") -> tuple[list[Post], list[BadRecord]]:
+    """Posts from JSON lines (blank lines skipped), each line a ``PushedPost``; the bad ones with their reasons. The
+    posts' source is ``source`` (``push`` or ``feed``), never one a record names."""
     posts, bad = [], []
     for number, raw in enumerate(lines, 1):
         try:

@@ -7,6 +7,10 @@
 - ``train_hashtags`` (queue train): refit and publish the hashtag model.
 - ``update_profiles`` / ``merge_posts`` (queue profiles): recompute users' profiles; learn owners of known posts.
 
+A write the store refuses (a pushed post for an id a crawl or an earlier push stored: store.py's rules) changes
+nothing and goes no further (no index, no profile): it is logged with its reason and counted, in Prometheus and as
+``refused:<reason>`` in the scraper's counters (``deeptarget:stats:scraper``), where the push was counted.
+
 Transient failures (store, blob store, broker, GPU memory) are retried with exponential backoff and jitter; a task that
 still fails after ``task_max_retries``, or fails with anything else, is kept on the dead-letter stream with its
 arguments (``deeptarget deadletter list|retry``).
@@ -17,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections import Counter as Tally
 from typing import Any, TypeVar
 
 import redis
@@ -32,6 +37,7 @@ from deeptarget.errors import TransientError
 from deeptarget.index.hashtags import HashtagModel
 from deeptarget.profiles.builder import rebuild_profiles
 from deeptarget.schema import Post, PostRef
+from deeptarget.store import REFUSALS
 from deeptarget.workers.app import settings_of
 from deeptarget.workers.context import WorkerContext, context_for
 from deeptarget.workers.deadletter import DeadLetter
@@ -86,6 +92,29 @@ def _context(task: Task) -> WorkerContext:
     return context_for(settings_of(task.app))
 
 
+_LOGGED_REFUSALS = 20  # refused posts named in the log per task; the rest are counted
+
+
+def _refused(ctx: WorkerContext, refused: dict[str, str], task: str) -> None:
+    """Writes the store refused: each logged with its reason, counted by reason."""
+    if not refused:
+        return
+    reasons = Tally(refused.values())
+    for post_id, why in list(refused.items())[:_LOGGED_REFUSALS]:
+        LOG.warning("%s: post %s not written: %s", task, post_id[:100], REFUSALS.get(why, why))
+    if len(refused) > _LOGGED_REFUSALS:
+        LOG.warning("%s: and %d more posts not written", task, len(refused) - _LOGGED_REFUSALS)
+    for why, n in reasons.items():
+        POSTS.labels(f"refused:{why}").inc(n)
+    try:
+        with ctx.redis.pipeline(transaction=False) as pipe:
+            for why, n in reasons.items():
+                pipe.hincrby(constants.scraper_stats_key, f"refused:{why}", n)
+            pipe.execute()
+    except redis.RedisError as err:  # a counter is not worth the task: the store's state is what matters
+        LOG.warning("%s: refusals not counted in Redis: %s", task, type(err).__name__)
+
+
 def _valid(model: type[M], records: list[dict[str, Any]], task: str) -> list[M]:
     """The records that parse; a bad one is counted and logged with its position, the rest go on."""
     valid = []
@@ -102,7 +131,10 @@ def _valid(model: type[M], records: list[dict[str, Any]], task: str) -> list[M]:
 def infer(self: Task, refs: list[dict[str, Any]]) -> dict[str, int]:
     ctx = _context(self)
     results = ctx.pipeline(_valid(PostRef, refs, "infer"))
-    owners = ctx.store.record_results((r.post, r.blob, r.prediction, r.embedding) for r in results)
+    recorded = ctx.store.record_results((r.post, r.blob, r.prediction, r.embedding) for r in results)
+    _refused(ctx, recorded.refused, "infer")
+    results = [r for r in results if r.post.id not in recorded.refused]
+    owners = recorded.owners
     embedded = [r.post.id for r in results if r.embedding is not None]
     rejected = len(results) - len(embedded)
     POSTS.labels("embedded").inc(len(embedded))
@@ -112,7 +144,7 @@ def infer(self: Task, refs: list[dict[str, Any]]) -> dict[str, int]:
     if owners:
         self.app.send_task(constants.profiles_task, args=[sorted(owners)], queue=constants.profiles_queue)
     LOG.info("infer: %d embedded, %d rejected", len(embedded), rejected)
-    return {"embedded": len(embedded), "rejected": rejected}
+    return {"embedded": len(embedded), "rejected": rejected, "refused": len(recorded.refused)}
 
 
 @shared_task(name=constants.index_task, **TASK)
@@ -169,10 +201,14 @@ def update_profiles(self: Task, user_ids: list[str]) -> int:
 
 @shared_task(name=constants.merge_task, **TASK)
 def merge_posts(self: Task, posts: list[dict[str, Any]]) -> int:
-    """Owner details learnt for posts that were first met without them (e.g. under a hashtag)."""
+    """Owner details learnt for posts that were first met without them (e.g. under a hashtag). The scraper sends a
+    merge for a post it has seen before: a pushed one is a push of a known id, which never rewrites it."""
     ctx = _context(self)
     parsed = _valid(Post, posts, "merge_posts")
-    ctx.store.upsert_posts(parsed)
+    refused = {p.id: "seen_before" for p in parsed if p.pushed}
+    refused |= ctx.store.upsert_posts([p for p in parsed if not p.pushed])
+    _refused(ctx, refused, "merge_posts")
+    parsed = [p for p in parsed if p.id not in refused]
     owners = ctx.store.owners_of([p.id for p in parsed])
     if owners:
         self.app.send_task(constants.profiles_task, args=[sorted(owners)], queue=constants.profiles_queue)
