@@ -140,6 +140,12 @@ class Settings(BaseSettings):
     image_size: int = Field(224, ge=32)
     max_image_pixels: int = Field(40_000_000, gt=0, description="Larger images are rejected (decompression bombs).")
     decode_long_side: int = Field(640, ge=64, description="Images are decoded down to this long side at most.")
+    max_decode_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Images whose decode would hold more memory than this are rejected (too_costly), estimated from "
+        "the header by format and bit depth (a WebP holds 16 bytes a pixel, a palette PNG 1).",
+    )
     jpeg_decoder: Literal["auto", "pil", "torchvision"] = Field(
         "auto", description="auto: torchvision.io (nvJPEG) when the models run on CUDA, else PIL with DCT scaling."
     )

@@ -172,8 +172,11 @@ class QueryService:
 
     # -- queries --------------------------------------------------------------------------------------------------
     def embed_image(self, data: bytes) -> np.ndarray:
-        """Raises ImageRejected for bytes that are not a usable image (size and pixel limits included)."""
-        image = decode_image(data, max_pixels=self.settings.max_image_pixels, long_side=self.settings.decode_long_side)
+        """Raises ImageRejected for bytes that are not a usable image (size, pixel and decode-cost limits included)."""
+        s = self.settings
+        image = decode_image(
+            data, max_pixels=s.max_image_pixels, long_side=s.decode_long_side, max_decode_bytes=s.max_decode_bytes
+        )
         index = self.snapshots.get()
         embedder = self.query_embedder(index)
         embedding = embedder([image])[0]
