@@ -271,7 +271,7 @@ async def _multipart_image(request: web.Request) -> bytes:
         raise ApiError(
             400, f"malformed multipart body: {_first_line(err)}", "malformed_multipart", close=True
         ) from None
-    raise web.HTTPBadRequest(text="multipart upload without an 'image' part")
+    raise ApiError(400, "multipart upload without an 'image' part", "no_image_part")
 
 
 async def _run(func: Callable[..., Any], *args: Any) -> Any:

@@ -12,6 +12,7 @@ from deeptarget import __version__
 from deeptarget.api.models import ErrorBody
 
 API_KEY_HEADER = "X-API-Key"
+PART_NAME_PATTERN = r'^[^\u0000-\u001f\u007f"\\]*$'
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,14 @@ def openapi_document(operations: list[Operation]) -> dict[str, Any]:
                 "description": "The image: the raw body, or multipart field 'image'. Size and pixel limits apply.",
                 "content": {
                     "image/*": {"schema": {"type": "string", "format": "binary"}},
-                    "multipart/form-data": {
-                        "schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}
+                    "multipart/form-data": {  # other parts are skipped
+                        "schema": {
+                            "type": "object",
+                            "properties": {"image": {"type": "string", "format": "binary"}},
+                            "required": ["image"],
+                            # a part's name travels in its Content-Disposition header: no controls, quotes, backslashes
+                            "propertyNames": {"pattern": PART_NAME_PATTERN},
+                        }
                     },
                 },
             }
@@ -137,7 +144,8 @@ def _records_body(op: Operation, record: dict[str, Any]) -> dict[str, Any]:
     forms = f"application/json: one {name} object or an array of them"
     if op.request_lines:
         forms += f"; application/x-ndjson (JSON lines): one {name} object per line, blank lines skipped"
-    content: dict[str, Any] = {"application/json": {"schema": {"anyOf": [record, {"type": "array", "items": record}]}}}
+    array = {"type": "array", "items": record, "minItems": 1}  # an empty array carries nothing: a 400
+    content: dict[str, Any] = {"application/json": {"schema": {"anyOf": [record, array]}}}
     if op.request_lines:
         # OpenAPI 3.1 has no schema for a sequence of values: this is the schema of each line.
         content["application/x-ndjson"] = {"schema": record}

@@ -210,6 +210,11 @@ def _check_hashtag(value: Any) -> Any:
     return tag
 
 
+def _list_or_null(schema: dict[str, Any]) -> None:
+    """The document says what the validator takes: null as well as a list (null is no hashtags)."""
+    schema["anyOf"] = [{"type": schema.pop("type"), "items": schema.pop("items")}, {"type": "null"}]
+
+
 Hashtag = Annotated[
     str,
     BeforeValidator(_check_hashtag),
@@ -279,6 +284,7 @@ class PushedPost(BaseModel):
         max_length=MAX_HASHTAGS,
         description="at most 30 (Instagram's limit per post), each letters, digits and _ (a leading # is dropped); "
         "without any, the caption's #tags",
+        json_schema_extra=_list_or_null,
     )
     like_count: int | None = Field(None, ge=0, le=INT64_MAX)
     comments_count: int | None = Field(None, ge=0, le=INT64_MAX)
