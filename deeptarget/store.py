@@ -250,11 +250,13 @@ class MetadataStore:
             ]
             db.executemany(_RESET_PUSHED, replaced)
             self._write_results(db, results, now)
-        return Recorded(owners=self.owners_of([post.id for post, *_ in results]), refused=refused)
+        # The pushed owner of a replaced row loses the post: their profile is rebuilt too.
+        former = {owner for r in replaced if (owner := stored[r["post_id"]]["owner_id"])}
+        return Recorded(owners=self.owners_of([post.id for post, *_ in results]) | former, refused=refused)
 
     def _stored_sources(self, post_ids: list[str]) -> dict[str, Row]:
-        """(source, blob, status) of the posts stored already, by id."""
-        rows = self._fetch_in("SELECT post_id, source, blob, status FROM posts WHERE post_id IN", post_ids)
+        """(source, blob, status, owner_id) of the posts stored already, by id."""
+        rows = self._fetch_in("SELECT post_id, source, blob, status, owner_id FROM posts WHERE post_id IN", post_ids)
         return {r["post_id"]: r for r in rows}
 
     def _write_results(

@@ -146,7 +146,7 @@ def test_the_store_decides_who_may_overwrite_a_post(metadata_database: str) -> N
     assert kept.post.caption == "#sea" and kept.post.owner == owner and kept.blob == "a" * 64
     assert store.embeddings(["c1"]).vectors.tolist() == [[1.0] * 4]
 
-    pushed = Post(id="p1", source="push", caption="first", hashtags=["first"])
+    pushed = Post(id="p1", source="push", caption="first", hashtags=["first"], owner=Owner(id="partner"))
     again = Post(id="p1", source="feed", caption="second", hashtags=["second"], owner=owner)
     assert store.record_results([embedded(pushed, "c" * 64, 1.0)]).refused == {}
     assert store.record_results([embedded(pushed, "c" * 64, 3.0)]).refused == {}  # a retry, a re-embedding
@@ -156,7 +156,7 @@ def test_the_store_decides_who_may_overwrite_a_post(metadata_database: str) -> N
     assert store.upsert_posts([Post(id="p1", caption="crawled", owner=owner)]) == {"p1": "pushed_first"}
     assert store.post("p1").post.caption == "first" and store.embeddings(["p1"]).vectors.tolist() == [[3.0] * 4]
     recorded = store.record_results([embedded(Post(id="p1", caption="crawled #real"), "e" * 64, 5.0)])
-    assert recorded.refused == {} and recorded.owners == set()
+    assert recorded.refused == {} and recorded.owners == {"partner"}  # whose profile loses the post
     replaced = store.post("p1")
     assert replaced.post.source == "graph" and replaced.post.caption == "crawled #real"
     assert replaced.post.hashtags == [] and replaced.post.owner is None and replaced.blob == "e" * 64
