@@ -39,12 +39,17 @@ class _ConnectionGuard:
         self.factory = factory
         self.limits = limits
         self.open: Counter[str] = Counter()
+        self.capped: set[str] = set()  # addresses told off once already (a flood of refusals is one log line)
 
     def __call__(self) -> asyncio.Protocol:
         return _Guarded(self, self.factory())
 
     def admit(self, peer: str) -> bool:
-        if self.limits.max_per_client is not None and self.open[peer] >= self.limits.max_per_client:
+        cap = self.limits.max_per_client
+        if cap is not None and self.open[peer] >= cap:
+            if peer not in self.capped:
+                LOG.warning("refusing connections from %s: it holds %d already", peer, cap)
+                self.capped.add(peer)
             return False
         self.open[peer] += 1
         return True
@@ -53,6 +58,7 @@ class _ConnectionGuard:
         self.open[peer] -= 1
         if self.open[peer] <= 0:
             del self.open[peer]
+            self.capped.discard(peer)
 
 
 class _Guarded(asyncio.Protocol):
@@ -71,7 +77,6 @@ class _Guarded(asyncio.Protocol):
         self._peer = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         self._transport = transport
         if not self._guard.admit(self._peer):
-            LOG.warning("refused a connection: %s holds %d already", self._peer, self._guard.limits.max_per_client)
             self._inner = None
             transport.write(_TOO_MANY)  # type: ignore[attr-defined]
             transport.close()
@@ -84,7 +89,7 @@ class _Guarded(asyncio.Protocol):
     def _too_slow(self) -> None:
         self._deadline = None
         if self._transport is not None:
-            LOG.info("closed a connection from %s: no complete request headers in time", self._peer)
+            LOG.debug("closed a connection from %s: no complete request headers in time", self._peer)
             self._transport.close()
 
     def data_received(self, data: bytes) -> None:

@@ -145,6 +145,11 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
     except (RedisError, KombuOperationalError) as err:  # a dependency is down: retry later, not a bug of ours
         LOG.warning("%s %s: Redis unavailable (%s)", request.method, route, type(err).__name__)
         response = _error(503, "a dependency is unavailable (Redis); try again shortly")
+    except ConnectionError:  # the client went away: nobody to answer
+        raise
+    except Exception:  # a bug of ours: logged whole, answered as JSON without its details
+        LOG.exception("%s %s failed", request.method, route)
+        response = _error(500, "internal error (logged)", "internal")
     REQUESTS.labels(route, str(response.status)).observe(loop.time() - started)
     return response
 
