@@ -122,9 +122,13 @@ class InferencePipeline:
                 return ImageRejected("no_image")
             s = self.settings
             data = self._read(ref.blob)
-            if self.device_decode and probe_jpeg(data, max_pixels=s.max_image_pixels):
+            if self.device_decode and probe_jpeg(
+                data, max_pixels=s.max_image_pixels, max_decode_bytes=s.max_decode_bytes
+            ):
                 return _Encoded(data)
-            image = decode_image(data, max_pixels=s.max_image_pixels, long_side=s.decode_long_side)
+            image = decode_image(
+                data, max_pixels=s.max_image_pixels, long_side=s.decode_long_side, max_decode_bytes=s.max_decode_bytes
+            )
             return self._faces(self.embedder.preprocess(image), image)
         except ImageRejected as err:
             return err
