@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     instaloader_dirs: list[Path] = Field(
         default_factory=list, description="Instaloader download folders to read (again each round with --forever)."
     )
+    max_sidecar_bytes: int = Field(
+        8 * 1024 * 1024,
+        gt=0,
+        description="An instaloader metadata sidecar bigger than this (once decompressed) is that post's rejection.",
+    )
     http_retries: int = Field(3, ge=0)
     max_download_failures: int = Field(
         3,

@@ -438,7 +438,8 @@ class Crawler:
         """Every post in an instaloader download folder (posts seen before are skipped by the claims)."""
         images = LocalImages(folder, self.blobs, self.settings.max_image_bytes)
         batch: list[Post] = []
-        for sidecar, found in await asyncio.to_thread(lambda: list(instaloader.scan(folder))):
+        limit = self.settings.max_sidecar_bytes
+        for sidecar, found in await asyncio.to_thread(lambda: list(instaloader.scan(folder, limit))):
             if self._stop.is_set():
                 return
             if isinstance(found, ValueError):
