@@ -28,18 +28,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
+import math
 import os
+import re
 import signal
+import stat
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, BinaryIO, get_args
 
 from deeptarget import constants
 from deeptarget.config import Settings
 from deeptarget.errors import ConfigurationError, DeepTargetError
+from deeptarget.terminal import json_text, plain, shown
 
 LOG = logging.getLogger("deeptarget")
 
@@ -70,6 +74,129 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports which CPU build it picked, at INFO
+
+
+# -- argument types: a bad value is argparse's error (exit 2, with the reason), never a traceback (issue 12, L10) ----
+MAX_K = 1000  # as the API's
+MAX_POST_ID_CHARS = 200  # as schema.Post's: every stored id can be named
+_WORKER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a Celery hostname and a metrics folder
+# scraper.push.ID_PATTERN, which every pushed id meets (importing scraper.push here would load torch per command)
+_POST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+
+
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{plain(text)!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low} to {high}")
+        return value
+
+    return whole
+
+
+def _number(low: float, high: float = math.inf, *, above: bool = False) -> Callable[[str], float]:
+    """A finite number from ``low`` (excluded with ``above``) to ``high``: NaN and infinities are refused."""
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{plain(text)!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (above and value == low) or value > high:
+            bound = (f"above {low:g}" if above else f"from {low:g}") + (f" to {high:g}" if math.isfinite(high) else "")
+            raise argparse.ArgumentTypeError(f"{plain(text)!r} is not a finite number {bound}")
+        return value
+
+    return number
+
+
+def _folds(text: str) -> int:
+    value = _whole(0, 1000)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("K-fold cross-validation needs K >= 2 (0: none)")
+    return value
+
+
+def _checked(check: Callable[[Any], Any]) -> Callable[[str], Any]:
+    """An argument type from a library check that raises ValueError: the same rule at the door and inside."""
+
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(plain(err)) from None
+
+    return parse
+
+
+def _head_name(text: str) -> str:
+    from deeptarget.models.heads import check_head_name
+
+    return _checked(check_head_name)(text)
+
+
+def _checked_version(text: str) -> int:
+    from deeptarget.models.heads import check_version
+
+    return check_version(_whole(1, 10**9)(text))
+
+
+def _entry_id(text: str) -> str:
+    from deeptarget.workers.deadletter import check_entry_id
+
+    return _checked(check_entry_id)(text)
+
+
+def _post_id(text: str) -> str:
+    if not 0 < len(text) <= MAX_POST_ID_CHARS or not _POST_ID_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"post id {plain(text)!r}: 1 to {MAX_POST_ID_CHARS} letters, digits and _ . : -, starting with a letter "
+            "or digit"
+        )
+    return text
+
+
+def _worker_name(text: str) -> str:
+    if not _WORKER_NAME_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"worker name {plain(text)!r}: 1 to 64 letters, digits, _ . and -, starting with a letter or digit"
+        )
+    return text
+
+
+def _input_file(path: str, what: str) -> None:
+    """``path`` must be something to read from: a regular file or a pipe (not a directory or a device)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise DeepTargetError(f"{what} {plain(path)}: {err.strerror or type(err).__name__}") from None
+    if stat.S_ISDIR(mode):
+        raise DeepTargetError(f"{what} {plain(path)}: a directory, not a file")
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise DeepTargetError(f"{what} {plain(path)}: not a regular file")
+
+
+def _read_file(path: str, limit: int, what: str) -> bytes:
+    """A whole file of at most ``limit`` bytes, or a ``DeepTargetError`` saying why not."""
+    _input_file(path, what)
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise DeepTargetError(f"{what} {plain(path)}: larger than {limit} bytes")
+    return data
+
+
+def _bounded_lines(handle: BinaryIO, limit: int) -> Iterator[bytes]:
+    """The lines of ``handle``, none held longer than ``limit`` + 2 bytes: a longer one comes cut (and so is
+    rejected as too long), the rest of it is skipped unread into memory."""
+    while line := handle.readline(limit + 2):
+        if len(line) == limit + 2 and not line.endswith(b"\n"):
+            while (rest := handle.readline(64 * 1024)) and not rest.endswith(b"\n"):
+                pass
+        yield line
 
 
 # -- commands ----------------------------------------------------------------------------------------------------
@@ -242,9 +369,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    image = _read_file(args.image, settings.max_upload_bytes, "--image") if args.image else None  # before the models
+
     from deeptarget.query import PostFilter, QueryService
 
-    service = QueryService(_settings(args))
+    service = QueryService(settings)
     if args.what == "similar":
         try:
             has_face = {"yes": True, "no": False}.get(args.has_face or "")
@@ -253,15 +383,15 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise DeepTargetError(str(err)) from None
         if args.post_id:
             results = service.similar_to_post(args.post_id, args.k, where)
-        elif args.image:
-            results = service.similar_to_image(Path(args.image).read_bytes(), args.k, where)
+        elif image is not None:
+            results = service.similar_to_image(image, args.k, where)
         else:
             raise DeepTargetError("query similar needs --post-id or --image")
         _print_json([r.to_json() for r in results])
     elif args.what == "hashtags":
-        if not args.image:
+        if image is None:
             raise DeepTargetError("query hashtags needs --image")
-        tags, _ = service.suggest_hashtags(Path(args.image).read_bytes(), args.k)
+        tags, _ = service.suggest_hashtags(image, args.k)
         _print_json([{"hashtag": t, "score": round(s, 6)} for t, s in tags])
     elif args.what == "audience":
         if not args.user:
@@ -322,9 +452,12 @@ def cmd_train_head(args: argparse.Namespace) -> int:
     settings = _settings(args)
     overrides = {"backbone": args.backbone, "weights": args.weights, "weights_normalization": args.normalization}
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    console = Console()
+    console = Console(emoji=False)
     if args.finetune and args.folds:
         raise ConfigurationError("--folds cross-validates the linear head; it does not apply to --finetune")
+    from deeptarget.training.datasets import load_labelled
+
+    load_labelled(Path(args.images))  # a folder that can't be trained on says so before the models load
     if args.finetune:
         from deeptarget.training.finetune import FinetuneOptions, finetune
 
@@ -335,13 +468,14 @@ def cmd_train_head(args: argparse.Namespace) -> int:
 
         trained = train_head(settings, Path(args.images), args.name, publish=args.publish, l2=args.l2, folds=args.folds)
     head = trained.head
-    console.print(f"head [bold]{head.name}[/] v{head.version} on {head.model_id}: {trained.train_images} training "
-                  f"images, {trained.test_images} held out, {trained.skipped} unusable")  # fmt: skip
+    console.print(f"head [bold]{shown(head.name)}[/] v{head.version} on {shown(head.model_id)}: "
+                  f"{trained.train_images} training images, {trained.test_images} held out, {trained.skipped} "
+                  "unusable")  # fmt: skip
     console.print(_metrics_table(trained.metrics))
     if trained.report_path:
-        console.print(f"report: {trained.report_path}")
+        console.print(f"report: {shown(trained.report_path)}")
     for line in trained.notes:
-        console.print(line)
+        console.print(shown(line))
     state = (
         "published"
         if args.publish
@@ -369,7 +503,7 @@ def _metrics_table(metrics: dict[str, Any]) -> Any:
         summary.add_row(f"{len(metrics['folds'])}-fold mean", *means)
     per_class = Table("class", "precision", "recall")
     for name, values in metrics["per_class"].items():
-        per_class.add_row(name, f"{values['precision']:.3f}", f"{values['recall']:.3f}")
+        per_class.add_row(shown(name), f"{values['precision']:.3f}", f"{values['recall']:.3f}")  # folder names
     return Group(summary, per_class)
 
 
@@ -412,9 +546,10 @@ def cmd_reembed(args: argparse.Namespace) -> int:
 
     settings = connect_redis(_settings(args))
     model_id = Embedder.from_settings(settings).model_id
-    store, app, console = MetadataStore(settings.metadata_database), create_celery(settings), Console()
+    store, app, console = MetadataStore(settings.metadata_database), create_celery(settings), Console(emoji=False)
     sent = send_reembed(store, app, model_id, settings.batch_size)
-    console.print(f"{sent} posts queued to be embedded again with {model_id}; the workers must run these settings")
+    console.print(f"{sent} posts queued to be embedded again with {shown(model_id)}; the workers must run these "
+                  "settings")  # fmt: skip
     if args.no_wait:
         console.print("when they are done: deeptarget index rebuild")
         return 0
@@ -424,7 +559,7 @@ def cmd_reembed(args: argparse.Namespace) -> int:
         )
     if left:
         console.print(f"{left} posts still carry another model's embedding after {args.timeout:.0f} s: are the "
-                      f"workers running with {model_id}? The index was not rebuilt.")  # fmt: skip
+                      f"workers running with {shown(model_id)}? The index was not rebuilt.")  # fmt: skip
         return 1
     rebuild_index(app)
     console.print("every post re-embedded; the index rebuild for the new model is on the index queue")
@@ -437,7 +572,7 @@ def cmd_train_likability(args: argparse.Namespace) -> int:
     trained = train_likability(_settings(args), model_id=args.model_id, publish=args.publish)
     m = trained.metrics
     print(
-        f"likability v{trained.head.version} on {trained.model_id}: {trained.train_posts} training posts, "
+        f"likability v{trained.head.version} on {plain(trained.model_id)}: {trained.train_posts} training posts, "
         f"{trained.test_posts} held out, {trained.outlier_posts} from follower-count outliers left out"
     )
     print(f"accuracy {m['accuracy']:.3f}   average precision {m['average_precision']:.3f} "
@@ -460,11 +595,11 @@ def cmd_compare_backbones(args: argparse.Namespace) -> int:
     for r in results:
         scores = [f"{r.metrics[k]:.3f}" for k in ("top1", "top5", "macro_f1")]
         sizes = [f"{r.parameters_m:.1f}", f"{r.size_mb:.1f}", f"{r.ms_per_image:.1f}"]
-        table.add_row(r.spec.name, r.model_id.split(":")[1], *sizes, *scores)
-    console = Console()
+        table.add_row(shown(r.spec.name), shown(r.model_id.split(":")[1]), *sizes, *scores)
+    console = Console(emoji=False)
     console.print(table)
     folder = settings.reports_dir / f"backbones-{time.strftime('%Y%m%d-%H%M%S')}"
-    console.print(f"report: {comparison_report(Path(args.images), results).write(folder)}")
+    console.print(f"report: {shown(comparison_report(Path(args.images), results).write(folder))}")
     return 0
 
 
@@ -505,17 +640,25 @@ def cmd_store_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+SHOWN_REJECTIONS = 50  # a binary file is hundreds of bad lines: the first ones say enough
+
+
 def cmd_enqueue(args: argparse.Namespace) -> int:
+    if args.file != "-":
+        _input_file(args.file, "enqueue")
+
     import redis.asyncio as aioredis
 
     from deeptarget.runtime import connect_redis
-    from deeptarget.scraper.push import IngestStream, parse_posts
+    from deeptarget.scraper.push import MAX_LINE_BYTES, IngestStream, parse_posts
 
     settings = connect_redis(_settings(args))
     with open(args.file, "rb") if args.file != "-" else sys.stdin.buffer as handle:
-        posts, bad = parse_posts(handle)
-    for record in bad:
-        print(f"{args.file}:{record.line}: rejected: {record.reason}", file=sys.stderr)
+        posts, bad = parse_posts(_bounded_lines(handle, MAX_LINE_BYTES))
+    for record in bad[:SHOWN_REJECTIONS]:  # the reasons quote the file: shown inert
+        print(f"{plain(args.file)}:{record.line}: rejected: {plain(record.reason)}", file=sys.stderr)
+    if len(bad) > SHOWN_REJECTIONS:
+        print(f"... and {len(bad) - SHOWN_REJECTIONS} more rejected lines", file=sys.stderr)
 
     async def push() -> int:
         client = aioredis.Redis.from_url(settings.redis_url or "")
@@ -538,7 +681,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     settings = connect_redis(_settings(args))
     deleted = delete_posts(MetadataStore(settings.metadata_database), create_celery(settings), args.post_ids)
     unknown = sorted(set(args.post_ids) - set(deleted))
-    print(f"deleted {len(deleted)} posts" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    print(f"deleted {len(deleted)} posts" + (f"; unknown: {plain(', '.join(unknown))}" if unknown else ""))
     return 0
 
 
@@ -562,10 +705,11 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
         for column in ("id", "failed at", "task", "items", "retries"):
             table.add_column(column, no_wrap=True)
         table.add_column("error", overflow="fold")
-        for letter in letters:
+        for letter in letters:  # a task's error quotes its data (usernames, captions): shown inert
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.failed_at))
-            table.add_row(letter.id, when, letter.task, str(letter.size), str(letter.retries), letter.error[:100])
-        Console().print(table)
+            table.add_row(shown(letter.id), when, shown(letter.task), str(letter.size), str(letter.retries),
+                          shown(letter.error[:100]))  # fmt: skip
+        Console(emoji=False).print(table)
         if letters_store.fallback_file.exists():
             print(f"letters written while Redis was down: {letters_store.fallback_file}")
         return 0
@@ -578,7 +722,12 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     if args.action == "drop":
         print(f"dropped {letters_store.drop([letter.id for letter in letters])} dead letters")
         return 0
-    print(f"sent {letters_store.retry(create_celery(settings), letters)} dead letters back to their queues")
+    sent = letters_store.retry(create_celery(settings), letters)
+    print(f"sent {sent} dead letters back to their queues")
+    if sent < len(letters):
+        print(f"{len(letters) - sent} left in place: their task is not one of ours (see deadletter list --json)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
@@ -593,7 +742,7 @@ def _send(settings: Settings, task: str) -> int:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    print(json_text(value))  # the same JSON, with every control character escaped: inert on a terminal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -605,26 +754,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the whole flow on the embedded default with the sandbox source")
     demo.add_argument("--once", action="store_true", help="exit after the crawl and the example queries")
-    demo.add_argument("--posts", type=int, help="sandbox size in posts (default from settings: 300)")
+    demo.add_argument("--posts", type=_whole(1, 1_000_000), help="sandbox size in posts (default from settings: 300)")
     demo.set_defaults(func=cmd_demo)
 
     sub.add_parser("redis", help="run the embedded Redis for the data dir").set_defaults(func=cmd_redis)
 
     sandbox = sub.add_parser("sandbox", help="serve the sandbox social network")
     sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--port", type=int, default=8700)
+    sandbox.add_argument("--port", type=_whole(0, 65535), default=8700)
     sandbox.set_defaults(func=cmd_sandbox)
 
     scrape = sub.add_parser("scrape", help="crawl the configured hashtags and accounts")
     scrape.add_argument("--forever", action="store_true", help="crawl again every --interval seconds")
-    scrape.add_argument("--interval", type=float, default=600.0)
+    scrape.add_argument("--interval", type=_number(0, above=True), default=600.0)
     scrape.set_defaults(func=cmd_scrape)
 
     worker = sub.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--queues", default=",".join(q for q in constants.all_queues if q != constants.index_queue))
-    worker.add_argument("--concurrency", type=int, help="pool processes (default: settings.worker_concurrency)")
+    worker.add_argument(
+        "--concurrency", type=_whole(1, 1024), help="pool processes (default: settings.worker_concurrency)"
+    )
     worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
-    worker.add_argument("--name", default="worker")
+    worker.add_argument("--name", type=_worker_name, default="worker", help="the worker's name (and metrics folder)")
     worker.set_defaults(func=cmd_worker)
 
     sub.add_parser("beat", help="run Celery beat (periodic hashtag-model refits)").set_defaults(func=cmd_beat)
@@ -633,15 +784,15 @@ def build_parser() -> argparse.ArgumentParser:
     query = sub.add_parser("query", help="query the index and profiles locally")
     query.add_argument("what", choices=["similar", "hashtags", "user", "audience"])
     query.add_argument("user", nargs="?", help="user id or username (query user); interest (query audience)")
-    query.add_argument("--post-id")
+    query.add_argument("--post-id", type=_post_id)
     query.add_argument("--image", help="path of an image file")
-    query.add_argument("-k", type=int, default=10, help="how many results")
+    query.add_argument("-k", type=_whole(1, MAX_K), default=10, help=f"how many results (1 to {MAX_K})")
     query.add_argument("--hashtag", help="similar: only posts with this hashtag")
     query.add_argument("--since", help="similar: only posts from this ISO date on")
     query.add_argument("--until", help="similar: only posts before this ISO date")
     query.add_argument("--has-face", choices=["yes", "no"], help="similar: only posts with / without a face")
-    query.add_argument("--min-score", type=float, default=0.0, help="audience: least share of the interest")
-    query.add_argument("--min-posts", type=int, default=1, help="audience: least posts per user")
+    query.add_argument("--min-score", type=_number(0, 1), default=0.0, help="audience: least share of the interest")
+    query.add_argument("--min-posts", type=_whole(1, 1_000_000), default=1, help="audience: least posts per user")
     query.add_argument("--exclude-outliers", action="store_true", help="audience: no follower-count outliers")
     query.set_defaults(func=cmd_query)
 
@@ -666,7 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DATA_DIR",
         help="train/ and test/ folders per class, train.txt/test.txt, or a folder per class",
     )
-    train_head.add_argument("--name", required=True, help="the head's name (e.g. food)")
+    train_head.add_argument("--name", required=True, type=_head_name,
+                            help="the head's name (e.g. food): lowercase letters, digits, _ and -")  # fmt: skip
     fields = Settings.model_fields
     train_head.add_argument("--backbone", choices=get_args(fields["backbone"].annotation),
                             help="default: the backbone setting (the one the workers run)")  # fmt: skip
@@ -674,29 +826,31 @@ def build_parser() -> argparse.ArgumentParser:
     train_head.add_argument("--normalization", choices=get_args(fields["weights_normalization"].annotation),
                             help="input scaling of the weights")  # fmt: skip
     train_head.add_argument("--publish", action="store_true", help="make it the version workers use")
-    train_head.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the logistic regression")
-    train_head.add_argument("--folds", type=int, default=0, help="also report K-fold cross-validation (K >= 2)")
+    train_head.add_argument("--l2", type=_number(0), default=1e-3, help="L2 penalty of the logistic regression")
+    train_head.add_argument("--folds", type=_folds, default=0, help="also report K-fold cross-validation (K >= 2)")
     train_head.add_argument(
         "--finetune", action="store_true", help="fine-tune the backbone end to end (resumes from its checkpoint)"
     )
-    train_head.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs")
-    train_head.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch size")
-    train_head.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate of the head")
+    train_head.add_argument("--epochs", type=_whole(1, 10_000), default=8, help="fine-tuning epochs")
+    train_head.add_argument("--batch-size", type=_whole(1, 65536), default=32, help="fine-tuning batch size")
+    train_head.add_argument("--lr", type=_number(0, above=True), default=1e-3,
+                            help="fine-tuning peak learning rate of the head")  # fmt: skip
     train_head.add_argument("--restart", action="store_true", help="fine-tuning: ignore an existing checkpoint")
     train_head.set_defaults(func=cmd_train_head)
 
     publish = sub.add_parser("publish-head", help="make a trained head version the one workers use")
-    publish.add_argument("name")
-    publish.add_argument("version", type=int)
+    publish.add_argument("name", type=_head_name)
+    publish.add_argument("version", type=_checked_version)
     publish.set_defaults(func=cmd_publish_head)
 
     reclassify = sub.add_parser("reclassify", help="apply the published heads to the stored embeddings")
-    reclassify.add_argument("heads", nargs="*", help="head names (default: every published head)")
+    reclassify.add_argument("heads", nargs="*", type=_head_name, help="head names (default: every published head)")
     reclassify.set_defaults(func=cmd_reclassify)
 
     reembed = sub.add_parser("reembed", help="embed the stored posts again after a change of backbone or weights")
     reembed.add_argument("--no-wait", action="store_true", help="queue them and return (then: index rebuild)")
-    reembed.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds to wait for the workers")
+    reembed.add_argument("--timeout", type=_number(0, above=True), default=24 * 3600.0,
+                         help="seconds to wait for the workers")  # fmt: skip
     reembed.set_defaults(func=cmd_reembed)
 
     likability = sub.add_parser("train-likability", help="train the likability head from the stored engagement")
@@ -711,7 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="NAME, NAME=WEIGHTS or NAME=WEIGHTS:NORMALIZATION; repeat it (default: every known backbone)",
     )
-    compare.add_argument("--timing-images", type=int, default=64, help="images embedded to time each backbone")
+    compare.add_argument("--timing-images", type=_whole(1, 100_000), default=64,
+                         help="images embedded to time each backbone")  # fmt: skip
     compare.set_defaults(func=cmd_compare_backbones)
 
     report = sub.add_parser("report", help="an HTML report of the live system (posts, faces, classes, engagement)")
@@ -731,26 +886,36 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.set_defaults(func=cmd_enqueue)
 
     delete = sub.add_parser("delete", help="delete posts: forgotten by the store, removed from the index")
-    delete.add_argument("post_ids", nargs="+")
+    delete.add_argument("post_ids", nargs="+", type=_post_id)
     delete.set_defaults(func=cmd_delete)
 
     deadletter = sub.add_parser("deadletter", help="tasks that failed for good: list them, send them again, drop them")
     deadletter.add_argument("action", choices=["list", "retry", "drop"])
-    deadletter.add_argument("ids", nargs="*", help="entry ids from the list (retry, drop)")
+    deadletter.add_argument(
+        "ids", nargs="*", type=_entry_id, help="entry ids from the list (retry, drop), e.g. 1700000000000-0"
+    )
     deadletter.add_argument("--all", action="store_true", help="every dead letter (retry, drop)")
-    deadletter.add_argument("--limit", type=int, help="show at most this many (list)")
+    deadletter.add_argument("--limit", type=_whole(1, 1_000_000), help="show at most this many (list)")
     deadletter.add_argument("--json", action="store_true", help="full letters with arguments and traceback (list)")
     deadletter.set_defaults(func=cmd_deadletter)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from redis.exceptions import RedisError
+
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except DeepTargetError as err:
-        print(f"deeptarget: error: {err}", file=sys.stderr)
+        print(f"deeptarget: error: {plain(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file not there, not readable, a directory: the reason, not a traceback
+        print(f"deeptarget: error: {plain(err)}", file=sys.stderr)
+        return 1
+    except RedisError as err:
+        print(f"deeptarget: error: Redis: {plain(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

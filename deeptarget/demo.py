@@ -40,6 +40,8 @@ from deeptarget.sandbox import images as sandbox_images
 from deeptarget.sandbox.network import Media
 from deeptarget.scraper import CelerySink, Crawler
 from deeptarget.store import MetadataStore
+from deeptarget.terminal import console as inert_console
+from deeptarget.terminal import shown
 from deeptarget.versioned import VersionedDir
 from deeptarget.workers.app import create_celery
 
@@ -61,7 +63,7 @@ def _log_to_file(path: Path) -> None:
 
 
 async def run_demo(settings: Settings, *, once: bool) -> int:
-    console = Console()
+    console = inert_console()
     started = time.monotonic()
     logs = settings.data_dir / "logs"
     _log_to_file(logs / "demo.log")
@@ -74,7 +76,9 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
         try:
             if settings.redis_url is None:
                 settings, redis_server = start_embedded_redis(settings)
-                console.print(f"[bold]Redis[/] embedded at {redis_server.shown_url}, AOF in {settings.redis_dir}")
+                console.print(
+                    f"[bold]Redis[/] embedded at {shown(redis_server.shown_url)}, AOF in {shown(settings.redis_dir)}"
+                )
             sandbox = await stack.enter_async_context(sandbox_server(network))
             settings = settings.model_copy(
                 update={
@@ -88,7 +92,7 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             offered = network.offered(settings.hashtags, settings.accounts, settings.hashtag_edge)
             console.print(
                 f"[bold]Sandbox[/] at {sandbox.url}: {len(offered)} posts by {len(network.accounts)} accounts "
-                f"under #{', #'.join(network.hashtags)}"
+                f"under #{shown(', #'.join(network.hashtags))}"
             )
             workers.append(
                 spawn_worker(
@@ -103,7 +107,7 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
                     settings, [constants.index_queue], name="index", pool="solo", log_file=logs / "worker-index.log"
                 )
             )
-            console.print(f"[bold]Workers[/] pids {[w.pid for w in workers]} (logs in {logs})")
+            console.print(f"[bold]Workers[/] pids {[w.pid for w in workers]} (logs in {shown(logs)})")
             api = await stack.enter_async_context(_api_server(settings))
             console.print(f"[bold]API[/] at {api.url}")
 
@@ -120,15 +124,15 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             await _print_summary(console, store, time.monotonic() - started)
             await _print_examples(console, api.url, network, store)
             report = write_system_report(store, settings.reports_dir / "demo")
-            console.print(f"The system at a glance (posts, hashtags, faces, engagement): [bold]{report}[/]")
+            console.print(f"The system at a glance (posts, hashtags, faces, engagement): [bold]{shown(report)}[/]")
             if once:
                 return 0
             console.print(
                 f"\nThe API stays up at [bold]{api.url}[/]; try\n"
-                f"  curl '{api.url}/similar?post_id={_example_post(network, store).id}&k=5'\n"
+                f"  curl '{api.url}/similar?post_id={shown(_example_post(network, store).id)}&k=5'\n"
                 f"  curl --data-binary @photo.jpg '{api.url}/hashtags'\n"
-                f"  curl '{api.url}/users/{network.accounts[0].username}'\n"
-                f"  curl -H \"X-API-Key: {api_key}\" --data-binary @posts.jsonl '{api.url}/ingest'\n"
+                f"  curl '{api.url}/users/{shown(network.accounts[0].username)}'\n"
+                f"  curl -H \"X-API-Key: {shown(api_key)}\" --data-binary @posts.jsonl '{api.url}/ingest'\n"
                 "    (JSON lines with id, media_url, caption: queryable in seconds)\n"
                 "Ctrl-C stops everything."
             )
@@ -250,7 +254,7 @@ async def _print_summary(console: Console, store: MetadataStore, elapsed_s: floa
     table.add_column("count", justify="right")
     table.add_row("indexed", str(counts.get("indexed", 0)))
     for reason, n in store.rejection_reasons().items():
-        table.add_row(f"rejected: {reason}", str(n))
+        table.add_row(f"rejected: {shown(reason)}", str(n))
     table.add_row("users profiled", str(len(store.profiles())))
     console.print(table)
 
@@ -269,18 +273,8 @@ async def _print_examples(console: Console, api_url: str, network: SandboxNetwor
         # 1. Similar images for a post.
         post = _example_post(network, store)
         similar = await _get(http, f"{api_url}/similar", params={"post_id": post.id, "k": "6"})
-        table = Table(title=f"GET /similar?post_id={post.id}  (a #{post.topic.hashtag} post by @{post.owner.username})")
-        for column in ("post", "score", "hashtags", "owner", "faces"):
-            table.add_column(column)
-        for row in similar["results"]:
-            table.add_row(
-                row["post_id"],
-                f"{row['score']:.3f}",
-                " ".join(f"#{t}" for t in row["hashtags"]),
-                str(row["owner"]),
-                str(row["faces"]),
-            )
-        console.print(table)
+        title = f"GET /similar?post_id={post.id}  (a #{post.topic.hashtag} post by @{post.owner.username})"
+        console.print(similar_table(title, similar["results"]))
 
         # 2. Hashtags for pictures the system has never seen.
         for topic in (t for t in network.topics if t.hashtag in ("coffee", "sunset", "cats")):
@@ -288,7 +282,7 @@ async def _print_examples(console: Console, api_url: str, network: SandboxNetwor
             body = sandbox_images.jpeg_bytes(picture, 10**9 + 17)
             suggested = await _post(http, f"{api_url}/hashtags?n=6", body)
             tags = ", ".join(f"#{h['hashtag']} ({h['score']:.2f})" for h in suggested["hashtags"])
-            console.print(f"POST /hashtags with a new {topic.hashtag} picture -> {tags}")
+            console.print(f"POST /hashtags with a new {shown(topic.hashtag)} picture -> {shown(tags)}")
 
         # 3. One user's interest profile.
         most_active = max(network.accounts, key=lambda a: sum(m.owner is a and m.visible for m in network.media))
@@ -296,10 +290,27 @@ async def _print_examples(console: Console, api_url: str, network: SandboxNetwor
         top = ", ".join(f"#{t} {w:.0%}" for t, w in list(profile["hashtags"].items())[:6])
         engagement = profile["median_engagement"]
         console.print(
-            f"GET /users/{most_active.username} -> {profile['post_count']} posts, "
+            f"GET /users/{shown(most_active.username)} -> {profile['post_count']} posts, "
             f"{profile['followers_count']} followers, faces in {profile['face_share']:.0%} of posts, "
-            f"median engagement {engagement if engagement is None else f'{engagement:.2%}'}; interests: {top}"
+            f"median engagement {engagement if engagement is None else f'{engagement:.2%}'}; interests: {shown(top)}"
         )
+
+
+def similar_table(title: str, results: list[dict[str, Any]]) -> Table:
+    """``GET /similar`` results as a table. Every cell is data (post ids, hashtags, owners): shown, never parsed
+    as markup or obeyed as control characters (issue 12, L9: a hashtag ``[/]`` stopped the printout)."""
+    table = Table(title=shown(title))
+    for column in ("post", "score", "hashtags", "owner", "faces"):
+        table.add_column(column)
+    for row in results:
+        table.add_row(
+            shown(row["post_id"]),
+            f"{row['score']:.3f}",
+            shown(" ".join(f"#{t}" for t in row["hashtags"])),
+            shown(row["owner"]),
+            shown(row["faces"]),
+        )
+    return table
 
 
 async def _get(http: aiohttp.ClientSession, url: str, params: dict[str, str] | None = None) -> Any:

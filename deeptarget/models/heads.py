@@ -4,21 +4,51 @@ Layout: ``<heads_dir>/<name>/v<version>.npz`` holding ``weight`` (classes x dim)
 ``model_id`` (the embedder the head was trained on) and optional ``metrics`` JSON. ``<name>/CURRENT`` names the
 published version; without it the newest file is used. ``HeadSet.refresh()`` picks up newly published versions, so
 running workers switch without a restart.
+
+A head's name is a path segment: ``check_head_name`` holds it to ``HEAD_NAME_PATTERN`` wherever a path is made from
+it, so no caller can write outside ``heads_dir`` (issue 12, L7: ``--name ../../x`` did); versions are whole numbers
+from 1 to ``MAX_VERSION``. Folders in ``heads_dir`` with other names are not heads and are left alone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from deeptarget.errors import ConfigurationError
+from deeptarget.errors import ConfigurationError, DeepTargetError
 from deeptarget.versioned import VersionedDir, atomic_write
 
 LOG = logging.getLogger(__name__)
+
+HEAD_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+MAX_VERSION = 10**9
+_HEAD_NAME_RE = re.compile(HEAD_NAME_PATTERN)
+
+
+class InvalidName(DeepTargetError, ValueError):
+    """A name or version that cannot be a head's (or a report's): it would not stay one path segment."""
+
+
+def check_head_name(name: object) -> str:
+    """``name`` if it can name a head: 1 to 64 lowercase letters, digits, ``_`` and ``-``, starting with a letter or
+    digit. Raises ``InvalidName`` (a ``ValueError``) otherwise."""
+    if not isinstance(name, str) or not _HEAD_NAME_RE.fullmatch(name):  # fullmatch: no trailing newline either
+        raise InvalidName(
+            f"head name {name!r}: 1 to 64 lowercase letters, digits, _ and -, starting with a letter or digit"
+        )
+    return name
+
+
+def check_version(version: object) -> int:
+    """``version`` if it is a whole number from 1 to ``MAX_VERSION``; raises ``InvalidName`` otherwise."""
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise InvalidName(f"version {version!r}: a whole number from 1 to {MAX_VERSION}")
+    return version
 
 
 @dataclass(frozen=True)
@@ -41,6 +71,7 @@ class LinearHead:
     def save(self, heads_dir: Path) -> Path:
         """Write this version (not yet published: see ``publish_head``)."""
         versions = head_versions(heads_dir, self.name)
+        check_version(self.version)
         versions.root.mkdir(parents=True, exist_ok=True)
         path = versions.path(self.version)
         atomic_write(
@@ -71,11 +102,20 @@ class LinearHead:
 
 
 def head_versions(heads_dir: Path, name: str) -> VersionedDir:
-    return VersionedDir(Path(heads_dir) / name, ".npz")
+    """The versions of head ``name``; raises ``InvalidName`` for a name that is no head's."""
+    return VersionedDir(Path(heads_dir) / check_head_name(name), ".npz")
+
+
+def _head_folders(heads_dir: Path) -> list[Path]:
+    """The folders of ``heads_dir`` that may be heads (by their name), sorted."""
+    if not Path(heads_dir).is_dir():
+        return []
+    return sorted(p for p in Path(heads_dir).iterdir() if p.is_dir() and _HEAD_NAME_RE.fullmatch(p.name))
 
 
 def publish_head(heads_dir: Path, name: str, version: int) -> None:
     versions = head_versions(heads_dir, name)
+    check_version(version)
     if version not in versions.versions():
         raise ConfigurationError(f"head {name} has no version {version} in {versions.root}")
     versions.publish(version)
@@ -83,11 +123,7 @@ def publish_head(heads_dir: Path, name: str, version: int) -> None:
 
 def head_names(heads_dir: Path) -> list[str]:
     """Heads that have at least one version in ``heads_dir``."""
-    if not Path(heads_dir).is_dir():
-        return []
-    return sorted(
-        p.name for p in Path(heads_dir).iterdir() if p.is_dir() and head_versions(heads_dir, p.name).versions()
-    )
+    return [p.name for p in _head_folders(heads_dir) if head_versions(heads_dir, p.name).versions()]
 
 
 class HeadSet:
@@ -101,9 +137,7 @@ class HeadSet:
         self.refresh()
 
     def refresh(self) -> None:
-        if not self.heads_dir.is_dir():
-            return
-        for folder in sorted(p for p in self.heads_dir.iterdir() if p.is_dir()):
+        for folder in _head_folders(self.heads_dir):
             path = published_file(head_versions(self.heads_dir, folder.name))
             if path is None:
                 continue

@@ -1,11 +1,15 @@
 """One HTML page per report: sections of text, tables and figures. Figures are saved as PNG files next to the page
-and embedded in it as data URIs, so the page alone can be mailed or attached to a ticket."""
+and embedded in it as data URIs, so the page alone can be mailed or attached to a ticket.
+
+A report's name (its folder under the reports dir: ``report_folder``) and its figures' names are path segments, held
+to ``REPORT_NAME_PATTERN`` so that none leads outside (issue 12, L7)."""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +27,22 @@ from deeptarget.versioned import atomic_write
 # Labels are data (scraped hashtags, usernames): a '$...$' in one must be shown, not parsed as mathtext, which
 # raised on malformed input and stopped every report that showed it (issue 12, M8).
 matplotlib.rcParams["text.parse_math"] = False
+
+REPORT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # no '/', and '.' or '..' can't start one
+_REPORT_NAME_RE = re.compile(REPORT_NAME_PATTERN)
+
+
+def check_report_name(name: object, what: str = "report name") -> str:
+    """``name`` if it can be one path segment of a report; raises ``ValueError`` otherwise."""
+    if not isinstance(name, str) or not _REPORT_NAME_RE.fullmatch(name):
+        raise ValueError(f"{what} {name!r}: 1 to 128 letters, digits, _ . and -, starting with a letter or digit")
+    return name
+
+
+def report_folder(reports_dir: Path, name: str) -> Path:
+    """Where the report ``name`` goes: a folder directly in ``reports_dir``."""
+    return Path(reports_dir) / check_report_name(name)
+
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -53,6 +73,7 @@ class Report:
 
     def figure(self, name: str, figure: Figure, caption: str) -> None:
         """``name`` becomes ``<name>.png``; it must be unique within the report."""
+        check_report_name(name, "figure name")
         if name in self.figures:
             raise ValueError(f"figure {name!r} is already in the report")
         self.figures[name] = figure

@@ -60,10 +60,11 @@ def system_report(store: MetadataStore, top_hashtags: int = TOP_HASHTAGS) -> Rep
     report.heading("Classes")
     if not predicted:
         report.text("No head has classified a post yet (train one with deeptarget train-head).")
-    for head, counts in sorted(predicted.items()):
+    for k, (head, counts) in enumerate(sorted(predicted.items())):
         ordered = dict(counts.most_common())
+        name = f"classes_{_slug(head)}"
         report.figure(
-            f"classes_{_slug(head)}",
+            name if name not in report.figures else f"{name}_{k}",  # two heads may slug alike
             figures.bars(ordered, f"head {head}: most probable class per post", "posts"),
             f"class distribution of head {head} over {sum(counts.values())} posts",
         )
@@ -91,4 +92,5 @@ def write_system_report(store: MetadataStore, folder: Path) -> Path:
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text)
+    """A file name's worth of ``text`` (a head name from the store: data): ASCII letters and digits, bounded."""
+    return "".join(c if c.isascii() and c.isalnum() else "_" for c in text)[:64]

@@ -53,7 +53,24 @@ def _listed_splits(root: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, 
 
 
 def load_labelled(root: Path, test_share: float = 0.2, seed: int = 0) -> LabelledImages:
+    """The labelled images of ``root``; raises ``ConfigurationError`` when there is no folder there or too little in
+    it to train and evaluate a head (images of two classes to train on, one image to hold out)."""
     root = Path(root)
+    if not root.is_dir():
+        raise ConfigurationError(f"{root}: not a folder")
+    return check_usable(root, _load(root, test_share, seed))
+
+
+def check_usable(where: object, data: LabelledImages) -> LabelledImages:
+    if len({label for _, label in data.train}) < 2 or not data.test:
+        raise ConfigurationError(
+            f"{where}: {len(data.train)} training images in {len({label for _, label in data.train})} classes and "
+            f"{len(data.test)} held out: a head needs images of at least 2 classes to train on, and some to hold out"
+        )
+    return data
+
+
+def _load(root: Path, test_share: float, seed: int) -> LabelledImages:
     if (root / "train").is_dir() and (root / "test").is_dir():
         train, test = _class_folders(root / "train"), _class_folders(root / "test")
         classes = sorted(set(train) | set(test))

@@ -29,7 +29,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from deeptarget.config import Settings
 from deeptarget.models.embedder import Embedder
-from deeptarget.models.heads import LinearHead, head_versions, publish_head
+from deeptarget.models.heads import LinearHead, check_head_name, head_versions, publish_head
+from deeptarget.reports.html import report_folder
 from deeptarget.training.augment import ImageFiles, mixup, tta_views
 from deeptarget.training.datasets import load_labelled
 from deeptarget.training.linear import classification_metrics, fit_logistic
@@ -111,6 +112,7 @@ class Checkpoint:
 def finetune(
     settings: Settings, data_dir: Path, name: str, options: FinetuneOptions | None = None, publish: bool = False
 ) -> TrainedHead:
+    check_head_name(name)  # before any work: it names the head's, the checkpoint's and the report's folders
     options = options or FinetuneOptions()
     data = load_labelled(data_dir)
     embedder = Embedder.from_settings(settings)
@@ -251,7 +253,7 @@ def finetune(
         "above the held-out loss.",
     ]
     page = training_report(f"fine-tuned head {name} v{version}", evaluation, vectors[sample], test_y[sample], summary)
-    trained.report_path = page.write(settings.reports_dir / f"head-{name}-v{version}")
+    trained.report_path = page.write(report_folder(settings.reports_dir, f"head-{name}-v{version}"))
     return trained
 
 

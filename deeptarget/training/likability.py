@@ -20,6 +20,7 @@ from deeptarget.errors import ConfigurationError
 from deeptarget.models.heads import LinearHead, head_versions, publish_head
 from deeptarget.profiles.outliers import FollowerBounds
 from deeptarget.reports import figures
+from deeptarget.reports.html import report_folder
 from deeptarget.store import MetadataStore
 from deeptarget.training.linear import classification_metrics, fit_logistic
 from deeptarget.training.report import Evaluation, stratified_sample, training_report
@@ -136,5 +137,5 @@ def train_likability(
         figures.histogram(data.engagement, "engagement of the labelled posts", "likes / followers", log_x=True),
         f"the median {data.threshold:.4g} splits likable from not likable",
     )
-    result.report_path = page.write(settings.reports_dir / f"head-likability-v{version}")
+    result.report_path = page.write(report_folder(settings.reports_dir, f"head-likability-v{version}"))
     return result

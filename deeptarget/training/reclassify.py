@@ -14,6 +14,7 @@ from deeptarget.models.heads import HeadSet, LinearHead, head_names, head_versio
 from deeptarget.profiles.builder import rebuild_profiles
 from deeptarget.profiles.outliers import FollowerBounds
 from deeptarget.store import MetadataStore
+from deeptarget.terminal import shown
 
 LOG = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def reclassify(
     with Progress(transient=True) as progress:
         for head in heads:
             total = store.count_embeddings(head.model_id)
-            task = progress.add_task(f"{head.name} v{head.version}", total=total)
+            task = progress.add_task(f"{shown(head.name)} v{head.version}", total=total)
             result.heads[head.name] = head.version
             result.posts[head.name] = 0
             for rows in store.embeddings_of_model(head.model_id, batch=batch):

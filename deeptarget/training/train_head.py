@@ -17,8 +17,10 @@ from deeptarget.config import Settings
 from deeptarget.errors import ImageRejected
 from deeptarget.models.decode import decode_image
 from deeptarget.models.embedder import Embedder
-from deeptarget.models.heads import LinearHead, head_versions, publish_head
-from deeptarget.training.datasets import LabelledImages, load_labelled
+from deeptarget.models.heads import LinearHead, check_head_name, head_versions, publish_head
+from deeptarget.reports.html import report_folder
+from deeptarget.terminal import shown
+from deeptarget.training.datasets import LabelledImages, check_usable, load_labelled
 from deeptarget.training.linear import classification_metrics, cross_validate, fit_logistic
 from deeptarget.training.report import Evaluation, stratified_sample, training_report
 from deeptarget.versioned import atomic_write
@@ -61,7 +63,7 @@ def embed_files(settings: Settings, embedder: Embedder, paths: list[Path]) -> tu
     missing = [i for i, k in enumerate(keys) if k not in cache.vectors]
     usable = [True] * len(paths)
     with Progress(transient=True) as progress:
-        task = progress.add_task(f"embedding with {embedder.model_id}", total=len(missing))
+        task = progress.add_task(f"embedding with {shown(embedder.model_id)}", total=len(missing))
         for start in range(0, len(missing), embedder.micro_batch):
             chunk, images = missing[start : start + embedder.micro_batch], []
             for i in chunk:
@@ -103,9 +105,12 @@ class EmbeddedSplits:
 def embed_splits(settings: Settings, embedder: Embedder, data: LabelledImages) -> EmbeddedSplits:
     train_x, train_ok = embed_files(settings, embedder, [p for p, _ in data.train])
     test_x, test_ok = embed_files(settings, embedder, [p for p, _ in data.test])
+    train = [item for item, ok in zip(data.train, train_ok, strict=True) if ok]
+    test = [item for item, ok in zip(data.test, test_ok, strict=True) if ok]
+    check_usable("the readable images", LabelledImages(data.classes, train, test))
     return EmbeddedSplits(
-        train=[item for item, ok in zip(data.train, train_ok, strict=True) if ok],
-        test=[item for item, ok in zip(data.test, test_ok, strict=True) if ok],
+        train=train,
+        test=test,
         train_x=train_x,
         test_x=test_x,
         skipped=train_ok.count(False) + test_ok.count(False),
@@ -121,6 +126,7 @@ def train_head(
     folds: int = 0,
     report: bool = True,
 ) -> TrainedHead:
+    check_head_name(name)  # before any work: it names the head's folder and its report's
     data = load_labelled(data_dir)
     embedder = Embedder.from_settings(settings)
     splits = embed_splits(settings, embedder, data)
@@ -161,5 +167,5 @@ def train_head(
             f"{len(train_y)} training images, {len(test_y)} held out, {skipped} unusable; L2 {l2}."
         ]
         page = training_report(f"train-head {name} v{version}", evaluation, vectors[sample], labels[sample], summary)
-        trained.report_path = page.write(settings.reports_dir / f"head-{name}-v{version}")
+        trained.report_path = page.write(report_folder(settings.reports_dir, f"head-{name}-v{version}"))
     return trained

@@ -3,25 +3,44 @@
 Nothing a task was given is lost when it fails: ``deeptarget deadletter list`` shows what failed and why, and
 ``deeptarget deadletter retry`` sends the same task with the same arguments again (tasks are idempotent). When Redis
 itself is what failed, the letter goes to ``<data_dir>/deadletter.jsonl`` and the log instead.
+
+Letters are named by their stream entry id (``<milliseconds>-<sequence>``, ``check_entry_id``); anything else is a
+``ValueError`` before Redis is asked (issue 12, L10: ``retry abc`` ended in Redis's error and a traceback). A letter
+that cannot be read is still listed and can be dropped; one whose task is not ours is never sent.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-from celery import Celery
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from deeptarget import constants
+
+if TYPE_CHECKING:  # only for the annotation: the CLI checks ids without loading Celery
+    from celery import Celery
 
 LOG = logging.getLogger(__name__)
 
 ERROR_CHARS = 4000  # a traceback is kept, but not an unbounded one
+UNREADABLE = "<unreadable>"  # the task of a letter whose stored form does not parse
+_ENTRY_ID_RE = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_U64 = 2**64 - 1
+
+
+def check_entry_id(entry_id: object) -> str:
+    """``entry_id`` if it is a stream entry id (``1700000000000-0``: two numbers below 2^64); ``ValueError``
+    otherwise."""
+    match = _ENTRY_ID_RE.fullmatch(entry_id) if isinstance(entry_id, str) else None
+    if match is None or int(match[1]) > _U64 or int(match[2]) > _U64:
+        raise ValueError(f"{entry_id!r} is not a dead letter id: <milliseconds>-<sequence>, e.g. 1700000000000-0")
+    return str(entry_id)
 
 
 class DeadLetter(BaseModel):
@@ -72,6 +91,9 @@ class DeadLetters:
         return [self._parse(entry_id, fields) for entry_id, fields in entries]
 
     def get(self, ids: list[str]) -> list[DeadLetter]:
+        """The letters of ``ids``; ``ValueError`` for a malformed id, ``KeyError`` for one not there."""
+        for entry_id in ids:
+            check_entry_id(entry_id)
         letters = []
         for entry_id in ids:
             found = self.client.xrange(constants.deadletter_stream, min=entry_id, max=entry_id)
@@ -81,18 +103,33 @@ class DeadLetters:
         return letters
 
     def retry(self, app: Celery, letters: list[DeadLetter]) -> int:
-        """Send each letter's task again, then forget the letter (send first: at-least-once, tasks are idempotent)."""
+        """Send each letter's task again, then forget the letter (send first: at-least-once, tasks are idempotent).
+        A letter whose task is not one of ours stays where it is (sent, it would wait on a queue nobody reads).
+        Returns how many were sent."""
+        sent = 0
         for letter in letters:
             queue = constants.task_queues.get(letter.task)
+            if queue is None:
+                LOG.warning("dead letter %s: task %r is not one of ours: not sent", letter.id, letter.task[:100])
+                continue
             app.send_task(letter.task, args=letter.args, kwargs=letter.kwargs, queue=queue)
             self.client.xdel(constants.deadletter_stream, letter.id)
             LOG.info("dead letter %s: %s sent again to the %s queue", letter.id, letter.task, queue)
-        return len(letters)
+            sent += 1
+        return sent
 
     def drop(self, ids: list[str]) -> int:
+        for entry_id in ids:
+            check_entry_id(entry_id)
         return int(self.client.xdel(constants.deadletter_stream, *ids)) if ids else 0
 
     @staticmethod
     def _parse(entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
-        letter = DeadLetter.model_validate(json.loads(fields[b"letter"]))
-        return letter.model_copy(update={"id": entry_id.decode() if isinstance(entry_id, bytes) else entry_id})
+        """The stored letter; one that does not parse is listed as such (so it can be seen and dropped)."""
+        name = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        try:
+            letter = DeadLetter.model_validate(json.loads(fields[b"letter"]))
+        except (KeyError, ValueError, RecursionError) as err:  # ValueError: JSON, UTF-8 and pydantic's
+            reason = type(err).__name__ if not isinstance(err, ValidationError) else "not a dead letter's fields"
+            return DeadLetter(id=name, task=UNREADABLE, error=f"unreadable letter: {reason}")
+        return letter.model_copy(update={"id": name})
