@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from deeptarget import constants
-from deeptarget.api.app import create_app
+from deeptarget.api.app import create_app, server_limits
 from deeptarget.blobs import BlobStore
 from deeptarget.config import Settings
 from deeptarget.errors import DeepTargetError
@@ -175,7 +175,7 @@ def _api_server(settings: Settings) -> AppServer:
         port = 0
     finally:
         probe.close()
-    return AppServer(create_app(settings), settings.api_host, port)
+    return AppServer(create_app(settings), settings.api_host, port, server_limits(settings))  # as `deeptarget serve`
 
 
 def _check_workers(workers: list[subprocess.Popen[bytes]]) -> None:
