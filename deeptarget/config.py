@@ -169,12 +169,28 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="0 = the cores divided among the worker's pool processes.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     visibility_timeout_s: int = Field(
-        3600, gt=0, description="Unacked tasks come back after this; above the longest task."
+        300,
+        gt=0,
+        description="A task a dead worker held comes back after this (plus redelivery_check_s); above the longest "
+        "task, or that task runs twice (they are idempotent: only time is lost). docker-compose.yml gives workers a "
+        "shorter stop grace.",
+    )
+    redelivery_check_s: float = Field(
+        5.0, gt=0, description="How often each worker looks for tasks held past the visibility timeout."
     )
     worker_concurrency: int = Field(1, ge=1)
     task_max_retries: int = Field(8, ge=0, description="Retries of a transiently failing task before its dead letter.")
     task_retry_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles each time, with jitter.")
-    task_retry_backoff_max_s: float = Field(300.0, gt=0)
+    task_retry_backoff_max_s: float = Field(
+        300.0, gt=0, description="The longest retry delay (and at most half the visibility timeout)."
+    )
+    task_retry_disk_backoff_s: float = Field(
+        20.0, gt=0, description="First retry delay after a transient disk error (full, EIO); doubles each time."
+    )
+    task_write_retry_s: float = Field(
+        60.0, ge=0, description="An infer task retries its store write in place this long before the task retries "
+        "(which embeds the batch again).",
+    )  # fmt: skip
 
     # -- index and models -----------------------------------------------------------------------------------------
     snapshot_every_adds: int = Field(1000, ge=1, description="This many index changes are published at once.")
@@ -185,6 +201,21 @@ class Settings(BaseSettings):
         "coalescing the adds in between; 0 = a snapshot after every add. Stretched when snapshots get slow.",
     )
     snapshots_kept: int = Field(3, ge=1)
+    index_catch_up_every_s: float = Field(
+        5.0, gt=0, description="The index writer looks this often for stored posts no index task brought."
+    )
+    index_catch_up_after_s: float = Field(
+        30.0, ge=0, description="A post stored this long ago and not indexed yet is indexed by the writer itself."
+    )
+    health_writer_stale_s: float = Field(
+        30.0, gt=0, description="/healthz calls the index writer dead when its heartbeat is older than this."
+    )
+    health_backlog_stale_s: float = Field(
+        120.0, gt=0, description="/healthz calls the index stale when a stored post waits longer than this."
+    )
+    health_min_free_bytes: int = Field(
+        512 * 1024 * 1024, ge=0, description="/healthz reports the data volume as low below this much free space."
+    )
     index_ivf_from: int = Field(20_000, ge=1000, description="Exact search below this many vectors, IVF from here on.")
     index_target_recall: float = Field(0.95, gt=0, le=1, description="IVF nprobe is tuned to this recall@10.")
     index_regrow_factor: float = Field(4.0, gt=1, description="IVF is rebuilt after growing this many times.")

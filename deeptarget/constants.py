@@ -60,6 +60,14 @@ deadletter_stream = key_prefix + "deadletter"
 hashtag_model_version_key = key_prefix + "models:hashtags:version"
 """STRING: the newest published hashtag model version."""
 
+index_writer_key = key_prefix + "index-writer"
+"""STRING (JSON): the index writer's heartbeat (time, vectors, seq, snapshot version), refreshed every
+``index_catch_up_every_s`` with a TTL; /healthz reads it to tell a live writer from a dead one."""
+
+task_done_key_prefix = key_prefix + "task-done:"
+"""``task-done:<task id>``: the task finished (kept twice the visibility timeout): a copy Redis delivers again because
+the acknowledgement was lost (an outage, a kill right after the task) is skipped instead of run again."""
+
 # Celery queues. The index queue must have exactly one consumer: FAISS indexes are not safe to write concurrently.
 infer_queue = "infer"
 index_queue = "index"

@@ -405,6 +405,34 @@ class MetadataStore:
             "(status = 'embedded' OR (status = 'indexed' AND indexed_seq > ?))", (after_seq,), batch
         )
 
+    def embeddings_not_indexed(
+        self, stored_before: float, model_id: str | None = None, batch: int = 4096
+    ) -> Iterator[EmbeddingRows]:
+        """Embedded posts stored before ``stored_before`` (a time) that no index task has brought to the writer yet
+        (of ``model_id`` when given): what the writer catches up on while it runs (issue 13, item 3). Cheap: the
+        status index holds only the posts in flight."""
+        where, params = "status = 'embedded' AND updated_at < ?", (stored_before,)
+        if model_id is not None:
+            where, params = f"{where} AND model_id = ?", (stored_before, model_id)
+        return self._scan_embeddings(where, params, batch)
+
+    def deletions_not_removed(self, deleted_before: float, limit: int = 10_000) -> list[str]:
+        """Posts deleted before ``deleted_before`` that the index writer has not removed yet (their remove task was
+        never sent, or lost)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT post_id FROM posts WHERE status = 'deleted' AND indexed_seq IS NULL AND updated_at < ? "
+                "ORDER BY vector_id LIMIT ?",
+                (deleted_before, limit),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def index_backlog(self) -> tuple[int, float | None]:
+        """(embedded posts not indexed yet, when the oldest of them was stored): the index writer's lag."""
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*), MIN(updated_at) FROM posts WHERE status = 'embedded'").fetchone()
+        return int(row[0]), None if row[1] is None else float(row[1])
+
     def _scan_embeddings(self, where: str, params: tuple[Any, ...], batch: int) -> Iterator[EmbeddingRows]:
         columns = "post_id, vector_id, embedding, model_id"
         for rows in self._pages(columns, f"embedding IS NOT NULL AND {where}", params, batch):

@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from deeptarget.index import writer as writer_module
 from deeptarget.index.vectors import SnapshotReader, SnapshotStore
 from deeptarget.index.writer import IndexWriter
 from deeptarget.schema import Post, Prediction, vector_id
@@ -84,14 +86,64 @@ def test_close_publishes_what_the_deferred_snapshot_had_not_yet(tmp_path: Path) 
 
 
 def test_temporary_files_of_a_writer_that_died_are_swept(tmp_path: Path) -> None:
+    """No live writer holds the directory's lock: every temporary file is a dead writer's, whatever pid it names (in
+    a container the new writer often gets the dead one's pid: ours stands for it here)."""
     index_dir = tmp_path / "index"
     index_dir.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = [index_dir / f".v000007.faiss.tmp-{dead.pid}", index_dir / f".CURRENT.tmp-{dead.pid}"]
-    ours = index_dir / f".v000008.faiss.tmp-{os.getpid()}"  # a live process's write in progress stays
-    for path in (*stale, ours):
+    stale = [
+        index_dir / f".v000007.faiss.tmp-{dead.pid}",
+        index_dir / f".CURRENT.tmp-{dead.pid}",
+        index_dir / f".v000008.faiss.tmp-{os.getpid()}",  # a reused pid
+    ]
+    for path in stale:
         path.write_bytes(b"half a snapshot")
     IndexWriter(MetadataStore(tmp_path / "meta.sqlite3"), SnapshotStore(index_dir)).close()
     assert not any(p.exists() for p in stale)
-    assert ours.exists()
+
+
+def test_a_live_writers_temporary_file_stays(tmp_path: Path) -> None:
+    """Another live writer holds the lock (a mistake, but its snapshot in progress is not ours to delete): only the
+    files of dead pids go."""
+    index_dir = tmp_path / "index"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from deeptarget.index.vectors import "
+         f"SnapshotStore; s = SnapshotStore(Path({str(index_dir)!r})); assert s.lock_for_writing(); "
+         "print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"locked"
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        theirs = index_dir / f".v000003.faiss.tmp-{holder.pid}"
+        stale = index_dir / f".v000002.faiss.tmp-{dead.pid}"
+        for path in (theirs, stale):
+            path.write_bytes(b"half a snapshot")
+        IndexWriter(MetadataStore(tmp_path / "meta.sqlite3"), SnapshotStore(index_dir)).close()
+        assert theirs.exists() and not stale.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_snapshot_that_cannot_be_written_is_tried_again_and_fails_no_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 13, item 7: a full disk failed the index task whose add asked for the snapshot (a dead letter each
+    time). The add is journalled and in the index: the snapshot is deferred and tried again, later each time."""
+    monkeypatch.setattr(writer_module, "RETRY_FAILED_SNAPSHOT_S", 0.2)
+    store = MetadataStore(tmp_path / "meta.sqlite3")
+    snapshots = SnapshotStore(tmp_path / "index")
+    writer = IndexWriter(store, snapshots, snapshot_every_s=0)
+    reader = SnapshotReader(snapshots, check_interval_s=0)
+    writer.add(store.embeddings(_record(store, ["a", "b"])))
+    assert reader.get().ntotal == 2
+    # The next snapshot's first file is written through /dev/full: the kernel's own ENOSPC, once.
+    (tmp_path / "index" / f".v000002.json.tmp-{os.getpid()}").symlink_to("/dev/full")
+    assert writer.add(store.embeddings(_record(store, ["c"], seed=1))) == 1  # no error for the add
+    wait_for(lambda: reader.get().ntotal == 3, "the snapshot tried again", timeout_s=10)
+    assert "index snapshot failed (OSError: [Errno 28] No space left on device, 1 in a row)" in caplog.text
+    assert writer.status()["snapshot_failures"] == 0 and store.status_counts() == {"indexed": 3}
+    writer.close()

@@ -11,15 +11,22 @@ a query by post id finds the post's own embedding. (HNSW cannot remove ids, whic
 
 A snapshot is ``v<version>.faiss`` plus ``v<version>.json`` (model id, dim, count, the writer's sequence number,
 nprobe), published through ``CURRENT`` (see ``deeptarget.versioned``).
+
+The writer holds ``.writer.lock`` (an advisory ``flock``, released by the kernel when its process dies, however it
+dies) for as long as it lives. A writer that gets it knows no other writer is alive, so every temporary file in the
+directory was left by a dead one (a kill mid-snapshot leaves one as large as the index) and is deleted at start,
+whatever pid its name carries: in a container the new writer often has the dead one's pid (issue 13, item 6).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,8 @@ class VectorIndex:
     index: faiss.Index
     seq: int = 0  # the writer's sequence number of the last added vector (see IndexWriter)
     trained_on: int = 0  # how many vectors the index held when an IVF was built (0: flat)
+    created: float | None = None  # when its snapshot was written (time.time()); None: not from a snapshot
+    version: int | None = None  # the snapshot's version
     _gpu: Any = field(default=None, repr=False)  # a read-only GPU copy for searches (see on_gpu)
     _gpu_resources: Any = field(default=None, repr=False)
     _gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -168,6 +177,28 @@ class SnapshotStore:
     def __init__(self, root: Path, keep: int = 3) -> None:
         self.versions = VersionedDir(root, ".faiss")
         self.keep = keep
+        self._lock_fd: int | None = None
+
+    def lock_for_writing(self) -> bool:
+        """Take the directory's writer lock (kept until ``unlock`` or the process ends); False when another live
+        process holds it (a second writer: a mistake, or ``deeptarget index rebuild --local`` beside the worker)."""
+        if self._lock_fd is not None:
+            return True
+        self.versions.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.versions.root / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        self._unlocker = weakref.finalize(self, os.close, fd)  # a store dropped without unlock() lets go too
+        return True
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            self._unlocker()  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def save(self, index: VectorIndex) -> int:
         self.versions.root.mkdir(parents=True, exist_ok=True)
@@ -196,15 +227,23 @@ class SnapshotStore:
 
     def sweep_temporary(self) -> int:
         """Delete the temporary files of snapshots that a dead process was writing (``atomic_write`` leaves one
-        behind only when its process dies mid-write); returns how many were deleted."""
-        swept = 0
+        behind only when its process dies mid-write); returns how many were deleted. Holding the writer lock, every
+        one is a dead writer's; without it (another writer lives), only those whose pid is not alive. A writer calls
+        it at its start, before it writes anything itself."""
+        swept = freed = 0
         for path in self.versions.root.glob(".*.tmp-*") if self.versions.root.is_dir() else []:
             pid = path.name.rpartition(".tmp-")[2]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                path.unlink(missing_ok=True)
+            dead = pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+            if self._lock_fd is not None or dead:
+                try:
+                    freed += path.stat().st_size
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
                 swept += 1
         if swept:
-            LOG.info("deleted %d temporary snapshot files left by dead processes in %s", swept, self.versions.root)
+            LOG.warning("deleted %d temporary snapshot files (%.1f MB) left by a writer that died mid-snapshot in %s",
+                        swept, freed / 1e6, self.versions.root)  # fmt: skip
         return swept
 
     def load(self, version: int | None = None) -> VectorIndex | None:
@@ -218,9 +257,14 @@ class SnapshotStore:
             faiss.read_index(str(self.versions.path(version))),
             int(meta["seq"]),
             int(meta.get("trained_on", 0)),
+            float(meta["created"]) if "created" in meta else None,
+            version,
         )
         index.nprobe = int(meta.get("nprobe", 0))
         return index
+
+
+WRITER_LOCK = ".writer.lock"  # a dot file: the sweep's pattern and the version listing never match it
 
 
 def _alive(pid: int) -> bool:

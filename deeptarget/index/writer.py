@@ -17,6 +17,14 @@ interval is over (a publisher thread, under the writer's lock), which takes ever
 (plus the readers' check interval), a lone post at once, with no further add, flush task or batch needed. When the
 index grows so large that a snapshot takes a good share of that interval, the interval stretches so that snapshots
 keep at most ``MAX_SNAPSHOT_SHARE`` of the writer's time (issue 17's segments will lift this).
+
+A snapshot that fails (a full disk) never fails the change that asked for it: the change is in the index and in the
+store's journal already, so the snapshot is deferred and tried again with a growing delay (``RETRY_FAILED_SNAPSHOT_S``
+doubling up to ``MAX_RETRY_FAILED_SNAPSHOT_S``) until it succeeds. Only an explicit ``snapshot()`` raises.
+
+The store is the journal while the writer runs too, not only at its start: ``catch_up`` indexes the embedded posts
+that no index task brought (an infer task that died, or could not reach Redis, after its store write) and removes the
+deleted posts no remove task did; the worker calls it every few seconds (``workers/upkeep.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -41,7 +49,8 @@ LOG = logging.getLogger(__name__)
 # Snapshots may take at most about this share of the writer's time: the deferred snapshot waits at least
 # (1 / share - 1) times the last save's duration (the adds wait for the lock while a snapshot is written).
 MAX_SNAPSHOT_SHARE = 0.25
-RETRY_FAILED_SNAPSHOT_S = 5.0  # a deferred snapshot that failed (disk full?) is tried again this much later
+RETRY_FAILED_SNAPSHOT_S = 5.0  # a snapshot that failed (disk full?) is tried again this much later, doubling
+MAX_RETRY_FAILED_SNAPSHOT_S = 120.0
 
 
 class IndexWriter:
@@ -65,11 +74,18 @@ class IndexWriter:
         self._closed = False
         self._last_save_s = 0.0
         self._last_snapshot = float("-inf")  # monotonic time the last snapshot was published
+        self._snapshot_failures = 0  # in a row; the retry delay doubles with each
+        self.version: int | None = snapshots.versions.current()  # the last snapshot published
+        self.published_at: float | None = None  # and when (time.time())
+        if not snapshots.lock_for_writing():
+            LOG.error("another live process holds the writer lock of %s: two index writers overwrite each "
+                      "other's snapshots (the index queue needs one consumer)", snapshots.versions.root)  # fmt: skip
         snapshots.sweep_temporary()  # left by a writer that died mid-snapshot
         self._builder = ThreadPoolExecutor(1, thread_name_prefix="index-build")
         self.build: Future[Tuning | None] | None = None
         self._next_build_at = 0  # after a failed build, wait for growth before trying again
         self.index: VectorIndex | None = snapshots.load()
+        self.published_at = self.index.created if self.index else None
         self._adds_since_snapshot = 0
         self._seq = max(self.index.seq if self.index else 0, store.max_indexed_seq())
         snapshot_seq = self.index.seq if self.index else 0
@@ -82,7 +98,8 @@ class IndexWriter:
             replayed,
         )
         if replayed:
-            self.snapshot()
+            with self._lock:
+                self._snapshot_or_defer()
 
     @classmethod
     def from_settings(cls, settings: Settings, store: MetadataStore) -> IndexWriter:
@@ -177,7 +194,7 @@ class IndexWriter:
                 new.seq = self.index.seq
                 self.index = new
                 LOG.info("switched to IVF%d (%d vectors, %d caught up)", new.nlist, new.ntotal, caught_up)
-                self.snapshot()
+                self._snapshot_or_defer()
             return tuning
         except Exception:  # the current index keeps serving; try again after some growth
             LOG.exception("building the IVF index failed; staying on the current index")
@@ -198,11 +215,26 @@ class IndexWriter:
         now = time.monotonic()
         publish_at = self._last_snapshot + self.publish_interval_s
         if self._adds_since_snapshot >= self.snapshot_every_adds or publish_at <= now:
-            self.snapshot()
+            self._snapshot_or_defer()
         else:
-            self._publish_at = publish_at
-            self._start_publisher()
-            self._wake.notify()
+            self._defer(publish_at)
+
+    def _defer(self, publish_at: float) -> None:
+        self._publish_at = publish_at
+        self._start_publisher()
+        self._wake.notify()
+
+    def _snapshot_or_defer(self) -> int | None:
+        """A snapshot now; when it fails, one later (the change it publishes is safe: see the module's docstring)."""
+        try:
+            return self.snapshot()
+        except (OSError, RuntimeError) as err:  # RuntimeError: FAISS's own I/O errors
+            self._snapshot_failures += 1
+            delay = min(MAX_RETRY_FAILED_SNAPSHOT_S, RETRY_FAILED_SNAPSHOT_S * 2 ** (self._snapshot_failures - 1))
+            LOG.error("index snapshot failed (%s: %s, %d in a row); the changes are journalled, trying again in "
+                      "%.0f s", type(err).__name__, err, self._snapshot_failures, delay)  # fmt: skip
+            self._defer(time.monotonic() + delay)
+            return None
 
     @property
     def publish_interval_s(self) -> float:
@@ -228,10 +260,10 @@ class IndexWriter:
                     self._wake.wait(left)
                     continue
                 try:
-                    self.snapshot()
+                    self._snapshot_or_defer()
                 except Exception:  # keep the thread: the next change, or this retry, tries again
-                    LOG.exception("deferred index snapshot failed; trying again in %.0f s", RETRY_FAILED_SNAPSHOT_S)
-                    self._publish_at = time.monotonic() + RETRY_FAILED_SNAPSHOT_S
+                    LOG.exception("deferred index snapshot failed; trying again in %.0f s", MAX_RETRY_FAILED_SNAPSHOT_S)
+                    self._publish_at = time.monotonic() + MAX_RETRY_FAILED_SNAPSHOT_S
 
     def close(self) -> int | None:
         """Stop the publisher and snapshot what it had not published yet (a clean stop of the worker)."""
@@ -242,7 +274,10 @@ class IndexWriter:
         publisher = self._publisher
         if publisher is not None and publisher is not threading.current_thread():
             publisher.join(timeout=10)
-        return self.snapshot() if pending else None
+        try:
+            return self.snapshot() if pending else None
+        finally:
+            self.snapshots.unlock()
 
     def maybe_snapshot(self) -> int | None:
         """Snapshot when changes wait and are due (by count, or their deferred snapshot's time has come): the beat's
@@ -250,7 +285,7 @@ class IndexWriter:
         with self._lock:
             due_by_count = self._adds_since_snapshot >= self.snapshot_every_adds
             due_by_time = self._publish_at is not None and time.monotonic() >= self._publish_at
-            return self.snapshot() if due_by_count or due_by_time else None
+            return self._snapshot_or_defer() if due_by_count or due_by_time else None
 
     def snapshot(self) -> int | None:
         with self._lock:
@@ -259,11 +294,46 @@ class IndexWriter:
                 return None
             started = time.monotonic()
             version = self.snapshots.save(self.index)
+            if self._snapshot_failures:
+                LOG.warning("index snapshot v%d written after %d failed attempts", version, self._snapshot_failures)
+            self._snapshot_failures = 0
             self._adds_since_snapshot = 0
             self._publish_at = None
             self._last_snapshot = time.monotonic()
             self._last_save_s = self._last_snapshot - started
+            self.version, self.published_at = version, time.time()
             return version
+
+    # -- catching up from the store while running ------------------------------------------------------------------
+    def catch_up(self, older_than_s: float, before_add: Callable[[EmbeddingRows], None] | None = None) -> int:
+        """Index the embedded posts stored more than ``older_than_s`` ago that no index task brought, and remove the
+        deleted ones no remove task did; returns how many changed. ``before_add(rows)`` runs before each batch is
+        added (the worker sends the owners' profile updates there: a failure leaves the batch for the next call)."""
+        before = time.time() - older_than_s
+        model_id = self.index.model_id if self.index is not None else None
+        changed = 0
+        for rows in self.store.embeddings_not_indexed(before, model_id):
+            if before_add is not None:
+                before_add(rows)
+            changed += self.add(rows)
+        if self.index is not None and (deleted := self.store.deletions_not_removed(before)):
+            changed += self.remove(deleted)
+        if changed:
+            LOG.warning("index writer caught up with %d changes that no task brought (their task died or could "
+                        "not reach Redis after the store write)", changed)  # fmt: skip
+        return changed
+
+    def status(self) -> dict[str, object]:
+        """What the heartbeat tells /healthz: the index's size and journal position, and the last snapshot."""
+        with self._lock:
+            return {
+                "vectors": self.index.ntotal if self.index is not None else 0,
+                "seq": self._seq,
+                "version": self.version,
+                "published_at": self.published_at,
+                "unpublished": self._adds_since_snapshot,
+                "snapshot_failures": self._snapshot_failures,
+            }
 
     def rebuild(self) -> int:
         """A fresh index from every embedding in the metadata store, published as a new snapshot (and, when the

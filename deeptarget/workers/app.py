@@ -2,6 +2,25 @@
 
 Delivery is at-least-once with idempotent tasks: ``acks_late`` + ``task_reject_on_worker_lost`` + prefetch 1, so a
 task whose worker dies is delivered again, and every task overwrites rather than appends. JSON only, never pickle.
+
+How soon "again" is (issue 13, item 4). Redis has no acknowledgement of its own: kombu keeps each delivered message in
+an ``unacked`` hash and sorted set, and a consumer moves the ones older than ``visibility_timeout`` back to their queue
+("the visibility timeout defines the number of seconds to wait for the worker to acknowledge the task before the
+message is redelivered to another worker", https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/
+redis.html#visibility-timeout; kombu/transport/redis.py ``QoS``). Kombu looks only every
+``unacked_restore_interval`` x ``unacked_restore_throttle`` seconds (10 x 10 by default); here every
+``redelivery_check_s``. So a task a killed worker held runs again within ``visibility_timeout_s + redelivery_check_s``
+(300 + 5 s by default; it was an hour). A task that outlives the visibility timeout while its worker lives is
+delivered a second time too (Celery's "Redis caveats"): the long ones (a rebuild, a hashtag refit at scale) are
+idempotent, and a copy delivered after the first finished is skipped (``tasks.PipelineTask``). Retry countdowns stay
+under half the visibility timeout for the same reason (a message waiting for its ETA is unacked).
+
+On a lost broker connection a running task goes on (``worker_cancel_long_running_tasks_on_connection_loss`` off, as
+Celery 5 defaults: cancelling would throw away an embedded batch whose store write is its journal); its
+acknowledgement may then fail ("these tasks cannot be acknowledged as the connection is gone, and the tasks are
+automatically redelivered back to the queue", celery/worker/consumer/consumer.py, celery/celery#6654), and Redis
+delivers it again after the visibility timeout, where the done mark skips it. ``broker_connection_retry_on_startup``
+and ``broker_connection_max_retries=None``: a worker waits for Redis however long it is away, at start or later.
 """
 
 from __future__ import annotations
@@ -18,9 +37,14 @@ def create_celery(settings: Settings) -> Celery:
     if not settings.redis_url:
         raise ConfigurationError("the Celery app needs settings.redis_url (resolve the embedded Redis first)")
     app = Celery("deeptarget", broker=settings.redis_url, include=["deeptarget.workers.tasks"])
+    check_s = max(1, round(settings.redelivery_check_s))
     transport = {
-        # Unacked tasks come back after this long; it must exceed the longest task or tasks run twice.
+        # Unacked tasks come back after this long (see the module's docstring and docker-compose.yml's stop grace).
         "visibility_timeout": settings.visibility_timeout_s,
+        "unacked_restore_interval": check_s,  # look for them this often...
+        "unacked_restore_throttle": 1,  # ...every time (kombu scans on every 10th look by default)
+        # The sweep's lock: held by a consumer killed mid-sweep, it would stop every sweep for its expiry (300 s).
+        "unacked_mutex_expire": max(30, 3 * check_s),
     }
     app.conf.update(
         task_serializer="json",
@@ -34,7 +58,9 @@ def create_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options=transport,
         result_backend_transport_options=transport,
-        broker_connection_retry_on_startup=True,
+        broker_connection_retry_on_startup=True,  # a worker started while Redis is down waits for it
+        broker_connection_max_retries=None,  # and one that lost it waits as long as it takes (default: 100 tries)
+        worker_cancel_long_running_tasks_on_connection_loss=False,  # see the module's docstring
         task_queues=[Queue(name) for name in constants.all_queues],
         task_default_queue=constants.infer_queue,
         task_routes={name: {"queue": queue} for name, queue in constants.task_queues.items()},

@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import asdict
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import redis
 import torch
@@ -18,6 +19,9 @@ from deeptarget.store import MetadataStore
 from deeptarget.workers.deadletter import DeadLetters
 from deeptarget.workers.pipeline import InferencePipeline
 
+if TYPE_CHECKING:
+    from deeptarget.workers.upkeep import WriterUpkeep
+
 LOG = logging.getLogger(__name__)
 
 
@@ -25,6 +29,7 @@ class WorkerContext:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pid = os.getpid()
+        self.upkeep: WriterUpkeep | None = None  # the index writer's loop, in the index queue's consumer
 
     @cached_property
     def store(self) -> MetadataStore:
@@ -37,7 +42,8 @@ class WorkerContext:
     @cached_property
     def redis(self) -> redis.Redis:
         assert self.settings.redis_url
-        return redis.Redis.from_url(self.settings.redis_url)
+        # Timeouts: a Redis that vanished without closing the connection must fail a call, not hang the task.
+        return redis.Redis.from_url(self.settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
 
     @cached_property
     def follower_bounds(self) -> FollowerBoundsCache:

@@ -11,9 +11,15 @@ A write the store refuses (a pushed post for an id a crawl or an earlier push st
 nothing and goes no further (no index, no profile): it is logged with its reason and counted, in Prometheus and as
 ``refused:<reason>`` in the scraper's counters (``deeptarget:stats:scraper``), where the push was counted.
 
-Transient failures (store, blob store, broker, GPU memory) are retried with exponential backoff and jitter; a task that
-still fails after ``task_max_retries``, or fails with anything else, is kept on the dead-letter stream with its
-arguments (``deeptarget deadletter list|retry``).
+Transient failures (store, blob store, broker, GPU memory, a full disk: ``transient.py``) are retried with exponential
+backoff and jitter; a task that still fails after ``task_max_retries``, or fails with anything else, is kept on the
+dead-letter stream with its arguments (``deeptarget deadletter list|retry``). A retry that cannot be sent (Redis is
+what failed) is never dropped: the message goes back to Redis, or stays there unacknowledged until the visibility
+timeout brings it back. A finished task is marked done in Redis for twice the visibility timeout, so a copy delivered
+again only because its acknowledgement was lost is skipped rather than run again.
+
+``infer`` writes its results first and sends its follow-ups after; a send that fails (Redis away) fails nothing: the
+index writer catches up from the store (``upkeep.py``), so a stored post is indexed whatever dies when (issue 13, 3).
 """
 
 from __future__ import annotations
@@ -25,23 +31,25 @@ from collections import Counter as Tally
 from typing import Any, TypeVar
 
 import redis
-from celery import Task, shared_task
+from celery import Celery, Task, shared_task
+from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
-from kombu.exceptions import OperationalError
 from prometheus_client import Counter
 from pydantic import BaseModel, ValidationError
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from deeptarget import constants
-from deeptarget.databases import TRANSIENT_DB_ERRORS
-from deeptarget.errors import TransientError
 from deeptarget.index.hashtags import HashtagModel
 from deeptarget.profiles.builder import rebuild_profiles
 from deeptarget.schema import Post, PostRef
-from deeptarget.store import REFUSALS
+from deeptarget.store import REFUSALS, Recorded
 from deeptarget.workers.app import settings_of
 from deeptarget.workers.context import WorkerContext, context_for
 from deeptarget.workers.deadletter import DeadLetter
 from deeptarget.workers.metrics import forget_process
+from deeptarget.workers.pipeline import Result
+from deeptarget.workers.transient import BROKER_ERRORS, is_transient, retry_delay_s
+from deeptarget.workers.upkeep import WriterUpkeep
 
 LOG = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -50,26 +58,86 @@ POSTS = Counter("deeptarget_worker_posts_total", "Posts through the infer task, 
 
 RETRIES = Counter("deeptarget_worker_task_retries_total", "Task retries after transient failures", ["task"])
 DEAD = Counter("deeptarget_worker_dead_letters_total", "Tasks that failed for good", ["task"])
-
-# Task-level failures worth retrying: the store, blob store or broker briefly unavailable, the GPU full.
-TRANSIENT = (*TRANSIENT_DB_ERRORS, redis.ConnectionError, redis.TimeoutError, OperationalError, TransientError)
+REQUEUED = Counter(
+    "deeptarget_worker_requeued_total", "Tasks given back to Redis because their retry could not be sent", ["task"]
+)
+SKIPPED = Counter("deeptarget_worker_redelivered_done_total", "Tasks delivered again after they finished", ["task"])
+DEFERRED = Counter(
+    "deeptarget_worker_followups_deferred_total", "infer follow-up sends that failed (the index writer catches up)"
+)
+WRITE_RETRIES = Counter("deeptarget_worker_store_write_retries_total", "infer store writes retried in place")
 
 
 class PipelineTask(Task):
     """Retries transient failures with backoff from the settings; failures for good become dead letters."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._done_before():
+            return None
         try:
-            return super().__call__(*args, **kwargs)
-        except TRANSIENT as err:
-            s = settings_of(self.app)
-            retries = self.request.retries
-            # full jitter: spreads the retries of many workers that failed together
-            delay = random.uniform(0.5, 1.0) * min(s.task_retry_backoff_max_s, s.task_retry_backoff_s * 2**retries)
-            if retries < s.task_max_retries:
-                RETRIES.labels(self.name).inc()
-                LOG.warning("%s: %s: retry %d of %d in %.1f s", self.name, err, retries + 1, s.task_max_retries, delay)
+            result = super().__call__(*args, **kwargs)
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            self._retry(err)
+        self._mark_done()
+        return result
+
+    def _retry(self, err: Exception) -> None:
+        """Raise the retry of this task (``Retry``), the error itself after the last one (its dead letter), or a
+        requeue when the retry cannot be sent."""
+        s = settings_of(self.app)
+        retries = self.request.retries
+        top = retry_delay_s(err, retries, s.task_retry_backoff_s, s.task_retry_disk_backoff_s,
+                            s.task_retry_backoff_max_s, s.visibility_timeout_s)  # fmt: skip
+        delay = random.uniform(0.5, 1.0) * top  # full jitter: spreads the retries of workers that failed together
+        if retries < s.task_max_retries:
+            RETRIES.labels(self.name).inc()
+            LOG.warning("%s: %s: %s: retry %d of %d in %.1f s", self.name, type(err).__name__, err, retries + 1,
+                        s.task_max_retries, delay)  # fmt: skip
+        try:
             raise self.retry(exc=err, countdown=delay, max_retries=s.task_max_retries) from err
+        except Reject as rejected:
+            # Task.retry publishes the retry first and, when that fails, raises Reject(requeue=False): the message
+            # would be acknowledged and lost (celery/app/task.py, Task.retry; issue 13, item 3). When the broker is
+            # what failed, requeue instead: the worker's reject then puts the message back (Request.on_failure ->
+            # reject(requeue=True)), or, Redis still away, cannot reach it and the message stays in Redis's unacked
+            # set, which the broker delivers again after the visibility timeout ("late acknowledgment ... the task
+            # will be redelivered to another worker", https://docs.celeryq.dev/en/stable/glossary.html; app.py).
+            if not isinstance(rejected.reason, BROKER_ERRORS):
+                raise err from rejected  # not the broker: fail for good, with a dead letter
+            REQUEUED.labels(self.name).inc()
+            LOG.warning("%s: the retry could not reach Redis (%s): given back for redelivery", self.name,
+                        type(rejected.reason).__name__)  # fmt: skip
+            raise Reject(rejected.reason, requeue=True) from err
+
+    def _done_key(self) -> str | None:
+        task_id = self.request.id
+        return None if not task_id or self.request.called_directly else constants.task_done_key_prefix + task_id
+
+    def _done_before(self) -> bool:
+        """This very message finished before (Redis delivered it again: its acknowledgement was lost)."""
+        key = self._done_key()
+        if key is None:
+            return False
+        try:
+            done = bool(_context(self).redis.exists(key))
+        except redis.RedisError:  # cannot tell: run it (tasks are idempotent)
+            return False
+        if done:
+            SKIPPED.labels(self.name).inc()
+            LOG.info("%s[%s]: finished before and delivered again: skipped", self.name, self.request.id)
+        return done
+
+    def _mark_done(self) -> None:
+        key = self._done_key()
+        if key is None:
+            return
+        try:
+            ttl = 2 * settings_of(self.app).visibility_timeout_s
+            _context(self).redis.set(key, 1, ex=max(60, int(ttl)))
+        except redis.RedisError:  # best effort: without it, a redelivered copy runs again, harmlessly
+            pass
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         DEAD.labels(self.name).inc()
@@ -131,20 +199,52 @@ def _valid(model: type[M], records: list[dict[str, Any]], task: str) -> list[M]:
 def infer(self: Task, refs: list[dict[str, Any]]) -> dict[str, int]:
     ctx = _context(self)
     results = ctx.pipeline(_valid(PostRef, refs, "infer"))
-    recorded = ctx.store.record_results((r.post, r.blob, r.prediction, r.embedding) for r in results)
+    recorded = _record(ctx, results)
     _refused(ctx, recorded.refused, "infer")
     results = [r for r in results if r.post.id not in recorded.refused]
-    owners = recorded.owners
     embedded = [r.post.id for r in results if r.embedding is not None]
     rejected = len(results) - len(embedded)
     POSTS.labels("embedded").inc(len(embedded))
     POSTS.labels("rejected").inc(rejected)
-    if embedded:
-        self.app.send_task(constants.index_task, args=[embedded], queue=constants.index_queue)
-    if owners:
-        self.app.send_task(constants.profiles_task, args=[sorted(owners)], queue=constants.profiles_queue)
+    _send_follow_ups(self.app, embedded, recorded.owners)
     LOG.info("infer: %d embedded, %d rejected", len(embedded), rejected)
     return {"embedded": len(embedded), "rejected": rejected, "refused": len(recorded.refused)}
+
+
+def _record(ctx: WorkerContext, results: list[Result]) -> Recorded:
+    """The batch's results into the store; a transient failure (the database away, a full disk) is retried here,
+    with capped backoff for up to ``task_write_retry_s``, before the task retries: a task retry embeds the whole
+    batch again (issue 13, item 7: 70 batches in 60 s of a full disk)."""
+    rows = [(r.post, r.blob, r.prediction, r.embedding) for r in results]
+
+    def log(state: Any) -> None:
+        WRITE_RETRIES.inc()
+        err = state.outcome.exception() if state.outcome else None
+        LOG.warning("infer: store write failed (%s: %s): retrying in place in %.1f s (the batch is not embedded "
+                    "again)", type(err).__name__, err, state.upcoming_sleep)  # fmt: skip
+
+    retrying = Retrying(
+        retry=retry_if_exception(is_transient),
+        wait=wait_exponential(multiplier=0.5, min=0.5, max=10),
+        stop=stop_after_delay(ctx.settings.task_write_retry_s),
+        before_sleep=log,
+        reraise=True,
+    )
+    return retrying(ctx.store.record_results, rows)
+
+
+def _send_follow_ups(app: Celery, embedded: list[str], owners: set[str]) -> None:
+    """Profiles first, then the index: a post still ``embedded`` may lack both, and the writer's catch-up asks for
+    both. A send that cannot reach Redis is logged and left to the catch-up: the store holds the work already."""
+    try:
+        if owners:
+            app.send_task(constants.profiles_task, args=[sorted(owners)], queue=constants.profiles_queue)
+        if embedded:
+            app.send_task(constants.index_task, args=[embedded], queue=constants.index_queue)
+    except BROKER_ERRORS as err:
+        DEFERRED.inc()
+        LOG.warning("infer: follow-ups not sent (%s: %s): the index writer indexes these %d posts from the store "
+                    "within index_catch_up_after_s", type(err).__name__, err, len(embedded))  # fmt: skip
 
 
 @shared_task(name=constants.index_task, **TASK)
@@ -165,7 +265,7 @@ def snapshot(self: Task, if_changed: bool = False) -> int | None:
     the last one and it is due (the beat's periodic flush: a safety net, the writer publishes changes on its own
     within ``snapshot_every_s``)."""
     writer = _context(self).writer
-    return writer.maybe_snapshot() if if_changed else writer.snapshot()
+    return writer.maybe_snapshot() if if_changed else writer.snapshot()  # the flush defers a failed one by itself
 
 
 @shared_task(name=constants.rebuild_task, **TASK)
@@ -217,12 +317,24 @@ def merge_posts(self: Task, posts: list[dict[str, Any]]) -> int:
 
 @worker_process_init.connect
 def _load_models(sender: Any = None, **_: Any) -> None:
-    """Prefork children load the models before their first task, once."""
+    """Pool processes load the models before their first task, once; the index queue's consumer opens the writer
+    (the replay of what the last one left) and starts its upkeep (heartbeat, catch-up) before any task comes."""
     from celery import current_app
 
     settings = getattr(current_app, "deeptarget_settings", None)
-    if settings is not None and getattr(current_app, "deeptarget_warm_infer", False):
+    if settings is None:
+        return
+    if getattr(current_app, "deeptarget_warm_infer", False):
         _ = context_for(settings).pipeline
+    if constants.index_queue in current_app.amqp.queues.consume_from:
+        _start_upkeep(current_app, context_for(settings))
+
+
+def _start_upkeep(app: Celery, ctx: WorkerContext) -> None:
+    def send_profiles(owners: list[str]) -> None:
+        app.send_task(constants.profiles_task, args=[owners], queue=constants.profiles_queue)
+
+    ctx.upkeep = WriterUpkeep(ctx.settings, ctx.writer, ctx.store, ctx.redis, send_profiles).start()
 
 
 @worker_process_shutdown.connect
@@ -241,6 +353,8 @@ def _final_snapshot(sender: Any = None, **_: Any) -> None:
     if settings is None:
         return
     ctx = context_for(settings)
+    if ctx.upkeep is not None:
+        ctx.upkeep.stop()
     if "writer" in ctx.__dict__:
         try:
             ctx.writer.close()
