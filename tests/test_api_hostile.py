@@ -175,7 +175,7 @@ async def test_half_sent_requests_neither_starve_the_api_nor_stay_open(tmp_path:
             assert not data or data.startswith(b"HTTP/1.1 503 "), data
         # a real request from this machine is answered, and quickly
         started = loop.time()
-        answer = await exchange(port, request(b"GET", b"/healthz"), source="127.0.0.2", timeout=5)
+        answer = await exchange(port, request(b"GET", b"/livez"), source="127.0.0.2", timeout=5)
         assert answer.status == 200 and loop.time() - started < 2
         assert answer.headers["server"] == "deeptarget"
 
@@ -193,7 +193,7 @@ async def test_half_sent_requests_neither_starve_the_api_nor_stay_open(tmp_path:
         for _, writer in greedy:
             writer.close()
         # their slots are free again
-        assert (await exchange(port, request(b"GET", b"/healthz"), timeout=5)).status == 200
+        assert (await exchange(port, request(b"GET", b"/livez"), timeout=5)).status == 200
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_the_header_timeout(tmp_path: Path, redis_url: str) -> None:
@@ -347,9 +347,9 @@ async def test_a_2mb_body_of_bad_records_gets_a_small_answer_and_the_api_stays_r
             headers = {"X-API-Key": KEY, "Content-Type": "application/x-ndjson"}
             ingest = asyncio.create_task(http.post(f"{url}/ingest", data=body, headers=headers))
             slowest = 0.0
-            while not ingest.done():  # /healthz keeps answering while the body is parsed
+            while not ingest.done():  # /livez keeps answering while the body is parsed
                 started = time.monotonic()
-                async with http.get(f"{url}/healthz") as health:
+                async with http.get(f"{url}/livez") as health:
                     assert health.status == 200
                 slowest = max(slowest, time.monotonic() - started)
             response = await ingest

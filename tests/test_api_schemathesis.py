@@ -17,6 +17,8 @@ import os
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import pytest
 import redis
 from PIL import Image
 
+from deeptarget import constants
 from deeptarget.config import Settings
 from deeptarget.index.hashtags import HashtagModel
 from deeptarget.index.vectors import SnapshotStore
@@ -35,6 +38,8 @@ from deeptarget.profiles.outliers import FollowerBoundsCache
 from deeptarget.redis_server import EmbeddedRedis
 from deeptarget.schema import Owner, Post, Prediction
 from deeptarget.store import MetadataStore
+from deeptarget.workers.app import create_celery
+from deeptarget.workers.upkeep import WriterUpkeep
 from tests.conftest import make_settings
 from tests.test_api_hostile import KEY, served
 
@@ -71,6 +76,21 @@ def build_index(settings: Settings) -> None:
     HashtagModel.fit_with(settings, image_ids, tags).save(settings.hashtag_model_dir)
     bounds = FollowerBoundsCache(store, settings.follower_outlier_k).get()
     rebuild_profiles(store, [f"u{i}" for i in range(USERS)], settings.profile_half_life_days, bounds)
+
+
+@contextmanager
+def index_writer(settings: Settings) -> Iterator[None]:
+    """A live index writer beside the API (its heartbeat and catch-up loop), as a deployment has: /healthz is 200."""
+    store = MetadataStore(settings.metadata_database)
+    writer = IndexWriter.from_settings(settings, store)
+    app = create_celery(settings)
+    upkeep = WriterUpkeep(settings, writer, store, redis.Redis.from_url(settings.redis_url or ""),
+                          lambda owners: app.send_task(constants.profiles_task, args=[owners])).start()  # fmt: skip
+    try:
+        yield
+    finally:
+        upkeep.stop()
+        writer.close()
 
 
 def check_real_uploads(url: str) -> None:
@@ -149,7 +169,7 @@ def test_schemathesis_finds_no_server_error_and_no_answer_that_breaks_the_docume
         "HYPOTHESIS_STORAGE_DIRECTORY": str(work / ".hypothesis"),  # nothing written outside tmp
         "NO_COLOR": "1",
     }
-    with served(settings_dir, redis_server.url) as port:
+    with served(settings_dir, redis_server.url) as port, index_writer(make_settings(settings_dir, redis_server.url)):
         check_real_uploads(f"http://127.0.0.1:{port}")
         done = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "--config-file", str(work / "schemathesis.toml"), "run",
@@ -163,5 +183,5 @@ def test_schemathesis_finds_no_server_error_and_no_answer_that_breaks_the_docume
           f"{len(run['errors'])} errors, {run['running_time']:.1f} s")  # fmt: skip
     assert KEY not in output
     assert done.returncode == 0 and run["failures"] == [] and run["errors"] == [], output[-6000:]
-    assert run["complete"] and run["operations"]["tested"] == run["operations"]["total"] == 11
+    assert run["complete"] and run["operations"]["tested"] == run["operations"]["total"] == 13
     assert cases["generated"] >= 300

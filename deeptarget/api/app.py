@@ -10,7 +10,9 @@
 - ``POST /index/snapshot``           snapshot the index now (write: API key)
 - ``POST /ingest``                   queue pushed posts (JSON lines) for the scraper (write: API key)
 - ``DELETE /posts/{post_id}``        forget a post and take it out of the index (write: API key)
-- ``GET  /healthz``                  Redis and index state; 503 when something is down
+- ``GET  /healthz``                  every dependency and stage by name; 503 when one is down or behind
+- ``GET  /readyz``                   reads can be served (database, index loaded); Redis not needed; else 503
+- ``GET  /livez``                    the process answers (always 200); see ``api/health.py``
 - ``GET  /metrics``                  Prometheus;  ``GET /openapi.json``: this API's OpenAPI document
 
 Errors are JSON: ``{"error": "...", "reason": "..."}``, any malformed body included (400). Uploads are limited in
@@ -41,6 +43,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
 from deeptarget import constants
+from deeptarget.api import health
 from deeptarget.api.models import (
     MAX_REJECTED_SHOWN,
     AudienceBody,
@@ -51,7 +54,9 @@ from deeptarget.api.models import (
     HashtagScore,
     HealthBody,
     IngestBody,
+    LiveBody,
     NeighbourBody,
+    ReadyBody,
     SimilarBody,
     TaskAcceptedBody,
 )
@@ -422,19 +427,17 @@ def _send(task: str) -> Callable[[web.Request], Awaitable[web.Response]]:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    healthy = True
-    redis_state: bool | str
-    try:
-        redis_state = bool(await asyncio.wait_for(request.app[REDIS_KEY].ping(), timeout=2))
-    except Exception as err:  # any failure to ping is "down"; its text would name internal hosts and ports
-        redis_state = f"down: {type(err).__name__}"
-        healthy = False
-    index = request.app[SERVICE_KEY].snapshots.get()
-    index_state: dict[str, object] | str = "no snapshot yet"
-    if index is not None:
-        index_state = {"vectors": index.ntotal, "model_id": index.model_id, "kind": index.kind, "nprobe": index.nprobe}
-    body = HealthBody(status="ok" if healthy else "degraded", redis=redis_state, index=index_state)
-    return _json(body, status=200 if healthy else 503)
+    body = await health.health(request.app[SETTINGS_KEY], request.app[SERVICE_KEY], request.app[REDIS_KEY])
+    return _json(body, status=200 if body.status == "ok" else 503)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    body = await health.ready(request.app[SERVICE_KEY])
+    return _json(body, status=200 if body.status == "ready" else 503)
+
+
+async def livez(request: web.Request) -> web.Response:
+    return _json(LiveBody(status="alive"))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -490,7 +493,13 @@ OPERATIONS: list[Operation] = [
                              "one's reason), or the body is empty or not a JSON array (ErrorBody)"),)),
     Operation("delete", "/posts/{post_id}", "Delete a post: forgotten by the store, removed from the index",
               DeletedBody, (Param("post_id", "string", "the post", where="path"),), write=True, errors=(404, 503)),
-    Operation("get", "/healthz", "Redis and index state", HealthBody, errors=(503,)),
+    Operation("get", "/healthz", "Every dependency and stage by name: 200 when all are well, 503 (degraded) when "
+              "one is down or behind (problems names them); reads may still work", HealthBody, errors=(503,),
+              error_models=((503, HealthBody, "Degraded: the body names the problems"),)),
+    Operation("get", "/readyz", "Whether reads can be served (database, index loaded; Redis not needed): 200 "
+              "ready, 503 not ready", ReadyBody, errors=(503,),
+              error_models=((503, ReadyBody, "Not ready: the body names the problems"),)),
+    Operation("get", "/livez", "The process answers (always 200)", LiveBody, errors=()),
     Operation("get", "/metrics", "Prometheus metrics (text format)", None, errors=(), text=True),
     Operation("get", "/openapi.json", "This document", None, errors=(), document=True),
 ]  # fmt: skip
@@ -505,6 +514,8 @@ HANDLERS: dict[tuple[str, str], Callable[[web.Request], Awaitable[web.Response]]
     ("post", "/ingest"): ingest,
     ("delete", "/posts/{post_id}"): delete_post,
     ("get", "/healthz"): healthz,
+    ("get", "/readyz"): readyz,
+    ("get", "/livez"): livez,
     ("get", "/metrics"): metrics,
     ("get", "/openapi.json"): openapi,
 }

@@ -3,6 +3,8 @@ cannot drift apart."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 MAX_REJECTED_SHOWN = 20  # an /ingest answer lists this many rejected records at most (and counts them all)
@@ -74,7 +76,61 @@ class DeletedBody(BaseModel):
     deleted: list[str]
 
 
+class CheckBody(BaseModel):
+    ok: bool | None = Field(description="true: works; false: down or behind; null: cannot tell (Redis is down).")
+    error: str | None = Field(None, description="What is wrong: a failure's kind, never a host, port or path.")
+
+
+class BlobsBody(CheckBody):
+    free_bytes: int | None = Field(None, description="Free space on the blob store's volume.")
+
+
+class WriterBody(CheckBody):
+    heartbeat_age_s: float | None = Field(None, description="Seconds since the index writer's last heartbeat.")
+    vectors: int | None = Field(None, description="Vectors in the writer's index (published or not yet).")
+    version: int | None = Field(None, description="The writer's last published snapshot.")
+    unpublished: int | None = Field(None, description="Changes made since that snapshot.")
+    snapshot_failures: int | None = Field(None, description="Snapshots that failed in a row (a full disk?).")
+
+
+class BacklogBody(CheckBody):
+    unindexed: int | None = Field(None, description="Embedded posts in the store that the index does not hold yet.")
+    oldest_s: float | None = Field(None, description="How long the oldest of them has waited.")
+
+
+class IngestLagBody(BaseModel):
+    waiting: int = Field(description="Pushed posts on the ingest stream not handled yet.")
+    oldest_s: float | None = Field(None, description="How long the oldest of them has waited.")
+
+
 class HealthBody(BaseModel):
-    status: str = Field(description="ok, or degraded (HTTP 503) when Redis or the index is down.")
-    redis: bool | str
-    index: dict[str, object] | str
+    status: Literal["ok", "degraded"] = Field(
+        description="ok (HTTP 200): every dependency answers and every stage keeps up; degraded (HTTP 503): one or "
+        "more does not, named in problems. Reads may still work: /readyz says whether they can."
+    )
+    problems: list[str] = Field(description="The checks that are not ok, by name.")
+    redis: bool | str = Field(description="true, or 'down: <kind of failure>'.")
+    database: CheckBody
+    blobs: BlobsBody
+    index: dict[str, object] | str = Field(
+        description="The index this API serves (vectors, model_id, kind, nprobe, version, age_s: seconds since its "
+        "snapshot was written), or 'no snapshot yet'."
+    )
+    writer: WriterBody = Field(description="The index writer, from its heartbeat in Redis.")
+    backlog: BacklogBody = Field(description="Stored posts waiting for the index.")
+    queues: dict[str, int] | None = Field(description="Tasks waiting per Celery queue; null when Redis is down.")
+    ingest: IngestLagBody | None = Field(description="The ingest stream's lag; null when Redis is down.")
+
+
+class ReadyBody(BaseModel):
+    status: Literal["ready", "not ready"] = Field(
+        description="ready (HTTP 200): reads can be served (the database answers, and the published index is loaded "
+        "or none was published yet); not ready (HTTP 503). Redis is not needed for reads and is not checked."
+    )
+    problems: list[str]
+    database: CheckBody
+    index: CheckBody
+
+
+class LiveBody(BaseModel):
+    status: Literal["alive"] = Field(description="The process serves requests (HTTP 200 whenever it answers).")
