@@ -111,6 +111,8 @@ class EmbeddedRedis:
                 'rename-command MODULE ""',
                 'rename-command SLAVEOF ""',
                 'rename-command REPLICAOF ""',
+                'rename-command SYNC ""',  # a client that syncs gets a copy of every key, as a replica would
+                'rename-command PSYNC ""',
                 "",
             ]
         )

@@ -115,3 +115,33 @@ async def test_a_name_that_resolves_to_loopback_is_refused_when_connecting(tmp_p
         with pytest.raises(ImageRejected) as err:
             await download("http://localhost/x.jpg")
     assert err.value.reason == "not_allowed" and "127.0.0.1" not in str(err.value)
+
+
+async def test_naming_a_loopback_source_opens_that_port_only(tmp_path: Path) -> None:
+    """Found by the attacker's re-test: with the source at http://localhost:<port> and image_hosts ["*"], the
+    resolver let 'localhost' reach 127.0.0.1 on every port. Only the named port is the operator's choice."""
+    hits: list[str] = []
+
+    async def canary(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(body=jpeg(), content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/{name}", canary)
+    async with AppServer(app) as source, AppServer(app) as other:
+        rules = policy(tmp_path, source_url=f"http://localhost:{source.port}", image_hosts=["*"])
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=rules.resolver())) as session:
+            download = ImageDownloader(session, BlobStore(tmp_path / "blobs"), max_bytes=1_000_000, retries=0,
+                                       policy=rules)  # fmt: skip
+            await download(f"http://localhost:{source.port}/named.jpg")  # the source itself: allowed
+            for url in (f"http://localhost:{other.port}/other.jpg", f"http://LOCALHOST.:{other.port}/other.jpg"):
+                with pytest.raises(ImageRejected) as err:
+                    await download(url)
+                assert err.value.reason == "not_allowed", (url, err.value)
+            # ports 80 and 443 pass the URL check ("*"), then the resolver refuses loopback for them
+            for url in ("http://localhost/x.jpg", "https://localhost/x.jpg"):
+                rules.check(url)
+                with pytest.raises(ImageRejected) as err:
+                    await download(url)
+                assert err.value.reason == "not_allowed", (url, err.value)
+    assert hits == ["/named.jpg"]

@@ -32,8 +32,11 @@ def test_the_embedded_redis_wants_its_password_and_refuses_config(tmp_path: Path
         assert client.ping()
         with pytest.raises(redis.ResponseError, match="unknown command"):
             client.execute_command("CONFIG", "SET", "dir", "/tmp")
-        with pytest.raises(redis.ResponseError, match="unknown command"):
-            client.execute_command("DEBUG", "SLEEP", "0")
+        # SYNC and PSYNC (found by the attacker's re-test) would stream a copy of every key to any client
+        for command in (("DEBUG", "SLEEP", "0"), ("MODULE", "LIST"), ("REPLICAOF", "NO", "ONE"), ("SYNC",),
+                        ("PSYNC", "?", "-1")):  # fmt: skip
+            with pytest.raises(redis.ResponseError, match="unknown command"):
+                client.execute_command(*command)
         client.close()
         assert server.password not in server.shown_url
         assert mode(tmp_path / "redis") == 0o700

@@ -19,7 +19,7 @@ import fnmatch
 import ipaddress
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -74,7 +74,6 @@ def is_public(address: str) -> bool:
 class FetchPolicy:
     named: frozenset[tuple[str, int]] = frozenset()  # host, port the operator configured: private addresses allowed
     patterns: tuple[str, ...] = ()  # image host patterns, public addresses on ports 80/443 only
-    named_hosts: frozenset[str] = field(default=frozenset())
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FetchPolicy:
@@ -94,7 +93,7 @@ class FetchPolicy:
                 named.update((entry.strip("[]"), p) for p in PUBLIC_PORTS)
             elif entry:
                 patterns.append(entry)
-        return cls(frozenset(named), tuple(patterns), frozenset(h for h, _ in named))
+        return cls(frozenset(named), tuple(patterns))
 
     def check(self, url: str) -> None:
         """Raises ``FetchRefused`` unless ``url`` may be fetched (the connection is checked again, see the module)."""
@@ -114,7 +113,7 @@ class FetchPolicy:
             raise FetchRefused("not an allowed host (see image_hosts)")
 
     def resolver(self) -> PublicResolver:
-        return PublicResolver(self.named_hosts)
+        return PublicResolver(self.named)
 
 
 def _matches(host: str, pattern: str) -> bool:
@@ -126,17 +125,21 @@ def _matches(host: str, pattern: str) -> bool:
 
 
 class PublicResolver(AbstractResolver):
-    """aiohttp's resolver, less every address that is not public, for every host the operator did not name."""
+    """aiohttp's resolver, less every address that is not public, for every host and port the operator did not name.
 
-    def __init__(self, named_hosts: Iterable[str] = ()) -> None:
+    By host and port: naming ``http://localhost:8700`` as the source lets the scraper reach that one port of
+    loopback, not ``localhost:80`` too (aiohttp passes the port it will connect to).
+    """
+
+    def __init__(self, named: Iterable[tuple[str, int]] = ()) -> None:
         self._inner = aiohttp.DefaultResolver()
-        self._named = frozenset(named_hosts)
+        self._named = frozenset(named)
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         found = await self._inner.resolve(host, port, family)
-        if host.rstrip(".").lower() in self._named:
+        if (host.rstrip(".").lower(), port) in self._named:
             return found
         public = [entry for entry in found if is_public(entry["host"])]
         if not public:
