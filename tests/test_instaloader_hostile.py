@@ -126,6 +126,8 @@ def hostile_images(folder: Path, outside: Path) -> dict[str, str]:
         "9103": (lambda p: os.mkfifo(p), "not_a_regular_file"),
         "9104": (lambda p: p.write_bytes(b"\xff\xd8" + b"\x00" * (3 * LIMIT)), "too_large"),
         "9105": (lambda p: p.symlink_to(folder / "missing.jpg"), "unreadable"),
+        # a hard link to a file outside (found by the attacker's re-test): the path is inside, the inode is not
+        "9106": (lambda p: os.link(outside / "secret.jpg", p), "hard_link"),
     }
     reasons = {}
     for k, (post_id, (make, reason)) in enumerate(cases.items()):

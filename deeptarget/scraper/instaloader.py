@@ -71,7 +71,7 @@ class FolderPost:
 # -- reading files from inside the folder ---------------------------------------------------------------------------
 def open_inside(path: Path, root: Path) -> BinaryIO:
     """``path`` opened for reading, if it is a regular file inside ``root`` (after following any symlink). Raises
-    ``SidecarRejected``: ``outside_folder``, ``not_a_regular_file``, ``unreadable``."""
+    ``SidecarRejected``: ``outside_folder``, ``not_a_regular_file``, ``hard_link``, ``unreadable``."""
     try:
         real = Path(path).resolve(strict=True)
     except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop
@@ -84,9 +84,13 @@ def open_inside(path: Path, root: Path) -> BinaryIO:
         descriptor = os.open(real, _OPEN_FLAGS)  # O_NOFOLLOW: not swapped for a symlink since; O_NONBLOCK: no FIFO
     except OSError as err:
         raise SidecarRejected("unreadable", err.strerror or type(err).__name__) from None
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # swapped for something else between the checks
+    opened = os.fstat(descriptor)
+    if not stat.S_ISREG(opened.st_mode):  # swapped for something else between the checks
         os.close(descriptor)
         raise SidecarRejected("not_a_regular_file", "a FIFO, device, socket or directory")
+    if opened.st_nlink > 1:  # a hard link shares its inode with a file that may live anywhere on the file system
+        os.close(descriptor)
+        raise SidecarRejected("hard_link", "a file with other hard links, possibly outside the folder")
     os.set_blocking(descriptor, True)
     return os.fdopen(descriptor, "rb")
 
