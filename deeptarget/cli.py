@@ -268,7 +268,11 @@ async def _scrape(settings: Settings, *, forever: bool, interval_s: float) -> in
     from deeptarget.scraper import CelerySink, Crawler
     from deeptarget.workers.app import create_celery
 
-    client = aioredis.Redis.from_url(settings.redis_url or "")
+    # Bounded waits: a Redis that went away (even silently, behind a partition) is an error the crawler waits out,
+    # never a call that hangs. The socket timeout stays above the ingest stream's blocking read.
+    client = aioredis.Redis.from_url(
+        settings.redis_url or "", socket_connect_timeout=5, socket_timeout=settings.ingest_block_s + 10
+    )
     crawler = Crawler(settings, client, CelerySink(create_celery(settings)), BlobStore(settings.blob_dir))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -297,10 +301,11 @@ async def _show_progress(crawler: Any, every_s: float = 1.0) -> None:
             elapsed = max(asyncio.get_running_loop().time() - started, 1e-9)
             pages = sum(v for k, v in counts.items() if k.startswith("page:"))
             rejected = sum(v for k, v in counts.items() if k.startswith("rejected:"))
+            down = [d.name for d in (crawler.redis_dep, crawler.blob_dep) if not d.up]
             live.update(
                 f"pages {pages}  enqueued {counts['enqueued']} ({counts['enqueued'] / elapsed:.1f}/s)  "
                 f"seen before {counts['duplicate']}  rejected {rejected}  failed downloads {counts['download_failed']}"
-                f"  {counts['bytes'] / 1e6:.1f} MB"
+                f"  {counts['bytes'] / 1e6:.1f} MB" + (f"  waiting for {', '.join(down)}" if down else "")
             )
             await asyncio.sleep(every_s)
 

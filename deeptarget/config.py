@@ -116,7 +116,21 @@ class Settings(BaseSettings):
     hashtag_quota_days: float = Field(7.0, gt=0)
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
     batch_size: int = Field(16, ge=1, description="Posts per infer task.")
-    claim_ttl_s: int = Field(900, gt=0, description="How long a scraper may hold a post before another may take it.")
+    claim_ttl_s: int = Field(
+        60,
+        gt=0,
+        description="How long a scraper's claim on a post lasts without its heartbeat (every third of it): what a "
+        "post a scraper died holding waits before another takes it, and a pushed entry before another takes it over.",
+    )
+    scraper_id: str | None = Field(
+        None,
+        description="The scraper's name in its claims and on the ingest stream, the same across restarts, so a "
+        "restarted scraper takes back at once what it held (default: host name + data dir; a second process on the "
+        "same one gets .1, .2, ...). Set by hand, one per host: two hosts given the same one would share claims.",
+    )
+    outage_max_wait_s: float = Field(
+        5.0, gt=0, description="The longest wait between two tries while Redis or the blob store is unavailable."
+    )
     download_retry_delay_s: float = Field(
         60.0, ge=0, description="A post whose download failed waits this long before it is tried again."
     )

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from deeptarget.scraper.claims import Claim, PostClaims
+from deeptarget import constants
+from deeptarget.scraper.claims import Claim, PostClaims, ScraperIdentity
 from deeptarget.scraper.cursors import CursorStore
 
 
@@ -12,7 +14,7 @@ async def test_a_post_is_claimed_once_then_never_again(redis_url: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
     first, second = PostClaims(client), PostClaims(client)
     assert await first.claim("p1") is Claim.TAKEN
-    assert await first.claim("p1") is Claim.HELD  # not re-entrant: one fetch even within a process
+    assert await first.claim("p1") is Claim.MINE  # one fetch even within a process (its walks share a holder)
     assert await second.claim("p1") is Claim.HELD
     await first.commit(["p1"])
     assert await second.claim("p1") is Claim.SEEN
@@ -46,3 +48,28 @@ async def test_cursors_resume_and_finish(redis_url: str) -> None:
     await cursors.reset("hashtag", "sushi")
     assert not await cursors.is_done("hashtag", "sushi")
     await client.aclose()
+
+
+async def test_a_scraper_takes_its_own_claims_back_and_its_heartbeat_keeps_them(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    before, after = PostClaims(client, owner="scraper-a"), PostClaims(client, owner="scraper-a")  # a restart
+    other = PostClaims(client)
+    assert await before.claim("p1") is Claim.TAKEN and await before.claim("p2") is Claim.TAKEN
+    assert await other.claim("p1") is Claim.HELD
+    assert await after.claim("p1") is Claim.TAKEN  # the same scraper, restarted: its own claim
+    await client.delete(constants.claim_key_prefix + "p1", constants.claim_key_prefix + "p2")  # ran out (an outage)
+    assert await other.claim("p2") is Claim.TAKEN
+    assert await after.refresh() == set()  # p1 free again: taken back
+    assert await before.refresh() == {"p2"}  # p2 another scraper took meanwhile: lost, not kept alive
+    assert before.held == {"p1"} and await other.claim("p1") is Claim.HELD
+    await client.aclose()
+
+
+def test_two_live_processes_never_share_an_identity_and_a_restart_gets_its_own_back(tmp_path: Path) -> None:
+    first, second = ScraperIdentity(tmp_path), ScraperIdentity(tmp_path)
+    name = first.acquire()
+    assert second.acquire() == f"{name}.1"  # the slot is taken while the first lives
+    first.release()  # it died: the kernel dropped its lock
+    assert ScraperIdentity(tmp_path).acquire() == name
+    assert ScraperIdentity(tmp_path / "other", scraper_id="alpha").acquire() == "alpha"
+    second.release()

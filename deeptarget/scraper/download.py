@@ -1,12 +1,15 @@
 """Image downloads into the content-addressed blob store, with type and size limits.
 
 The body is streamed to a temporary file and renamed under its sha256 only when complete; a download that breaks a
-limit is abandoned on the spot. Transient failures are retried with backoff; the rest become ``ImageRejected``.
+limit is abandoned on the spot. Transient failures are retried with backoff; the rest become ``ImageRejected``. A blob
+store that cannot take the image (disk full: ``StorageUnavailable``) is not the image's fault: it passes up as it is,
+for the caller to wait out (``outages.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from pathlib import Path
 from urllib.parse import urljoin
@@ -15,7 +18,7 @@ import aiohttp
 from PIL import Image
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from deeptarget.blobs import BlobStore
+from deeptarget.blobs import BlobStore, StorageUnavailable
 from deeptarget.errors import CrawlStopped, ImageRejected
 from deeptarget.models.decode import check_pixels, sniff_image_type
 from deeptarget.scraper.fetch_policy import FetchPolicy, FetchRefused, NotPublicAddress
@@ -154,6 +157,10 @@ class ImageDownloader:
             raise ImageRejected("bad_url", f"{type(err).__name__}: {str(err)[:200]}") from None
         except aiohttp.ClientError as err:
             raise ImageRejected("http_error", type(err).__name__) from None
+        except StorageUnavailable:
+            raise
+        except OSError as err:  # the store refused this one file (too big for the file system): this post's problem
+            raise ImageRejected("storage_error", errno.errorcode.get(err.errno or 0, type(err).__name__)) from None
         finally:
             if writer is not None:
                 writer.abort()

@@ -5,6 +5,9 @@ within seconds, and an image host that is down for a few minutes would see every
 ``max_download_failures`` at once. So a failed post waits ``download_retry_delay_s`` in a sorted set (scored by
 when it is due), and a Lua script moves due posts onto the stream, atomically: a crash loses none and doubles none.
 A new scraper process releases everything waiting, so "a later run" still tries every one of them.
+
+Posts another scraper held when this one met them wait here too, until that claim must have run out (a holder that
+died never brings them back, and the walk that met them has moved past their page).
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ class RetryLater:
         self.delay_s = delay_s
         self._release = redis.register_script(_RELEASE)
 
-    async def put(self, posts: list[Post]) -> None:
+    async def put(self, posts: list[Post], delay_s: float | None = None) -> None:
+        """Back on the ingest stream in ``delay_s`` (default: the download retry delay)."""
         if posts:
-            due = time.time() + self.delay_s
+            due = time.time() + (self.delay_s if delay_s is None else delay_s)
             await self.redis.zadd(constants.ingest_later_key, {p.model_dump_json(): due for p in posts})
 
     async def release(self, everything: bool = False, most: int = 1000) -> int:

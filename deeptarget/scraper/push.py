@@ -583,6 +583,22 @@ class IngestStream:
                 block=block_ms if block_ms and not entries else None,
             )
             entries += [entry for _, stream_entries in fresh or [] for entry in stream_entries]
+        return await self._posts(entries)
+
+    async def take_own(self, consumer: str, count: int) -> list[tuple[str, Post]]:
+        """Entries still pending for ``consumer`` itself: what this scraper (same identity) took before it died or
+        lost Redis, taken back at once instead of after ``idle_ms``."""
+        await self._group()
+        pending = await self.redis.xreadgroup(GROUP, consumer, {constants.ingest_stream: "0"}, count=count)
+        entries = [entry for _, stream_entries in pending or [] for entry in stream_entries]
+        return await self._posts(await self._without_poison(entries))
+
+    async def touch(self, consumer: str, entry_ids: list[str]) -> None:
+        """Entries still being handled: their idle time starts again, so no other consumer takes them over."""
+        if entry_ids:
+            await self.redis.xclaim(constants.ingest_stream, GROUP, consumer, 0, entry_ids, justid=True)
+
+    async def _posts(self, entries: list[Any]) -> list[tuple[str, Post]]:
         out, bad = [], []
         for entry_id, fields in entries:
             key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
