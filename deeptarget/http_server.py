@@ -5,6 +5,10 @@
 wait for each later request's), and one client address may hold at most ``max_per_client`` connections; one more is
 answered 503 and closed at once, before it costs a file descriptor for longer than that. Bodies are the
 application's to bound (the API reads them under a deadline).
+
+Requests that aiohttp refuses itself, before any handler runs (a request line or URL too long, too many headers,
+both Content-Length and Transfer-Encoding, an unknown Content-Encoding, not HTTP at all), get the same JSON error
+body and ``Server`` header as every other answer: ``_JsonErrors``.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 LOG = logging.getLogger(__name__)
 
@@ -32,6 +38,26 @@ class ServerLimits:
     max_per_client: int | None = None  # None: no cap per client address
 
 
+class _JsonErrors(RequestHandler):  # type: ignore[type-arg]
+    """aiohttp's protocol, whose own error answers (it makes them for requests it cannot parse) are JSON with our
+    ``Server`` header instead of plain text naming aiohttp and its version. No new state (``__slots__`` is empty),
+    so a handler's class can be switched to this one."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs it; raises when an answer was already begun
+        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+        reason = "malformed_request" if 400 <= status < 500 else "internal"
+        what = "the request could not be parsed" if 400 <= status < 500 else "the server could not answer"
+        body = {"error": f"{status} {phrase}: {what}", "reason": reason}
+        response = web.json_response(body, status=status, headers={"Server": "deeptarget"})
+        response.force_close()
+        return response
+
+
 class _ConnectionGuard:
     """Counts open connections per client address and wraps each new protocol in a ``_Guarded``."""
 
@@ -42,7 +68,10 @@ class _ConnectionGuard:
         self.capped: set[str] = set()  # addresses told off once already (a flood of refusals is one log line)
 
     def __call__(self) -> asyncio.Protocol:
-        return _Guarded(self, self.factory())
+        inner = self.factory()
+        if type(inner) is RequestHandler:
+            inner.__class__ = _JsonErrors  # the same layout; aiohttp's Server makes its handlers itself
+        return _Guarded(self, inner)
 
     def admit(self, peer: str) -> bool:
         cap = self.limits.max_per_client

@@ -307,6 +307,33 @@ async def test_a_405_keeps_its_allow_header_and_no_answer_names_aiohttp(api: int
         assert (await exchange(api, request(b"GET", target))).headers["server"] == "deeptarget"
 
 
+# Requests aiohttp refuses itself, before any handler runs (found by the attacker's re-test: plain-text 400s that
+# named aiohttp and its version in Server).
+UNPARSEABLE = {
+    "unknown content-encoding": request(b"POST", b"/ingest", b"Content-Encoding: br", body=b"xxxx", key=KEY.encode()),
+    "url over 8190 bytes": request(b"GET", b"/similar?post_id=" + b"a" * 9000),
+    "header line over 8190 bytes": request(b"GET", b"/healthz", b"X-Big: " + b"a" * 9000),
+    "content-length and chunked": request(
+        b"POST", b"/ingest", b"Content-Length: 4", b"Transfer-Encoding: chunked", body=b"0\r\n\r\n"
+    ),
+    "negative content-length": request(b"POST", b"/ingest", b"Content-Length: -1"),
+    "nul in a header": request(b"GET", b"/healthz", b"X-Nul: a\x00b"),
+    "bad chunk size": request(b"POST", b"/ingest", b"Transfer-Encoding: chunked", body=b"zz\r\nabc\r\n0\r\n\r\n"),
+    "http/2 preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "not http": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64 + b"\r\n\r\n",
+    "non-ascii request line": b"GET /h\xffz HTTP/1.1\r\nHost: api\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(UNPARSEABLE))
+async def test_a_request_aiohttp_cannot_parse_gets_our_json_error(api: int, case: str) -> None:
+    answer = await exchange(api, UNPARSEABLE[case])
+    assert 400 <= answer.status < 500, (case, answer)
+    assert answer.error()[1] == "malformed_request", (case, answer)
+    assert answer.headers["server"] == "deeptarget" and b"aiohttp" not in answer.body
+    assert (await exchange(api, request(b"GET", b"/livez"))).status == 200  # and the API goes on
+
+
 async def test_the_document_names_every_status_and_each_parameters_bounds(api: int) -> None:
     document = (await exchange(api, request(b"GET", b"/openapi.json"))).json()
     paths = document["paths"]
