@@ -307,6 +307,16 @@ async def test_a_405_keeps_its_allow_header_and_no_answer_names_aiohttp(api: int
         assert (await exchange(api, request(b"GET", target))).headers["server"] == "deeptarget"
 
 
+@pytest.mark.parametrize("path", [b"/similar", b"/ingest"])
+async def test_a_body_declared_over_the_limit_is_refused_before_it_is_sent(api: int, path: bytes) -> None:
+    """Re-test finding: ``Expect: 100-continue`` with a 5 GB Content-Length got ``100 Continue``."""
+    headers = [b"Content-Length: 5000000000", b"Expect: 100-continue"]
+    started = time.monotonic()
+    answer = await exchange(api, request(b"POST", path, *headers, key=KEY.encode()), timeout=5)
+    assert answer.error() == (413, "too_large")
+    assert time.monotonic() - started < 3
+
+
 # Requests aiohttp refuses itself, before any handler runs (found by the attacker's re-test: plain-text 400s that
 # named aiohttp and its version in Server).
 UNPARSEABLE = {

@@ -125,6 +125,21 @@ def _from_http_exception(err: web.HTTPException) -> web.Response:
 _REASONS = {405: "method_not_allowed", 413: "too_large"}
 
 
+async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` for a body declared over the limit: 413 at once (the client has sent none of it, so
+    closing loses nothing), instead of asking for it with ``100 Continue``."""
+    limit = request.app[SETTINGS_KEY].max_upload_bytes
+    if request.content_length is not None and request.content_length > limit:
+        response = _error(413, f"the body is over {limit} bytes", "too_large")
+        return await _answer_and_close(request, response)
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return _error(417, "only Expect: 100-continue is understood", "bad_expect")
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own expect handler does: the answer has not begun
+    return None
+
+
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
@@ -566,7 +581,8 @@ def create_app(settings: Settings, service: QueryService | None = None) -> web.A
     app.cleanup_ctx.append(resources)
     for op in OPERATIONS:
         handler = HANDLERS[(op.method, op.path)]
-        app.router.add_route(op.method.upper(), op.path, _requires_key(settings, handler) if op.write else handler)
+        route_handler = _requires_key(settings, handler) if op.write else handler
+        app.router.add_route(op.method.upper(), op.path, route_handler, expect_handler=_expect_continue)
     return app
 
 
