@@ -361,6 +361,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"DEEPTARGET_API_KEY is shorter than {MIN_API_KEY_BYTES} bytes: use a random secret "
             "(python -c 'import secrets; print(secrets.token_urlsafe(24))'), or none to keep write endpoints closed"
         )
+    if key is not None and key.strip() and (key != key.strip() or not key.isprintable()):
+        # HTTP strips a header value's surrounding whitespace and has no place for control characters: such a key
+        # could never be sent, so every write would fail with 401 for no visible reason.
+        raise DeepTargetError("DEEPTARGET_API_KEY has surrounding whitespace or control characters, which no HTTP "
+                              "client can send: use a random secret (secrets.token_urlsafe)")  # fmt: skip
     settings = connect_redis(settings)
 
     async def serve() -> None:

@@ -44,6 +44,17 @@ async def test_an_empty_or_blank_key_closes_every_write_endpoint(tmp_path: Path,
         await asyncio.wait_for(server.wait(), timeout=30)
 
 
+@pytest.mark.parametrize("key", [" " + "k" * 20, "k" * 20 + "\t", "k" * 10 + "\x01" + "k" * 10])
+def test_serve_refuses_a_key_no_http_client_could_send(tmp_path: Path, redis_url: str, key: str) -> None:
+    """Re-test finding: a key with surrounding whitespace was accepted, yet HTTP strips it from the header."""
+    settings = make_settings(tmp_path / "data", redis_url, api_port=free_port())
+    env = {**os.environ, **settings.to_env(), "DEEPTARGET_API_KEY": key}
+    done = subprocess.run([sys.executable, "-m", "deeptarget", "serve"], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode != 0 and "no HTTP client can send" in done.stderr
+    assert "k" * 10 not in done.stderr + done.stdout
+
+
 def test_serve_refuses_a_short_key(tmp_path: Path, redis_url: str) -> None:
     settings = make_settings(tmp_path / "data", redis_url, api_port=free_port())
     env = {**os.environ, **settings.to_env(), "DEEPTARGET_API_KEY": "short-key"}
