@@ -16,7 +16,15 @@ indexed once. The source column says who wrote a row, and decides:
   (``pushed_before``: the first record of an id wins, as the scraper fetches an id once). The same record again (a
   retried task, a re-embedding: the same image) is no rewrite and goes through;
 - a crawl's fields without its image (an owner merge) leave a pushed row alone (``pushed_first``), so a row never
-  mixes a crawl's fields with a pushed image.
+  mixes a crawl's fields with a pushed image;
+- an owner merge (``upsert_posts``) comes from the row's own source: a merge from another crawl is refused whole
+  (``crawled_by_another_source``: an instaloader folder never rewrites a Graph post, nor fills its unknown owner),
+  and it fills an unknown owner or refreshes the same owner's username and followers, never names another owner
+  (``owner_differs``). Graph hashtag edges give no owner and the account crawl, the same source, fills it in. A
+  fill from another source is refused too: the row would not say who named its owner, and the row's own source,
+  naming the real one later, would then be refused as ``owner_differs``. A merge may come before the post's own
+  crawl is stored (it waits on the infer queue): the row it makes is replaced whole by that crawl if it came from
+  another source.
 
 Refused writes change nothing and come back with their reason (``Recorded.refused``, ``upsert_posts``).
 """
@@ -107,6 +115,8 @@ REFUSALS = {
     "pushed_before": "this id was pushed before: the first record of an id wins",
     "pushed_first": "a push stored this id first: a crawl's fields without its image do not replace it",
     "seen_before": "the scraper met this id before: a pushed record never rewrites a known post",
+    "crawled_by_another_source": "another crawl stored this post: only its own source updates it",
+    "owner_differs": "this post has another owner: an owner merge never replaces a known owner",
 }
 """Why a write was refused (``Recorded.refused``, ``upsert_posts``): code -> what it means."""
 
@@ -216,12 +226,16 @@ class MetadataStore:
 
     # -- writes ---------------------------------------------------------------------------------------------------
     def upsert_posts(self, posts: Iterable[Post]) -> dict[str, str]:
-        """Posts' fields (no image): new ones inserted, known ones updated where the rules above allow. Returns the
-        refused posts: id -> a code of ``REFUSALS``."""
+        """Posts' fields (no image), an owner merge's: new ones inserted, known ones updated where the rules above
+        allow. Returns the refused posts: id -> a code of ``REFUSALS``."""
         posts = list(posts)
-        with self._transaction() as db:
+        with self._transaction() as db:  # the rows read and written under the one write lock: no other writer between
             stored = self._stored_sources([p.id for p in posts])
-            refused = {p.id: why for p in posts if (why := _refusal(stored.get(p.id), p)) is not None}
+            refused = {
+                p.id: why
+                for p in posts
+                if (why := _refusal(stored.get(p.id), p) or _merge_refusal(stored.get(p.id), p)) is not None
+            }
             db.executemany(_UPSERT_POST, [_post_params(p) for p in posts if p.id not in refused])
         return refused
 
@@ -243,10 +257,7 @@ class MetadataStore:
             replaced = [
                 {"post_id": post.id, "source": post.source}
                 for post, *_ in results
-                if not post.pushed
-                and (row := stored.get(post.id)) is not None
-                and row["source"] in PUSHED_SOURCES
-                and row["status"] != "deleted"  # deletions stick
+                if not post.pushed and (row := stored.get(post.id)) is not None and _replaced_by_crawl(row, post)
             ]
             db.executemany(_RESET_PUSHED, replaced)
             self._write_results(db, results, now)
@@ -714,6 +725,28 @@ def _refusal(stored: Row | None, post: Post, blob: str | None = None, with_image
         return "known_from_a_crawl"
     # The same pushed post again (a retried task, a re-embedding) brings the same image; another image is a new record.
     return None if with_image and stored["blob"] == blob else "pushed_before"
+
+
+def _replaced_by_crawl(row: Row, post: Post) -> bool:
+    """Whether this crawl, with its image, replaces the stored row whole: a pushed row, or the row an owner merge of
+    another source made before the post's own crawl stored it (``queued``: only a merge writes that). The scraper
+    sends a merge for a post it met before, which may still wait on the infer queue: the crawl that met it first is
+    its source, not the merge that reached the store first."""
+    if row["status"] == "deleted":  # deletions stick
+        return False
+    return row["source"] in PUSHED_SOURCES or (row["source"] != post.source and row["status"] == "queued")
+
+
+def _merge_refusal(stored: Row | None, post: Post) -> str | None:
+    """Why a crawl's fields without its image (an owner merge) may not touch the stored crawled row, or None: only
+    the row's own source updates it, and never to another owner (the module's docstring)."""
+    if stored is None or post.pushed or stored["source"] in PUSHED_SOURCES:
+        return None  # a new row, or ``_refusal``'s rules
+    if stored["source"] != post.source:
+        return "crawled_by_another_source"
+    if post.owner is not None and stored["owner_id"] is not None and stored["owner_id"] != post.owner.id:
+        return "owner_differs"
+    return None
 
 
 def _post_params(post: Post) -> dict[str, Any]:

@@ -302,7 +302,8 @@ def update_profiles(self: Task, user_ids: list[str]) -> int:
 @shared_task(name=constants.merge_task, **TASK)
 def merge_posts(self: Task, posts: list[dict[str, Any]]) -> int:
     """Owner details learnt for posts that were first met without them (e.g. under a hashtag). The scraper sends a
-    merge for a post it has seen before: a pushed one is a push of a known id, which never rewrites it."""
+    merge for a post it has seen before: a pushed one is a push of a known id, which never rewrites it. The store
+    takes a merge only from the post's own source, and never to another owner (store.py)."""
     ctx = _context(self)
     parsed = _valid(Post, posts, "merge_posts")
     refused = {p.id: "seen_before" for p in parsed if p.pushed}
