@@ -170,6 +170,10 @@ async def hostile_graph() -> AsyncIterator[str]:
             return web.json_response({"data": [*bad, with_url(bad_child, "30"), *good]})
         if request.path.startswith("/img/"):
             return web.Response(body=jpeg(), content_type="image/jpeg")
+        if "username(huge)" in request.query.get("fields", ""):  # followers past int64 ended the whole run
+            media = {"data": [with_url(image("40"), "40")]}
+            account = {"id": "17841400000000777", "username": "huge", "followers_count": 2**63, "media": media}
+            return web.json_response({"business_discovery": account, "id": request.path.strip("/")})
         if request.query.get("fields", "").startswith("business_discovery"):
             media = {"data": [with_url(image("20"), "20"), with_url(image("21"), "21")]}
             account = {"id": HOSTILE_OWNER_ID, "username": HOSTILE_USERNAME, "followers_count": 10, "media": media}
@@ -186,7 +190,8 @@ async def hostile_graph() -> AsyncIterator[str]:
 async def test_a_crawl_of_hostile_ids_stores_only_ids_every_command_can_name(
     hostile_graph: str, tmp_path: Path, redis_url: str, redis_client: redis.Redis
 ) -> None:
-    settings = make_settings(tmp_path / "data", redis_url, source_url=hostile_graph, hashtags=["ok"], accounts=["evil"])
+    settings = make_settings(tmp_path / "data", redis_url, source_url=hostile_graph, hashtags=["ok"],
+                             accounts=["evil", "huge"])  # fmt: skip
     client = aioredis.Redis.from_url(redis_url)
     try:
         crawler = Crawler(settings, client, CelerySink(create_celery(settings)), BlobStore(settings.blob_dir))
@@ -194,7 +199,8 @@ async def test_a_crawl_of_hostile_ids_stores_only_ids_every_command_can_name(
     finally:
         await client.aclose()
     refs = {r["post"]["id"]: r for r in queued_post_refs(redis_client)}
-    assert set(refs) == {"10", "11", "12", "12_1", "20", "21"}
+    assert set(refs) == {"10", "11", "12", "12_1", "20", "21", "40"}
+    assert refs["40"]["post"]["owner"] == {"id": "17841400000000777", "username": "huge", "followers_count": None}
     assert all(_post_id(post_id) == post_id for post_id in refs)  # what `deeptarget delete` / `query` take
     assert counts["malformed_media"] == len(HOSTILE_IDS) + 1  # the album with a hostile child too
     assert refs["20"]["post"]["owner"] is None and refs["21"]["post"]["owner"] is None

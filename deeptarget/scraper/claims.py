@@ -189,12 +189,19 @@ class PostClaims:
     async def is_seen(self, post_id: str) -> bool:
         return bool(await self.redis.sismember(constants.seen_posts_key, post_id))
 
-    async def owner_known(self, post_ids: Sequence[str]) -> list[bool]:
+    # One set per source besides the crawl's own: the store takes a post's owner only from the source that stored
+    # the post (issue 12, M4), so an instaloader folder that names an owner for a Graph post's id must not mark
+    # that post's owner as known and keep the Graph account crawl from sending the real one.
+    @staticmethod
+    def _owner_known_key(source: str | None) -> str:
+        return constants.owner_known_key if source is None else f"{constants.owner_known_key}:{source}"
+
+    async def owner_known(self, post_ids: Sequence[str], source: str | None = None) -> list[bool]:
         if not post_ids:
             return []
-        flags = await self.redis.smismember(constants.owner_known_key, list(post_ids))
+        flags = await self.redis.smismember(self._owner_known_key(source), list(post_ids))
         return [bool(f) for f in flags]
 
-    async def mark_owner_known(self, post_ids: Sequence[str]) -> None:
+    async def mark_owner_known(self, post_ids: Sequence[str], source: str | None = None) -> None:
         if post_ids:
-            await self.redis.sadd(constants.owner_known_key, *post_ids)
+            await self.redis.sadd(self._owner_known_key(source), *post_ids)

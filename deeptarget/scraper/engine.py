@@ -49,7 +49,13 @@ from deeptarget.scraper.quota import HashtagQuota
 from deeptarget.scraper.sink import PostSink
 from deeptarget.scraper.stats import ScraperStats
 from deeptarget.scraper.stopping import sleep_or_stop
-from deeptarget.scraper.structures import MEDIA_FIELDS, is_image, is_video_album, posts_from_media
+from deeptarget.scraper.structures import (
+    MEDIA_FIELDS,
+    is_image,
+    is_video_album,
+    owner_from_account,
+    posts_from_media,
+)
 from deeptarget.scraper.tokens import TokenPool
 
 LOG = logging.getLogger(__name__)
@@ -381,13 +387,8 @@ class Crawler:
             edge = self.settings.hashtag_edge
             return None, await client.hashtag_media(hashtag_id, edge, MEDIA_FIELDS, resume, limit)
         account, page = await client.business_discovery(target, MEDIA_FIELDS, resume, limit)
-        followers = account.get("followers_count")
-        owner = Owner(
-            id=str(account.get("id") or target),
-            username=str(account.get("username") or target),
-            followers_count=followers if isinstance(followers, int) and followers >= 0 else None,
-        )
-        return owner, page
+        # checked like any crawled field: a followers count past int64 raised out of the crawl and ended the run
+        return owner_from_account(account, target), page
 
     async def _handle_page(self, downloader: ImageDownloader, items: Sequence[Any], owner: Owner | None) -> set[str]:
         """Every post of a page handled; returns the ids of the posts it held."""
@@ -686,12 +687,24 @@ class Crawler:
     async def _merge_owner(self, refs: list[PostRef], seen: list[Post]) -> None:
         """Posts first met under a hashtag learn their owner when met again through the owner's account."""
         redis = self.redis_dep.call
-        await redis(self.claims.mark_owner_known, [r.post.id for r in refs])
-        known = await redis(self.claims.owner_known, [p.id for p in seen])
-        merges = [p for p, k in zip(seen, known, strict=True) if not k]
+
+        def by_source(posts: Sequence[Post]) -> dict[str | None, list[Post]]:  # None: the crawl's own source
+            groups: dict[str | None, list[Post]] = {}
+            for post in posts:
+                groups.setdefault(None if post.source == self.source else post.source, []).append(post)
+            return groups
+
+        for source, posts in by_source([r.post for r in refs]).items():
+            await redis(self.claims.mark_owner_known, [p.id for p in posts], source)
+        fresh: dict[str | None, list[Post]] = {}
+        for source, posts in by_source(seen).items():
+            known = await redis(self.claims.owner_known, [p.id for p in posts], source)
+            fresh[source] = [p for p, k in zip(posts, known, strict=True) if not k]
+        merges = [p for posts in fresh.values() for p in posts]
         if merges:
             await redis(asyncio.to_thread, self.sink.send_merges, merges)
-            await redis(self.claims.mark_owner_known, [p.id for p in merges])
+            for source, posts in fresh.items():  # known only once sent
+                await redis(self.claims.mark_owner_known, [p.id for p in posts], source)
             await self.stats.add("merged_owner", len(merges))
 
     async def _fetch(self, downloader: Fetcher, post: Post) -> PostRef | None:
