@@ -6,11 +6,13 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 
@@ -35,9 +37,28 @@ def _alive(url: str) -> bool:
         client.close()
 
 
+def _previous_port(settings: Settings) -> int | None:
+    """The port the data dir's Redis had last time, if it is free: processes that outlive a restart of the embedded
+    Redis (an API, a scraper) read its URL once, and reconnect by themselves only if it comes back where it was."""
+    try:
+        port = urlsplit(_url_file(settings).read_text().strip()).port
+    except (OSError, ValueError):
+        return None
+    if port is None:
+        return None
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as redis-server binds: TIME_WAIT is no owner
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+    return port
+
+
 def start_embedded_redis(settings: Settings) -> tuple[Settings, EmbeddedRedis]:
-    """Start the project's own Redis in the data dir; returns settings pointing at it."""
-    server = EmbeddedRedis(settings.redis_dir).start()
+    """Start the project's own Redis in the data dir (on its previous port when free); returns settings pointing at
+    it."""
+    server = EmbeddedRedis(settings.redis_dir, port=_previous_port(settings)).start()
     url_file = _url_file(settings)
     descriptor = os.open(url_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the URL holds the password
     with os.fdopen(descriptor, "w") as handle:

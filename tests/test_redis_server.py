@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -54,6 +56,31 @@ def test_the_url_file_other_commands_read_is_private(tmp_path: Path) -> None:
         assert redis.Redis.from_url(url_file.read_text()).ping()
     finally:
         server.stop()
+
+
+def test_a_restarted_embedded_redis_comes_back_where_clients_left_it(tmp_path: Path) -> None:
+    """Re-test finding: it restarted on a new random port, and a running API, which read the URL once, stayed
+    degraded for good. On its previous port (when free) every client reconnects by itself, and finds the data."""
+    settings, server = start_embedded_redis(make_settings(tmp_path / "data"))
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+    client.set("kept", "1")
+    server.stop(kill=True)  # a crash: Redis writes the AOF before it replies, so only power loss could lose the set
+    again, server = start_embedded_redis(make_settings(tmp_path / "data"))
+    try:
+        assert again.redis_url == settings.redis_url
+        assert client.get("kept") == b"1"  # the same client object, reconnected
+    finally:
+        client.close()
+        server.stop()
+    with socket.socket() as squatter:  # the old port taken by someone else: a free one instead, never a failure
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the old connections are in TIME_WAIT
+        squatter.bind(("127.0.0.1", urlsplit(settings.redis_url).port or 0))
+        squatter.listen()
+        moved, server = start_embedded_redis(make_settings(tmp_path / "data"))
+        try:
+            assert moved.redis_url != settings.redis_url and redis.Redis.from_url(moved.redis_url).ping()
+        finally:
+            server.stop()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
