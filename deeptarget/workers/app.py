@@ -45,6 +45,12 @@ def create_celery(settings: Settings) -> Celery:
         "unacked_restore_throttle": 1,  # ...every time (kombu scans on every 10th look by default)
         # The sweep's lock: held by a consumer killed mid-sweep, it would stop every sweep for its expiry (300 s).
         "unacked_mutex_expire": max(30, 3 * check_s),
+        # A Redis that is partitioned away rather than dead never closes the socket: without a timeout a publish
+        # (the scraper's, infer's follow-ups) would wait on it for good instead of failing into a retry. Longer
+        # than kombu's 1 s BRPOP, so an idle consumer is never cut off.
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
     }
     app.conf.update(
         task_serializer="json",
