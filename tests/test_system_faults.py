@@ -30,6 +30,7 @@ from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.schema import vector_id
 from tests.conftest import WorkerFactory, make_settings
 from tests.test_scraper_faults import everything
+from tests.test_scraper_outages import AVAILABLE_AGAIN, UNAVAILABLE
 from tests.test_worker_outages import FAST_RECOVERY, RestartableRedis, _no_dead_letters, _quiet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -188,6 +189,11 @@ def test_redis_killed_and_away_20_s_under_a_whole_deployment_every_post_is_index
         wait_until(lambda: http_status(f"{base}/healthz") == 200, "/healthz healthy again", everyone, 30)
         stored = rows(settings)
         _no_dead_letters(client, settings)
+        # one outage, logged once as it starts and once as it ends (its heartbeat once made it a dozen)
+        log = (tmp_path / "scraper.log").read_text(errors="replace")
+        starts = [m for m in UNAVAILABLE.findall(log) if m == "redis"]
+        ends = [m for m in AVAILABLE_AGAIN.findall(log) if m == "redis"]
+        assert len(starts) == len(ends) == 1, f"{len(starts)} outage starts, {len(ends)} ends:\n{log[-3000:]}"
 
         stopping = time.monotonic()
         for process in everyone:

@@ -193,8 +193,13 @@ class Crawler:
         while True:
             await asyncio.sleep(every)
             try:
-                lost = await self.redis_dep.call(self.claims.refresh)
-                await self.redis_dep.call(self.ingest.touch, self.consumer, sorted(self._pushed_in_flight))
+                # Only with something in hand: a call that touches no Redis would "succeed" during an outage and
+                # end it in the log and the metrics, making one outage many.
+                lost: set[str] = set()
+                if self.claims.held:
+                    lost = await self.redis_dep.call(self.claims.refresh)
+                if self._pushed_in_flight:
+                    await self.redis_dep.call(self.ingest.touch, self.consumer, sorted(self._pushed_in_flight))
             except CrawlStopped:
                 return
             except Exception:  # a heartbeat that dies would let every claim run out under a live scraper
