@@ -12,17 +12,13 @@ from typing import Any
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 from aiohttp import web
 
-from deeptarget.blobs import BlobStore
 from deeptarget.cli import _post_id
 from deeptarget.http_server import AppServer
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.schema import Owner
-from deeptarget.scraper import CelerySink, Crawler
 from deeptarget.scraper.structures import MAX_ALBUM_CHILDREN, owner_from_account, posts_from_media
-from deeptarget.workers.app import create_celery
 from tests.conftest import make_settings
 from tests.queue_messages import queued_post_refs
 from tests.test_download import jpeg
@@ -192,12 +188,7 @@ async def test_a_crawl_of_hostile_ids_stores_only_ids_every_command_can_name(
 ) -> None:
     settings = make_settings(tmp_path / "data", redis_url, source_url=hostile_graph, hashtags=["ok"],
                              accounts=["evil", "huge"])  # fmt: skip
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        crawler = Crawler(settings, client, CelerySink(create_celery(settings)), BlobStore(settings.blob_dir))
-        counts = await crawler.run()
-    finally:
-        await client.aclose()
+    counts = await crawl(settings)
     refs = {r["post"]["id"]: r for r in queued_post_refs(redis_client)}
     assert set(refs) == {"10", "11", "12", "12_1", "20", "21", "40"}
     assert refs["40"]["post"]["owner"] == {"id": "17841400000000777", "username": "huge", "followers_count": None}
