@@ -164,6 +164,11 @@ def test_index_writer_killed_mid_snapshot_leaves_no_temp_file_and_loses_nothing(
         temp = _temp_file_or_none(settings, total)
         if temp is None:
             continue  # that snapshot was over before it was seen: the next round tries again
+        os.killpg(worker.pid, signal.SIGSTOP)  # frozen, so that what is seen next is what the kill leaves
+        if not temp.exists():  # the rename came between the glob and the freeze
+            os.killpg(worker.pid, signal.SIGCONT)
+            wait_for(lambda: snapshot_size(settings.index_dir) == total, "the round's posts published")  # noqa: B023
+            continue
         kill_9(worker)
         assert temp.exists() and temp.stat().st_size > 0, "killed mid-snapshot, its temporary file stays"
         restarted = time.monotonic()
