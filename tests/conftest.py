@@ -114,6 +114,15 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
     stop_processes(started, timeout_s=20)
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A redis-server of the test's own (AOF on), to kill (``stop(kill=True)``) and start again on the same port and
+    data (``start()``). Requested before ``start_worker``, so that the workers are stopped before it is."""
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
 def wait_for(condition: Callable[[], object], what: str, timeout_s: float = 60) -> None:
     """Poll ``condition`` until it is true; fail with ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

@@ -15,7 +15,6 @@ import errno
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -40,6 +39,7 @@ from deeptarget.sandbox import SandboxNetwork
 from deeptarget.sandbox.server import create_app
 from deeptarget.schema import Post
 from deeptarget.scraper.claims import ScraperIdentity
+from tests.faults import CannotMount, fill, small_tmpfs
 from tests.queue_messages import queued_post_refs
 from tests.test_scraper import crawl_settings
 
@@ -226,14 +226,6 @@ def no_scraper_left() -> Iterator[None]:
     Scraper.running.clear()
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    """A redis-server of this test's own, to kill and start again (same port, same AOF)."""
-    server = EmbeddedRedis(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
 def connect(server: EmbeddedRedis) -> redis.Redis:
     """The test's own client: it reconnects by itself after a restart."""
     return redis.Redis.from_url(server.url, retry=Retry(ExponentialBackoff(cap=0.5), 5),
@@ -336,33 +328,14 @@ async def test_sigterm_while_redis_is_away_stops_at_once_and_loses_nothing(
     print(f"\nSIGTERM while redis is away: exited in {stopped_in:.2f} s")
 
 
-def fill(directory: Path) -> Path:
-    """Writes a file in ``directory`` until its file system is full; returns it."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (1 << 20, 1 << 12, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, b"\0" * size)
-    finally:
-        os.close(fd)
-    return filler
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 32 MB tmpfs (room for the sandbox's images, 10 MB), to be filled up and freed."""
-    if os.geteuid() != 0:
-        pytest.skip("a full disk needs root, to mount a small tmpfs")
-    mount = tmp_path / "data" / "blobs"
-    mount.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    """A 32 MB tmpfs as the blob directory (room for the sandbox's images, 10 MB), to be filled up and freed."""
+    try:
+        with small_tmpfs(tmp_path / "data" / "blobs", "32m") as mount_point:
+            yield mount_point
+    except CannotMount as why:
+        pytest.skip(str(why))
 
 
 async def test_a_full_blob_disk_holds_the_downloads_until_there_is_room(
