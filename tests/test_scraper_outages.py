@@ -263,6 +263,38 @@ async def test_redis_killed_mid_crawl_and_back_after_5_s(tmp_path: Path, own_red
     print(f"\nredis kill -9, back after 5 s: progress again {recovery:.2f} s after it was back")
 
 
+async def test_redis_that_stops_answering_is_timed_out_and_waited_for(tmp_path: Path, own_redis: EmbeddedRedis) -> None:
+    """A Redis that keeps its connections open but answers nothing (a partition, a stalled host; here the server is
+    stopped with SIGSTOP for 25 s): no call may hang. Each client's socket timeout turns the silence into the outage
+    a kill is, waited out the same way; the kernel still accepts new connections meanwhile, so only a read timeout
+    can tell."""
+    network = big_network(76)
+    server, _ = gated_sandbox(network)
+    async with server:
+        port = free_port()
+        settings = outage_settings(tmp_path, own_redis, network, server.url, scraper_metrics_port=port,
+                                  outage_max_wait_s=1.0)  # fmt: skip
+        expected = offered(network, settings)
+        client = connect(own_redis)
+        pid = int(client.info("server")["process_id"])
+        scraper = await Scraper.start(settings, tmp_path / "scraper.log")
+        await until(lambda: seen(client) >= 60, "a crawl well under way", scraper)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            # Within the longest socket timeout of the scraper's clients (kombu's publish: 30 s).
+            await metric_becomes(port, "deeptarget_scraper_dependency_up", 0, scraper, timeout_s=40, dependency="redis")
+            noticed = time.monotonic() - stopped
+            await asyncio.sleep(max(0.0, 25 - (time.monotonic() - stopped)))  # the rest of the silence
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        recovery = await progress_after(client, scraper, time.monotonic())
+        await scraper.finished()
+    assert_each_post_once(client, expected)
+    assert_one_outage_logged(scraper, "redis")
+    print(f"\nredis SIGSTOP 25 s: the scraper called it down {noticed:.1f} s in, progress again {recovery:.2f} s after")
+
+
 async def test_redis_away_longer_than_the_claims_last_with_pushed_posts_in_flight(
     tmp_path: Path, own_redis: EmbeddedRedis
 ) -> None:

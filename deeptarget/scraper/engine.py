@@ -139,8 +139,10 @@ class Crawler:
         self.source = source
         self._stop = asyncio.Event()
         # Every Redis call (the broker's too) goes through redis_dep, every blob write through blob_dep: waited out.
-        self.redis_dep = Dependency("redis", redis_outage, self._stop, max_wait_s=settings.outage_max_wait_s)
-        self.blob_dep = Dependency("blobs", blob_outage, self._stop, max_wait_s=settings.outage_max_wait_s)
+        self.redis_dep = Dependency("redis", redis_outage, self._stop, max_wait_s=settings.outage_max_wait_s,
+                                    answers=redis.ping)  # fmt: skip
+        self.blob_dep = Dependency("blobs", blob_outage, self._stop, max_wait_s=settings.outage_max_wait_s,
+                                   answers=self._probe_blobs)  # fmt: skip
         self.identity = ScraperIdentity(settings.data_dir, settings.scraper_id)
         self.claims = PostClaims(redis, ttl_s=settings.claim_ttl_s)
         self.cursors = CursorStore(redis, source)

@@ -57,11 +57,13 @@ class Dependency:
         stop: asyncio.Event,
         *,
         max_wait_s: float = 5.0,
+        answers: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.name = name
         self.is_outage = is_outage
         self.stop = stop
         self.max_wait_s = max_wait_s
+        self.answers = answers  # a cheap call that must reach the dependency (Redis: PING)
         self.up = True
         self.outages = 0
         self.down_since = 0.0
@@ -122,11 +124,28 @@ class Dependency:
             before_sleep=lambda state: self._went_down(state, tried_at),
             reraise=True,
         )
+        failed = False
         async for attempt in retrying:
             with attempt:
                 tried_at = time.monotonic()
-                if probe is not None and attempt.retry_state.attempt_number > 1:
+                failed = attempt.retry_state.attempt_number > 1
+                if probe is not None and failed:
                     await probe()
                 result = await fn(*args, **kwargs)
-        self._came_back()
+        if not self.up and (failed or await self._answers_now()):
+            self._came_back()
         return result
+
+    async def _answers_now(self) -> bool:
+        """Whether the dependency, down until now, answers. A call that never failed may not have needed it (an ack
+        of nothing returns at once): taken for its answer, one such call during a hung Redis's silence ended the
+        outage in the log and metrics a moment after it began."""
+        if self.answers is None:
+            return True
+        try:
+            await self.answers()
+        except Exception as err:
+            if self.is_outage(err):
+                return False
+            raise
+        return True
