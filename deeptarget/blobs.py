@@ -15,17 +15,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from deeptarget.errors import PASSING_DISK_ERRNOS
+
 _HEX = set("0123456789abcdef")
 
 # The store's condition, not the image's: the same write succeeds once an operator (or time) fixes it. Permission
 # and read-only errors are here too: the paths are ours, so they mean the volume changed, and rejecting every post
 # until someone notices would lose them all.
-OUTAGE_ERRNOS = frozenset(
-    {
-        errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EMFILE,
-        errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EBUSY, errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT,
-    }
-)  # fmt: skip
+OUTAGE_ERRNOS = PASSING_DISK_ERRNOS | {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT}
 PROBE_BYTES = 64 * 1024
 
 

@@ -20,6 +20,31 @@ are task-level failures that Celery may retry.
 
 from __future__ import annotations
 
+import errno
+
+PASSING_DISK_ERRNOS = frozenset(
+    code
+    for code in (
+        errno.ENOSPC,  # no space left
+        errno.EDQUOT,  # over quota
+        errno.EIO,  # an I/O error: a flaky disk or network volume
+        errno.ENFILE,  # the system is out of file handles
+        errno.EMFILE,  # this process is
+        errno.ENOMEM,
+        errno.ENOLCK,
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.EINTR,
+        errno.ETIMEDOUT,
+        errno.ENOTCONN,  # a network or FUSE volume whose server went away
+        getattr(errno, "ESTALE", None),  # an NFS handle that the server forgot
+    )
+    if code is not None
+)
+"""OSError codes of a disk in a state that passes: the same write may succeed later with nothing changed. The
+workers retry these (``workers/transient.py``); the scraper's blob store waits out these and a few more
+(``blobs.OUTAGE_ERRNOS``)."""
+
 
 class DeepTargetError(Exception):
     """Base class of every deeptarget error."""

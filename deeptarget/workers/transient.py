@@ -10,32 +10,13 @@ every few seconds only turned each retry into another dead letter (issue 13, ite
 
 from __future__ import annotations
 
-import errno
-
 import redis
 from kombu.exceptions import OperationalError
 
 from deeptarget.databases import TRANSIENT_DB_ERRORS
-from deeptarget.errors import TransientError
+from deeptarget.errors import PASSING_DISK_ERRNOS, TransientError
 
-DISK_ERRNOS = frozenset(
-    code
-    for code in (
-        errno.ENOSPC,  # no space left
-        errno.EDQUOT,  # over quota
-        errno.EIO,  # an I/O error: a flaky disk or network volume
-        errno.ENFILE,  # the system is out of file handles
-        errno.EMFILE,  # this process is
-        errno.ENOMEM,
-        errno.ENOLCK,
-        errno.EAGAIN,
-        errno.EBUSY,
-        errno.EINTR,
-        errno.ETIMEDOUT,
-        getattr(errno, "ESTALE", None),  # an NFS handle that the server forgot
-    )
-    if code is not None
-)
+DISK_ERRNOS = PASSING_DISK_ERRNOS
 """OSError codes after which the same write may succeed later. Not here, so permanent: EACCES, EPERM, ENOENT,
 ENOTDIR, EISDIR, EROFS, EINVAL, ENAMETOOLONG... (someone must change something first)."""
 
