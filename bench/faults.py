@@ -28,7 +28,9 @@ A run is over when every offered post is stored and indexed or rejected (with a 
 holds exactly the indexed posts ("indexed after"), and no task waits or is held by a worker ("queues quiet after":
 a task a killed worker held comes back only after the visibility timeout, 300 s, though the index writer's catch-up
 has done its work by then). Printed per fault: stored of offered, duplicates in the index, images the sandbox served
-more than once, dead letters, restarts by hand, both times from the fault's end, and the API's answers.
+more than once, dead letters, restarts by hand, the times from the fault's end to the next post stored and to both
+ends above, how much longer the whole run took than the one without a fault (the fault's own duration included),
+and the API's answers.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class Outcome:
     dead_letters: int = 0
     restarted_by_hand: list[str] = field(default_factory=list)
     recovered: bool = False
+    resumed_s: float | None = None  # fault's end -> the next post stored
+    slower_s: float | None = None  # total_s less the run without a fault's (the fault's own duration included)
     indexed_s: float | None = None  # fault's end -> every post indexed or rejected, and published
     recovery_s: float | None = None  # fault's end -> that, and no task waiting or held
     total_s: float = 0.0
@@ -432,6 +436,11 @@ def run_and_measure(drill: Drill, fault: str, outcome: Outcome, url: str) -> Non
         client = drill.client()
         deadline = time.monotonic() + SETTLE_DEADLINE_S
         try:
+            if fault != "none":
+                before = len(rows(drill.settings))
+                drill.wait(lambda: len(rows(drill.settings)) > before or all_indexed(drill.settings, drill.expected),
+                           "a post stored after the fault", deadline - time.monotonic())  # fmt: skip
+                outcome.resumed_s = time.monotonic() - fault_end
             drill.wait(lambda: all_indexed(drill.settings, drill.expected), "every post indexed or rejected",
                        deadline - time.monotonic())  # fmt: skip
             outcome.indexed_s = time.monotonic() - fault_end
@@ -478,13 +487,13 @@ def measure(drill: Drill, outcome: Outcome, client: redis.Redis, url: str) -> No
 def show(outcomes: list[Outcome]) -> None:
     table = Table(title="fault drill: every offered post, stored and indexed once, nothing done by hand")
     columns = ("fault", "stored", "indexed", "rejected", "dup. in index", "fetched twice", "dead letters",
-               "restarted by hand", "indexed after s", "queues quiet after s", "/similar ok",
-               "/healthz 503 / 200 after s")  # fmt: skip
+               "restarted by hand", "stored again after s", "indexed after s", "queues quiet after s", "/similar ok",
+               "slower than none by s", "/healthz 503 / 200 after s")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="left" if column == "fault" else "right")
     for o in outcomes:
         if o.skipped:
-            table.add_row(o.fault, f"skipped: {o.skipped}", *[""] * 10)
+            table.add_row(o.fault, f"skipped: {o.skipped}", *[""] * 12)
             continue
         health = "-" if o.healthz_503_after_s is None else f"{o.healthz_503_after_s:.1f}"
         health += " / " + ("-" if o.healthz_200_after_s is None else f"{o.healthz_200_after_s:.1f}")
@@ -497,9 +506,11 @@ def show(outcomes: list[Outcome]) -> None:
             str(o.images_fetched_twice),
             str(o.dead_letters),
             ", ".join(o.restarted_by_hand) or "-",
+            "-" if o.resumed_s is None else f"{o.resumed_s:.1f}",
             "-" if o.indexed_s is None else f"{o.indexed_s:.1f}",
             "not recovered" if not o.recovered else f"{o.recovery_s:.1f}",
             f"{o.similar_ok} of {o.similar_calls}",
+            "-" if o.slower_s is None else f"{o.slower_s:.1f}",
             health,
         )
     console.print(table)
@@ -528,6 +539,9 @@ def main() -> int:
         console.rule(f"{fault} ({number + 1} of {len(faults)})")
         with sandbox_in_thread(network) as url:  # one per fault: its fetch counts are that run's
             outcome = run_fault(fault, network, url, root / fault, args.weights)
+        baseline = next((o for o in outcomes if o.fault == "none" and o.recovered), None)
+        if baseline is not None and outcome.recovered and fault != "none":
+            outcome.slower_s = outcome.total_s - baseline.total_s
         outcomes.append(outcome)
         show([outcome])
     show(outcomes)
