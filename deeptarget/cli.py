@@ -35,6 +35,7 @@ import re
 import signal
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -212,17 +213,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_redis(args: argparse.Namespace) -> int:
     from deeptarget.runtime import start_embedded_redis
 
+    # Handlers, set before the server starts: a stop at any moment stops it too (SIGTERM's default action once killed
+    # this process and left its redis-server running: issue 12, L14). Python runs them in the main thread whichever
+    # thread the kernel gives the signal to; sigwait, used before, waits only for signals sent to a thread that
+    # blocks them, and hung when one went to another thread (seen once in CI).
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     settings, server = start_embedded_redis(_settings(args))
-    print(
-        f"embedded Redis for {settings.data_dir} at {server.shown_url} (AOF in {settings.redis_dir}, password in "
-        f"{settings.redis_dir / 'password'}); Ctrl-C stops it"
-    )
-    # sigwait only receives signals that are blocked: unblocked, SIGTERM's default action killed this process at
-    # once and left its redis-server running (issue 12, L14).
-    signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
-        signal.sigwait(signals)
+        print(
+            f"embedded Redis for {settings.data_dir} at {server.shown_url} (AOF in {settings.redis_dir}, password in "
+            f"{settings.redis_dir / 'password'}); Ctrl-C stops it",
+            flush=True,
+        )
+        while not stop.wait(0.5):  # short waits: the handler runs between them at the latest
+            pass
     finally:
         server.stop()
     return 0
