@@ -214,9 +214,9 @@ def cmd_redis(args: argparse.Namespace) -> int:
     from deeptarget.runtime import start_embedded_redis
 
     # Handlers, set before the server starts: a stop at any moment stops it too (SIGTERM's default action once killed
-    # this process and left its redis-server running: issue 12, L14). Python runs them in the main thread whichever
-    # thread the kernel gives the signal to; sigwait, used before, waits only for signals sent to a thread that
-    # blocks them, and hung when one went to another thread (seen once in CI).
+    # this process and left its redis-server running: issue 12, L14). sigwait, used before, hung once in CI: a SIGINT
+    # that came after the ready line but before the signals were blocked went to Python's own handler, and sigwait
+    # then waited for another.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

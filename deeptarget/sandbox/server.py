@@ -368,7 +368,10 @@ async def media_image(request: web.Request) -> web.StreamResponse:
     if fault == "image_error":
         return web.Response(status=503, text="Service Unavailable")
     content_type = "text/html" if media.corruption == "html" else "image/jpeg"
-    body = media.image_bytes(child)
+    # Rendered in a thread, not on the event loop: tests run the sandbox in the client's own loop, and a render there
+    # (tens of ms each, the first one imports scikit-image's loaders: a second or more on a loaded machine) holds up
+    # the client too, whose downloads then time out on answers already sent and fetch them again.
+    body = await asyncio.to_thread(media.image_bytes, child)
     if fault == "image_slow":  # headers and half the body, then a stall past the client's timeout
         response = web.StreamResponse(headers={"Content-Type": content_type, "Content-Length": str(len(body))})
         await response.prepare(request)
