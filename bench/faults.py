@@ -50,6 +50,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
@@ -97,6 +98,7 @@ class Outcome:
     total_s: float = 0.0
     similar_ok: int = 0
     similar_calls: int = 0
+    similar_failed: dict[str, int] = field(default_factory=dict)  # answer (0: none in 5 s) -> how many
     healthz_503_after_s: float | None = None  # fault's start -> first 503
     healthz_200_after_s: float | None = None  # fault's end -> first 200 after it
     notes: list[str] = field(default_factory=list)
@@ -458,6 +460,7 @@ def run_and_measure(drill: Drill, fault: str, outcome: Outcome, url: str) -> Non
         time.sleep(1)  # a few /similar calls after the end too
     outcome.similar_calls = len(prober.similar)
     outcome.similar_ok = sum(s == 200 for s in prober.similar)
+    outcome.similar_failed = {str(k): n for k, n in sorted(Counter(s for s in prober.similar if s != 200).items())}
     measure(drill, outcome, client, url)
 
 
@@ -517,6 +520,8 @@ def show(outcomes: list[Outcome]) -> None:
     for o in outcomes:
         for note in o.notes:
             console.print(f"  {o.fault}: {note}")
+        if o.similar_failed:
+            console.print(f"  {o.fault}: /similar answers other than 200 (0: none in 5 s): {o.similar_failed}")
         if o.exit_codes:
             console.print(f"  {o.fault}: exit codes after SIGTERM {o.exit_codes}")
 
