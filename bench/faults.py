@@ -265,8 +265,8 @@ def http_status(url: str, timeout_s: float = 5.0) -> int:
 
 
 class Prober:
-    """``GET /similar`` at ~20/s once a post is indexed (the first one it finds), ``GET /healthz`` at 10/s, each
-    answer recorded."""
+    """``GET /similar`` at ~20/s once a post is indexed (the first one it finds; answers counted from the first 200
+    on), ``GET /healthz`` at 10/s, each answer recorded."""
 
     def __init__(self, deployment: Deployment) -> None:
         self.deployment = deployment
@@ -294,7 +294,9 @@ class Prober:
                 self.post_id = self._an_indexed_post()
             if base is None or self.post_id is None:
                 continue
-            self.similar.append(http_status(f"{base}/similar?post_id={self.post_id}&k=5"))
+            status = http_status(f"{base}/similar?post_id={self.post_id}&k=5")
+            if status == 200 or self.similar:  # from the first answer on: before it, the API may not have the index
+                self.similar.append(status)
 
     def _an_indexed_post(self) -> str | None:
         if snapshot_total(self.deployment.settings) <= 0:
