@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import colorsys
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cache
 
 import numpy as np
@@ -95,6 +95,13 @@ def _geometry(rng: np.random.Generator, size: int = 480) -> np.ndarray:
 
 
 GENERATORS: dict[str, Callable[[np.random.Generator], np.ndarray]] = {"sunset": _sunset, "geometry": _geometry}
+
+
+def preload(sources: Iterable[str]) -> None:
+    """Loads the photos among ``sources`` (and the astronaut, whose face selfies wear) before the first render needs
+    them: the first load imports scikit-image's readers, which takes a second or more on a busy machine."""
+    for name in sorted({*sources, "astronaut"} - GENERATORS.keys()):
+        _photo(name)
 
 
 def render(seed: int, sources: tuple[str, ...], *, face: bool = False, selfie: bool = False) -> np.ndarray:

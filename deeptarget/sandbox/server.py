@@ -48,7 +48,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from deeptarget.http_server import AppServer
-from deeptarget.sandbox import paging
+from deeptarget.sandbox import images, paging
 from deeptarget.sandbox.faults import Faults
 from deeptarget.sandbox.limits import (
     DEFAULT_IG_USER,
@@ -379,7 +379,10 @@ async def media_image(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(faults.slow_s)
         await response.write(body[len(body) // 2 :])
         return response
-    stats["image_fetches"][image_id] += 1  # by the post id the image becomes
+    # By the post id the image becomes, and only when the client is still there to take it: one that gave up during
+    # the render (its timeout) got nothing, and fetches it again without having fetched it whole.
+    if request.transport is not None and not request.transport.is_closing():
+        stats["image_fetches"][image_id] += 1
     return web.Response(body=body, content_type=content_type)
 
 
@@ -449,6 +452,13 @@ def create_app(
         "faulted": Counter(),  # failures in a row by request, for Faults.max_faults_per_request
         "burst_left": 0,
     }
+
+    async def preload_photos(app: web.Application) -> None:
+        # Before the first answer rather than during it: a client fetching the first pictures would otherwise wait
+        # (past its timeout, on a loaded machine) for the import of scikit-image's readers.
+        await asyncio.to_thread(images.preload, {source for topic in network.topics for source in topic.sources})
+
+    app.on_startup.append(preload_photos)
     app.router.add_get("/sandbox/stats", stats)
     app.router.add_get("/sandbox/accounts", accounts)
     app.router.add_get(r"/media/{media_id:\d+}.jpg", media_image)
