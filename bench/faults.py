@@ -417,7 +417,7 @@ def run_fault(fault: str, network: SandboxNetwork, url: str, root: Path, weights
                 outcome.skipped = str(why)
                 drill.redis.stop()
                 return outcome
-        stack.callback(drill.redis.stop)
+        stack.callback(lambda: drill.redis.stop())  # the one running at the end (a fault starts a new one)
         stack.callback(drill.deployment.stop)
         run_and_measure(drill, fault, outcome, url)
     return outcome
