@@ -36,7 +36,6 @@ and the API's answers.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -51,8 +50,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -66,9 +65,9 @@ from deeptarget import constants
 from deeptarget.config import Settings
 from deeptarget.index.vectors import SnapshotStore
 from deeptarget.redis_server import EmbeddedRedis
-from deeptarget.sandbox import SandboxNetwork, sandbox_server
+from deeptarget.sandbox import SandboxNetwork
 from deeptarget.schema import vector_id
-from tests.faults import CannotMount, fill, kill_9, small_tmpfs
+from tests.faults import CannotMount, fill, http_status, kill_9, sandbox_in_thread, small_tmpfs, snapshot_total
 
 FAULTS = ("none", "redis-5", "redis-60", "writer-kill", "disk-full", "sigterm")
 SETTLE_DEADLINE_S = 900.0  # after the fault's end; a run past it is reported as not recovered
@@ -107,31 +106,6 @@ class Outcome:
 
 
 # -- the deployment -------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def sandbox_in_thread(network: SandboxNetwork) -> Iterator[str]:
-    """The sandbox served from an event loop of its own thread; yields its URL."""
-    loop = asyncio.new_event_loop()
-    started, stop = threading.Event(), asyncio.Event()
-    url: list[str] = []
-
-    async def serve() -> None:
-        async with sandbox_server(network) as server:
-            url.append(server.url)
-            started.set()
-            await stop.wait()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    if not started.wait(30):
-        raise RuntimeError("the sandbox did not start")
-    try:
-        yield url[0]
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
-        loop.close()
 
 
 SERVICES: dict[str, list[str]] = {
@@ -233,11 +207,6 @@ def rows(settings: Settings) -> dict[str, tuple[str, str | None]]:
     return {post_id: (status, reason) for post_id, status, reason in found}
 
 
-def snapshot_total(settings: Settings) -> int:
-    index = SnapshotStore(settings.index_dir).load()
-    return -1 if index is None else index.ntotal
-
-
 def quiet(client: redis.Redis) -> bool:
     """No task waiting on a queue, none delivered and unacknowledged (kombu's Redis transport)."""
     try:
@@ -252,16 +221,6 @@ def all_indexed(settings: Settings, expected: set[str]) -> bool:
     if not expected <= set(stored) or any(s not in ("indexed", "rejected") for s, _ in stored.values()):
         return False
     return snapshot_total(settings) == sum(s == "indexed" for s, _ in stored.values())
-
-
-def http_status(url: str, timeout_s: float = 5.0) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-    except OSError:
-        return 0
 
 
 class Prober:

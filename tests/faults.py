@@ -1,15 +1,24 @@
-"""Faults from outside, shared by the fault tests and ``bench/faults.py``: a small real file system to fill up, and
-the kill of a process with everything it started."""
+"""Faults from outside, shared by the fault tests and ``bench/faults.py``: a small real file system to fill up, the
+kill of a process with everything it started, and what both need around a deployment (the sandbox in a thread of
+its own, an HTTP status, the published snapshot's size)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import signal
 import subprocess
+import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from deeptarget.config import Settings
+from deeptarget.index.vectors import SnapshotStore
+from deeptarget.sandbox import SandboxNetwork, sandbox_server
 
 
 class CannotMount(RuntimeError):
@@ -53,3 +62,43 @@ def kill_9(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+@contextlib.contextmanager
+def sandbox_in_thread(network: SandboxNetwork) -> Iterator[str]:
+    """The sandbox served from an event loop of its own, so that the test's waits can block; yields its URL."""
+    loop = asyncio.new_event_loop()
+    started, stop = threading.Event(), asyncio.Event()
+    url: list[str] = []
+
+    async def serve() -> None:
+        async with sandbox_server(network) as server:
+            url.append(server.url)
+            started.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    if not started.wait(30):
+        raise RuntimeError("the sandbox did not start")
+    try:
+        yield url[0]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
+
+
+def snapshot_total(settings: Settings) -> int:
+    index = SnapshotStore(settings.index_dir).load()
+    return -1 if index is None else index.ntotal
+
+
+def http_status(url: str, timeout_s: float = 5.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0

@@ -7,17 +7,13 @@ SIGTERM. The recovery time (Redis back -> everything indexed) is printed (``pyte
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,9 +23,10 @@ from deeptarget import constants
 from deeptarget.config import Settings
 from deeptarget.index.vectors import SnapshotStore
 from deeptarget.redis_server import EmbeddedRedis
-from deeptarget.sandbox import SandboxNetwork, sandbox_server
+from deeptarget.sandbox import SandboxNetwork
 from deeptarget.schema import vector_id
 from tests.conftest import WorkerFactory, make_settings
+from tests.faults import http_status, sandbox_in_thread, snapshot_total
 from tests.test_scraper_faults import everything
 from tests.test_scraper_outages import AVAILABLE_AGAIN, UNAVAILABLE
 from tests.test_worker_outages import FAST_RECOVERY, _no_dead_letters, _quiet
@@ -39,30 +36,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 OUTAGE_S = 60.0  # the issue's long outage; twelve claim TTLs: every claim and heartbeat lapses while Redis is away
 RECOVERY_DEADLINE_S = 90.0
 GRACE_S = 30.0  # what each process gets to stop after SIGTERM
-
-
-@contextmanager
-def sandbox_in_thread(network: SandboxNetwork) -> Iterator[str]:
-    """The sandbox served from an event loop of its own, so that the test's waits can block; yields its URL."""
-    loop = asyncio.new_event_loop()
-    started, stop = threading.Event(), asyncio.Event()
-    url: list[str] = []
-
-    async def serve() -> None:
-        async with sandbox_server(network) as server:
-            url.append(server.url)
-            started.set()
-            await stop.wait()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert started.wait(30), "the sandbox did not start"
-    try:
-        yield url[0]
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
-        loop.close()
 
 
 @pytest.fixture
@@ -94,11 +67,6 @@ def indexed_ids(settings: Settings) -> set[str]:
     return {p for p, (status, _, _) in rows(settings).items() if status == "indexed"}
 
 
-def snapshot_total(settings: Settings) -> int:
-    index = SnapshotStore(settings.index_dir).load()
-    return -1 if index is None else index.ntotal
-
-
 def settled(settings: Settings, expected: set[str], client: redis.Redis) -> bool:
     """Every offered post stored and done with (indexed or rejected), the published index holding exactly the
     indexed ones' count, and no task waiting or in a worker's hands."""
@@ -106,16 +74,6 @@ def settled(settings: Settings, expected: set[str], client: redis.Redis) -> bool
     if set(stored) != expected or any(status not in ("indexed", "rejected") for status, _, _ in stored.values()):
         return False
     return snapshot_total(settings) == sum(s == "indexed" for s, _, _ in stored.values()) and _quiet(client)
-
-
-def http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return int(error.code)
-    except OSError:
-        return 0
 
 
 def wait_until(
