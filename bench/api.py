@@ -27,13 +27,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from deeptarget.config import Settings
+from deeptarget.core.records import Owner, Post, vector_id
+from deeptarget.core.settings import Settings
 from deeptarget.index.builder import IndexPolicy, build_ivf
 from deeptarget.index.synthetic import ClusteredVectors
 from deeptarget.index.vectors import SnapshotStore, VectorIndex
-from deeptarget.redis_server import free_port
-from deeptarget.schema import Owner, Post, vector_id
-from deeptarget.store import MetadataStore
+from deeptarget.runtime.embedded_redis import free_port
+from deeptarget.store.metadata import MetadataStore
 
 CHUNK = 65_536
 

@@ -61,12 +61,13 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.faults, when run as a script
 
-from deeptarget import constants
-from deeptarget.config import Settings
+from deeptarget import jobs
+from deeptarget.core import keys
+from deeptarget.core.records import vector_id
+from deeptarget.core.settings import Settings
 from deeptarget.index.vectors import SnapshotStore
-from deeptarget.redis_server import EmbeddedRedis
+from deeptarget.runtime.embedded_redis import EmbeddedRedis
 from deeptarget.sandbox import SandboxNetwork
-from deeptarget.schema import vector_id
 from tests.faults import CannotMount, fill, http_status, kill_9, sandbox_in_thread, small_tmpfs, snapshot_total
 
 FAULTS = ("none", "redis-5", "redis-60", "writer-kill", "disk-full", "sigterm")
@@ -109,7 +110,7 @@ class Outcome:
 
 
 SERVICES: dict[str, list[str]] = {
-    "index": ["worker", "--queues", constants.index_queue, "--pool", "solo", "--name", "index"],
+    "index": ["worker", "--queues", jobs.index_queue, "--pool", "solo", "--name", "index"],
     "infer": ["worker", "--name", "infer"],  # every queue but the index writer's
     "beat": ["beat"],
     "api": ["serve"],
@@ -210,7 +211,7 @@ def rows(settings: Settings) -> dict[str, tuple[str, str | None]]:
 def quiet(client: redis.Redis) -> bool:
     """No task waiting on a queue, none delivered and unacknowledged (kombu's Redis transport)."""
     try:
-        return not client.hlen("unacked") and not any(client.llen(q) for q in constants.all_queues)
+        return not client.hlen("unacked") and not any(client.llen(q) for q in jobs.all_queues)
     except redis.RedisError:
         return False
 
@@ -439,7 +440,7 @@ def measure(drill: Drill, outcome: Outcome, client: redis.Redis, url: str) -> No
         fetches = json.loads(response.read())["image_fetches"]
     outcome.images_fetched_twice = sum(n > 1 for n in fetches.values())
     with suppress(redis.RedisError):
-        outcome.dead_letters = int(client.xlen(constants.deadletter_stream))
+        outcome.dead_letters = int(client.xlen(keys.deadletter_stream))
     if drill.settings.deadletter_path.exists():
         outcome.dead_letters += len(drill.settings.deadletter_path.read_text().splitlines())
     outcome.restarted_by_hand = list(drill.deployment.restarted_by_hand)

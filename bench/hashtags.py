@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from rich.console import Console
 from rich.table import Table
 
-from deeptarget.index.hashtags import HashtagModel
+from deeptarget.models.hashtags import HashtagModel
 
 HARRISON = Path(__file__).resolve().parents[2] / "shared/assets/datasets/harrison"
 Scorer = Callable[[list[int]], np.ndarray]  # post rows -> (len, vocabulary) scores

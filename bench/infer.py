@@ -26,12 +26,12 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from deeptarget.blobs import BlobStore
-from deeptarget.config import Settings
+from deeptarget.core.records import Post, PostRef
+from deeptarget.core.settings import Settings
 from deeptarget.models.decode import decode_image
 from deeptarget.sandbox import SandboxNetwork
-from deeptarget.schema import Post, PostRef
-from deeptarget.store import MetadataStore
+from deeptarget.store.blobs import BlobStore
+from deeptarget.store.metadata import MetadataStore
 from deeptarget.workers.pipeline import InferencePipeline
 
 SHARED_YUNET = Path(__file__).resolve().parents[2] / "shared/assets/weights/face/yunet_s_640_640.onnx"

@@ -58,13 +58,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deeptarget import constants
-from deeptarget.config import Settings
-from deeptarget.http_server import AppServer
-from deeptarget.redis_server import free_port
-from deeptarget.runtime import spawn_worker, start_embedded_redis, stop_processes
-from deeptarget.schema import vector_id
-from deeptarget.store import MetadataStore
+from deeptarget import jobs
+from deeptarget.core import keys
+from deeptarget.core.records import vector_id
+from deeptarget.core.settings import Settings
+from deeptarget.runtime.app_server import AppServer
+from deeptarget.runtime.embedded_redis import free_port
+from deeptarget.runtime.processes import spawn_worker, start_embedded_redis, stop_processes
+from deeptarget.store.metadata import MetadataStore
 from deeptarget.workers.app import create_celery
 
 STAGES = ("scraper", "infer", "index", "publish")
@@ -181,12 +182,12 @@ class Pipeline:
     def start(self, console: Console) -> None:
         s = self.settings
         self.logs.mkdir(parents=True, exist_ok=True)
-        queues = [constants.infer_queue, constants.profiles_queue, constants.train_queue]
+        queues = [jobs.infer_queue, jobs.profiles_queue, jobs.train_queue]
         self.processes["infer"] = spawn_worker(
             s, queues, name="infer", concurrency=s.worker_concurrency, log_file=self.logs / "worker-infer.log"
         )
         self.processes["index"] = spawn_worker(
-            s, [constants.index_queue], name="index", pool="solo", log_file=self.logs / "worker-index.log"
+            s, [jobs.index_queue], name="index", pool="solo", log_file=self.logs / "worker-index.log"
         )
         self.processes["api"] = self._spawn("api", ["serve"])
         self.processes["scraper"] = self._spawn("scraper", ["scrape", "--forever", "--interval", "600"])
@@ -278,7 +279,7 @@ class Monitor:
         now = time.monotonic()
         waiting = [p for p in posts if p.enqueued is None]
         if waiting:
-            seen = await self.redis.smismember(constants.seen_posts_key, [p.post_id for p in waiting])  # type: ignore[misc]
+            seen = await self.redis.smismember(keys.seen_posts_key, [p.post_id for p in waiting])  # type: ignore[misc]
             for post, flag in zip(waiting, seen, strict=True):
                 if flag:
                     post.enqueued = now
@@ -405,8 +406,8 @@ async def measure(args: argparse.Namespace, console: Console, data_dir: Path) ->
                 run.cpu = {name: cpu_now[name] - cpu_at[name] for name in cpu_now}
                 run.cpu["others"] = max(0.0, run.cpu.pop("machine") - sum(run.cpu.values()))
                 offset += n
-                run.tasks["infer"] = pipeline.task_counts("infer", logs_at["infer"], constants.infer_task, "embedded")
-                run.tasks["index"] = pipeline.task_counts("index", logs_at["index"], constants.index_task, "")
+                run.tasks["infer"] = pipeline.task_counts("infer", logs_at["infer"], jobs.infer_task, "embedded")
+                run.tasks["index"] = pipeline.task_counts("index", logs_at["index"], jobs.index_task, "")
                 runs.append(run)
                 await asyncio.sleep(args.pause_s)  # let the queues empty before the next rate
     finally:

@@ -39,13 +39,13 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from deeptarget.blobs import BlobStore
-from deeptarget.config import Settings
-from deeptarget.redis_server import EmbeddedRedis, free_port
-from deeptarget.schema import Post
+from deeptarget.core.records import Post
+from deeptarget.core.settings import Settings
+from deeptarget.jobs import Jobs
+from deeptarget.runtime.embedded_redis import EmbeddedRedis, free_port
 from deeptarget.scraper import CelerySink, Crawler
 from deeptarget.scraper.push import IngestStream
-from deeptarget.workers.app import create_celery
+from deeptarget.store.blobs import BlobStore
 
 
 def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
@@ -97,7 +97,7 @@ async def run_deeptarget(urls: list[str], tmp: Path, concurrency: int) -> float:
         client = aioredis.Redis.from_url(redis_server.url)
         posts = [Post(id=str(i), source="bench", media_url=url) for i, url in enumerate(urls)]
         await IngestStream(client).push(posts)
-        crawler = Crawler(settings, client, CelerySink(create_celery(settings)), BlobStore(settings.blob_dir))
+        crawler = Crawler(settings, client, CelerySink(Jobs.for_settings(settings)), BlobStore(settings.blob_dir))
         started = time.perf_counter()
         counts = await crawler.run()
         elapsed = time.perf_counter() - started

@@ -26,8 +26,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.postgres, when run as a script
 
-from deeptarget.schema import Owner, Post, Prediction, Profile
-from deeptarget.store import MetadataStore
+from deeptarget.core.records import Owner, Post, Prediction, Profile
+from deeptarget.store.metadata import MetadataStore
 from tests.postgres import LocalPostgres
 
 BATCH = 16  # posts per infer task

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from deeptarget.config import Settings
+from deeptarget.core.settings import Settings
 from deeptarget.index.vectors import SnapshotStore
-from deeptarget.redis_server import EmbeddedRedis
-from deeptarget.runtime import spawn_worker, stop_processes
+from deeptarget.runtime.embedded_redis import EmbeddedRedis
+from deeptarget.runtime.processes import spawn_worker, stop_processes
 from deeptarget.workers.app import create_celery
 from tests.postgres import LocalPostgres
 

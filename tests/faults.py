@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from deeptarget.config import Settings
+from deeptarget.core.settings import Settings
 from deeptarget.index.vectors import SnapshotStore
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 

@@ -25,12 +25,13 @@ import pytest
 import redis
 from pydantic import SecretStr
 
-from deeptarget import constants
+from deeptarget import jobs
 from deeptarget.api.app import MAX_K, MAX_MIN_POSTS, create_app
 from deeptarget.api.models import MAX_REJECTED_SHOWN
-from deeptarget.http_server import AppServer
-from deeptarget.query import NO_FILTER, Neighbour, PostFilter, QueryService
-from deeptarget.redis_server import EmbeddedRedis
+from deeptarget.core import keys
+from deeptarget.query.service import NO_FILTER, Neighbour, PostFilter, QueryService
+from deeptarget.runtime.app_server import AppServer
+from deeptarget.runtime.embedded_redis import EmbeddedRedis
 from tests.conftest import make_settings
 from tests.test_demo import free_port
 
@@ -265,7 +266,7 @@ async def test_a_key_that_is_no_utf8_is_a_401(api: int, method: bytes, path: byt
 
 async def test_the_right_key_still_opens_a_write_endpoint(api: int, redis_client: redis.Redis) -> None:
     answer = await exchange(api, request(b"POST", b"/index/snapshot", key=KEY.encode()))
-    assert answer.status == 202 and answer.json() == {"task": constants.snapshot_task, "queue": "index"}
+    assert answer.status == 202 and answer.json() == {"task": jobs.snapshot_task, "queue": "index"}
 
 
 # -- L8: parameters ---------------------------------------------------------------------------------------------
@@ -398,7 +399,7 @@ async def test_a_2mb_body_of_bad_records_gets_a_small_answer_and_the_api_stays_r
     assert "unknown field(s): colour" in answer["rejected"][0]["reason"]
     assert len(raw) < 16_000, len(raw)  # a few KB
     assert slowest < 1.0, slowest
-    assert redis_client.xlen(constants.ingest_stream) == 0
+    assert redis_client.xlen(keys.ingest_stream) == 0
 
 
 async def test_more_records_than_a_request_may_carry_is_a_413_and_queues_nothing(
@@ -409,11 +410,11 @@ async def test_more_records_than_a_request_may_carry_is_a_413_and_queues_nothing
     headers = (b"Content-Type: application/x-ndjson",)
     answer = await exchange(api, request(b"POST", b"/ingest", *headers, body=good, key=KEY.encode()))
     assert answer.error() == (413, "too_many_records") and b"51 records" in answer.body
-    assert redis_client.xlen(constants.ingest_stream) == 0
+    assert redis_client.xlen(keys.ingest_stream) == 0
     fifty = good.rsplit(b"\n", 1)[0] + b"\n\n\n"  # blank lines are no records
     answer = await exchange(api, request(b"POST", b"/ingest", *headers, body=fifty, key=KEY.encode()))
     assert answer.status == 202 and answer.json() == {"accepted": 50, "rejected_count": 0, "rejected": []}
-    assert redis_client.xlen(constants.ingest_stream) == 50
+    assert redis_client.xlen(keys.ingest_stream) == 50
 
 
 # -- M5: concurrent decodes -------------------------------------------------------------------------------------

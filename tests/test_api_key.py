@@ -14,7 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from deeptarget.api.app import create_app
-from deeptarget.http_server import AppServer
+from deeptarget.runtime.app_server import AppServer
 from tests.conftest import make_settings
 from tests.test_demo import free_port
 

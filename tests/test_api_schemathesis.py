@@ -27,18 +27,17 @@ import pytest
 import redis
 from PIL import Image
 
-from deeptarget import constants
-from deeptarget.config import Settings
-from deeptarget.index.hashtags import HashtagModel
+from deeptarget.core.records import Owner, Post, Prediction
+from deeptarget.core.settings import Settings
 from deeptarget.index.vectors import SnapshotStore
 from deeptarget.index.writer import IndexWriter
+from deeptarget.jobs import Jobs
 from deeptarget.models.embedder import Embedder
+from deeptarget.models.hashtags import HashtagModel
 from deeptarget.profiles.builder import rebuild_profiles
 from deeptarget.profiles.outliers import FollowerBoundsCache
-from deeptarget.redis_server import EmbeddedRedis
-from deeptarget.schema import Owner, Post, Prediction
-from deeptarget.store import MetadataStore
-from deeptarget.workers.app import create_celery
+from deeptarget.runtime.embedded_redis import EmbeddedRedis
+from deeptarget.store.metadata import MetadataStore
 from deeptarget.workers.upkeep import WriterUpkeep
 from tests.conftest import make_settings
 from tests.test_api_hostile import KEY, served
@@ -83,9 +82,8 @@ def index_writer(settings: Settings) -> Iterator[None]:
     """A live index writer beside the API (its heartbeat and catch-up loop), as a deployment has: /healthz is 200."""
     store = MetadataStore(settings.metadata_database)
     writer = IndexWriter.from_settings(settings, store)
-    app = create_celery(settings)
     upkeep = WriterUpkeep(settings, writer, store, redis.Redis.from_url(settings.redis_url or ""),
-                          lambda owners: app.send_task(constants.profiles_task, args=[owners])).start()  # fmt: skip
+                          Jobs.for_settings(settings).update_profiles).start()  # fmt: skip
     try:
         yield
     finally:

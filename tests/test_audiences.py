@@ -9,13 +9,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from deeptarget.errors import NotFoundError
+from deeptarget.core.errors import NotFoundError
+from deeptarget.core.records import Profile
 from deeptarget.models.heads import LinearHead
 from deeptarget.profiles.export import export_profiles
 from deeptarget.profiles.outliers import FollowerBounds
-from deeptarget.query import QueryService
-from deeptarget.schema import Profile
-from deeptarget.store import MetadataStore
+from deeptarget.query.service import QueryService
+from deeptarget.store.metadata import MetadataStore
 from tests.conftest import make_settings
 
 

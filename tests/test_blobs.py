@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from deeptarget.blobs import BlobStore
+from deeptarget.store.blobs import BlobStore
 
 
 def test_blobs_are_content_addressed_and_stored_once(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from deeptarget import constants
+from deeptarget.core import keys
 from deeptarget.scraper.claims import Claim, PostClaims, ScraperIdentity
 from deeptarget.scraper.cursors import CursorStore
 
@@ -57,7 +57,7 @@ async def test_a_scraper_takes_its_own_claims_back_and_its_heartbeat_keeps_them(
     assert await before.claim("p1") is Claim.TAKEN and await before.claim("p2") is Claim.TAKEN
     assert await other.claim("p1") is Claim.HELD
     assert await after.claim("p1") is Claim.TAKEN  # the same scraper, restarted: its own claim
-    await client.delete(constants.claim_key_prefix + "p1", constants.claim_key_prefix + "p2")  # ran out (an outage)
+    await client.delete(keys.claim_key_prefix + "p1", keys.claim_key_prefix + "p2")  # ran out (an outage)
     assert await other.claim("p2") is Claim.TAKEN
     assert await after.refresh() == set()  # p1 free again: taken back
     assert await before.refresh() == {"p2"}  # p2 another scraper took meanwhile: lost, not kept alive

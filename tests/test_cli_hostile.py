@@ -16,16 +16,17 @@ import pytest
 import redis
 from rich.console import Console
 
-from deeptarget import constants
-from deeptarget.cli import _POST_ID_RE, main
-from deeptarget.config import Settings
-from deeptarget.demo import _print_summary, similar_table
+from deeptarget import jobs
+from deeptarget.cli.commands import _POST_ID_RE, main
+from deeptarget.cli.demo import _print_summary, similar_table
+from deeptarget.core import keys
+from deeptarget.core.records import Owner, Post, Prediction, Profile
+from deeptarget.core.settings import Settings
+from deeptarget.core.terminal import json_text, plain, shown
 from deeptarget.models.heads import HeadSet, InvalidName, LinearHead, head_versions, publish_head
 from deeptarget.reports.html import Report, new_figure, report_folder
-from deeptarget.schema import Owner, Post, Prediction, Profile
 from deeptarget.scraper.push import ID_PATTERN
-from deeptarget.store import MetadataStore
-from deeptarget.terminal import json_text, plain, shown
+from deeptarget.store.metadata import MetadataStore
 from deeptarget.training.finetune import finetune
 from deeptarget.training.train_head import train_head
 from deeptarget.workers.deadletter import DeadLetter, DeadLetters
@@ -195,9 +196,9 @@ def test_hostile_arguments_are_clear_errors(tmp_path: Path, cli_settings: Settin
 
 def test_deadletter_commands_on_hostile_letters(cli_settings: Settings, redis_client: redis.Redis) -> None:
     letters = DeadLetters(redis_client, cli_settings.deadletter_path)
-    hostile = letters.record(DeadLetter(task=constants.infer_task, error=" | ".join(HOSTILE_TEXT), args=[[1, 2]]))
+    hostile = letters.record(DeadLetter(task=jobs.infer_task, error=" | ".join(HOSTILE_TEXT), args=[[1, 2]]))
     unknown = letters.record(DeadLetter(task="[/]evil.task", error="x"))
-    broken = redis_client.xadd(constants.deadletter_stream, {"letter": b"\xff{not json"}).decode()
+    broken = redis_client.xadd(keys.deadletter_stream, {"letter": b"\xff{not json"}).decode()
     commands = [["deadletter", "list"], ["deadletter", "list", "--json"]]
     listed, as_json = run_many(cli_settings, commands, COLUMNS="300")  # rich: one line per letter
     assert listed.returncode == 0, listed.stderr

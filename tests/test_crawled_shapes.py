@@ -14,10 +14,10 @@ import pytest
 import redis
 from aiohttp import web
 
-from deeptarget.cli import _post_id
-from deeptarget.http_server import AppServer
+from deeptarget.cli.commands import _post_id
+from deeptarget.core.records import Owner
+from deeptarget.runtime.app_server import AppServer
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
-from deeptarget.schema import Owner
 from deeptarget.scraper.structures import MAX_ALBUM_CHILDREN, owner_from_account, posts_from_media
 from tests.conftest import make_settings
 from tests.queue_messages import queued_post_refs

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from deeptarget import constants
-from deeptarget.blobs import BlobStore
-from deeptarget.config import Settings
+from deeptarget import jobs
+from deeptarget.core import keys
+from deeptarget.core.records import Post, PostRef
+from deeptarget.core.settings import Settings
+from deeptarget.jobs import Jobs
 from deeptarget.sandbox import SandboxNetwork
-from deeptarget.schema import Post, PostRef
-from deeptarget.store import MetadataStore
-from deeptarget.workers.app import create_celery
+from deeptarget.store.blobs import BlobStore
+from deeptarget.store.metadata import MetadataStore
 from tests.conftest import WorkerFactory, make_settings, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -49,20 +50,18 @@ def test_retries_then_dead_letter_then_retry_from_the_cli(
     shutil.move(shard, saved)
     shard.write_text("a volume that went away")
 
-    start_worker(settings, [constants.infer_queue], "flaky")
-    create_celery(settings).send_task(
-        constants.infer_task, args=[[r.model_dump(mode="json") for r in refs]], queue=constants.infer_queue
-    )
-    wait_for(lambda: redis_client.xlen(constants.deadletter_stream) == 1, "the dead letter")
+    start_worker(settings, [jobs.infer_queue], "flaky")
+    Jobs.for_settings(settings).infer(refs)
+    wait_for(lambda: redis_client.xlen(keys.deadletter_stream) == 1, "the dead letter")
 
     listed = json.loads(run_cli(settings, "list", "--json").stdout)
     assert len(listed) == 1
     letter = listed[0]
-    assert letter["task"] == constants.infer_task and letter["retries"] == 2
+    assert letter["task"] == jobs.infer_task and letter["retries"] == 2
     assert "BlobStoreUnavailable" in letter["error"] and "unreadable" in letter["error"]
     assert [r["post"]["id"] for r in letter["args"][0]] == [m.id for m in media]
     table = run_cli(settings, "list").stdout
-    assert "1 dead letters" in table and constants.infer_task in table
+    assert "1 dead letters" in table and jobs.infer_task in table
     store = MetadataStore(settings.metadata_database)
     assert store.status_counts() == {}, "a failed batch must not half-record its posts"
 
@@ -70,5 +69,5 @@ def test_retries_then_dead_letter_then_retry_from_the_cli(
     shutil.move(saved, shard)
     assert "sent 1 dead letters" in run_cli(settings, "retry", "--all").stdout
     wait_for(lambda: store.status_counts().get("embedded", 0) == 3, "the retried batch")
-    assert redis_client.xlen(constants.deadletter_stream) == 0
+    assert redis_client.xlen(keys.deadletter_stream) == 0
     assert "0 dead letters" in run_cli(settings, "list").stdout

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from deeptarget.errors import ImageRejected
-from deeptarget.models.decode import decode_image, decode_jpegs, probe_jpeg, sniff_image_type
+from deeptarget.core.errors import ImageRejected
+from deeptarget.core.image_header import sniff_image_type
+from deeptarget.models.decode import decode_image, decode_jpegs, probe_jpeg
 
 LIMITS = {"max_pixels": 4_000_000, "long_side": 256}
 

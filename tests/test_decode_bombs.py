@@ -24,8 +24,8 @@ import skimage.data
 import torch
 from PIL import Image, ImageOps
 
-from deeptarget.config import Settings
-from deeptarget.errors import ImageRejected
+from deeptarget.core.errors import ImageRejected
+from deeptarget.core.settings import Settings
 from deeptarget.models.decode import (
     DEFAULT_MAX_DECODE_BYTES,
     decode_cost,
@@ -33,7 +33,7 @@ from deeptarget.models.decode import (
     decode_jpegs,
     probe_jpeg,
 )
-from deeptarget.query import QueryService
+from deeptarget.query.service import QueryService
 from tests.conftest import make_settings
 
 SIDE = 6324  # 6324^2 = 39.99M pixels: the largest square that max_image_pixels admits

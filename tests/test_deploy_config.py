@@ -21,7 +21,7 @@ import pytest
 import redis
 import yaml
 
-from deeptarget.redis_server import free_port, redis_server_binary
+from deeptarget.runtime.embedded_redis import free_port, redis_server_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"

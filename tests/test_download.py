@@ -11,10 +11,10 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from deeptarget.blobs import BlobStore
-from deeptarget.errors import ImageRejected
-from deeptarget.http_server import AppServer
+from deeptarget.core.errors import ImageRejected
+from deeptarget.runtime.app_server import AppServer
 from deeptarget.scraper.download import ImageDownloader
+from deeptarget.store.blobs import BlobStore
 
 
 def png(width: int, height: int) -> bytes:

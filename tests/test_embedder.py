@@ -8,7 +8,7 @@ import skimage.data
 import torch
 import torchvision
 
-from deeptarget.errors import ConfigurationError
+from deeptarget.core.errors import ConfigurationError
 from deeptarget.models.embedder import BACKBONES, Embedder, torchvision_cache_file
 
 

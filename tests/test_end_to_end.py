@@ -19,19 +19,20 @@ import pytest
 import redis
 from pydantic import SecretStr
 
-from deeptarget import constants
+from deeptarget import jobs
 from deeptarget.api.app import create_app
-from deeptarget.config import Settings
-from deeptarget.http_server import AppServer
+from deeptarget.core import keys
+from deeptarget.core.records import vector_id
+from deeptarget.core.settings import Settings
 from deeptarget.index.vectors import SnapshotStore
-from deeptarget.redis_server import EmbeddedRedis, free_port
-from deeptarget.runtime import spawn_worker, stop_processes
+from deeptarget.jobs import Jobs
+from deeptarget.runtime.app_server import AppServer
+from deeptarget.runtime.embedded_redis import EmbeddedRedis, free_port
+from deeptarget.runtime.processes import spawn_worker, stop_processes
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.sandbox.network import Media
-from deeptarget.schema import vector_id
-from deeptarget.store import MetadataStore
-from deeptarget.versioned import VersionedDir
-from deeptarget.workers.app import create_celery
+from deeptarget.store.metadata import MetadataStore
+from deeptarget.store.versioned import VersionedDir
 from tests.conftest import make_settings, snapshot_size, wait_for_worker
 from tests.test_scraper import crawl
 
@@ -87,11 +88,11 @@ def run(
     workers = [
         spawn_worker(
             settings,
-            [constants.infer_queue, constants.profiles_queue, constants.train_queue],
+            [jobs.infer_queue, jobs.profiles_queue, jobs.train_queue],
             name="infer",
             log_file=logs / "worker-infer.log",
         ),
-        spawn_worker(settings, [constants.index_queue], name="index", pool="solo", log_file=logs / "worker-index.log"),
+        spawn_worker(settings, [jobs.index_queue], name="index", pool="solo", log_file=logs / "worker-index.log"),
     ]
     try:
         for worker, name in zip(workers, ("infer", "index"), strict=True):
@@ -103,16 +104,16 @@ def run(
 
         asyncio.run(crawl_sandbox())
         store = MetadataStore(settings.metadata_database)
-        seen = redis.Redis.from_url(redis_server.url).scard(constants.seen_posts_key)
+        seen = redis.Redis.from_url(redis_server.url).scard(keys.seen_posts_key)
 
         def settled() -> bool:
             counts = store.status_counts()
             return counts.get("indexed", 0) + counts.get("rejected", 0) == seen and not counts.get("embedded")
 
         _wait(settled, 300, "every post indexed or rejected", workers, logs)
-        app = create_celery(settings)
-        app.send_task(constants.snapshot_task, queue=constants.index_queue)
-        app.send_task(constants.train_task, queue=constants.train_queue)
+        send = Jobs.for_settings(settings)
+        send.snapshot()
+        send.train_hashtags()
         snapshots, models = VersionedDir(settings.index_dir, ".faiss"), VersionedDir(settings.hashtag_model_dir, ".npz")
         indexed = store.status_counts()["indexed"]
         _wait(
@@ -182,7 +183,7 @@ def test_every_user_with_posts_has_a_profile_counting_them(run: Run) -> None:
         albums += sum(len(images & set(m.image_ids)) > 1 for m in posts)
         assert abs(sum(profile.hashtags.values()) - 1) < 1e-3
     assert albums, "no album with several indexed images: the test proves nothing about albums"
-    published = redis.Redis.from_url(run.settings.redis_url).xlen(constants.profiles_stream)
+    published = redis.Redis.from_url(run.settings.redis_url).xlen(keys.profiles_stream)
     assert published >= len(owners)
 
 
@@ -320,7 +321,7 @@ async def test_write_endpoints_need_the_api_key(run: Run) -> None:
             async with http.post(f"{server.url}/train/hashtags", headers=headers) as response:
                 assert response.status == 401, await response.text()
         async with http.post(f"{server.url}/train/hashtags", headers={"X-API-Key": "s3cret-key"}) as response:
-            assert response.status == 202 and (await response.json())["queue"] == constants.train_queue
+            assert response.status == 202 and (await response.json())["queue"] == jobs.train_queue
     deadline = time.monotonic() + 60
     while models.current() == before:  # the running worker refits on demand
         assert time.monotonic() < deadline, "the hashtag model was not refitted"

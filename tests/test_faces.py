@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from deeptarget.errors import ConfigurationError
+from deeptarget.core.errors import ConfigurationError
 from deeptarget.models.faces import (
     MTCNN_INSTALL,
     FaceFilter,

@@ -9,11 +9,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from deeptarget.blobs import BlobStore
-from deeptarget.errors import ImageRejected
-from deeptarget.http_server import AppServer
+from deeptarget.core.errors import ImageRejected
+from deeptarget.runtime.app_server import AppServer
 from deeptarget.scraper.download import ImageDownloader
 from deeptarget.scraper.fetch_policy import FetchPolicy, FetchRefused
+from deeptarget.store.blobs import BlobStore
 from tests.conftest import make_settings
 from tests.test_download import jpeg
 

@@ -15,10 +15,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from deeptarget import constants
-from deeptarget.blobs import BlobStore
-from deeptarget.errors import CrawlStopped, GraphApiError, SourceError
-from deeptarget.http_server import AppServer
+from deeptarget.core import keys
+from deeptarget.core.errors import CrawlStopped, GraphApiError, SourceError
+from deeptarget.jobs import Jobs
+from deeptarget.runtime.app_server import AppServer
 from deeptarget.scraper import CelerySink, Crawler
 from deeptarget.scraper.graph import GraphApiClient
 from deeptarget.scraper.graph_errors import (
@@ -32,7 +32,7 @@ from deeptarget.scraper.graph_errors import (
 )
 from deeptarget.scraper.graph_errors import wait_from as graph_wait_from
 from deeptarget.scraper.tokens import TokenPool
-from deeptarget.workers.app import create_celery
+from deeptarget.store.blobs import BlobStore
 from tests.conftest import make_settings
 from tests.test_download import jpeg
 
@@ -253,7 +253,7 @@ async def test_app_throttle_pauses_every_token_of_the_app_and_a_stop_ends_the_wa
         await asyncio.sleep(0.3)
         assert len(seen) == 1  # one #4, then no token of the app calls again
         redis = aioredis.Redis.from_url(redis_url)
-        assert 25_000 < await redis.pttl(f"{constants.token_key_prefix}app-pause:default") <= 30_000
+        assert 25_000 < await redis.pttl(f"{keys.token_key_prefix}app-pause:default") <= 30_000
         await redis.aclose()
         stop.set()
         with pytest.raises(CrawlStopped):
@@ -328,13 +328,13 @@ async def test_high_app_usage_slows_the_whole_app_and_high_account_usage_the_tok
     session, client = await client_for(url, pool, throttle_pause_s=5)
     async with session:
         assert await client.hashtag_id("sushi") == "1"
-        assert await redis.pttl(f"{constants.token_key_prefix}app-pause:default") > 3000
-        await redis.delete(f"{constants.token_key_prefix}app-pause:default")
+        assert await redis.pttl(f"{keys.token_key_prefix}app-pause:default") > 3000
+        await redis.delete(f"{keys.token_key_prefix}app-pause:default")
         headers.clear()
         headers["X-Business-Use-Case-Usage"] = json.dumps({"1784": [{"call_count": 99}]})
         assert await client.hashtag_id("sushi") == "1"
-    assert not await redis.exists(f"{constants.token_key_prefix}app-pause:default")
-    assert len(await redis.keys(f"{constants.token_key_prefix}pause:*")) == 1
+    assert not await redis.exists(f"{keys.token_key_prefix}app-pause:default")
+    assert len(await redis.keys(f"{keys.token_key_prefix}pause:*")) == 1
     await redis.aclose()
 
 
@@ -367,7 +367,7 @@ async def test_hostile_media_shapes_are_each_skipped_and_the_crawl_goes_on(
     settings = make_settings(tmp_path / "data", redis_url, source_url=url, hashtags=["ok"], accounts=[])
     client = aioredis.Redis.from_url(redis_url)
     try:
-        crawler = Crawler(settings, client, CelerySink(create_celery(settings)), BlobStore(settings.blob_dir))
+        crawler = Crawler(settings, client, CelerySink(Jobs.for_settings(settings)), BlobStore(settings.blob_dir))
         counts = await crawler.run()
     finally:
         await client.aclose()

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeptarget.errors import ModelFitError, ModelNotReadyError
-from deeptarget.index.hashtags import HashtagModel
+from deeptarget.core.errors import ModelFitError, ModelNotReadyError
+from deeptarget.models.hashtags import HashtagModel
 
 BLOCKS = {
     "food": ["sushi", "ramen", "foodie", "dinner"],

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeptarget.errors import ConfigurationError
+from deeptarget.core.errors import ConfigurationError
 from deeptarget.models.heads import HeadSet, LinearHead, publish_head
 
 MODEL = "mobilenet_v2:random0:imagenet:96"

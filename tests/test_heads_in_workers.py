@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeptarget import constants
-from deeptarget.blobs import BlobStore
+from deeptarget import jobs
+from deeptarget.core.records import Owner, Post, PostRef
+from deeptarget.jobs import Jobs
 from deeptarget.models.heads import LinearHead, head_versions
-from deeptarget.schema import Owner, Post, PostRef
-from deeptarget.store import MetadataStore
-from deeptarget.training.reclassify import published_heads, reclassify
+from deeptarget.ops.reclassify import published_heads, reclassify
+from deeptarget.store.blobs import BlobStore
+from deeptarget.store.metadata import MetadataStore
 from deeptarget.training.train_head import train_head
-from deeptarget.workers.app import create_celery
 from tests.conftest import WorkerFactory, make_settings, wait_for
 from tests.test_train_head import make_dataset
 
@@ -30,7 +30,7 @@ def _send_batch(settings, photos: Path, prefix: str) -> list[str]:
         post = Post(id=f"{prefix}-{path.parent.name}-{i}", like_count=10 + i,
                     owner=Owner(id=f"owner-{path.parent.name}", followers_count=1000))  # fmt: skip
         refs.append(PostRef(post=post, blob=blobs.put(path.read_bytes())).model_dump(mode="json"))
-    create_celery(settings).send_task(constants.infer_task, args=[refs], queue=constants.infer_queue)
+    Jobs.for_settings(settings).infer(refs)
     return [r["post"]["id"] for r in refs]
 
 
@@ -48,7 +48,7 @@ def test_published_head_reaches_the_next_batch_and_reclassify_the_earlier_ones(
     settings = make_settings(tmp_path / "data", redis_url)
     store = MetadataStore(settings.metadata_database)
     first = train_head(settings, tmp_path / "photos", "colour", publish=True, report=False)
-    start_worker(settings, [constants.infer_queue, constants.profiles_queue], "heads")
+    start_worker(settings, [jobs.infer_queue, jobs.profiles_queue], "heads")
 
     early = _send_batch(settings, tmp_path / "photos", "early")
     _wait_classified(store, early)

@@ -19,16 +19,16 @@ import numpy as np
 import psycopg
 import pytest
 import redis
-from celery import Celery
 
-from deeptarget import constants
+from deeptarget import jobs
 from deeptarget.api.app import create_app
-from deeptarget.config import Settings
-from deeptarget.http_server import AppServer
+from deeptarget.core.records import Post, Prediction
+from deeptarget.core.settings import Settings
 from deeptarget.index.writer import IndexWriter
-from deeptarget.redis_server import free_port
-from deeptarget.schema import Post, Prediction
-from deeptarget.store import MetadataStore
+from deeptarget.jobs import Jobs
+from deeptarget.runtime.app_server import AppServer
+from deeptarget.runtime.embedded_redis import free_port
+from deeptarget.store.metadata import MetadataStore
 from deeptarget.workers.upkeep import WriterUpkeep
 from tests.conftest import make_settings
 from tests.postgres import LocalPostgres
@@ -77,12 +77,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 def _upkeep(settings: Settings, store: MetadataStore, client: redis.Redis) -> tuple[IndexWriter, WriterUpkeep]:
     writer = IndexWriter.from_settings(settings, store)
-    app = Celery(broker=settings.redis_url)
-
-    def send_profiles(owners: list[str]) -> None:
-        app.send_task(constants.profiles_task, args=[owners], queue=constants.profiles_queue)
-
-    return writer, WriterUpkeep(settings, writer, store, client, send_profiles)
+    return writer, WriterUpkeep(settings, writer, store, client, Jobs.for_settings(settings).update_profiles)
 
 
 async def test_every_stage_is_reported_and_a_missing_writer_or_a_waiting_post_is_degraded(
@@ -100,7 +95,7 @@ async def test_every_stage_is_reported_and_a_missing_writer_or_a_waiting_post_is
         status, body, _ = await _get(http, f"{url}/healthz")
         assert status == 503 and body["problems"] == ["writer"] and body["writer"]["ok"] is False
         assert body["redis"] is True and body["database"]["ok"] and body["blobs"]["ok"]
-        assert body["queues"] == {q: 0 for q in constants.all_queues} and body["ingest"]["waiting"] == 0
+        assert body["queues"] == {q: 0 for q in jobs.all_queues} and body["ingest"]["waiting"] == 0
 
         # the writer indexes what is stored and beats: everything is well
         _record(store, ["a", "b", "c"])

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
+from deeptarget.core.records import Owner, Post
 from deeptarget.reports import figures
-from deeptarget.schema import Owner, Post
 from deeptarget.scraper.structures import posts_from_media
 
 

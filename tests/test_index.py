@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeptarget.errors import IndexMismatchError
+from deeptarget.core.errors import IndexMismatchError
+from deeptarget.core.records import Post, Prediction, vector_id
 from deeptarget.index.vectors import SnapshotReader, SnapshotStore, VectorIndex
 from deeptarget.index.writer import IndexWriter
-from deeptarget.schema import Post, Prediction, vector_id
-from deeptarget.store import MetadataStore
+from deeptarget.store.metadata import MetadataStore
 
 MODEL = "mobilenet_v2:random0:imagenet:96"
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deeptarget.core.records import Post, Prediction, vector_id
 from deeptarget.index import writer as writer_module
 from deeptarget.index.vectors import SnapshotReader, SnapshotStore
 from deeptarget.index.writer import IndexWriter
-from deeptarget.schema import Post, Prediction, vector_id
-from deeptarget.store import MetadataStore
+from deeptarget.store.metadata import MetadataStore
 from tests.conftest import wait_for
 
 MODEL = "mobilenet_v2:random0:imagenet:96"

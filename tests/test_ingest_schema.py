@@ -14,10 +14,10 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
-from deeptarget import constants
 from deeptarget.api.app import create_app
-from deeptarget.http_server import AppServer
-from deeptarget.schema import Post
+from deeptarget.core import keys
+from deeptarget.core.records import Post
+from deeptarget.runtime.app_server import AppServer
 from deeptarget.scraper.push import (
     MAX_CAPTION_CHARS,
     MAX_HASHTAGS,
@@ -248,7 +248,7 @@ async def ingest(api: tuple[str, aiohttp.ClientSession], body: bytes, content_ty
 
 
 def streamed(client: redis.Redis) -> list[Post]:
-    entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(constants.ingest_stream)  # type: ignore[assignment]
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(keys.ingest_stream)  # type: ignore[assignment]
     return [Post.model_validate_json(fields[b"post"]) for _, fields in entries]
 
 

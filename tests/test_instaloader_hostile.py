@@ -13,9 +13,9 @@ import pytest
 import redis
 import skimage.data
 
-from deeptarget.blobs import BlobStore
 from deeptarget.sandbox import SandboxNetwork
 from deeptarget.scraper import instaloader
+from deeptarget.store.blobs import BlobStore
 from tests.queue_messages import queued_post_refs
 from tests.test_instaloader import jpeg, post_node
 from tests.test_scraper import crawl, crawl_settings

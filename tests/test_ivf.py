@@ -8,12 +8,12 @@ import faiss
 import numpy as np
 import pytest
 
+from deeptarget.core.records import Post, Prediction, vector_id
 from deeptarget.index.builder import IndexPolicy, build_ivf, recall_at_k
 from deeptarget.index.synthetic import ClusteredVectors
 from deeptarget.index.vectors import SnapshotStore, VectorIndex
 from deeptarget.index.writer import IndexWriter
-from deeptarget.schema import Post, Prediction, vector_id
-from deeptarget.store import MetadataStore
+from deeptarget.store.metadata import MetadataStore
 
 MODEL = "mobilenet_v2:random0:imagenet:96"
 DIM = 32

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from deeptarget.cli import main
-from deeptarget.config import Settings
+from deeptarget.core.records import Owner, Post, Prediction
+from deeptarget.core.settings import Settings
 from deeptarget.models.heads import LinearHead, head_versions
-from deeptarget.schema import Owner, Post, Prediction
-from deeptarget.store import MetadataStore
+from deeptarget.store.metadata import MetadataStore
 from deeptarget.training.likability import likability_labels, train_likability
 from tests.conftest import make_settings
 

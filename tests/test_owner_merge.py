@@ -13,10 +13,11 @@ import pytest
 import redis
 import skimage.data
 
-from deeptarget import constants
+from deeptarget import jobs
+from deeptarget.core import keys
+from deeptarget.core.records import Owner, Post, Prediction
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
-from deeptarget.schema import Owner, Post, Prediction
-from deeptarget.store import MetadataStore, StoredPost
+from deeptarget.store.metadata import MetadataStore, StoredPost
 from tests.conftest import WorkerFactory
 from tests.test_instaloader import jpeg, post_node
 from tests.test_push_overwrite import stat, until
@@ -90,7 +91,7 @@ async def test_an_instaloader_folder_never_rewrites_a_graph_posts_owner(
     network = SandboxNetwork(seed=71, n_posts=14, n_users=3, n_hashtags=1, corrupt_share=0.0)
     async with sandbox_server(network) as server:
         by_hashtag = crawl_settings(tmp_path, redis_url, network, server.url, accounts=[])
-        start_worker(by_hashtag, [constants.infer_queue, constants.profiles_queue], "infer")
+        start_worker(by_hashtag, [jobs.infer_queue, jobs.profiles_queue], "infer")
         store = MetadataStore(by_hashtag.metadata_database)
         under_hashtag = sorted(i for i in offered(network, by_hashtag) if i in network.media_by_id)
         owner = network.media_by_id[under_hashtag[0]].owner
@@ -117,14 +118,14 @@ async def test_an_instaloader_folder_never_rewrites_a_graph_posts_owner(
             (folder / f"{stem}.jpg").write_bytes(jpeg(skimage.data.camera()))
         # The scraper sends no merge for a post whose owner it knows; one that forgot (a Redis without the set,
         # another host's) does, and the store refuses it.
-        redis_client.srem(constants.owner_known_key, owned)
+        redis_client.srem(keys.owner_known_key, owned)
         folder_only = account.model_copy(update={"accounts": [], "instaloader_dirs": [folder.parent]})
         counts = await crawl(folder_only)
         assert counts["merged_owner"] == 2  # sent: the store is what decides
         await until(lambda: stat(redis_client, "refused:crawled_by_another_source") == 2, "both refusals counted")
         # The folder's merges count as known for the folder only: the Graph account crawl may still send the real
         # owner of the post it has none for yet.
-        assert not redis_client.sismember(constants.owner_known_key, ownerless)
+        assert not redis_client.sismember(keys.owner_known_key, ownerless)
 
     assert {i: snapshot(store.post(i)) for i in (owned, ownerless)} == before
     assert not store.user_posts("attacker") and store.profile("attacker") is None

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from deeptarget.blobs import BlobStore
-from deeptarget.errors import BlobStoreUnavailable, ResourceExhausted
+from deeptarget.core.errors import BlobStoreUnavailable, ResourceExhausted
+from deeptarget.core.records import Post, PostRef
 from deeptarget.sandbox import SandboxNetwork
-from deeptarget.schema import Post, PostRef
+from deeptarget.store.blobs import BlobStore
 from deeptarget.workers.pipeline import OOM_SPLITS, InferencePipeline, split_on_oom
 from tests.conftest import make_settings
 

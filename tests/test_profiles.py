@@ -4,9 +4,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from deeptarget.core.records import Owner, Post
 from deeptarget.profiles import build_profile, post_weights
-from deeptarget.schema import Owner, Post
-from deeptarget.store import StoredPost
+from deeptarget.store.metadata import StoredPost
 
 NOW = datetime(2026, 11, 23, tzinfo=UTC)
 OWNER = Owner(id="u1", username="sushi_lover", followers_count=1000)

@@ -16,9 +16,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from pydantic import SecretStr
 
-from deeptarget import constants
 from deeptarget.api.app import create_app
-from deeptarget.http_server import AppServer
+from deeptarget.core import keys
+from deeptarget.runtime.app_server import AppServer
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.sandbox.network import Media
 from deeptarget.scraper.push import IngestStream, parse_posts
@@ -115,7 +115,7 @@ async def test_ingest_endpoint_and_enqueue_command(tmp_path: Path, redis_url: st
                           text=True, timeout=60, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "3 posts queued" in done.stdout and f"{feed}:4: rejected: not JSON" in done.stderr
-    assert redis_client.xlen(constants.ingest_stream) == 6
+    assert redis_client.xlen(keys.ingest_stream) == 6
 
 
 async def test_a_partner_feed_over_http_is_read_each_round(

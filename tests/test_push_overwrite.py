@@ -19,15 +19,16 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
-from deeptarget import constants
+from deeptarget import jobs
 from deeptarget.api.app import create_app
-from deeptarget.http_server import AppServer
+from deeptarget.core import keys
+from deeptarget.core.records import Owner, Post, Prediction, vector_id
 from deeptarget.index.vectors import SnapshotStore
+from deeptarget.jobs import Jobs
+from deeptarget.runtime.app_server import AppServer
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
-from deeptarget.schema import Owner, Post, Prediction, vector_id
 from deeptarget.scraper.push import IngestStream, parse_posts
-from deeptarget.store import MetadataStore, StoredPost
-from deeptarget.workers.app import create_celery
+from deeptarget.store.metadata import MetadataStore, StoredPost
 from tests.conftest import WorkerFactory, make_settings, wait_for
 from tests.test_push import image_url, pushable
 from tests.test_scraper import crawl, crawl_settings, offered
@@ -56,7 +57,7 @@ async def push(redis_url: str, *records: dict[str, object]) -> None:
 
 
 def stat(client: redis.Redis, name: str) -> int:
-    return int(client.hget(constants.scraper_stats_key, name) or 0)
+    return int(client.hget(keys.scraper_stats_key, name) or 0)
 
 
 async def until(condition, what: str, timeout_s: float = 90) -> None:  # type: ignore[no-untyped-def]
@@ -71,8 +72,8 @@ async def test_a_push_never_rewrites_a_crawled_post_and_the_first_push_of_an_id_
         # Hashtag crawls bring posts without their owner: the case a pushed owner used to fill in (and rewrite all).
         settings = crawl_settings(tmp_path, redis_url, network, server.url, accounts=[])
         follow = settings.model_copy(update={"hashtags": []})  # later rounds only take pushed posts
-        start_worker(settings, [constants.infer_queue, constants.profiles_queue], "infer")
-        start_worker(settings, [constants.index_queue], "index", pool="solo")
+        start_worker(settings, [jobs.infer_queue, jobs.profiles_queue], "infer")
+        start_worker(settings, [jobs.index_queue], "index", pool="solo")
         store = MetadataStore(settings.metadata_database)
         crawled = offered(network, settings)
         await crawl(settings)
@@ -84,7 +85,7 @@ async def test_a_push_never_rewrites_a_crawled_post_and_the_first_push_of_an_id_
 
         # x: the scraper has seen it and ignores the push. y: a scraper that forgot it (a Redis without the seen set,
         # another host's) fetches the pushed image, and the store refuses the write. z: a new id, stored as pushed.
-        redis_client.srem(constants.seen_posts_key, y.id)
+        redis_client.srem(keys.seen_posts_key, y.id)
         first_z = {"id": "partner-z", "media_url": image_url(server.url, other[2]), "caption": "first #partner"}
         await push(redis_url, {"id": x.id, "media_url": image_url(server.url, other[0]), **HOSTILE},
                    {"id": y.id, "media_url": image_url(server.url, other[1]), **HOSTILE}, first_z)  # fmt: skip
@@ -99,7 +100,7 @@ async def test_a_push_never_rewrites_a_crawled_post_and_the_first_push_of_an_id_
         # scraper that forgot it: the first push wins both times.
         await push(redis_url, {"id": "partner-z", "media_url": image_url(server.url, other[3]), **HOSTILE})
         await crawl(follow)
-        redis_client.srem(constants.seen_posts_key, "partner-z")
+        redis_client.srem(keys.seen_posts_key, "partner-z")
         sentinel = {"id": "partner-s", "media_url": image_url(server.url, other[5])}  # shares z's infer task
         await push(redis_url, {"id": "partner-z", "media_url": image_url(server.url, other[4]), **HOSTILE}, sentinel)
         await crawl(follow)
@@ -107,7 +108,7 @@ async def test_a_push_never_rewrites_a_crawled_post_and_the_first_push_of_an_id_
         assert fields(store.post("partner-z")) == z
         await until(lambda: stat(redis_client, "refused:pushed_before") == 1, "the refusal of z's second image")
 
-        create_celery(settings).send_task(constants.snapshot_task, queue=constants.index_queue)
+        Jobs.for_settings(settings).snapshot()
         await until(lambda: vector_id("partner-z") in (SnapshotStore(settings.index_dir).load() or []), "a snapshot")
         async with AppServer(create_app(settings)) as api, aiohttp.ClientSession() as http:
             response = await http.get(f"{api.url}/similar", params={"post_id": "partner-z", "k": "3"})
@@ -235,5 +236,5 @@ async def test_ingest_stores_pushed_posts_as_push_and_refuses_a_bad_permalink(
     reasons = {r["line"]: r["reason"] for r in answer["rejected"]}
     assert reasons[2].startswith("permalink: an https URL of the post is required")
     assert reasons[3].startswith("unknown field(s): source")
-    entries = redis_client.xrange(constants.ingest_stream)
+    entries = redis_client.xrange(keys.ingest_stream)
     assert [Post.model_validate_json(fields[b"post"]).source for _, fields in entries] == ["push"]

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from deeptarget.redis_server import EmbeddedRedis
-from deeptarget.runtime import start_embedded_redis
+from deeptarget.runtime.embedded_redis import EmbeddedRedis
+from deeptarget.runtime.processes import start_embedded_redis
 from tests.conftest import make_settings
 
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeptarget import constants
-from deeptarget.errors import IndexMismatchError
+from deeptarget import jobs
+from deeptarget.core.errors import IndexMismatchError
 from deeptarget.index.vectors import SnapshotStore
+from deeptarget.jobs import Jobs
 from deeptarget.models.embedder import Embedder
-from deeptarget.query import QueryService
-from deeptarget.reembed import rebuild_index, send_reembed, wait_until_reembedded
-from deeptarget.runtime import stop_processes
-from deeptarget.store import MetadataStore
-from deeptarget.workers.app import create_celery
+from deeptarget.ops.reembed import rebuild_index, send_reembed, wait_until_reembedded
+from deeptarget.query.service import QueryService
+from deeptarget.runtime.processes import stop_processes
+from deeptarget.store.metadata import MetadataStore
 from tests.conftest import WorkerFactory, make_settings, snapshot_size, wait_for
 from tests.test_finetune import calibrated_random_weights
 from tests.test_heads_in_workers import _send_batch
@@ -33,12 +33,12 @@ def test_reembed_moves_every_post_and_the_index_to_the_new_weights(
     old = make_settings(tmp_path / "data", redis_url)
     store = MetadataStore(old.metadata_database)
     workers = [
-        start_worker(old, [constants.index_queue], "index-old", pool="solo"),
-        start_worker(old, [constants.infer_queue, constants.profiles_queue], "infer-old"),
+        start_worker(old, [jobs.index_queue], "index-old", pool="solo"),
+        start_worker(old, [jobs.infer_queue, jobs.profiles_queue], "infer-old"),
     ]
     post_ids = _send_batch(old, tmp_path / "photos", "p")
     wait_for(lambda: store.status_counts() == {"indexed": len(post_ids)}, "every post indexed", 120)
-    create_celery(old).send_task(constants.snapshot_task, queue=constants.index_queue)
+    Jobs.for_settings(old).snapshot()
     wait_for(lambda: snapshot_size(old.index_dir) == len(post_ids), "a snapshot")
     old_model = SnapshotStore(old.index_dir).load().model_id
     before = store.embeddings(post_ids).vectors.copy()
@@ -47,9 +47,9 @@ def test_reembed_moves_every_post_and_the_index_to_the_new_weights(
     new = old.model_copy(update={"weights": str(calibrated_random_weights(tmp_path / "tuned.pth"))})
     new_model = Embedder.from_settings(new).model_id
     assert new_model != old_model
-    start_worker(new, [constants.index_queue], "index-new", pool="solo")
-    start_worker(new, [constants.infer_queue, constants.profiles_queue], "infer-new")
-    app = create_celery(new)
+    start_worker(new, [jobs.index_queue], "index-new", pool="solo")
+    start_worker(new, [jobs.infer_queue, jobs.profiles_queue], "infer-new")
+    app = Jobs.for_settings(new)
     # An API already on the new weights answers image queries with the old model until the index is rebuilt.
     photo = sorted((tmp_path / "photos").glob("*/0.jpg"))[0].read_bytes()
     api_old, api_new = QueryService(old), QueryService(new)

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from deeptarget.config import Settings
-from deeptarget.errors import ConfigurationError
-from deeptarget.schema import Owner, Post, hashtags_in, normalise_hashtag, vector_id
+from deeptarget.core.errors import ConfigurationError
+from deeptarget.core.records import Owner, Post, hashtags_in, normalise_hashtag, vector_id
+from deeptarget.core.settings import Settings
 
 PINNED_ID = 2211579637470149810
 
@@ -86,7 +86,7 @@ def test_settings_survive_the_trip_through_child_environment(monkeypatch: pytest
 
 
 def test_a_bad_record_in_a_task_batch_is_dropped_and_the_rest_go_on() -> None:
-    from deeptarget.schema import PostRef
+    from deeptarget.core.records import PostRef
     from deeptarget.workers.tasks import _valid
 
     records = [{"post": {"id": "1"}}, {"post": {"id": ""}}, {"nope": 1}, {"post": {"id": "2"}, "rejected": "x"}]

@@ -13,13 +13,14 @@ import redis
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from deeptarget import constants
-from deeptarget.blobs import BlobStore
-from deeptarget.config import Settings
+from deeptarget import jobs
+from deeptarget.core import keys
+from deeptarget.core.settings import Settings
+from deeptarget.jobs import Jobs
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.scraper import CelerySink, Crawler
 from deeptarget.scraper.tokens import fingerprint
-from deeptarget.workers.app import create_celery
+from deeptarget.store.blobs import BlobStore
 from tests.conftest import make_settings
 from tests.queue_messages import queued_post_refs, queued_task_args
 
@@ -38,7 +39,7 @@ def crawl_settings(tmp_path: Path, redis_url: str, network: SandboxNetwork, url:
 async def crawl(settings: Settings) -> dict[str, int]:
     client = aioredis.Redis.from_url(settings.redis_url or "")
     try:
-        crawler = Crawler(settings, client, CelerySink(create_celery(settings)), BlobStore(settings.blob_dir))
+        crawler = Crawler(settings, client, CelerySink(Jobs.for_settings(settings)), BlobStore(settings.blob_dir))
         return await crawler.run()
     finally:
         await client.aclose()
@@ -89,8 +90,8 @@ async def test_a_crawl_enqueues_every_post_once_and_rejects_broken_images(
     # Tokens are named by fingerprint in the server's stats, never by value.
     assert all(len(fp) == 10 for fp in stats["requests"])
     # Queue lag is exported: what waits on the infer queue after the crawl
-    depth = REGISTRY.get_sample_value("deeptarget_queue_depth", {"queue": constants.infer_queue})
-    assert depth == redis_client.llen(constants.infer_queue) > 0
+    depth = REGISTRY.get_sample_value("deeptarget_queue_depth", {"queue": jobs.infer_queue})
+    assert depth == redis_client.llen(jobs.infer_queue) > 0
 
 
 async def test_a_second_run_fetches_nothing_again(tmp_path: Path, redis_url: str, redis_client: redis.Redis) -> None:
@@ -117,7 +118,7 @@ async def test_posts_met_first_under_a_hashtag_learn_their_owner_later(
     refs = queued_post_refs(redis_client)
     assert all(r["post"]["owner"] is None for r in refs)  # hashtag media carry no owner, as on the real API
     merges = [
-        p for name, args in queued_task_args(redis_client, "profiles") if name == constants.merge_task for p in args[0]
+        p for name, args in queued_task_args(redis_client, "profiles") if name == jobs.merge_task for p in args[0]
     ]
     under_hashtags = network.offered(hashtags_only.hashtags)
     assert {p["id"] for p in merges} == under_hashtags
@@ -163,13 +164,13 @@ async def test_a_scraper_stopped_half_way_resumes_without_fetching_any_post_twic
             )  # fmt: skip
 
         first = await scrape()
-        while redis_client.scard(constants.seen_posts_key) < 20:
+        while redis_client.scard(keys.seen_posts_key) < 20:
             assert first.returncode is None, (await first.stderr.read()).decode()[-2000:]
             await asyncio.sleep(0.05)
         first.send_signal(signal.SIGTERM)  # graceful: finish the page in hand, save the cursor, exit
         _, stderr = await asyncio.wait_for(first.communicate(), timeout=60)
         assert first.returncode == 0, stderr.decode()[-2000:]
-        half = redis_client.scard(constants.seen_posts_key)
+        half = redis_client.scard(keys.seen_posts_key)
         assert 20 <= half < len(offered(network, settings))
 
         second = await scrape()

@@ -14,10 +14,10 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
-from deeptarget import constants
-from deeptarget.config import Settings
+from deeptarget.core import keys
+from deeptarget.core.records import Owner, Post
+from deeptarget.core.settings import Settings
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
-from deeptarget.schema import Owner, Post
 from deeptarget.scraper.push import MAX_DELIVERIES, IngestStream
 from tests.queue_messages import queued_post_refs
 from tests.test_scraper import assert_each_image_once, crawl_settings, server_stats
@@ -79,7 +79,7 @@ async def test_pushed_posts_are_taken_as_they_arrive_by_a_scraper_that_runs_fore
     ids = Counter(r["post"]["id"] for r in queued_post_refs(redis_client))
     assert all(ids[f"push-{m.id}"] == 1 for m in pushed)
     assert max(ids.values()) == 1
-    assert redis_client.xlen(constants.ingest_stream) == 0
+    assert redis_client.xlen(keys.ingest_stream) == 0
     print("push -> infer queue, s:", [round(w, 2) for w in waits])  # shown with -s
 
 
@@ -114,7 +114,7 @@ async def test_sigterm_starts_nothing_new_and_exits_fast_and_a_restart_collects_
         settings = crawl_settings(tmp_path, redis_url, network, server.url, page_size=5, target_concurrency=1,
                                   download_concurrency=2, http_timeout_s=5.0)  # fmt: skip
         first = await start_scraper(settings)
-        while redis_client.scard(constants.seen_posts_key) < 15:
+        while redis_client.scard(keys.seen_posts_key) < 15:
             assert first.returncode is None, (await first.stderr.read()).decode()[-2000:]  # type: ignore[union-attr]
             await asyncio.sleep(0.02)
         signalled = time.time()
@@ -149,7 +149,7 @@ async def test_a_pushed_entry_that_keeps_coming_back_unhandled_goes_to_the_dead_
         await stream.push([Post(id="innocent", source="push", media_url="http://x.example/i.jpg")])
         taken = await stream.take("healthy", 10, idle_ms=0)
         assert [p.id for _, p in taken] == ["innocent"]
-        dead = await client.xrange(constants.ingest_dead_stream)
+        dead = await client.xrange(keys.ingest_dead_stream)
         assert len(dead) == 1 and b"delivered 6 times" in dead[0][1][b"reason"] and b"poison" in dead[0][1][b"post"]
         await stream.ack([entry for entry, _ in taken])
         assert await stream.backlog() == 0

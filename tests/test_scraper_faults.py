@@ -13,7 +13,7 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from deeptarget import constants
+from deeptarget.core import keys
 from deeptarget.sandbox import Faults, SandboxNetwork, sandbox_server
 from deeptarget.sandbox.faults import max_calls_in_window
 from deeptarget.scraper.tokens import fingerprint
@@ -93,7 +93,7 @@ async def test_the_crawl_survives_the_fault(
     assert_complete_and_polite(redis_client, stats, sandbox)
     assert counts["enqueued"] == len(everything(sandbox))
     if counter:
-        assert int(redis_client.hget(constants.scraper_stats_key, counter) or 0) > 0
+        assert int(redis_client.hget(keys.scraper_stats_key, counter) or 0) > 0
 
 
 async def crawl_then_drain(faults: Faults, tmp_path: Path, redis_url: str, **extra: Any) -> tuple[dict, dict, dict]:
@@ -121,8 +121,8 @@ async def test_a_post_whose_download_runs_out_of_retries_is_fetched_by_a_later_r
     assert second["enqueued"] == len(expected) and second.get("download_failed", 0) == 0
     assert_each_image_once(redis_client, stats, expected)
     assert all(ref["blob"] and ref["rejected"] is None for ref in queued_post_refs(redis_client))
-    assert redis_client.xlen(constants.ingest_stream) == 0 and not redis_client.exists(constants.download_failures_key)
-    assert not redis_client.exists(constants.ingest_later_key)
+    assert redis_client.xlen(keys.ingest_stream) == 0 and not redis_client.exists(keys.download_failures_key)
+    assert not redis_client.exists(keys.ingest_later_key)
 
 
 async def test_a_post_whose_download_keeps_failing_is_recorded_as_rejected_after_max_download_failures(
@@ -136,7 +136,7 @@ async def test_a_post_whose_download_keeps_failing_is_recorded_as_rejected_after
     refs = queued_post_refs(redis_client)
     assert sorted(ref["post"]["id"] for ref in refs) == sorted(expected)
     assert {ref["rejected"] for ref in refs} == {"download_failed"}
-    assert redis_client.xlen(constants.ingest_stream) == 0 and not redis_client.exists(constants.download_failures_key)
+    assert redis_client.xlen(keys.ingest_stream) == 0 and not redis_client.exists(keys.download_failures_key)
 
 
 async def test_duplicates_across_pages_are_fetched_once(
@@ -172,7 +172,7 @@ async def test_an_invalid_token_is_retired_by_fingerprint_and_the_others_carry_o
         await crawl(settings)
         stats = await server_stats(server.url)
     assert_complete_and_polite(redis_client, stats, sandbox)
-    retired = {m.decode() for m in redis_client.smembers(constants.retired_tokens_key)}
+    retired = {m.decode() for m in redis_client.smembers(keys.retired_tokens_key)}
     assert retired == {fingerprint("token-revoked")}
     assert set(stats["calls"]) == {fingerprint(t) for t in good}  # both good tokens shared the work
     assert all(len(times) > 3 for times in stats["calls"].values())
@@ -189,7 +189,7 @@ async def test_the_hashtag_quota_is_enforced_before_calling(
     assert counts["hashtag_quota"] == len(sandbox.hashtags) - 2 and again["hashtag_quota"] == len(sandbox.hashtags) - 2
     # The blocked hashtags did not hold the round open: the second run was a new round over the searchable ones.
     assert counts.get("page:hashtag", 0) >= 2 and again.get("page:hashtag", 0) >= 2
-    searched = redis_client.zrange(constants.hashtag_queries_key_prefix + settings.source_user_id, 0, -1)
+    searched = redis_client.zrange(keys.hashtag_queries_key_prefix + settings.source_user_id, 0, -1)
     assert len(searched) == 2
 
 
@@ -209,5 +209,5 @@ async def test_an_app_throttle_pauses_every_token_of_that_app_and_no_other(
         stats = await server_stats(server.url)
     assert_complete_and_polite(redis_client, stats, sandbox, calls=50)
     assert {p["scope"] for p in stats["pauses"]} == {"app"} and counts["enqueued"] == len(everything(sandbox))
-    assert int(redis_client.hget(constants.scraper_stats_key, "app_paused") or 0) > 0
+    assert int(redis_client.hget(keys.scraper_stats_key, "app_paused") or 0) > 0
     assert set(stats["calls"]) == {fingerprint(t) for t in apps}

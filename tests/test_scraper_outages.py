@@ -31,13 +31,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from deeptarget import constants
-from deeptarget.config import Settings
-from deeptarget.http_server import AppServer
-from deeptarget.redis_server import EmbeddedRedis, free_port
+from deeptarget.core import keys
+from deeptarget.core.records import Post
+from deeptarget.core.settings import Settings
+from deeptarget.runtime.app_server import AppServer
+from deeptarget.runtime.embedded_redis import EmbeddedRedis, free_port
 from deeptarget.sandbox import SandboxNetwork
 from deeptarget.sandbox.server import create_app
-from deeptarget.schema import Post
 from deeptarget.scraper.claims import ScraperIdentity
 from tests.faults import CannotMount, fill, small_tmpfs
 from tests.queue_messages import queued_post_refs
@@ -167,7 +167,7 @@ async def until(condition: Callable[[], Any], what: str, scraper: Scraper | None
 
 
 def seen(client: redis.Redis) -> int:
-    return int(client.scard(constants.seen_posts_key))
+    return int(client.scard(keys.seen_posts_key))
 
 
 async def progress_after(client: redis.Redis, scraper: Scraper, cleared_at: float, timeout_s: float = 60) -> float:
@@ -313,7 +313,7 @@ async def test_redis_away_longer_than_the_claims_last_with_pushed_posts_in_fligh
         scraper = await Scraper.start(settings, tmp_path / "scraper.log", "--forever", "--interval", "600")
         await until(lambda: seen(client) >= 40, "a crawl well under way", scraper)
         for post in pushed:
-            client.xadd(constants.ingest_stream, {"post": post.model_dump_json()})
+            client.xadd(keys.ingest_stream, {"post": post.model_dump_json()})
         own_redis.stop(kill=True)
         await metric_becomes(port, "deeptarget_scraper_dependency_up", 0, scraper, dependency="redis")
         await asyncio.sleep(15)  # the outage
@@ -328,7 +328,7 @@ async def test_redis_away_longer_than_the_claims_last_with_pushed_posts_in_fligh
         await scraper.terminate()
     assert_each_post_once(client, expected)
     assert_one_outage_logged(scraper, "redis")
-    assert client.xlen(constants.ingest_stream) == 0
+    assert client.xlen(keys.ingest_stream) == 0
     print(f"\nredis away 15 s: progress again {recovery:.2f} s after it was back, every post in {complete:.1f} s")
 
 
@@ -405,8 +405,8 @@ async def kill_mid_page(settings: Settings, gate: Gate, client: redis.Redis, log
     await until(lambda: seen(client) >= 30, "a crawl under way", scraper)
     gate.close("image")
     await until(lambda: gate.waiting["image"] > 0, "a download held mid-page", scraper)
-    holders = {k.decode().removeprefix(constants.claim_key_prefix): client.get(k)
-               for k in client.scan_iter(constants.claim_key_prefix + "*")}  # fmt: skip
+    holders = {k.decode().removeprefix(keys.claim_key_prefix): client.get(k)
+               for k in client.scan_iter(keys.claim_key_prefix + "*")}  # fmt: skip
     await scraper.kill()
     gate.open("image")
     assert holders, "no claim held mid-page"
@@ -434,7 +434,7 @@ async def test_a_scraper_killed_mid_page_takes_its_own_claims_back_when_restarte
         complete = time.monotonic() - restarted
     assert held <= expected
     assert_each_post_once(client, expected)
-    assert not list(client.scan_iter(constants.claim_key_prefix + "*"))
+    assert not list(client.scan_iter(keys.claim_key_prefix + "*"))
     assert complete < 60, "the claims were waited out, not taken back"
     print(
         f"\nscraper kill -9 mid-page, restarted: progress {recovery:.2f} s after the restart, all in {complete:.1f} s"
@@ -458,7 +458,7 @@ async def test_posts_a_dead_scraper_held_come_back_in_the_same_run(tmp_path: Pat
         scraper = await Scraper.start(beta, tmp_path / "beta.log", "--forever", "--interval", "600")
         await until(lambda: {r["post"]["id"] for r in queued_post_refs(client)} >= expected, "every post", scraper)
         complete = time.monotonic() - killed
-        set_aside = int(client.hget(constants.scraper_stats_key, "held_for_later") or 0)
+        set_aside = int(client.hget(keys.scraper_stats_key, "held_for_later") or 0)
         await scraper.terminate()
     assert set_aside >= 1 and held <= expected
     assert_each_post_once(client, expected)
@@ -486,7 +486,7 @@ async def test_a_live_scraper_keeps_its_claims_past_their_ttl(tmp_path: Path, ow
         await asyncio.sleep(settings.claim_ttl_s + 1)  # longer than the claims last without a heartbeat
         beta = await Scraper.start(settings.model_copy(update={"target_concurrency": 4}), tmp_path / "beta.log",
                                    "--forever", "--interval", "600")  # fmt: skip
-        await until(lambda: int(client.hget(constants.scraper_stats_key, "held_for_later") or 0) >= 1,
+        await until(lambda: int(client.hget(keys.scraper_stats_key, "held_for_later") or 0) >= 1,
                     "beta to meet alpha's held posts", beta)  # fmt: skip
         gate.open("image")
         await alpha.finished()
@@ -511,7 +511,7 @@ async def test_sigterm_mid_crawl_of_many_targets_starts_none_of_those_pending(
         expected = offered(network, settings)
         client = connect(own_redis)
         for hashtag in network.hashtags[::2]:
-            client.hset(constants.hashtag_ids_key, hashtag, str(network.hashtag_id(hashtag)))
+            client.hset(keys.hashtag_ids_key, hashtag, str(network.hashtag_id(hashtag)))
         scraper = await Scraper.start(settings, tmp_path / "first.log")
         await until(lambda: seen(client) >= 20, "a crawl under way", scraper)
         gate.close("graph")
@@ -533,7 +533,7 @@ async def test_sigterm_mid_crawl_of_many_targets_starts_none_of_those_pending(
 
 
 def test_the_blob_store_tells_a_full_disk_from_a_bad_write(small_disk: Path) -> None:
-    from deeptarget.blobs import BlobStore, StorageUnavailable
+    from deeptarget.store.blobs import BlobStore, StorageUnavailable
 
     store = BlobStore(small_disk)
     filler = fill(small_disk)

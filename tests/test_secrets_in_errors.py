@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from deeptarget.config import Settings, passwords_in, redacted, without_password
-from deeptarget.errors import ConfigurationError
+from deeptarget.core.errors import ConfigurationError
+from deeptarget.core.settings import Settings, passwords_in, redacted, without_password
 
 SECRET = "s3cretPW"  # in every case below; it must appear nowhere in what the command prints
 

@@ -6,8 +6,8 @@ import numpy as np
 import psycopg
 import pytest
 
-from deeptarget.schema import Owner, Post, Prediction, Profile
-from deeptarget.store import MetadataStore
+from deeptarget.core.records import Owner, Post, Prediction, Profile
+from deeptarget.store.metadata import MetadataStore
 from tests.postgres import LocalPostgres
 
 

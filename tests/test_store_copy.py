@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from deeptarget.schema import Owner, Post, Prediction, Profile
-from deeptarget.store import MetadataStore
-from deeptarget.store_copy import copy_store
+from deeptarget.core.records import Owner, Post, Prediction, Profile
+from deeptarget.store.copy import copy_store
+from deeptarget.store.metadata import MetadataStore
 from tests.postgres import LocalPostgres
 
 

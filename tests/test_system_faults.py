@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from deeptarget import constants
-from deeptarget.config import Settings
+from deeptarget import jobs
+from deeptarget.core import keys
+from deeptarget.core.records import vector_id
+from deeptarget.core.settings import Settings
 from deeptarget.index.vectors import SnapshotStore
-from deeptarget.redis_server import EmbeddedRedis
+from deeptarget.runtime.embedded_redis import EmbeddedRedis
 from deeptarget.sandbox import SandboxNetwork
-from deeptarget.schema import vector_id
 from tests.conftest import WorkerFactory, make_settings
 from tests.faults import http_status, sandbox_in_thread, snapshot_total
 from tests.test_scraper_faults import everything
@@ -109,8 +110,8 @@ def test_redis_killed_and_away_60_s_under_a_whole_deployment_every_post_is_index
                                  token_calls=3, token_window_s=1.0, claim_ttl_s=5, outage_max_wait_s=2.0,
                                  **FAST_RECOVERY)  # fmt: skip
         workers = [
-            start_worker(settings, [constants.index_queue], "index", pool="solo"),
-            start_worker(settings, [constants.infer_queue, constants.profiles_queue], "infer"),
+            start_worker(settings, [jobs.index_queue], "index", pool="solo"),
+            start_worker(settings, [jobs.infer_queue, jobs.profiles_queue], "infer"),
         ]
         api_log = tmp_path / "api.log"
         api = spawn(settings, api_log, "serve")
@@ -123,7 +124,7 @@ def test_redis_killed_and_away_60_s_under_a_whole_deployment_every_post_is_index
         base = api_url(api_log)
         wait_until(lambda: indexed_ids(settings), "the first post indexed", everyone, 120)
 
-        seen_at_kill = int(redis.Redis.from_url(own_redis.url).scard(constants.seen_posts_key))
+        seen_at_kill = int(redis.Redis.from_url(own_redis.url).scard(keys.seen_posts_key))
         own_redis.stop(kill=True)
         killed = time.monotonic()
         done_at_kill = len(indexed_ids(settings))

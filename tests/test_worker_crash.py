@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from deeptarget import constants
+from deeptarget import jobs
+from deeptarget.jobs import Jobs
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
-from deeptarget.store import MetadataStore
-from deeptarget.workers.app import create_celery
+from deeptarget.store.metadata import MetadataStore
 from tests.conftest import WorkerFactory, make_settings, snapshot_size
 from tests.queue_messages import queued_post_refs
 from tests.test_scraper import crawl
@@ -50,8 +50,8 @@ def test_kill_9_mid_run_then_restart_processes_every_post_exactly_once(
     assert set(queued) == expected and max(queued.values()) == 1 and len(expected) >= 40
     store = MetadataStore(settings.metadata_database)
 
-    index_worker = start_worker(settings, [constants.index_queue], "index", pool="solo")
-    victim = start_worker(settings, [constants.infer_queue, constants.profiles_queue], "victim")
+    index_worker = start_worker(settings, [jobs.index_queue], "index", pool="solo")
+    victim = start_worker(settings, [jobs.infer_queue, jobs.profiles_queue], "victim")
     deadline = time.monotonic() + 120
     while sum(store.status_counts().values()) < 8:
         assert time.monotonic() < deadline, "the worker processed nothing"
@@ -61,12 +61,12 @@ def test_kill_9_mid_run_then_restart_processes_every_post_exactly_once(
     done_at_kill = store.status_counts().get("indexed", 0)
     assert done_at_kill < len(expected), "the kill came too late to prove anything"
 
-    start_worker(settings, [constants.infer_queue, constants.profiles_queue], "survivor")
+    start_worker(settings, [jobs.infer_queue, jobs.profiles_queue], "survivor")
     deadline = time.monotonic() + 180
     while store.status_counts().get("indexed", 0) < len(expected):
         assert time.monotonic() < deadline, f"posts lost: {store.status_counts()} of {len(expected)}"
         time.sleep(0.2)
-    create_celery(settings).send_task(constants.snapshot_task, queue=constants.index_queue)
+    Jobs.for_settings(settings).snapshot()
     deadline = time.monotonic() + 60
     while snapshot_size(settings.index_dir) != len(expected):
         assert time.monotonic() < deadline and index_worker.poll() is None

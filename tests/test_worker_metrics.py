@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from deeptarget import constants
-from deeptarget.blobs import BlobStore
-from deeptarget.redis_server import free_port
-from deeptarget.schema import Post, PostRef
-from deeptarget.store import MetadataStore
-from deeptarget.workers.app import create_celery
+from deeptarget import jobs
+from deeptarget.core.records import Post, PostRef
+from deeptarget.jobs import Jobs
+from deeptarget.runtime.embedded_redis import free_port
+from deeptarget.store.blobs import BlobStore
+from deeptarget.store.metadata import MetadataStore
 from tests.conftest import WorkerFactory, make_settings, wait_for
 from tests.test_train_head import make_dataset
 
@@ -30,15 +30,15 @@ def test_posts_counted_by_the_pool_processes_are_served_by_the_worker(
     make_dataset(tmp_path / "photos", per_class=4)
     port = free_port()
     settings = make_settings(tmp_path / "data", redis_url, worker_metrics_port=port)
-    start_worker(settings, [constants.infer_queue, constants.profiles_queue], "metered", concurrency=2)
+    start_worker(settings, [jobs.infer_queue, jobs.profiles_queue], "metered", concurrency=2)
     blobs = BlobStore(settings.blob_dir)
     refs = [
         PostRef(post=Post(id=f"p{i}"), blob=blobs.put(path.read_bytes())).model_dump(mode="json")
         for i, path in enumerate(sorted((tmp_path / "photos").rglob("*.jpg")))
     ]  # 12 photos and one broken file
-    app = create_celery(settings)
+    send = Jobs.for_settings(settings)
     for start in range(0, len(refs), 3):  # several tasks, so both pool processes get some
-        app.send_task(constants.infer_task, args=[refs[start : start + 3]], queue=constants.infer_queue)
+        send.infer(refs[start : start + 3])
     store = MetadataStore(settings.metadata_database)
     wait_for(lambda: sum(store.status_counts().values()) == len(refs), "every post processed", 120)
 

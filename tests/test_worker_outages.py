@@ -19,15 +19,16 @@ import numpy as np
 import pytest
 import redis
 
-from deeptarget import constants
-from deeptarget.blobs import BlobStore
-from deeptarget.config import Settings
+from deeptarget import jobs
+from deeptarget.core import keys
+from deeptarget.core.records import Owner, Post, PostRef, Prediction, vector_id
+from deeptarget.core.settings import Settings
 from deeptarget.index.vectors import SnapshotStore
-from deeptarget.redis_server import EmbeddedRedis
+from deeptarget.jobs import Jobs
+from deeptarget.runtime.embedded_redis import EmbeddedRedis
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
-from deeptarget.schema import Owner, Post, PostRef, Prediction, vector_id
-from deeptarget.store import MetadataStore
-from deeptarget.workers.app import create_celery
+from deeptarget.store.blobs import BlobStore
+from deeptarget.store.metadata import MetadataStore
 from tests.conftest import WorkerFactory, make_settings, snapshot_size, wait_for
 from tests.faults import CannotMount, fill, kill_9, small_tmpfs
 from tests.queue_messages import queued_task_args
@@ -57,11 +58,11 @@ def _record(store: MetadataStore, ids: list[str], dim: int, seed: int, owner: st
 
 def _quiet(client: redis.Redis) -> bool:
     """No task waiting on a queue, none delivered and unacknowledged."""
-    return not client.hlen("unacked") and not any(client.llen(q) for q in constants.all_queues)
+    return not client.hlen("unacked") and not any(client.llen(q) for q in jobs.all_queues)
 
 
 def _no_dead_letters(client: redis.Redis, settings: Settings) -> None:
-    letters = client.xrange(constants.deadletter_stream)
+    letters = client.xrange(keys.deadletter_stream)
     assert not letters, letters
     assert not settings.deadletter_path.exists(), settings.deadletter_path.read_text()
 
@@ -89,8 +90,8 @@ def test_redis_killed_mid_run_and_back_after_5_s_every_stored_post_is_indexed_on
     assert len(expected) >= 40
     store = MetadataStore(settings.metadata_database)
     workers = [
-        start_worker(settings, [constants.index_queue], "index", pool="solo"),
-        start_worker(settings, [constants.infer_queue, constants.profiles_queue], "infer"),
+        start_worker(settings, [jobs.index_queue], "index", pool="solo"),
+        start_worker(settings, [jobs.infer_queue, jobs.profiles_queue], "infer"),
     ]
     wait_for(lambda: sum(store.status_counts().values()) >= 8, "the first stored posts", timeout_s=120)
     own_redis.stop(kill=True)
@@ -119,9 +120,9 @@ def test_index_writer_killed_mid_snapshot_leaves_no_temp_file_and_loses_nothing(
     store = MetadataStore(settings.metadata_database)
     dim, total = 1024, 12_000  # 49 MB snapshots: long enough to be caught in the middle of one
     _record(store, [f"base{i}" for i in range(total)], dim, seed=0)
-    worker = start_worker(settings, [constants.index_queue], "index-0", pool="solo")  # replays and publishes
+    worker = start_worker(settings, [jobs.index_queue], "index-0", pool="solo")  # replays and publishes
     wait_for(lambda: snapshot_size(settings.index_dir) == total, "the first snapshot")
-    app = create_celery(settings)
+    send = Jobs.for_settings(settings)
     kills: list[float] = []
     for round_ in range(30):
         if len(kills) == 3:
@@ -129,7 +130,7 @@ def test_index_writer_killed_mid_snapshot_leaves_no_temp_file_and_loses_nothing(
         ids = [f"r{round_}-{i}" for i in range(100)]
         _record(store, ids, dim, seed=round_ + 1)
         total += len(ids)
-        app.send_task(constants.index_task, args=[ids], queue=constants.index_queue)
+        send.index(ids)
         temp = _temp_file_or_none(settings, total)
         if temp is None:
             continue  # that snapshot was over before it was seen: the next round tries again
@@ -141,7 +142,7 @@ def test_index_writer_killed_mid_snapshot_leaves_no_temp_file_and_loses_nothing(
         kill_9(worker)
         assert temp.exists(), "killed mid-snapshot, its temporary file stays"  # empty when caught at its creation
         restarted = time.monotonic()
-        worker = start_worker(settings, [constants.index_queue], f"index-{len(kills) + 1}", pool="solo")
+        worker = start_worker(settings, [jobs.index_queue], f"index-{len(kills) + 1}", pool="solo")
         assert not temp.exists(), "the new writer sweeps what the dead one left"
         wait_for(lambda: snapshot_size(settings.index_dir) == total, "the round's posts published")  # noqa: B023
         kills.append(time.monotonic() - restarted)
@@ -177,20 +178,18 @@ def test_a_killed_workers_task_runs_again_within_the_visibility_timeout(
     blobs = BlobStore(settings.blob_dir)
     media = SandboxNetwork(seed=9, n_posts=4, corrupt_share=0.0).media[:4]
     refs = [PostRef(post=Post(id=m.id), blob=blobs.put(m.image_bytes())) for m in media]
-    victim = start_worker(settings, [constants.infer_queue], "victim")
+    victim = start_worker(settings, [jobs.infer_queue], "victim")
     # The store's write lock, held here: the task embeds, then waits for its write, mid-task for as long as needed.
     lock = sqlite3.connect(settings.metadata_database, isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")
-    create_celery(settings).send_task(
-        constants.infer_task, args=[[r.model_dump(mode="json") for r in refs]], queue=constants.infer_queue
-    )
+    Jobs.for_settings(settings).infer(refs)
     wait_for(lambda: redis_client.hlen("unacked") == 1, "the task in the worker's hands")
     kill_9(victim)
     killed = time.monotonic()
     lock.execute("ROLLBACK")
     lock.close()
     assert not store.status_counts()
-    start_worker(settings, [constants.infer_queue], "heir")
+    start_worker(settings, [jobs.infer_queue], "heir")
     ready = time.monotonic()
     wait_for(lambda: store.status_counts().get("embedded") == len(refs), "the task run again", timeout_s=120)
     took = time.monotonic() - killed
@@ -214,7 +213,7 @@ def test_posts_stored_without_their_follow_ups_are_indexed_and_profiled_while_th
     settings = make_settings(tmp_path / "data", redis_url, **FAST_RECOVERY)
     store = MetadataStore(settings.metadata_database)
     _record(store, ["early"], 16, seed=0)
-    start_worker(settings, [constants.index_queue], "index", pool="solo")
+    start_worker(settings, [jobs.index_queue], "index", pool="solo")
     wait_for(lambda: snapshot_size(settings.index_dir) == 1, "the start's replay")
     ids = [f"late{i}" for i in range(5)]
     _record(store, ids, 16, seed=1, owner="u1")
@@ -222,13 +221,13 @@ def test_posts_stored_without_their_follow_ups_are_indexed_and_profiled_while_th
     wait_for(lambda: snapshot_size(settings.index_dir) == 6, "the catch-up", timeout_s=30)
     caught = time.monotonic() - started
     assert store.status_counts() == {"indexed": 6}
-    profiles = [args for task, args in queued_task_args(redis_client, constants.profiles_queue)]
+    profiles = [args for task, args in queued_task_args(redis_client, jobs.profiles_queue)]
     assert [["u1"]] in profiles or ["u1"] in profiles, profiles  # the owners' profiles asked for, as infer would
     deleted, _ = store.delete_posts(["late0"])
     wait_for(lambda: snapshot_size(settings.index_dir) == 5, "the deletion caught up", timeout_s=30)
     index = SnapshotStore(settings.index_dir).load()
     assert index is not None and vector_id("late0") not in index and deleted == ["late0"]
-    assert redis_client.exists(constants.index_writer_key), "the writer's heartbeat"
+    assert redis_client.exists(keys.index_writer_key), "the writer's heartbeat"
     print(f"\nstored without follow-ups: indexed by the running writer {caught:.1f} s later")
     _no_dead_letters(redis_client, settings)
 
@@ -254,12 +253,10 @@ def test_a_full_disk_is_waited_out_without_dead_letters_or_embedding_twice(
     media = SandboxNetwork(seed=5, n_posts=6, corrupt_share=0.0).media[:6]
     refs = [PostRef(post=Post(id=m.id), blob=blobs.put(m.image_bytes())) for m in media]
     log = tmp_path / "worker-infer.log"
-    start_worker(settings, [constants.index_queue], "index", pool="solo")
-    start_worker(settings, [constants.infer_queue], "infer")
+    start_worker(settings, [jobs.index_queue], "index", pool="solo")
+    start_worker(settings, [jobs.infer_queue], "infer")
     filler = fill(small_disk)
-    create_celery(settings).send_task(
-        constants.infer_task, args=[[r.model_dump(mode="json") for r in refs]], queue=constants.infer_queue
-    )
+    Jobs.for_settings(settings).infer(refs)
     wait_for(lambda: "retrying in place" in log.read_text(), "the write to fail on the full disk")
     full_for = 3.0
     time.sleep(full_for)  # the disk stays full a while

@@ -38,11 +38,10 @@ import prometheus_client
 import redis.asyncio as aioredis
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
-from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
-from deeptarget import constants
+from deeptarget import jobs
 from deeptarget.api import health
 from deeptarget.api.models import (
     MAX_REJECTED_SHOWN,
@@ -61,17 +60,18 @@ from deeptarget.api.models import (
     TaskAcceptedBody,
 )
 from deeptarget.api.openapi import API_KEY_HEADER, Operation, Param, openapi_document
-from deeptarget.config import Settings
-from deeptarget.errors import (
+from deeptarget.core.errors import (
     DeepTargetError,
     ImageRejected,
     IndexMismatchError,
     ModelNotReadyError,
     NotFoundError,
 )
-from deeptarget.http_server import ServerLimits
-from deeptarget.query import Neighbour, PostFilter, QueryService
-from deeptarget.schema import Profile
+from deeptarget.core.records import Profile
+from deeptarget.core.settings import Settings
+from deeptarget.jobs import Jobs
+from deeptarget.query.service import Neighbour, PostFilter, QueryService
+from deeptarget.runtime.app_server import ServerLimits
 from deeptarget.scraper.push import IngestStream, PushedPost, body_records, parse_posts
 
 LOG = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ LOG = logging.getLogger(__name__)
 SERVICE_KEY = web.AppKey("service", QueryService)
 SETTINGS_KEY = web.AppKey("settings", Settings)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
-CELERY_KEY = web.AppKey("celery", Celery)
+JOBS_KEY = web.AppKey("jobs", Jobs)
 DECODES_KEY = web.AppKey("decodes", asyncio.Semaphore)
 
 REQUESTS = prometheus_client.Histogram(
@@ -422,11 +422,11 @@ async def ingest(request: web.Request) -> web.Response:
 
 
 async def delete_post(request: web.Request) -> web.Response:
-    from deeptarget.deletion import delete_posts
+    from deeptarget.ops.deletion import delete_posts
 
     post_id = request.match_info["post_id"]
     store = request.app[SERVICE_KEY].store
-    deleted = await _run(delete_posts, store, request.app[CELERY_KEY], [post_id])
+    deleted = await _run(delete_posts, store, request.app[JOBS_KEY], [post_id])
     if not deleted:
         raise NotFoundError(f"post {post_id} is not known")
     return _json(DeletedBody(deleted=deleted))
@@ -434,8 +434,8 @@ async def delete_post(request: web.Request) -> web.Response:
 
 def _send(task: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def send(request: web.Request) -> web.Response:
-        queue = constants.task_queues[task]
-        await _run(lambda: request.app[CELERY_KEY].send_task(task, queue=queue))
+        queue = jobs.task_queues[task]
+        await _run(request.app[JOBS_KEY].send, task)
         return _json(TaskAcceptedBody(task=task, queue=queue), status=202)
 
     return send
@@ -524,8 +524,8 @@ HANDLERS: dict[tuple[str, str], Callable[[web.Request], Awaitable[web.Response]]
     ("post", "/hashtags"): hashtags,
     ("get", "/users/{user}"): user_profile,
     ("get", "/audiences"): audiences,
-    ("post", "/train/hashtags"): _send(constants.train_task),
-    ("post", "/index/snapshot"): _send(constants.snapshot_task),
+    ("post", "/train/hashtags"): _send(jobs.train_task),
+    ("post", "/index/snapshot"): _send(jobs.snapshot_task),
     ("post", "/ingest"): ingest,
     ("delete", "/posts/{post_id}"): delete_post,
     ("get", "/healthz"): healthz,
@@ -558,8 +558,6 @@ def create_app(settings: Settings, service: QueryService | None = None) -> web.A
     async def resources(app: web.Application) -> AsyncIterator[None]:
         import faiss
 
-        from deeptarget.workers.app import create_celery
-
         # Requests run concurrently on the executor's threads; an OpenMP team per single-query search would only
         # oversubscribe the cores (measured at 1M: p50 18 ms at 1 client, 190 ms at 4, against 1.3 ms for the index).
         # The OpenMP thread count is per thread, so each executor thread sets its own.
@@ -573,7 +571,7 @@ def create_app(settings: Settings, service: QueryService | None = None) -> web.A
         app[SERVICE_KEY].snapshots.get()  # load the index before the first request
         assert settings.redis_url, "the API needs settings.redis_url"
         app[REDIS_KEY] = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2)
-        app[CELERY_KEY] = create_celery(settings)
+        app[JOBS_KEY] = Jobs.for_settings(settings)
         yield
         await app[REDIS_KEY].aclose()
         executor.shutdown(wait=False, cancel_futures=True)

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from deeptarget import constants
+from deeptarget import jobs
 from deeptarget.api.models import (
     BacklogBody,
     BlobsBody,
@@ -34,8 +34,9 @@ from deeptarget.api.models import (
     ReadyBody,
     WriterBody,
 )
-from deeptarget.config import Settings
-from deeptarget.query import QueryService
+from deeptarget.core import keys
+from deeptarget.core.settings import Settings
+from deeptarget.query.service import QueryService
 
 CHECK_TIMEOUT_S = 2.0
 T = TypeVar("T")
@@ -109,17 +110,17 @@ def _writer(raw: bytes | None, settings: Settings) -> WriterBody:
 async def _from_redis(client: aioredis.Redis) -> tuple[bytes | None, dict[str, int], IngestLagBody]:
     """The writer's heartbeat, queue lengths and the ingest stream's lag, in one round trip."""
     async with client.pipeline(transaction=False) as pipe:
-        pipe.get(constants.index_writer_key)
-        for queue in constants.all_queues:
+        pipe.get(keys.index_writer_key)
+        for queue in jobs.all_queues:
             pipe.llen(queue)
-        pipe.xlen(constants.ingest_stream)
-        pipe.xrange(constants.ingest_stream, count=1)  # handled entries are deleted: the first is the oldest waiting
+        pipe.xlen(keys.ingest_stream)
+        pipe.xrange(keys.ingest_stream, count=1)  # handled entries are deleted: the first is the oldest waiting
         beat, *lengths, waiting, first = await pipe.execute()
     oldest = None
     if first:
         entry_id = first[0][0].decode() if isinstance(first[0][0], bytes) else str(first[0][0])
         oldest = max(0.0, time.time() - int(entry_id.split("-")[0]) / 1000)
-    queues = dict(zip(constants.all_queues, (int(n) for n in lengths), strict=True))
+    queues = dict(zip(jobs.all_queues, (int(n) for n in lengths), strict=True))
     return beat, queues, IngestLagBody(waiting=int(waiting), oldest_s=oldest)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from deeptarget.config import Settings
+from deeptarget.core.settings import Settings
 from deeptarget.index.vectors import VectorIndex
 
 LOG = logging.getLogger(__name__)

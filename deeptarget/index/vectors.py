@@ -10,7 +10,7 @@ Both let an id be replaced (remove then add), removed, and give back a stored ve
 a query by post id finds the post's own embedding. (HNSW cannot remove ids, which rules it out here.)
 
 A snapshot is ``v<version>.faiss`` plus ``v<version>.json`` (model id, dim, count, the writer's sequence number,
-nprobe), published through ``CURRENT`` (see ``deeptarget.versioned``).
+nprobe), published through ``CURRENT`` (see ``deeptarget.store.versioned``).
 
 The writer holds ``.writer.lock`` (an advisory ``flock``, released by the kernel when its process dies, however it
 dies) for as long as it lives. A writer that gets it knows no other writer is alive, so every temporary file in the
@@ -34,8 +34,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from deeptarget.errors import IndexMismatchError
-from deeptarget.versioned import VersionedDir, atomic_write
+from deeptarget.core.errors import IndexMismatchError
+from deeptarget.store.versioned import VersionedDir, atomic_write
 
 LOG = logging.getLogger(__name__)
 

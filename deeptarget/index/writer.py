@@ -37,12 +37,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from deeptarget.config import Settings
-from deeptarget.errors import IndexMismatchError
+from deeptarget.core.errors import IndexMismatchError
+from deeptarget.core.records import vector_id
+from deeptarget.core.settings import Settings
 from deeptarget.index.builder import IndexPolicy, Tuning, build_ivf
 from deeptarget.index.vectors import SnapshotStore, VectorIndex
-from deeptarget.schema import vector_id
-from deeptarget.store import EmbeddingRows, MetadataStore
+from deeptarget.store.metadata import EmbeddingRows, MetadataStore
 
 LOG = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageMode, TiffImagePlugin, UnidentifiedImageError
 
-from deeptarget.errors import ImageRejected
+from deeptarget.core.errors import ImageRejected
+from deeptarget.core.image_header import check_dimensions, sniff_image_type
 
 if TYPE_CHECKING:
     import torch
@@ -45,17 +46,6 @@ _WORKING_BYTES = 24 * 1024 * 1024  # a strip in the five modes it may take (RGBA
 # What libwebp holds beside PIL's copy: its canvas, the previous frame's and the frame handed to PIL (RGBA each).
 _WEBP_EXTRA_BYTES_PER_PIXEL = 12
 
-# Magic bytes of the formats above; a download is checked against these before it is stored.
-_MAGIC = (
-    (b"\xff\xd8\xff", "jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "png"),
-    (b"GIF87a", "gif"),
-    (b"GIF89a", "gif"),
-    (b"BM", "bmp"),
-    (b"II*\x00", "tiff"),
-    (b"MM\x00*", "tiff"),
-)
-
 _ORIENTATION = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -65,28 +55,6 @@ _ORIENTATION = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-
-
-def sniff_image_type(head: bytes) -> str | None:
-    """The image type the first bytes announce, or None when they are not an image we accept."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    for magic, kind in _MAGIC:
-        if head.startswith(magic):
-            return kind
-    return None
-
-
-def check_pixels(width: int, height: int, *, max_pixels: int) -> None:
-    """ImageRejected ``too_many_pixels`` over the limit: checked from the header, before any pixel is decoded."""
-    if width * height > max_pixels:
-        raise ImageRejected("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
-
-
-def check_dimensions(width: int, height: int, *, max_pixels: int) -> None:
-    check_pixels(width, height, max_pixels=max_pixels)
-    if width < 8 or height < 8:
-        raise ImageRejected("too_small", f"{width}x{height}")
 
 
 def check_cost(cost: int, *, max_decode_bytes: int) -> None:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torchvision
 
-from deeptarget.config import Settings
-from deeptarget.errors import ConfigurationError
+from deeptarget.core.errors import ConfigurationError
+from deeptarget.core.settings import Settings
 from deeptarget.models.decode import resize_uint8
 
 LOG = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
-from deeptarget.errors import ConfigurationError
+from deeptarget.core.errors import ConfigurationError
 
 
 @dataclass(frozen=True)

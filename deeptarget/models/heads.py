@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deeptarget.errors import ConfigurationError, DeepTargetError
-from deeptarget.versioned import VersionedDir, atomic_write
+from deeptarget.core.errors import ConfigurationError, DeepTargetError
+from deeptarget.store.versioned import VersionedDir, atomic_write
 
 LOG = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from deeptarget.core.records import Profile
 from deeptarget.profiles.outliers import FollowerBounds
-from deeptarget.schema import Profile
-from deeptarget.store import USABLE_STATUSES, MetadataStore, StoredPost
+from deeptarget.store.metadata import USABLE_STATUSES, MetadataStore, StoredPost
 
 ENGAGEMENT_CLIP = (0.25, 4.0)
 TOP_HASHTAGS = 25

@@ -10,9 +10,9 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from deeptarget.schema import Profile
-from deeptarget.store import MetadataStore
-from deeptarget.versioned import atomic_write
+from deeptarget.core.records import Profile
+from deeptarget.store.metadata import MetadataStore
+from deeptarget.store.versioned import atomic_write
 
 SHARES = pa.map_(pa.string(), pa.float64())
 PARQUET_SCHEMA = pa.schema(

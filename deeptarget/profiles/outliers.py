@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deeptarget.store import MetadataStore
+from deeptarget.store.metadata import MetadataStore
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # no display on servers and in CI
 
 from matplotlib.figure import Figure
 
-from deeptarget.versioned import atomic_write
+from deeptarget.store.versioned import atomic_write
 
 # Labels are data (scraped hashtags, usernames): a '$...$' in one must be shown, not parsed as mathtext, which
 # raised on malformed input and stopped every report that showed it (issue 12, M8).

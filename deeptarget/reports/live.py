@@ -11,7 +11,7 @@ import numpy as np
 
 from deeptarget.reports import figures
 from deeptarget.reports.html import Report
-from deeptarget.store import MetadataStore
+from deeptarget.store.metadata import MetadataStore
 
 TOP_HASHTAGS = 30
 

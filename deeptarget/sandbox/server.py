@@ -47,7 +47,7 @@ import numpy as np
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from deeptarget.http_server import AppServer
+from deeptarget.runtime.app_server import AppServer
 from deeptarget.sandbox import images, paging
 from deeptarget.sandbox.faults import Faults
 from deeptarget.sandbox.limits import (

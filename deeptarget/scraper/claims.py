@@ -23,7 +23,7 @@ from typing import IO
 
 import redis.asyncio as aioredis
 
-from deeptarget import constants
+from deeptarget.core import keys
 
 # KEYS[1] seen set, KEYS[2] claim key; ARGV post id, owner, ttl. A claim of this owner is taken again (the same
 # scraper before a restart or an outage); the process keeps two of its own walks apart (PostClaims._mine).
@@ -135,8 +135,8 @@ class PostClaims:
 
     async def take(self, post_id: str) -> Claim:
         """The claim in Redis, for a reserved post (idempotent: a claim of our own is ours again)."""
-        keys = [constants.seen_posts_key, constants.claim_key_prefix + post_id]
-        return Claim(int(await self._claim(keys=keys, args=[post_id, self.owner, self.ttl_s])))
+        lua_keys = [keys.seen_posts_key, keys.claim_key_prefix + post_id]
+        return Claim(int(await self._claim(keys=lua_keys, args=[post_id, self.owner, self.ttl_s])))
 
     def settle(self, post_id: str, claim: Claim) -> None:
         """The reservation ends: the post is ours to keep alive if it was TAKEN."""
@@ -157,16 +157,16 @@ class PostClaims:
         if not post_ids:
             return
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(constants.seen_posts_key, *post_ids)
-            pipe.hdel(constants.download_failures_key, *post_ids)
-            pipe.delete(*(constants.claim_key_prefix + p for p in post_ids))
+            pipe.sadd(keys.seen_posts_key, *post_ids)
+            pipe.hdel(keys.download_failures_key, *post_ids)
+            pipe.delete(*(keys.claim_key_prefix + p for p in post_ids))
             await pipe.execute()
         self.forget(post_ids)
 
     async def release(self, post_ids: Sequence[str]) -> None:
         """Give posts back unfetched (shutdown, transient failure): another run may take them at once."""
         for post_id in post_ids:
-            await self._release(keys=[constants.claim_key_prefix + post_id], args=[self.owner])
+            await self._release(keys=[keys.claim_key_prefix + post_id], args=[self.owner])
         self.forget(post_ids)
 
     async def refresh(self, post_ids: Sequence[str] | None = None) -> set[str]:
@@ -176,25 +176,25 @@ class PostClaims:
         ids = sorted(self._mine if post_ids is None else set(post_ids))
         if not ids:
             return set()
-        keys = [constants.seen_posts_key, *(constants.claim_key_prefix + p for p in ids)]
-        flags = await self._refresh(keys=keys, args=[self.owner, self.ttl_s, *ids])
+        lua_keys = [keys.seen_posts_key, *(keys.claim_key_prefix + p for p in ids)]
+        flags = await self._refresh(keys=lua_keys, args=[self.owner, self.ttl_s, *ids])
         lost = {p for p, ours in zip(ids, flags, strict=True) if not int(ours)}
         self.forget(list(lost))
         return lost
 
     async def download_failed(self, post_id: str) -> int:
         """Counts a failed download of the post (retries spent); returns how many it has had. ``commit`` clears it."""
-        return int(await self.redis.hincrby(constants.download_failures_key, post_id, 1))
+        return int(await self.redis.hincrby(keys.download_failures_key, post_id, 1))
 
     async def is_seen(self, post_id: str) -> bool:
-        return bool(await self.redis.sismember(constants.seen_posts_key, post_id))
+        return bool(await self.redis.sismember(keys.seen_posts_key, post_id))
 
     # One set per source besides the crawl's own: the store takes a post's owner only from the source that stored
     # the post (issue 12, M4), so an instaloader folder that names an owner for a Graph post's id must not mark
     # that post's owner as known and keep the Graph account crawl from sending the real one.
     @staticmethod
     def _owner_known_key(source: str | None) -> str:
-        return constants.owner_known_key if source is None else f"{constants.owner_known_key}:{source}"
+        return keys.owner_known_key if source is None else f"{keys.owner_known_key}:{source}"
 
     async def owner_known(self, post_ids: Sequence[str], source: str | None = None) -> list[bool]:
         if not post_ids:

@@ -18,11 +18,11 @@ import aiohttp
 from PIL import Image
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from deeptarget.blobs import BlobStore, StorageUnavailable
-from deeptarget.errors import CrawlStopped, ImageRejected
-from deeptarget.models.decode import check_pixels, sniff_image_type
+from deeptarget.core.errors import CrawlStopped, ImageRejected
+from deeptarget.core.image_header import check_pixels, sniff_image_type
 from deeptarget.scraper.fetch_policy import FetchPolicy, FetchRefused, NotPublicAddress
 from deeptarget.scraper.stopping import sleep_or_stop
+from deeptarget.store.blobs import BlobStore, StorageUnavailable
 
 LOG = logging.getLogger(__name__)
 

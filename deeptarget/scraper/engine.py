@@ -31,10 +31,9 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 import redis.asyncio as aioredis
 
-from deeptarget.blobs import BlobStore
-from deeptarget.config import Settings
-from deeptarget.errors import CrawlStopped, GraphApiError, ImageRejected, SourceError
-from deeptarget.schema import Owner, Post, PostRef
+from deeptarget.core.errors import CrawlStopped, GraphApiError, ImageRejected, SourceError
+from deeptarget.core.records import Owner, Post, PostRef
+from deeptarget.core.settings import Settings
 from deeptarget.scraper import instaloader
 from deeptarget.scraper.claims import Claim, PostClaims, ScraperIdentity
 from deeptarget.scraper.cursors import CursorStore
@@ -57,6 +56,7 @@ from deeptarget.scraper.structures import (
     posts_from_media,
 )
 from deeptarget.scraper.tokens import TokenPool
+from deeptarget.store.blobs import BlobStore
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")

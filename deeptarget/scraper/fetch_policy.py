@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from deeptarget.config import Settings
+from deeptarget.core.settings import Settings
 
 PUBLIC_PORTS = frozenset({80, 443})
 

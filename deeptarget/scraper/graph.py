@@ -36,7 +36,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import aiohttp
 from prometheus_client import Counter, Histogram
 
-from deeptarget.errors import CrawlStopped, GraphApiError, SourceError
+from deeptarget.core.errors import CrawlStopped, GraphApiError, SourceError
 from deeptarget.scraper.graph_errors import (
     ErrorBody,
     GraphTransientError,

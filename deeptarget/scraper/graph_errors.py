@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
-from deeptarget.errors import GraphApiError, SourceError
+from deeptarget.core.errors import GraphApiError, SourceError
 
 APP_THROTTLE_CODES = frozenset({4})
 TOKEN_THROTTLE_CODES = frozenset({17, 32, 613, 80002})

@@ -35,11 +35,11 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import ValidationError
 
-from deeptarget.blobs import BlobStore
-from deeptarget.errors import ImageRejected
-from deeptarget.models.decode import sniff_image_type
-from deeptarget.schema import MAX_COUNT, Owner, Post, hashtags_in
+from deeptarget.core.errors import ImageRejected
+from deeptarget.core.image_header import sniff_image_type
+from deeptarget.core.records import MAX_COUNT, Owner, Post, hashtags_in
 from deeptarget.scraper.push import EARLIEST_TIMESTAMP, FUTURE_SKEW, ID_PATTERN, MAX_ID_CHARS, USERNAME_PATTERN
+from deeptarget.store.blobs import BlobStore
 
 LOG = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import time
 
 import redis.asyncio as aioredis
 
-from deeptarget import constants
-from deeptarget.schema import Post
+from deeptarget.core import keys
+from deeptarget.core.records import Post
 
 # KEYS[1] the waiting set, KEYS[2] the ingest stream; ARGV now, most to move. Returns how many moved.
 _RELEASE = """
@@ -41,18 +41,18 @@ class RetryLater:
         """Back on the ingest stream in ``delay_s`` (default: the download retry delay)."""
         if posts:
             due = time.time() + (self.delay_s if delay_s is None else delay_s)
-            await self.redis.zadd(constants.ingest_later_key, {p.model_dump_json(): due for p in posts})
+            await self.redis.zadd(keys.ingest_later_key, {p.model_dump_json(): due for p in posts})
 
     async def release(self, everything: bool = False, most: int = 1000) -> int:
         """Move the posts that are due (``everything``: all of them) onto the ingest stream; returns how many."""
         now = math.inf if everything else time.time()
-        keys = [constants.ingest_later_key, constants.ingest_stream]
+        lua_keys = [keys.ingest_later_key, keys.ingest_stream]
         moved = 0
         while True:
-            n = int(await self._release(keys=keys, args=["+inf" if now == math.inf else repr(now), most]))
+            n = int(await self._release(keys=lua_keys, args=["+inf" if now == math.inf else repr(now), most]))
             moved += n
             if n < most:
                 return moved
 
     async def waiting(self) -> int:
-        return int(await self.redis.zcard(constants.ingest_later_key))
+        return int(await self.redis.zcard(keys.ingest_later_key))

@@ -22,10 +22,10 @@ from kombu.exceptions import OperationalError
 from redis import exceptions as redis_errors
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never, wait_exponential_jitter
 
-from deeptarget.blobs import StorageUnavailable
-from deeptarget.errors import CrawlStopped
+from deeptarget.core.errors import CrawlStopped
 from deeptarget.scraper.stats import DEPENDENCY_UP, OUTAGES
 from deeptarget.scraper.stopping import sleep_or_stop
+from deeptarget.store.blobs import StorageUnavailable
 
 LOG = logging.getLogger(__name__)
 P = ParamSpec("P")

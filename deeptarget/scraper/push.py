@@ -54,8 +54,8 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from deeptarget import constants
-from deeptarget.schema import PUSHED_SOURCES, Owner, Post, hashtags_in, normalise_hashtag
+from deeptarget.core import keys
+from deeptarget.core.records import PUSHED_SOURCES, Owner, Post, hashtags_in, normalise_hashtag
 
 LOG = logging.getLogger(__name__)
 
@@ -552,13 +552,13 @@ class IngestStream:
             return 0
         async with self.redis.pipeline(transaction=False) as pipe:
             for post in posts:
-                pipe.xadd(constants.ingest_stream, {"post": post.model_dump_json()})
+                pipe.xadd(keys.ingest_stream, {"post": post.model_dump_json()})
             await pipe.execute()
         return len(posts)
 
     async def _group(self) -> None:
         try:
-            await self.redis.xgroup_create(constants.ingest_stream, GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(keys.ingest_stream, GROUP, id="0", mkstream=True)
         except aioredis.ResponseError as err:
             if "BUSYGROUP" not in str(err):
                 raise
@@ -571,14 +571,14 @@ class IngestStream:
         post (written by hand, or by another version) is dropped with a warning instead of stopping the reader."""
         await self._group()
         _, claimed, *_ = await self.redis.xautoclaim(
-            constants.ingest_stream, GROUP, consumer, min_idle_time=idle_ms, start_id="0-0", count=count
+            keys.ingest_stream, GROUP, consumer, min_idle_time=idle_ms, start_id="0-0", count=count
         )
         entries = await self._without_poison(list(claimed))
         if len(entries) < count:
             fresh = await self.redis.xreadgroup(
                 GROUP,
                 consumer,
-                {constants.ingest_stream: ">"},
+                {keys.ingest_stream: ">"},
                 count=count - len(entries),
                 block=block_ms if block_ms and not entries else None,
             )
@@ -589,14 +589,14 @@ class IngestStream:
         """Entries still pending for ``consumer`` itself: what this scraper (same identity) took before it died or
         lost Redis, taken back at once instead of after ``idle_ms``."""
         await self._group()
-        pending = await self.redis.xreadgroup(GROUP, consumer, {constants.ingest_stream: "0"}, count=count)
+        pending = await self.redis.xreadgroup(GROUP, consumer, {keys.ingest_stream: "0"}, count=count)
         entries = [entry for _, stream_entries in pending or [] for entry in stream_entries]
         return await self._posts(await self._without_poison(entries))
 
     async def touch(self, consumer: str, entry_ids: list[str]) -> None:
         """Entries still being handled: their idle time starts again, so no other consumer takes them over."""
         if entry_ids:
-            await self.redis.xclaim(constants.ingest_stream, GROUP, consumer, 0, entry_ids, justid=True)
+            await self.redis.xclaim(keys.ingest_stream, GROUP, consumer, 0, entry_ids, justid=True)
 
     async def _posts(self, entries: list[Any]) -> list[tuple[str, Post]]:
         out, bad = [], []
@@ -618,23 +618,23 @@ class IngestStream:
         (``deeptarget:ingest:dead``) with the reason, instead of coming back forever."""
         kept = []
         for entry_id, fields in claimed:
-            pending = await self.redis.xpending_range(constants.ingest_stream, GROUP, entry_id, entry_id, 1)
+            pending = await self.redis.xpending_range(keys.ingest_stream, GROUP, entry_id, entry_id, 1)
             delivered = int(pending[0]["times_delivered"]) if pending else 0
             if delivered <= MAX_DELIVERIES or not fields:
                 kept.append((entry_id, fields))
                 continue
             key = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             reason = f"delivered {delivered} times and never handled"
-            await self.redis.xadd(constants.ingest_dead_stream, {"entry": key, "reason": reason,
+            await self.redis.xadd(keys.ingest_dead_stream, {"entry": key, "reason": reason,
                                   "post": fields.get(b"post", b"")}, maxlen=100_000, approximate=True)  # fmt: skip
             await self.ack([key])
-            LOG.error("ingest entry %s %s: moved to %s", key, reason, constants.ingest_dead_stream)
+            LOG.error("ingest entry %s %s: moved to %s", key, reason, keys.ingest_dead_stream)
         return kept
 
     async def ack(self, entry_ids: list[str]) -> None:
         if entry_ids:
-            await self.redis.xack(constants.ingest_stream, GROUP, *entry_ids)
-            await self.redis.xdel(constants.ingest_stream, *entry_ids)
+            await self.redis.xack(keys.ingest_stream, GROUP, *entry_ids)
+            await self.redis.xdel(keys.ingest_stream, *entry_ids)
 
     async def backlog(self) -> int:
-        return int(await self.redis.xlen(constants.ingest_stream))
+        return int(await self.redis.xlen(keys.ingest_stream))

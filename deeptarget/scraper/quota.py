@@ -8,7 +8,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from deeptarget import constants
+from deeptarget.core import keys
 
 # KEYS[1] the user's ZSET; ARGV now, window seconds, limit, hashtag. 1 = allowed (and counted), 0 = over quota.
 _ALLOW = """
@@ -25,7 +25,7 @@ return 0
 class HashtagQuota:
     def __init__(self, redis: aioredis.Redis, user_id: str, limit: int = 30, days: float = 7.0) -> None:
         self.redis = redis
-        self.key = constants.hashtag_queries_key_prefix + user_id
+        self.key = keys.hashtag_queries_key_prefix + user_id
         self.limit = limit
         self.window_s = days * 86400
         self._allow = redis.register_script(_ALLOW)
@@ -35,8 +35,8 @@ class HashtagQuota:
         return bool(await self._allow(keys=[self.key], args=[time.time(), self.window_s, self.limit, hashtag]))
 
     async def cached_id(self, hashtag: str) -> str | None:
-        value = await self.redis.hget(constants.hashtag_ids_key, hashtag)
+        value = await self.redis.hget(keys.hashtag_ids_key, hashtag)
         return value.decode() if value else None
 
     async def remember_id(self, hashtag: str, hashtag_id: str) -> None:
-        await self.redis.hset(constants.hashtag_ids_key, hashtag, hashtag_id)
+        await self.redis.hset(keys.hashtag_ids_key, hashtag, hashtag_id)

@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from celery import Celery
-
-from deeptarget import constants
-from deeptarget.schema import Post, PostRef
+from deeptarget.core.records import Post, PostRef
+from deeptarget.jobs import Jobs
 
 
 class PostSink(Protocol):
@@ -20,17 +18,11 @@ class PostSink(Protocol):
 class CelerySink:
     """Publishes JSON task messages; ``send_refs`` returns once the broker has them (Redis: one LPUSH)."""
 
-    def __init__(self, app: Celery) -> None:
-        self.app = app
+    def __init__(self, jobs: Jobs) -> None:
+        self.jobs = jobs
 
     def send_refs(self, refs: Sequence[PostRef]) -> None:
-        if refs:
-            self.app.send_task(
-                constants.infer_task, args=[[r.model_dump(mode="json") for r in refs]], queue=constants.infer_queue
-            )
+        self.jobs.infer(refs)
 
     def send_merges(self, posts: Sequence[Post]) -> None:
-        if posts:
-            self.app.send_task(
-                constants.merge_task, args=[[p.model_dump(mode="json") for p in posts]], queue=constants.profiles_queue
-            )
+        self.jobs.merge_posts(posts)

@@ -12,7 +12,8 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 from redis.exceptions import RedisError
 
-from deeptarget import constants
+from deeptarget import jobs
+from deeptarget.core import keys
 
 POSTS = PromCounter("deeptarget_scraper_posts_total", "Posts seen by the scraper, by outcome", ["outcome"])
 PAGES = PromCounter("deeptarget_scraper_pages_total", "API pages fetched, by target kind", ["kind"])
@@ -60,7 +61,7 @@ class ScraperStats:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for outcome, n in unsent.items():
-                    pipe.hincrby(constants.scraper_stats_key, outcome, n)
+                    pipe.hincrby(keys.scraper_stats_key, outcome, n)
                 await pipe.execute()
         except RedisError:
             self._unsent.update(unsent)
@@ -70,13 +71,13 @@ class ScraperStats:
         if not self.redis_up():
             return
         try:
-            QUEUE_DEPTH.labels(constants.infer_queue).set(await self.redis.llen(constants.infer_queue))
-            QUEUE_DEPTH.labels("ingest").set(await self.redis.xlen(constants.ingest_stream))
-            DOWNLOAD_RETRIES.set(await self.redis.hlen(constants.download_failures_key))
+            QUEUE_DEPTH.labels(jobs.infer_queue).set(await self.redis.llen(jobs.infer_queue))
+            QUEUE_DEPTH.labels("ingest").set(await self.redis.xlen(keys.ingest_stream))
+            DOWNLOAD_RETRIES.set(await self.redis.hlen(keys.download_failures_key))
         except RedisError:
             pass  # a gauge can wait for the next page
 
     @staticmethod
     async def read(redis: aioredis.Redis) -> dict[str, int]:
-        raw = await redis.hgetall(constants.scraper_stats_key)
+        raw = await redis.hgetall(keys.scraper_stats_key)
         return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}

@@ -19,7 +19,7 @@ import unicodedata
 from datetime import datetime
 from typing import Any
 
-from deeptarget.schema import MAX_COUNT, Owner, Post, hashtags_in
+from deeptarget.core.records import MAX_COUNT, Owner, Post, hashtags_in
 from deeptarget.scraper.push import (
     ID_PATTERN,
     MAX_CAPTION_CHARS,

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from deeptarget import constants
-from deeptarget.errors import CrawlStopped, SourceError
+from deeptarget.core import keys
+from deeptarget.core.errors import CrawlStopped, SourceError
 from deeptarget.scraper.stopping import sleep_or_stop
 
 LOG = logging.getLogger(__name__)
@@ -85,15 +85,15 @@ class TokenPool:
 
     @staticmethod
     def _calls_key(fp: str) -> str:
-        return f"{constants.token_key_prefix}calls:{fp}"
+        return f"{keys.token_key_prefix}calls:{fp}"
 
     @staticmethod
     def _pause_key(fp: str) -> str:
-        return f"{constants.token_key_prefix}pause:{fp}"
+        return f"{keys.token_key_prefix}pause:{fp}"
 
     @staticmethod
     def _app_pause_key(app: str) -> str:
-        return f"{constants.token_key_prefix}app-pause:{app}"
+        return f"{keys.token_key_prefix}app-pause:{app}"
 
     def _keys(self, fp: str) -> list[str]:
         return [self._calls_key(fp), self._pause_key(fp), self._app_pause_key(self._apps[fp])]
@@ -111,7 +111,7 @@ class TokenPool:
         return text
 
     async def usable(self) -> list[str]:
-        retired = {m.decode() for m in await self.redis.smembers(constants.retired_tokens_key)}
+        retired = {m.decode() for m in await self.redis.smembers(keys.retired_tokens_key)}
         return [fp for fp in self._tokens if fp not in retired]
 
     async def acquire(self) -> Lease:
@@ -138,10 +138,10 @@ class TokenPool:
     async def take_again(self, lease: Lease) -> str:
         """Another call on the wire for the same request (aiohttp resends once on a dropped keep-alive connection):
         it takes its own slot of the same token, waiting for one. Returns its call id."""
-        keys = self._keys(lease.fingerprint)
+        lua_keys = self._keys(lease.fingerprint)
         while True:
             call_id = uuid.uuid4().hex
-            wait = float(await self._take(keys=keys, args=[time.time(), self.window_s, self.calls, call_id]))
+            wait = float(await self._take(keys=lua_keys, args=[time.time(), self.window_s, self.calls, call_id]))
             if wait <= 0:
                 return call_id
             await self._sleep(min(max(wait, 0.01), 5.0))
@@ -155,18 +155,18 @@ class TokenPool:
         """No calls with this token for ``seconds`` (every process sees it)."""
         millis = max(1, int(seconds * 1000))
         await self.redis.set(self._pause_key(lease.fingerprint), reason, px=millis)
-        await self.redis.hincrby(constants.scraper_stats_key, "token_paused", 1)
+        await self.redis.hincrby(keys.scraper_stats_key, "token_paused", 1)
         LOG.warning("token %s paused for %.1f s: %s", lease.fingerprint, seconds, reason)
 
     async def pause_app(self, lease: Lease, seconds: float, reason: str) -> None:
         """No calls with any token of this lease's app for ``seconds`` (Graph #4: the app's limit, not the token's)."""
         millis = max(1, int(seconds * 1000))
         await self.redis.set(self._app_pause_key(lease.app), reason, px=millis)
-        await self.redis.hincrby(constants.scraper_stats_key, "app_paused", 1)
+        await self.redis.hincrby(keys.scraper_stats_key, "app_paused", 1)
         LOG.warning("app %s (every one of its tokens) paused for %.1f s: %s", lease.app, seconds, reason)
 
     async def retire(self, lease: Lease, reason: str) -> None:
         """Never use this token again (until an operator clears ``deeptarget:tokens:retired``)."""
-        if await self.redis.sadd(constants.retired_tokens_key, lease.fingerprint):
-            await self.redis.hincrby(constants.scraper_stats_key, "token_retired", 1)
+        if await self.redis.sadd(keys.retired_tokens_key, lease.fingerprint):
+            await self.redis.hincrby(keys.scraper_stats_key, "token_retired", 1)
             LOG.error("token %s retired: %s", lease.fingerprint, reason)

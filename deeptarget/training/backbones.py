@@ -9,8 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deeptarget.config import Settings
-from deeptarget.errors import ImageRejected
+from deeptarget.core.errors import ImageRejected
+from deeptarget.core.settings import Settings
 from deeptarget.models.decode import decode_image
 from deeptarget.models.embedder import Embedder
 from deeptarget.reports import figures

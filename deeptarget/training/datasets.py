@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deeptarget.errors import ConfigurationError
+from deeptarget.core.errors import ConfigurationError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 

@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from deeptarget.config import Settings
+from deeptarget.core.settings import Settings
 from deeptarget.models.embedder import Embedder
 from deeptarget.models.heads import LinearHead, check_head_name, head_versions, publish_head
 from deeptarget.reports.html import report_folder
+from deeptarget.store.versioned import atomic_write
 from deeptarget.training.augment import ImageFiles, mixup, tta_views
 from deeptarget.training.datasets import load_labelled
 from deeptarget.training.linear import classification_metrics, fit_logistic
 from deeptarget.training.report import Evaluation, stratified_sample, training_report
 from deeptarget.training.train_head import TrainedHead, embed_splits
-from deeptarget.versioned import atomic_write
 
 LOG = logging.getLogger(__name__)
 

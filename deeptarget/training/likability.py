@@ -14,14 +14,14 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
-from deeptarget.blobs import BlobStore
-from deeptarget.config import Settings
-from deeptarget.errors import ConfigurationError
+from deeptarget.core.errors import ConfigurationError
+from deeptarget.core.settings import Settings
 from deeptarget.models.heads import LinearHead, head_versions, publish_head
 from deeptarget.profiles.outliers import FollowerBounds
 from deeptarget.reports import figures
 from deeptarget.reports.html import report_folder
-from deeptarget.store import MetadataStore
+from deeptarget.store.blobs import BlobStore
+from deeptarget.store.metadata import MetadataStore
 from deeptarget.training.linear import classification_metrics, fit_logistic
 from deeptarget.training.report import Evaluation, stratified_sample, training_report
 

@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
-from deeptarget.config import Settings
-from deeptarget.errors import ImageRejected
+from deeptarget.core.errors import ImageRejected
+from deeptarget.core.settings import Settings
+from deeptarget.core.terminal import shown
 from deeptarget.models.decode import decode_image
 from deeptarget.models.embedder import Embedder
 from deeptarget.models.heads import LinearHead, check_head_name, head_versions, publish_head
 from deeptarget.reports.html import report_folder
-from deeptarget.terminal import shown
+from deeptarget.store.versioned import atomic_write
 from deeptarget.training.datasets import LabelledImages, check_usable, load_labelled
 from deeptarget.training.linear import classification_metrics, cross_validate, fit_logistic
 from deeptarget.training.report import Evaluation, stratified_sample, training_report
-from deeptarget.versioned import atomic_write
 
 LOG = logging.getLogger(__name__)
 

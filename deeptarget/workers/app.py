@@ -26,68 +26,39 @@ and ``broker_connection_max_retries=None``: a worker waits for Redis however lon
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
 
-from deeptarget import constants
-from deeptarget.config import Settings
-from deeptarget.errors import ConfigurationError
+from deeptarget import jobs
+from deeptarget.core.errors import ConfigurationError
+from deeptarget.core.settings import Settings
 
 
-def create_celery(settings: Settings) -> Celery:
-    if not settings.redis_url:
-        raise ConfigurationError("the Celery app needs settings.redis_url (resolve the embedded Redis first)")
-    app = Celery("deeptarget", broker=settings.redis_url, include=["deeptarget.workers.tasks"])
-    check_s = max(1, round(settings.redelivery_check_s))
-    transport = {
-        # Unacked tasks come back after this long (see the module's docstring and docker-compose.yml's stop grace).
-        "visibility_timeout": settings.visibility_timeout_s,
-        "unacked_restore_interval": check_s,  # look for them this often...
-        "unacked_restore_throttle": 1,  # ...every time (kombu scans on every 10th look by default)
-        # The sweep's lock: held by a consumer killed mid-sweep, it would stop every sweep for its expiry (300 s).
-        "unacked_mutex_expire": max(30, 3 * check_s),
-        # A Redis that is partitioned away rather than dead never closes the socket: without a timeout a publish
-        # (the scraper's, infer's follow-ups) would wait on it for good instead of failing into a retry. Longer
-        # than kombu's 1 s BRPOP, so an idle consumer is never cut off.
-        "socket_timeout": 30,
-        "socket_connect_timeout": 5,
-        "socket_keepalive": True,
-    }
+def create_celery(settings: Settings, *, warm_infer: bool = False) -> jobs.DeeptargetCelery:
+    """The worker's app: the senders' (``jobs.sending_app``: broker, JSON, routes) plus delivery settings, the beat
+    schedule and the task bodies."""
+    app = jobs.sending_app(settings, warm_infer=warm_infer, include=["deeptarget.workers.tasks"])
     app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        event_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options=transport,
-        result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,  # a worker started while Redis is down waits for it
         broker_connection_max_retries=None,  # and one that lost it waits as long as it takes (default: 100 tries)
         worker_cancel_long_running_tasks_on_connection_loss=False,  # see the module's docstring
-        task_queues=[Queue(name) for name in constants.all_queues],
-        task_default_queue=constants.infer_queue,
-        task_routes={name: {"queue": queue} for name, queue in constants.task_queues.items()},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         beat_schedule={
-            "refit-hashtag-model": {"task": constants.train_task, "schedule": settings.train_every_s},
+            "refit-hashtag-model": {"task": jobs.train_task, "schedule": settings.train_every_s},
             # A safety net only: the index writer publishes its changes within snapshot_every_s by itself.
             "flush-index-snapshot": {
-                "task": constants.snapshot_task,
+                "task": jobs.snapshot_task,
                 "schedule": max(settings.snapshot_every_s, 10.0),
                 "kwargs": {"if_changed": True},
             },
         },
     )
-    app.deeptarget_settings = settings  # type: ignore[attr-defined]
     return app
 
 
 def settings_of(app: Celery) -> Settings:
-    settings = getattr(app, "deeptarget_settings", None)
-    if settings is None:
+    if not isinstance(app, jobs.DeeptargetCelery):
         raise ConfigurationError("this Celery app was not built by deeptarget.workers.app.create_celery")
-    return settings
+    return app.settings

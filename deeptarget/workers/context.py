@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 import redis
 import torch
 
-from deeptarget.blobs import BlobStore
-from deeptarget.config import Settings
+from deeptarget.core.settings import Settings
 from deeptarget.index.writer import IndexWriter
 from deeptarget.profiles.outliers import FollowerBoundsCache
-from deeptarget.store import MetadataStore
+from deeptarget.store.blobs import BlobStore
+from deeptarget.store.metadata import MetadataStore
 from deeptarget.workers.deadletter import DeadLetters
 from deeptarget.workers.pipeline import InferencePipeline
 

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import redis
 from pydantic import BaseModel, Field, ValidationError
 
-from deeptarget import constants
+from deeptarget.core import keys
 
 if TYPE_CHECKING:  # only for the annotation: the CLI checks ids without loading Celery
-    from celery import Celery
+    from deeptarget.jobs import Jobs
 
 LOG = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class DeadLetters:
         )
         payload = letter.model_dump_json(exclude={"id"})
         try:
-            entry_id = self.client.xadd(constants.deadletter_stream, {"letter": payload})
+            entry_id = self.client.xadd(keys.deadletter_stream, {"letter": payload})
         except redis.RedisError as err:
             LOG.error("dead letter not stored in Redis (%s); appended to %s: %s", err, self.fallback_file, payload)
             self.fallback_file.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ class DeadLetters:
 
     def list(self, limit: int | None = None) -> list[DeadLetter]:
         """Oldest first."""
-        entries = self.client.xrange(constants.deadletter_stream, count=limit)
+        entries = self.client.xrange(keys.deadletter_stream, count=limit)
         return [self._parse(entry_id, fields) for entry_id, fields in entries]
 
     def get(self, ids: list[str]) -> list[DeadLetter]:
@@ -96,24 +96,26 @@ class DeadLetters:
             check_entry_id(entry_id)
         letters = []
         for entry_id in ids:
-            found = self.client.xrange(constants.deadletter_stream, min=entry_id, max=entry_id)
+            found = self.client.xrange(keys.deadletter_stream, min=entry_id, max=entry_id)
             if not found:
                 raise KeyError(f"no dead letter {entry_id}")
             letters.append(self._parse(*found[0]))
         return letters
 
-    def retry(self, app: Celery, letters: list[DeadLetter]) -> int:
+    def retry(self, jobs: Jobs, letters: list[DeadLetter]) -> int:
         """Send each letter's task again, then forget the letter (send first: at-least-once, tasks are idempotent).
         A letter whose task is not one of ours stays where it is (sent, it would wait on a queue nobody reads).
         Returns how many were sent."""
+        from deeptarget.jobs import task_queues
+
         sent = 0
         for letter in letters:
-            queue = constants.task_queues.get(letter.task)
+            queue = task_queues.get(letter.task)
             if queue is None:
                 LOG.warning("dead letter %s: task %r is not one of ours: not sent", letter.id, letter.task[:100])
                 continue
-            app.send_task(letter.task, args=letter.args, kwargs=letter.kwargs, queue=queue)
-            self.client.xdel(constants.deadletter_stream, letter.id)
+            jobs.send(letter.task, letter.args, letter.kwargs)
+            self.client.xdel(keys.deadletter_stream, letter.id)
             LOG.info("dead letter %s: %s sent again to the %s queue", letter.id, letter.task, queue)
             sent += 1
         return sent
@@ -121,7 +123,7 @@ class DeadLetters:
     def drop(self, ids: list[str]) -> int:
         for entry_id in ids:
             check_entry_id(entry_id)
-        return int(self.client.xdel(constants.deadletter_stream, *ids)) if ids else 0
+        return int(self.client.xdel(keys.deadletter_stream, *ids)) if ids else 0
 
     @staticmethod
     def _parse(entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:

@@ -13,8 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from deeptarget.config import Settings
-from deeptarget.errors import ConfigurationError
+from deeptarget.core.errors import ConfigurationError
+from deeptarget.core.settings import Settings
 
 LOG = logging.getLogger(__name__)
 

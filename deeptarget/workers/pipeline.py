@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from prometheus_client import Counter
 
-from deeptarget.blobs import BlobStore
-from deeptarget.config import Settings
-from deeptarget.errors import BlobStoreUnavailable, ImageRejected, ResourceExhausted
+from deeptarget.core.errors import BlobStoreUnavailable, ImageRejected, ResourceExhausted
+from deeptarget.core.records import Post, PostRef, Prediction
+from deeptarget.core.settings import Settings
 from deeptarget.models.decode import decode_image, decode_jpegs, probe_jpeg
 from deeptarget.models.embedder import Embedder
 from deeptarget.models.faces import FaceFilter, FaceResult, build_face_detector
 from deeptarget.models.heads import HeadSet
-from deeptarget.schema import Post, PostRef, Prediction
+from deeptarget.store.blobs import BlobStore
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -38,11 +38,13 @@ from prometheus_client import Counter
 from pydantic import BaseModel, ValidationError
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from deeptarget import constants
-from deeptarget.index.hashtags import HashtagModel
+from deeptarget import jobs
+from deeptarget.core import keys
+from deeptarget.core.records import Post, PostRef
+from deeptarget.jobs import DeeptargetCelery, Jobs
+from deeptarget.models.hashtags import HashtagModel
 from deeptarget.profiles.builder import rebuild_profiles
-from deeptarget.schema import Post, PostRef
-from deeptarget.store import REFUSALS, Recorded
+from deeptarget.store.metadata import REFUSALS, Recorded
 from deeptarget.workers.app import settings_of
 from deeptarget.workers.context import WorkerContext, context_for
 from deeptarget.workers.deadletter import DeadLetter
@@ -113,7 +115,7 @@ class PipelineTask(Task):
 
     def _done_key(self) -> str | None:
         task_id = self.request.id
-        return None if not task_id or self.request.called_directly else constants.task_done_key_prefix + task_id
+        return None if not task_id or self.request.called_directly else keys.task_done_key_prefix + task_id
 
     def _done_before(self) -> bool:
         """This very message finished before (Redis delivered it again: its acknowledgement was lost)."""
@@ -177,7 +179,7 @@ def _refused(ctx: WorkerContext, refused: dict[str, str], task: str) -> None:
     try:
         with ctx.redis.pipeline(transaction=False) as pipe:
             for why, n in reasons.items():
-                pipe.hincrby(constants.scraper_stats_key, f"refused:{why}", n)
+                pipe.hincrby(keys.scraper_stats_key, f"refused:{why}", n)
             pipe.execute()
     except redis.RedisError as err:  # a counter is not worth the task: the store's state is what matters
         LOG.warning("%s: refusals not counted in Redis: %s", task, type(err).__name__)
@@ -195,7 +197,7 @@ def _valid(model: type[M], records: list[dict[str, Any]], task: str) -> list[M]:
     return valid
 
 
-@shared_task(name=constants.infer_task, **TASK)
+@shared_task(name=jobs.infer_task, **TASK)
 def infer(self: Task, refs: list[dict[str, Any]]) -> dict[str, int]:
     ctx = _context(self)
     results = ctx.pipeline(_valid(PostRef, refs, "infer"))
@@ -237,29 +239,28 @@ def _send_follow_ups(app: Celery, embedded: list[str], owners: set[str]) -> None
     """Profiles first, then the index: a post still ``embedded`` may lack both, and the writer's catch-up asks for
     both. A send that cannot reach Redis is logged and left to the catch-up: the store holds the work already."""
     try:
-        if owners:
-            app.send_task(constants.profiles_task, args=[sorted(owners)], queue=constants.profiles_queue)
-        if embedded:
-            app.send_task(constants.index_task, args=[embedded], queue=constants.index_queue)
+        send = Jobs(app)
+        send.update_profiles(owners)
+        send.index(embedded)
     except BROKER_ERRORS as err:
         DEFERRED.inc()
         LOG.warning("infer: follow-ups not sent (%s: %s): the index writer indexes these %d posts from the store "
                     "within index_catch_up_after_s", type(err).__name__, err, len(embedded))  # fmt: skip
 
 
-@shared_task(name=constants.index_task, **TASK)
+@shared_task(name=jobs.index_task, **TASK)
 def index(self: Task, post_ids: list[str]) -> int:
     ctx = _context(self)
     return ctx.writer.add(ctx.store.embeddings(post_ids))
 
 
-@shared_task(name=constants.remove_task, **TASK)
+@shared_task(name=jobs.remove_task, **TASK)
 def remove_posts(self: Task, post_ids: list[str]) -> int:
     """Deleted posts out of the index (``deeptarget delete`` / ``DELETE /posts/{id}`` forgot them in the store)."""
     return _context(self).writer.remove(post_ids)
 
 
-@shared_task(name=constants.snapshot_task, **TASK)
+@shared_task(name=jobs.snapshot_task, **TASK)
 def snapshot(self: Task, if_changed: bool = False) -> int | None:
     """Write a snapshot now (and give readers its version); with ``if_changed``, only when something changed since
     the last one and it is due (the beat's periodic flush: a safety net, the writer publishes changes on its own
@@ -268,38 +269,38 @@ def snapshot(self: Task, if_changed: bool = False) -> int | None:
     return writer.maybe_snapshot() if if_changed else writer.snapshot()  # the flush defers a failed one by itself
 
 
-@shared_task(name=constants.rebuild_task, **TASK)
+@shared_task(name=jobs.rebuild_task, **TASK)
 def rebuild_index(self: Task) -> int:
     """A fresh index from every embedding in the metadata store (after a backbone change, or to compact)."""
     return _context(self).writer.rebuild()
 
 
-@shared_task(name=constants.train_task, **TASK)
+@shared_task(name=jobs.train_task, **TASK)
 def train_hashtags(self: Task) -> int:
     ctx = _context(self)
     s = ctx.settings
     ids, tags = ctx.store.image_hashtags()
     model = HashtagModel.fit_with(s, ids, tags)
     version = model.save(s.hashtag_model_dir)
-    ctx.redis.set(constants.hashtag_model_version_key, version)
+    ctx.redis.set(keys.hashtag_model_version_key, version)
     return version
 
 
-@shared_task(name=constants.profiles_task, **TASK)
+@shared_task(name=jobs.profiles_task, **TASK)
 def update_profiles(self: Task, user_ids: list[str]) -> int:
     ctx = _context(self)
     bounds = ctx.follower_bounds.get()
     for profile in rebuild_profiles(ctx.store, user_ids, ctx.settings.profile_half_life_days, bounds):
         ctx.redis.xadd(
-            constants.profiles_stream,
+            keys.profiles_stream,
             {"user_id": profile.user_id, "profile": profile.model_dump_json()},
-            maxlen=constants.profiles_stream_maxlen,
+            maxlen=keys.profiles_stream_maxlen,
             approximate=True,
         )
     return len(user_ids)
 
 
-@shared_task(name=constants.merge_task, **TASK)
+@shared_task(name=jobs.merge_task, **TASK)
 def merge_posts(self: Task, posts: list[dict[str, Any]]) -> int:
     """Owner details learnt for posts that were first met without them (e.g. under a hashtag). The scraper sends a
     merge for a post it has seen before: a pushed one is a push of a known id, which never rewrites it. The store
@@ -311,8 +312,7 @@ def merge_posts(self: Task, posts: list[dict[str, Any]]) -> int:
     _refused(ctx, refused, "merge_posts")
     parsed = [p for p in parsed if p.id not in refused]
     owners = ctx.store.owners_of([p.id for p in parsed])
-    if owners:
-        self.app.send_task(constants.profiles_task, args=[sorted(owners)], queue=constants.profiles_queue)
+    Jobs(self.app).update_profiles(owners)
     return len(parsed)
 
 
@@ -322,20 +322,17 @@ def _load_models(sender: Any = None, **_: Any) -> None:
     (the replay of what the last one left) and starts its upkeep (heartbeat, catch-up) before any task comes."""
     from celery import current_app
 
-    settings = getattr(current_app, "deeptarget_settings", None)
-    if settings is None:
+    if not isinstance(current_app, DeeptargetCelery):
         return
-    if getattr(current_app, "deeptarget_warm_infer", False):
+    settings = current_app.settings
+    if current_app.warm_infer:
         _ = context_for(settings).pipeline
-    if constants.index_queue in current_app.amqp.queues.consume_from:
+    if jobs.index_queue in current_app.amqp.queues.consume_from:
         _start_upkeep(current_app, context_for(settings))
 
 
 def _start_upkeep(app: Celery, ctx: WorkerContext) -> None:
-    def send_profiles(owners: list[str]) -> None:
-        app.send_task(constants.profiles_task, args=[owners], queue=constants.profiles_queue)
-
-    ctx.upkeep = WriterUpkeep(ctx.settings, ctx.writer, ctx.store, ctx.redis, send_profiles).start()
+    ctx.upkeep = WriterUpkeep(ctx.settings, ctx.writer, ctx.store, ctx.redis, Jobs(app).update_profiles).start()
 
 
 @worker_process_shutdown.connect
@@ -350,10 +347,9 @@ def _final_snapshot(sender: Any = None, **_: Any) -> None:
     publisher thread stops first."""
     from celery import current_app
 
-    settings = getattr(current_app, "deeptarget_settings", None)
-    if settings is None:
+    if not isinstance(current_app, DeeptargetCelery):
         return
-    ctx = context_for(settings)
+    ctx = context_for(current_app.settings)
     if ctx.upkeep is not None:
         ctx.upkeep.stop()
     if "writer" in ctx.__dict__:

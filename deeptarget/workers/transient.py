@@ -13,8 +13,8 @@ from __future__ import annotations
 import redis
 from kombu.exceptions import OperationalError
 
-from deeptarget.databases import TRANSIENT_DB_ERRORS
-from deeptarget.errors import PASSING_DISK_ERRNOS, TransientError
+from deeptarget.core.errors import PASSING_DISK_ERRNOS, TransientError
+from deeptarget.store.databases import TRANSIENT_DB_ERRORS
 
 DISK_ERRNOS = PASSING_DISK_ERRNOS
 """OSError codes after which the same write may succeed later. Not here, so permanent: EACCES, EPERM, ENOENT,

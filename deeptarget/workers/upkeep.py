@@ -24,10 +24,10 @@ from collections.abc import Callable
 import redis
 from prometheus_client import Counter
 
-from deeptarget import constants
-from deeptarget.config import Settings
+from deeptarget.core import keys
+from deeptarget.core.settings import Settings
 from deeptarget.index.writer import IndexWriter
-from deeptarget.store import EmbeddingRows, MetadataStore
+from deeptarget.store.metadata import EmbeddingRows, MetadataStore
 from deeptarget.workers.transient import is_transient
 
 LOG = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class WriterUpkeep:
     def heartbeat(self) -> None:
         beat = {"at": time.time(), "pid": os.getpid(), **self.writer.status()}
         ttl = max(1, int(3 * self.settings.health_writer_stale_s))
-        self.client.set(constants.index_writer_key, json.dumps(beat), ex=ttl)
+        self.client.set(keys.index_writer_key, json.dumps(beat), ex=ttl)
 
     def catch_up(self) -> int:
         changed = self.writer.catch_up(self.settings.index_catch_up_after_s, before_add=self._profiles_of)

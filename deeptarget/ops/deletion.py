@@ -5,17 +5,13 @@ profiles are recomputed without them. The scraper's seen-set keeps the ids, so a
 
 from __future__ import annotations
 
-from celery import Celery
-
-from deeptarget import constants
-from deeptarget.store import MetadataStore
+from deeptarget.jobs import Jobs
+from deeptarget.store.metadata import MetadataStore
 
 
-def delete_posts(store: MetadataStore, app: Celery, post_ids: list[str]) -> list[str]:
+def delete_posts(store: MetadataStore, jobs: Jobs, post_ids: list[str]) -> list[str]:
     """Returns the ids that were known (unknown ones are ignored)."""
     deleted, owners = store.delete_posts(post_ids)
-    if deleted:
-        app.send_task(constants.remove_task, args=[deleted], queue=constants.index_queue)
-    if owners:
-        app.send_task(constants.profiles_task, args=[sorted(owners)], queue=constants.profiles_queue)
+    jobs.remove_posts(deleted)
+    jobs.update_profiles(owners)
     return deleted

@@ -19,9 +19,9 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from deeptarget.config import Settings
-from deeptarget.errors import ModelFitError, ModelNotReadyError
-from deeptarget.versioned import VersionedDir, atomic_write
+from deeptarget.core.errors import ModelFitError, ModelNotReadyError
+from deeptarget.core.settings import Settings
+from deeptarget.store.versioned import VersionedDir, atomic_write
 
 LOG = logging.getLogger(__name__)
 

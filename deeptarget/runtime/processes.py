@@ -16,9 +16,9 @@ from urllib.parse import urlsplit
 
 import redis
 
-from deeptarget.config import Settings
-from deeptarget.errors import ConfigurationError
-from deeptarget.redis_server import EmbeddedRedis
+from deeptarget.core.errors import ConfigurationError
+from deeptarget.core.settings import Settings
+from deeptarget.runtime.embedded_redis import EmbeddedRedis
 
 LOG = logging.getLogger(__name__)
 

@@ -41,10 +41,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, get_args
 
-from deeptarget import constants
-from deeptarget.config import Settings
-from deeptarget.errors import ConfigurationError, DeepTargetError
-from deeptarget.terminal import json_text, plain, shown
+from deeptarget import jobs
+from deeptarget.core.errors import ConfigurationError, DeepTargetError
+from deeptarget.core.settings import Settings
+from deeptarget.core.terminal import json_text, plain, shown
+from deeptarget.jobs import Jobs
 
 LOG = logging.getLogger("deeptarget")
 
@@ -202,7 +203,7 @@ def _bounded_lines(handle: BinaryIO, limit: int) -> Iterator[bytes]:
 
 # -- commands ----------------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    from deeptarget.demo import run_demo
+    from deeptarget.cli.demo import run_demo
 
     settings = _settings(args)
     if args.posts:
@@ -211,7 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_redis(args: argparse.Namespace) -> int:
-    from deeptarget.runtime import start_embedded_redis
+    from deeptarget.runtime.processes import start_embedded_redis
 
     # Handlers, set before the server starts: a stop at any moment stops it too (SIGTERM's default action once killed
     # this process and left its redis-server running: issue 12, L14). sigwait, used before, hung once in CI: a SIGINT
@@ -235,7 +236,7 @@ def cmd_redis(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from deeptarget.runtime import wait_for_signal
+    from deeptarget.runtime.processes import wait_for_signal
     from deeptarget.sandbox import SandboxNetwork, sandbox_server
 
     settings = _settings(args)
@@ -257,7 +258,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_scrape(args: argparse.Namespace) -> int:
-    from deeptarget.runtime import connect_redis
+    from deeptarget.runtime.processes import connect_redis
 
     settings = connect_redis(_settings(args))
     if settings.scraper_metrics_port:
@@ -270,16 +271,15 @@ def cmd_scrape(args: argparse.Namespace) -> int:
 async def _scrape(settings: Settings, *, forever: bool, interval_s: float) -> int:
     import redis.asyncio as aioredis
 
-    from deeptarget.blobs import BlobStore
     from deeptarget.scraper import CelerySink, Crawler
-    from deeptarget.workers.app import create_celery
+    from deeptarget.store.blobs import BlobStore
 
     # Bounded waits: a Redis that went away (even silently, behind a partition) is an error the crawler waits out,
     # never a call that hangs. The socket timeout stays above the ingest stream's blocking read.
     client = aioredis.Redis.from_url(
         settings.redis_url or "", socket_connect_timeout=5, socket_timeout=settings.ingest_block_s + 10
     )
-    crawler = Crawler(settings, client, CelerySink(create_celery(settings)), BlobStore(settings.blob_dir))
+    crawler = Crawler(settings, client, CelerySink(Jobs.for_settings(settings)), BlobStore(settings.blob_dir))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, crawler.stop)
@@ -317,7 +317,7 @@ async def _show_progress(crawler: Any, every_s: float = 1.0) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from deeptarget.runtime import connect_redis
+    from deeptarget.runtime.processes import connect_redis
     from deeptarget.workers.metrics import serve_worker_metrics
 
     settings = connect_redis(_settings(args))
@@ -326,14 +326,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from deeptarget.workers.app import create_celery
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = set(queues) - set(constants.all_queues)
+    unknown = set(queues) - set(jobs.all_queues)
     if unknown:
-        raise DeepTargetError(f"unknown queue(s) {sorted(unknown)}: choose from {constants.all_queues}")
+        raise DeepTargetError(f"unknown queue(s) {sorted(unknown)}: choose from {jobs.all_queues}")
     concurrency = args.concurrency or settings.worker_concurrency
-    if constants.index_queue in queues and concurrency != 1:
+    if jobs.index_queue in queues and concurrency != 1:
         raise DeepTargetError("the index queue needs exactly one consumer: use --concurrency 1")
-    app = create_celery(settings)
-    app.deeptarget_warm_infer = constants.infer_queue in queues  # type: ignore[attr-defined]
+    app = create_celery(settings, warm_infer=jobs.infer_queue in queues)
     argv = [
         "worker", "--queues", ",".join(queues), "--concurrency", str(concurrency), "--pool", args.pool,
         "--hostname", f"{args.name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
@@ -343,7 +342,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
-    from deeptarget.runtime import connect_redis
+    from deeptarget.runtime.processes import connect_redis
     from deeptarget.workers.app import create_celery
 
     settings = connect_redis(_settings(args))
@@ -357,8 +356,8 @@ MIN_API_KEY_BYTES = 16
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from deeptarget.api.app import create_app, server_limits
-    from deeptarget.http_server import AppServer
-    from deeptarget.runtime import connect_redis, wait_for_signal
+    from deeptarget.runtime.app_server import AppServer
+    from deeptarget.runtime.processes import connect_redis, wait_for_signal
 
     settings = _settings(args)
     key = settings.api_key.get_secret_value() if settings.api_key else None
@@ -388,7 +387,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     settings = _settings(args)
     image = _read_file(args.image, settings.max_upload_bytes, "--image") if args.image else None  # before the models
 
-    from deeptarget.query import PostFilter, QueryService
+    from deeptarget.query.service import PostFilter, QueryService
 
     service = QueryService(settings)
     if args.what == "similar":
@@ -427,7 +426,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_profiles(args: argparse.Namespace) -> int:
     from deeptarget.profiles.export import export_profiles
-    from deeptarget.store import MetadataStore
+    from deeptarget.store.metadata import MetadataStore
 
     settings = _settings(args)
     path = Path(args.path)
@@ -440,26 +439,26 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.local:
-        from deeptarget.index.hashtags import HashtagModel
-        from deeptarget.store import MetadataStore
+        from deeptarget.models.hashtags import HashtagModel
+        from deeptarget.store.metadata import MetadataStore
 
         ids, tags = MetadataStore(settings.metadata_database).image_hashtags()
         model = HashtagModel.fit_with(settings, ids, tags)
         print(f"hashtag model v{model.save(settings.hashtag_model_dir)} published")
         return 0
-    return _send(settings, constants.train_task)
+    return _send(settings, jobs.train_task)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action == "rebuild" and args.local:
         from deeptarget.index.writer import IndexWriter
-        from deeptarget.store import MetadataStore
+        from deeptarget.store.metadata import MetadataStore
 
         writer = IndexWriter.from_settings(settings, MetadataStore(settings.metadata_database))
         print(f"rebuilt the index from the metadata store: {writer.rebuild()} vectors")
         return 0
-    return _send(settings, constants.snapshot_task if args.action == "snapshot" else constants.rebuild_task)
+    return _send(settings, jobs.snapshot_task if args.action == "snapshot" else jobs.rebuild_task)
 
 
 def cmd_train_head(args: argparse.Namespace) -> int:
@@ -532,8 +531,8 @@ def cmd_publish_head(args: argparse.Namespace) -> int:
 
 
 def cmd_reclassify(args: argparse.Namespace) -> int:
-    from deeptarget.store import MetadataStore
-    from deeptarget.training.reclassify import published_heads, reclassify
+    from deeptarget.ops.reclassify import published_heads, reclassify
+    from deeptarget.store.metadata import MetadataStore
 
     settings = _settings(args)
     heads = published_heads(settings.heads_dir, args.heads or None)
@@ -555,15 +554,14 @@ def cmd_reembed(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from deeptarget.models.embedder import Embedder
-    from deeptarget.reembed import rebuild_index, send_reembed, wait_until_reembedded
-    from deeptarget.runtime import connect_redis
-    from deeptarget.store import MetadataStore
-    from deeptarget.workers.app import create_celery
+    from deeptarget.ops.reembed import rebuild_index, send_reembed, wait_until_reembedded
+    from deeptarget.runtime.processes import connect_redis
+    from deeptarget.store.metadata import MetadataStore
 
     settings = connect_redis(_settings(args))
     model_id = Embedder.from_settings(settings).model_id
-    store, app, console = MetadataStore(settings.metadata_database), create_celery(settings), Console(emoji=False)
-    sent = send_reembed(store, app, model_id, settings.batch_size)
+    store, send, console = MetadataStore(settings.metadata_database), Jobs.for_settings(settings), Console(emoji=False)
+    sent = send_reembed(store, send, model_id, settings.batch_size)
     console.print(f"{sent} posts queued to be embedded again with {shown(model_id)}; the workers must run these "
                   "settings")  # fmt: skip
     if args.no_wait:
@@ -577,7 +575,7 @@ def cmd_reembed(args: argparse.Namespace) -> int:
         console.print(f"{left} posts still carry another model's embedding after {args.timeout:.0f} s: are the "
                       f"workers running with {shown(model_id)}? The index was not rebuilt.")  # fmt: skip
         return 1
-    rebuild_index(app)
+    rebuild_index(send)
     console.print("every post re-embedded; the index rebuild for the new model is on the index queue")
     return 0
 
@@ -621,7 +619,7 @@ def cmd_compare_backbones(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from deeptarget.reports.live import write_system_report
-    from deeptarget.store import MetadataStore
+    from deeptarget.store.metadata import MetadataStore
 
     settings = _settings(args)
     folder = Path(args.out) if args.out else settings.reports_dir / f"system-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -632,9 +630,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_store_copy(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from deeptarget.config import without_password
-    from deeptarget.store import MetadataStore
-    from deeptarget.store_copy import copy_store
+    from deeptarget.core.settings import without_password
+    from deeptarget.store.copy import copy_store
+    from deeptarget.store.metadata import MetadataStore
 
     settings = _settings(args)
     source = MetadataStore(settings.metadata_database)
@@ -665,7 +663,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
     import redis.asyncio as aioredis
 
-    from deeptarget.runtime import connect_redis
+    from deeptarget.runtime.processes import connect_redis
     from deeptarget.scraper.push import MAX_LINE_BYTES, IngestStream, parse_posts
 
     settings = connect_redis(_settings(args))
@@ -689,13 +687,12 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from deeptarget.deletion import delete_posts
-    from deeptarget.runtime import connect_redis
-    from deeptarget.store import MetadataStore
-    from deeptarget.workers.app import create_celery
+    from deeptarget.ops.deletion import delete_posts
+    from deeptarget.runtime.processes import connect_redis
+    from deeptarget.store.metadata import MetadataStore
 
     settings = connect_redis(_settings(args))
-    deleted = delete_posts(MetadataStore(settings.metadata_database), create_celery(settings), args.post_ids)
+    deleted = delete_posts(MetadataStore(settings.metadata_database), Jobs.for_settings(settings), args.post_ids)
     unknown = sorted(set(args.post_ids) - set(deleted))
     print(f"deleted {len(deleted)} posts" + (f"; unknown: {plain(', '.join(unknown))}" if unknown else ""))
     return 0
@@ -706,8 +703,7 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from deeptarget.runtime import connect_redis
-    from deeptarget.workers.app import create_celery
+    from deeptarget.runtime.processes import connect_redis
     from deeptarget.workers.deadletter import DeadLetters
 
     settings = connect_redis(_settings(args))
@@ -738,7 +734,7 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
     if args.action == "drop":
         print(f"dropped {letters_store.drop([letter.id for letter in letters])} dead letters")
         return 0
-    sent = letters_store.retry(create_celery(settings), letters)
+    sent = letters_store.retry(Jobs.for_settings(settings), letters)
     print(f"sent {sent} dead letters back to their queues")
     if sent < len(letters):
         print(f"{len(letters) - sent} left in place: their task is not one of ours (see deadletter list --json)",
@@ -748,12 +744,11 @@ def cmd_deadletter(args: argparse.Namespace) -> int:
 
 
 def _send(settings: Settings, task: str) -> int:
-    from deeptarget.runtime import connect_redis
-    from deeptarget.workers.app import create_celery
+    from deeptarget.runtime.processes import connect_redis
 
     settings = connect_redis(settings)
-    create_celery(settings).send_task(task, queue=constants.task_queues[task])
-    print(f"sent {task} to the {constants.task_queues[task]} queue")
+    Jobs.for_settings(settings).send(task)
+    print(f"sent {task} to the {jobs.task_queues[task]} queue")
     return 0
 
 
@@ -786,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     scrape.set_defaults(func=cmd_scrape)
 
     worker = sub.add_parser("worker", help="run a Celery worker")
-    worker.add_argument("--queues", default=",".join(q for q in constants.all_queues if q != constants.index_queue))
+    worker.add_argument("--queues", default=",".join(q for q in jobs.all_queues if q != jobs.index_queue))
     worker.add_argument(
         "--concurrency", type=_whole(1, 1024), help="pool processes (default: settings.worker_concurrency)"
     )

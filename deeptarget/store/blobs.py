@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from deeptarget.errors import PASSING_DISK_ERRNOS
+from deeptarget.core.errors import PASSING_DISK_ERRNOS
 
 _HEX = set("0123456789abcdef")
 

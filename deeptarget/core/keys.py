@@ -1,4 +1,4 @@
-"""Redis key names, queue and task names, in one place.
+"""Redis key names, in one place (the Celery queues and task names are in ``deeptarget/jobs.py``).
 
 Every key starts with ``deeptarget:`` so that one Redis can be shared with other applications.
 """
@@ -67,30 +67,3 @@ index_writer_key = key_prefix + "index-writer"
 task_done_key_prefix = key_prefix + "task-done:"
 """``task-done:<task id>``: the task finished (kept twice the visibility timeout): a copy Redis delivers again because
 the acknowledgement was lost (an outage, a kill right after the task) is skipped instead of run again."""
-
-# Celery queues. The index queue must have exactly one consumer: FAISS indexes are not safe to write concurrently.
-infer_queue = "infer"
-index_queue = "index"
-train_queue = "train"
-profiles_queue = "profiles"
-all_queues = (infer_queue, index_queue, train_queue, profiles_queue)
-
-infer_task = "deeptarget.infer"
-index_task = "deeptarget.index"
-snapshot_task = "deeptarget.snapshot"
-rebuild_task = "deeptarget.rebuild_index"
-remove_task = "deeptarget.remove_posts"
-train_task = "deeptarget.train_hashtags"
-profiles_task = "deeptarget.update_profiles"
-merge_task = "deeptarget.merge_posts"
-
-task_queues = {
-    infer_task: infer_queue,
-    index_task: index_queue,
-    snapshot_task: index_queue,
-    rebuild_task: index_queue,
-    remove_task: index_queue,
-    train_task: train_queue,
-    profiles_task: profiles_queue,
-    merge_task: profiles_queue,
-}

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from rich.progress import Progress
 
+from deeptarget.core.terminal import shown
 from deeptarget.models.heads import HeadSet, LinearHead, head_names, head_versions, published_file
 from deeptarget.profiles.builder import rebuild_profiles
 from deeptarget.profiles.outliers import FollowerBounds
-from deeptarget.store import MetadataStore
-from deeptarget.terminal import shown
+from deeptarget.store.metadata import MetadataStore
 
 LOG = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any, ClassVar, Protocol
 
 import psycopg
 
-from deeptarget.config import database_url_problem, redacted, without_password
-from deeptarget.errors import ConfigurationError
+from deeptarget.core.errors import ConfigurationError
+from deeptarget.core.settings import database_url_problem, redacted, without_password
 
 # Errors after which the same call may work again (a locked SQLite file, a PostgreSQL server restarting).
 TRANSIENT_DB_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)

@@ -19,7 +19,7 @@ from types import TracebackType
 
 import redis
 
-from deeptarget.errors import ConfigurationError
+from deeptarget.core.errors import ConfigurationError
 
 LOG = logging.getLogger(__name__)
 

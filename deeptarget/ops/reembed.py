@@ -8,19 +8,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from celery import Celery
-
-from deeptarget import constants
-from deeptarget.schema import PostRef
-from deeptarget.store import MetadataStore
+from deeptarget.core.records import PostRef
+from deeptarget.jobs import Jobs
+from deeptarget.store.metadata import MetadataStore
 
 
-def send_reembed(store: MetadataStore, app: Celery, model_id: str, batch_size: int) -> int:
+def send_reembed(store: MetadataStore, jobs: Jobs, model_id: str, batch_size: int) -> int:
     """Queue every usable post that another model embedded for the infer task; returns how many."""
     sent = 0
     for posts in store.stale_posts(model_id, batch=batch_size):
-        refs = [PostRef(post=p.post, blob=p.blob).model_dump(mode="json") for p in posts]
-        app.send_task(constants.infer_task, args=[refs], queue=constants.infer_queue)
+        refs = [PostRef(post=p.post, blob=p.blob) for p in posts]
+        jobs.infer(refs)
         sent += len(refs)
     return sent
 
@@ -40,5 +38,5 @@ def wait_until_reembedded(
     return left
 
 
-def rebuild_index(app: Celery) -> None:
-    app.send_task(constants.rebuild_task, queue=constants.index_queue)
+def rebuild_index(jobs: Jobs) -> None:
+    jobs.rebuild_index()

@@ -26,24 +26,25 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from deeptarget import constants
+from deeptarget import jobs
 from deeptarget.api.app import create_app, server_limits
-from deeptarget.blobs import BlobStore
-from deeptarget.config import Settings
-from deeptarget.errors import DeepTargetError
-from deeptarget.http_server import AppServer
+from deeptarget.core import keys
+from deeptarget.core.errors import DeepTargetError
+from deeptarget.core.settings import Settings
+from deeptarget.core.terminal import console as inert_console
+from deeptarget.core.terminal import shown
 from deeptarget.index.vectors import SnapshotStore
+from deeptarget.jobs import Jobs
 from deeptarget.reports.live import write_system_report
-from deeptarget.runtime import spawn_worker, start_embedded_redis, stop_processes, wait_for_signal
+from deeptarget.runtime.app_server import AppServer
+from deeptarget.runtime.processes import spawn_worker, start_embedded_redis, stop_processes, wait_for_signal
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.sandbox import images as sandbox_images
 from deeptarget.sandbox.network import Media
 from deeptarget.scraper import CelerySink, Crawler
-from deeptarget.store import MetadataStore
-from deeptarget.terminal import console as inert_console
-from deeptarget.terminal import shown
-from deeptarget.versioned import VersionedDir
-from deeptarget.workers.app import create_celery
+from deeptarget.store.blobs import BlobStore
+from deeptarget.store.metadata import MetadataStore
+from deeptarget.store.versioned import VersionedDir
 
 LOG = logging.getLogger(__name__)
 
@@ -97,14 +98,14 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             workers.append(
                 spawn_worker(
                     settings,
-                    [constants.infer_queue, constants.profiles_queue, constants.train_queue],
+                    [jobs.infer_queue, jobs.profiles_queue, jobs.train_queue],
                     name="infer",
                     log_file=logs / "worker-infer.log",
                 )
             )
             workers.append(
                 spawn_worker(
-                    settings, [constants.index_queue], name="index", pool="solo", log_file=logs / "worker-index.log"
+                    settings, [jobs.index_queue], name="index", pool="solo", log_file=logs / "worker-index.log"
                 )
             )
             console.print(f"[bold]Workers[/] pids {[w.pid for w in workers]} (logs in {shown(logs)})")
@@ -114,7 +115,8 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             redis_client = aioredis.Redis.from_url(settings.redis_url or "")
             stack.push_async_callback(redis_client.aclose)
             store = MetadataStore(settings.metadata_database)
-            crawler = Crawler(settings, redis_client, CelerySink(create_celery(settings)), BlobStore(settings.blob_dir))
+            sink = CelerySink(Jobs.for_settings(settings))
+            crawler = Crawler(settings, redis_client, sink, BlobStore(settings.blob_dir))
             await stack.enter_async_context(crawler)
             # Pushed posts (POST /ingest) are taken as they arrive for as long as the API is up, not once a round.
             follower = crawler.follow_in_background()
@@ -205,7 +207,7 @@ async def _crawl_with_progress(
         while True:
             await asyncio.sleep(0.5)
             _check_workers(workers)
-            seen = int(await redis_client.scard(constants.seen_posts_key))
+            seen = int(await redis_client.scard(keys.seen_posts_key))
             counts = store.status_counts()
             done = counts.get("indexed", 0) + counts.get("rejected", 0)
             progress.update(crawled, completed=seen, total=max(total, seen))
@@ -229,12 +231,12 @@ async def _publish_models(
     console: Console, settings: Settings, store: MetadataStore, workers: list[subprocess.Popen[bytes]]
 ) -> None:
     """Snapshot the index and fit the hashtag model now instead of waiting for their schedules."""
-    app = create_celery(settings)
+    send = Jobs.for_settings(settings)
     snapshots = SnapshotStore(settings.index_dir).versions
     models = VersionedDir(settings.hashtag_model_dir, ".npz")
     before = (snapshots.current() or 0, models.current() or 0)
-    app.send_task(constants.snapshot_task, queue=constants.index_queue)
-    app.send_task(constants.train_task, queue=constants.train_queue)
+    send.snapshot()
+    send.train_hashtags()
     with console.status("snapshotting the index, fitting the hashtag model, rolling up profiles"):
         deadline = time.monotonic() + 600
         while (

@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from deeptarget.config import Settings
-from deeptarget.errors import ConfigurationError, ModelNotReadyError, NotFoundError
-from deeptarget.index.hashtags import HashtagModel
+from deeptarget.core.errors import ConfigurationError, ModelNotReadyError, NotFoundError
+from deeptarget.core.records import Profile, normalise_hashtag, vector_id
+from deeptarget.core.settings import Settings
 from deeptarget.index.vectors import SnapshotReader, SnapshotStore, VectorIndex
 from deeptarget.models.decode import decode_image
 from deeptarget.models.embedder import Embedder, EmbedderSpec
+from deeptarget.models.hashtags import HashtagModel
 from deeptarget.models.heads import head_names
-from deeptarget.schema import Profile, normalise_hashtag, vector_id
-from deeptarget.store import Audience, MetadataStore, StoredPost
-from deeptarget.versioned import VersionedDir
+from deeptarget.store.metadata import Audience, MetadataStore, StoredPost
+from deeptarget.store.versioned import VersionedDir
 
 LOG = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deeptarget.store import MetadataStore
+from deeptarget.store.metadata import MetadataStore
 
 
 @dataclass(frozen=True)

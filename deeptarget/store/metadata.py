@@ -42,9 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from deeptarget.config import without_password
-from deeptarget.databases import Database, Row, open_database
-from deeptarget.schema import PUSHED_SOURCES, Owner, Post, Prediction, Profile, vector_id
+from deeptarget.core.records import PUSHED_SOURCES, Owner, Post, Prediction, Profile, vector_id
+from deeptarget.core.settings import without_password
+from deeptarget.store.databases import Database, Row, open_database
 
 USABLE_STATUSES = ("embedded", "indexed")
 """Posts with an embedding that queries, the hashtag model and profiles count."""

@@ -18,7 +18,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 from pydantic_settings.exceptions import SettingsError
 
-from deeptarget.errors import ConfigurationError
+from deeptarget.core.errors import ConfigurationError
 
 CONFIG_ENV = "DEEPTARGET_CONFIG"
 
@@ -302,7 +302,7 @@ class Settings(BaseSettings):
     @field_validator("hashtags", "stop_hashtags")
     @classmethod
     def _normalise_hashtags(cls, tags: list[str]) -> list[str]:
-        from deeptarget.schema import normalise_hashtag
+        from deeptarget.core.records import normalise_hashtag
 
         return [normalise_hashtag(t) for t in tags]
 

@@ -1,0 +1,5 @@
+"""The ``deeptarget`` command."""
+
+from deeptarget.cli.commands import main
+
+__all__ = ["main"]
