@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -48,6 +51,103 @@ def test_settings_from_env_and_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert settings.hashtags == ["sushi", "ramen"]
     assert settings.batch_size == 4  # the environment overrides the file
     assert settings.backbone == "resnet50"
+
+
+def test_loading_a_file_leaves_the_environment_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "deeptarget.toml"
+    toml.write_text("batch_size = 8\n")
+    monkeypatch.delenv("DEEPTARGET_CONFIG", raising=False)
+    before = dict(os.environ)
+    assert Settings.load(toml).batch_size == 8
+    assert dict(os.environ) == before
+    assert Settings().batch_size == 16  # the file was for that load only
+
+
+def test_precedence_keywords_then_environment_then_file_then_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    toml = tmp_path / "deeptarget.toml"
+    toml.write_text("batch_size = 8\npage_size = 10\nsnapshots_kept = 5\n")
+    monkeypatch.setenv("DEEPTARGET_BATCH_SIZE", "4")
+    monkeypatch.setenv("DEEPTARGET_PAGE_SIZE", "12")
+    settings = Settings.load(toml, batch_size=2)
+    assert settings.batch_size == 2  # a keyword over the environment
+    assert settings.page_size == 12  # the environment over the file
+    assert settings.snapshots_kept == 5  # the file over the default
+    assert settings.api_port == 8800  # the default
+
+
+def test_a_path_given_to_load_wins_over_deeptarget_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    named, given = tmp_path / "named.toml", tmp_path / "given.toml"
+    named.write_text("batch_size = 5\npage_size = 7\n")
+    given.write_text("batch_size = 9\n")
+    monkeypatch.setenv("DEEPTARGET_CONFIG", str(named))
+    assert Settings().batch_size == 5 and Settings.load().page_size == 7  # no path: DEEPTARGET_CONFIG's file
+    settings = Settings.load(given)
+    assert (settings.batch_size, settings.page_size) == (9, 25)  # that file only, not both
+    assert os.environ["DEEPTARGET_CONFIG"] == str(named)
+
+
+def test_loads_of_different_files_in_threads_do_not_mix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DEEPTARGET_CONFIG", raising=False)
+    files = []
+    for n in range(1, 9):
+        toml = tmp_path / f"settings{n}.toml"
+        toml.write_text(f"batch_size = {n}\nsandbox_seed = {100 + n}\n")
+        files.append(toml)
+    start = threading.Barrier(len(files))
+
+    def load_many(toml: Path) -> tuple[set[tuple[int, int]], set[str | None]]:
+        start.wait()
+        seen: set[tuple[int, int]] = set()
+        named: set[str | None] = set()
+        for _ in range(50):
+            settings = Settings.load(toml)
+            seen.add((settings.batch_size, settings.sandbox_seed))
+            named.add(os.environ.get("DEEPTARGET_CONFIG"))  # what another thread's load would have put there
+        return seen, named
+
+    with ThreadPoolExecutor(len(files)) as pool:
+        results = list(pool.map(load_many, files))
+    assert [seen for seen, _ in results] == [{(n, 100 + n)} for n in range(1, 9)]
+    assert all(named == {None} for _, named in results)
+    assert "DEEPTARGET_CONFIG" not in os.environ
+
+
+def test_each_setting_is_in_one_group_and_keeps_its_flat_variable_and_toml_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deeptarget.core import settings as module
+
+    groups = [base for base in Settings.__mro__[1:] if base.__module__ == module.__name__]
+    assert sorted(name for group in groups for name in group.__annotations__) == sorted(Settings.model_fields)
+    assert all(group.__doc__ for group in groups)
+    assert isinstance(Settings(), module.WorkerSettings)  # a stage may type its dependency as its group
+    # One setting of each group from a DEEPTARGET_* variable, another from a top-level TOML key.
+    variables = {"DATA_DIR": "elsewhere", "SOURCE_URL": "http://127.0.0.1:1", "TOKEN_CALLS": "7",
+                 "HTTP_RETRIES": "1", "BATCH_SIZE": "3", "DECODE_THREADS": "3", "BACKBONE": "resnet50",
+                 "FACE_POLICY": "off", "WORKER_CONCURRENCY": "2", "SNAPSHOTS_KEPT": "4", "ALS_FACTORS": "8",
+                 "FOLLOWER_OUTLIER_K": "2.5", "API_PORT": "9000", "SANDBOX_SEED": "9"}  # fmt: skip
+    for name, value in variables.items():
+        monkeypatch.setenv(f"DEEPTARGET_{name}", value)
+    toml = tmp_path / "deeptarget.toml"
+    toml.write_text(
+        'redis_url = "redis://127.0.0.1:1/0"\nhashtags = ["#A"]\nhashtag_quota = 3\nmax_image_bytes = 5\n'
+        'ingest_block_s = 2.0\nmax_image_pixels = 9\ndevice = "cpu"\nface_min_size = 30\ntask_max_retries = 1\n'
+        "index_ivf_from = 5000\nals_iterations = 2\nprofile_half_life_days = 3.0\napi_port = 1\nsandbox_posts = 5\n"
+    )
+    settings = Settings.load(toml)
+    assert [getattr(settings, name.lower()) for name in variables] == [
+        Path("elsewhere"), "http://127.0.0.1:1", 7, 1, 3, 3, "resnet50", "off", 2, 4, 8, 2.5, 9000, 9
+    ]  # fmt: skip
+    assert (settings.redis_url, settings.hashtags, settings.hashtag_quota, settings.max_image_bytes) == (
+        "redis://127.0.0.1:1/0", ["a"], 3, 5
+    )  # fmt: skip
+    assert (settings.ingest_block_s, settings.max_image_pixels, settings.device, settings.face_min_size) == (
+        2.0, 9, "cpu", 30
+    )  # fmt: skip
+    assert (settings.task_max_retries, settings.index_ivf_from, settings.als_iterations) == (1, 5000, 2)
+    assert (settings.profile_half_life_days, settings.sandbox_posts) == (3.0, 5)
 
 
 def test_settings_reject_unknown_keys_and_bad_values(tmp_path: Path) -> None:

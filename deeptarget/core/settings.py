@@ -1,8 +1,13 @@
 """One settings object for every process: scraper, workers, API, CLI.
 
 Values come, highest priority first, from keyword arguments, ``DEEPTARGET_*`` environment variables,
-a TOML file named by ``DEEPTARGET_CONFIG`` (or passed as ``Settings.load(path)``), and the defaults below.
+a TOML file (passed as ``Settings.load(path)``, else named by ``DEEPTARGET_CONFIG``), and the defaults below.
 Components receive a ``Settings`` instance; nothing reads the environment deep inside a module.
+
+The fields are grouped by subsystem, one mixin each (``StorageSettings``, ``SourceSettings``, ... ``SandboxSettings``),
+and ``Settings`` combines them. Every setting stays a flat attribute (``settings.batch_size``) with a flat
+``DEEPTARGET_<NAME>`` variable and a top-level TOML key; a stage that needs one group only may type its parameter as
+that mixin (a ``Settings`` is one).
 """
 
 from __future__ import annotations
@@ -10,11 +15,12 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 from pydantic_settings.exceptions import SettingsError
 
@@ -24,14 +30,21 @@ CONFIG_ENV = "DEEPTARGET_CONFIG"
 
 FacePolicy = Literal["require", "tag", "off"]
 
+# The TOML file of the Settings.load running in this thread (or task): how the path reaches
+# settings_customise_sources without a process-wide variable. Unset: DEEPTARGET_CONFIG names the file, if any.
+_load_toml_file: ContextVar[Path | None] = ContextVar("deeptarget_settings_toml_file", default=None)
 
-class Settings(BaseSettings):
-    # hide_input_in_errors: an error names the setting, never its value (a mistyped key may hold a secret; issue 12, L4)
-    model_config = SettingsConfigDict(
-        env_prefix="DEEPTARGET_", extra="forbid", validate_default=True, hide_input_in_errors=True
-    )
 
-    # -- where things live ----------------------------------------------------------------------------------------
+def _normalised_hashtags(tags: list[str]) -> list[str]:
+    from deeptarget.core.records import normalise_hashtag
+
+    return [normalise_hashtag(t) for t in tags]
+
+
+class StorageSettings(BaseModel):
+    """Where state lives: the data dir (SQLite, blobs, index snapshots, models, embedded Redis), Redis and the
+    metadata store, and the paths derived from them."""
+
     data_dir: Path = Field(Path("data"), description="Metadata DB, blobs, index snapshots, models, embedded Redis.")
     redis_url: str | None = Field(
         None, description="External Redis (redis://host:port/db). Unset: the project starts its own embedded Redis."
@@ -42,247 +55,6 @@ class Settings(BaseSettings):
         "postgresql://user:password@host/db URL when workers and APIs on several hosts share it (a secret: it may "
         "hold a password).",
     )
-
-    # -- source and scraper ---------------------------------------------------------------------------------------
-    source_url: str = Field("http://127.0.0.1:8700", description="Base URL of a Graph-API-shaped source.")
-    source_user_id: str = Field("17841400000000000", description="IG user id the API calls are made on behalf of.")
-    access_tokens: list[SecretStr] = Field(default_factory=lambda: [SecretStr("sandbox-token")])
-    token_apps: dict[str, list[SecretStr]] = Field(
-        default_factory=dict,
-        description="More access tokens, by the Meta app they belong to (a Graph #4 'Application request limit "
-        "reached' pauses every token of that app). access_tokens belong to the app 'default'.",
-    )
-    token_in: Literal["query", "header"] = Field(
-        "query",
-        description="Where the token travels: the access_token query parameter, as Meta documents it, or an "
-        "Authorization: Bearer header. Never in a log line, error or metric either way.",
-    )
-    hashtags: list[str] = Field(default_factory=list, description="Hashtags to follow (with or without '#').")
-    accounts: list[str] = Field(default_factory=list, description="Usernames to follow via business_discovery.")
-    hashtag_edge: Literal["recent_media", "top_media"] = "recent_media"
-    page_size: int = Field(25, ge=1, le=50)
-    max_pages_per_target: int = Field(
-        0, ge=0, description="Pages per target per run (0 = to the end); the next run goes on from there."
-    )
-    max_pages_per_round: int = Field(
-        2000, ge=1, description="A target that gives more pages in one round is taken to loop and ended there."
-    )
-    loop_after_stale_pages: int = Field(
-        5,
-        ge=1,
-        description="Pages in a row that bring no post new to the round before a target is taken to loop (empty "
-        "pages do not count: the API filters after paging; hashtag cursors repeat by design).",
-    )
-    download_concurrency: int = Field(16, ge=1)
-    per_host_concurrency: int = Field(16, ge=1, description="Connections to any one host at a time (politeness).")
-    target_concurrency: int = Field(4, ge=1)
-    http_timeout_s: float = Field(20.0, gt=0)
-    image_hosts: list[str] = Field(
-        default_factory=lambda: ["*.cdninstagram.com", "*.fbcdn.net"],
-        description="Hosts images may be fetched from besides the source's own: patterns (public addresses, ports "
-        "80/443), or host:port / IP entries (trusted as named, private addresses too); '*' = any public host.",
-    )
-    jsonl_feeds: list[str] = Field(
-        default_factory=list, description="HTTP(S) URLs of partner feeds: JSON lines of posts, read each round."
-    )
-    max_feed_bytes: int = Field(64 * 1024 * 1024, gt=0, description="A feed longer than this is cut off there.")
-    scraper_metrics_port: int | None = Field(None, description="Serve the scraper's Prometheus metrics here.")
-    worker_metrics_port: int | None = Field(
-        None, description="Serve a worker's Prometheus metrics (summed over its pool processes) here."
-    )
-    instaloader_dirs: list[Path] = Field(
-        default_factory=list, description="Instaloader download folders to read (again each round with --forever)."
-    )
-    max_sidecar_bytes: int = Field(
-        8 * 1024 * 1024,
-        gt=0,
-        description="An instaloader metadata sidecar bigger than this (once decompressed) is that post's rejection.",
-    )
-    http_retries: int = Field(3, ge=0)
-    max_download_failures: int = Field(
-        3,
-        ge=1,
-        description="Times a post's image download may fail (each time after http_retries) before the post is "
-        "recorded as rejected (download_failed); until then it waits on the ingest stream for a later run.",
-    )
-    token_calls: int = Field(200, ge=1, description="Requests one access token may make per token_window_s.")
-    token_window_s: float = Field(3600.0, gt=0, description="The rolling window of the token budget.")
-    throttle_pause_s: float = Field(60.0, gt=0, description="A throttled token's pause when the API names none.")
-    max_pause_s: float = Field(
-        3600.0, gt=0, description="The longest pause any answer can impose (the Graph API's window is an hour)."
-    )
-    usage_pause_at: float = Field(95.0, gt=0, description="Usage-header percentage at which a token pauses.")
-    hashtag_quota: int = Field(30, ge=1, description="Unique hashtags one IG user may search per rolling window.")
-    hashtag_quota_days: float = Field(7.0, gt=0)
-    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    batch_size: int = Field(16, ge=1, description="Posts per infer task.")
-    claim_ttl_s: int = Field(
-        60,
-        gt=0,
-        description="How long a scraper's claim on a post lasts without its heartbeat (every third of it): what a "
-        "post a scraper died holding waits before another takes it, and a pushed entry before another takes it over.",
-    )
-    scraper_id: str | None = Field(
-        None,
-        description="The scraper's name in its claims and on the ingest stream, the same across restarts, so a "
-        "restarted scraper takes back at once what it held (default: host name + data dir; a second process on the "
-        "same one gets .1, .2, ...). Set by hand, one per host: two hosts given the same one would share claims.",
-    )
-    outage_max_wait_s: float = Field(
-        5.0, gt=0, description="The longest wait between two tries while Redis or the blob store is unavailable."
-    )
-    download_retry_delay_s: float = Field(
-        60.0, ge=0, description="A post whose download failed waits this long before it is tried again."
-    )
-    ingest_block_s: float = Field(
-        1.0,
-        gt=0,
-        le=5,
-        description="How long one read of the ingest stream waits for a pushed post (then reads again; a stop waits "
-        "for it, hence the bound).",
-    )
-    ingest_max_delay_s: float = Field(
-        0.05, ge=0, description="How long a pushed post may wait for others to share its batch (a queue delay)."
-    )
-    ingest_batches_in_flight: int = Field(4, ge=1, description="Batches of pushed posts handled at once.")
-
-    # -- workers --------------------------------------------------------------------------------------------------
-    backbone: Literal["mobilenet_v2", "resnet50", "efficientnet_b0"] = "mobilenet_v2"
-    weights: str = Field(
-        "auto",
-        description="'imagenet' (torchvision cache, error if missing), 'none' (random), a .pth path, "
-        "or 'auto' (imagenet when cached, else random with a warning).",
-    )
-    weights_normalization: Literal["imagenet", "inception"] = Field(
-        "imagenet", description="Input scaling the weights were trained with: ImageNet mean/std or [-1, 1]."
-    )
-    image_size: int = Field(224, ge=32)
-    max_image_pixels: int = Field(40_000_000, gt=0, description="Larger images are rejected (decompression bombs).")
-    decode_long_side: int = Field(640, ge=64, description="Images are decoded down to this long side at most.")
-    max_decode_bytes: int = Field(
-        256 * 1024 * 1024,
-        gt=0,
-        description="Images whose decode would hold more memory than this are rejected (too_costly), estimated from "
-        "the header by format and bit depth (a WebP holds 16 bytes a pixel, a palette PNG 1).",
-    )
-    jpeg_decoder: Literal["auto", "pil", "torchvision"] = Field(
-        "auto", description="auto: torchvision.io (nvJPEG) when the models run on CUDA, else PIL with DCT scaling."
-    )
-    face_policy: FacePolicy = "tag"
-    face_detector: Literal["auto", "haar", "yunet", "mtcnn"] = Field(
-        "auto", description="auto: MTCNN on CUDA if facenet-pytorch is there, else YuNet if its file is set, else Haar."
-    )
-    face_model_path: Path | None = Field(None, description="YuNet .onnx file (face_detection_yunet_2023mar.onnx).")
-    face_min_size: int = Field(24, ge=8)
-    face_min_confidence: float = Field(0.0, ge=0, le=1)
-    face_long_side: int = Field(448, ge=64, description="Faces are searched on a copy downscaled to this long side.")
-    micro_batch: int = Field(
-        0, ge=0, description="Images per forward pass; 0 = 16 on CPU (fastest measured here), 128 on CUDA."
-    )
-    decode_threads: int = Field(2, ge=1)
-    torch_threads: int = Field(0, ge=0, description="0 = the cores divided among the worker's pool processes.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    visibility_timeout_s: int = Field(
-        300,
-        gt=0,
-        description="A task a dead worker held comes back after this (plus redelivery_check_s); above the longest "
-        "task, or that task runs twice (they are idempotent: only time is lost). docker-compose.yml gives workers a "
-        "shorter stop grace.",
-    )
-    redelivery_check_s: float = Field(
-        5.0, gt=0, description="How often each worker looks for tasks held past the visibility timeout."
-    )
-    worker_concurrency: int = Field(1, ge=1)
-    task_max_retries: int = Field(8, ge=0, description="Retries of a transiently failing task before its dead letter.")
-    task_retry_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles each time, with jitter.")
-    task_retry_backoff_max_s: float = Field(
-        300.0, gt=0, description="The longest retry delay (and at most half the visibility timeout)."
-    )
-    task_retry_disk_backoff_s: float = Field(
-        20.0, gt=0, description="First retry delay after a transient disk error (full, EIO); doubles each time."
-    )
-    task_write_retry_s: float = Field(
-        60.0, ge=0, description="An infer task retries its store write in place this long before the task retries "
-        "(which embeds the batch again).",
-    )  # fmt: skip
-
-    # -- index and models -----------------------------------------------------------------------------------------
-    snapshot_every_adds: int = Field(1000, ge=1, description="This many index changes are published at once.")
-    snapshot_every_s: float = Field(
-        0.5,
-        ge=0,
-        description="New vectors are published (a snapshot the API loads) at most this long after they are added, "
-        "coalescing the adds in between; 0 = a snapshot after every add. Stretched when snapshots get slow.",
-    )
-    snapshots_kept: int = Field(3, ge=1)
-    index_catch_up_every_s: float = Field(
-        5.0, gt=0, description="The index writer looks this often for stored posts no index task brought."
-    )
-    index_catch_up_after_s: float = Field(
-        30.0, ge=0, description="A post stored this long ago and not indexed yet is indexed by the writer itself."
-    )
-    health_writer_stale_s: float = Field(
-        30.0, gt=0, description="/healthz calls the index writer dead when its heartbeat is older than this."
-    )
-    health_backlog_stale_s: float = Field(
-        120.0, gt=0, description="/healthz calls the index stale when a stored post waits longer than this."
-    )
-    health_min_free_bytes: int = Field(
-        512 * 1024 * 1024, ge=0, description="/healthz reports the data volume as low below this much free space."
-    )
-    index_ivf_from: int = Field(20_000, ge=1000, description="Exact search below this many vectors, IVF from here on.")
-    index_target_recall: float = Field(0.95, gt=0, le=1, description="IVF nprobe is tuned to this recall@10.")
-    index_regrow_factor: float = Field(4.0, gt=1, description="IVF is rebuilt after growing this many times.")
-    als_factors: int = Field(32, ge=2)
-    als_iterations: int = Field(20, ge=1)
-    als_regularization: float = Field(0.05, ge=0)
-    als_alpha: float = Field(20.0, gt=0, description="Confidence scale of an (image, hashtag) pair.")
-    als_weighting: Literal["constant", "bm25", "tfidf"] = Field(
-        "constant", description="Per-pair confidence weighting (bm25 discounts hashtags that are on everything)."
-    )
-    als_neighbours: int = Field(10, ge=1, description="FAISS neighbours whose ALS factors describe a new image.")
-    stop_hashtags: list[str] = Field(default_factory=list)
-    train_every_s: float = Field(3600.0, gt=0, description="Celery beat refits the hashtag model this often.")
-    profile_half_life_days: float = Field(30.0, gt=0)
-    follower_outlier_k: float = Field(3.0, gt=0, description="Accounts outside median +- k*MAD followers are marked.")
-
-    # -- API ------------------------------------------------------------------------------------------------------
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8800, ge=0, le=65535)
-    api_key: SecretStr | None = Field(
-        None,
-        description="The key write endpoints need (X-API-Key); unset, empty or blank: write endpoints are closed. "
-        "`deeptarget serve` refuses one shorter than 16 bytes.",
-    )
-    max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0)
-    api_header_timeout_s: float = Field(
-        10.0, gt=0, description="A connection must send a request's headers within this long of opening (or of its "
-        "previous answer); idle keep-alive connections close after it too.",
-    )  # fmt: skip
-    api_body_timeout_s: float = Field(30.0, gt=0, description="A request body must arrive whole this fast (else 408).")
-    api_max_connections_per_client: int = Field(
-        32, ge=1, description="Connections one client address may hold open; one more is answered 503 and closed."
-    )
-    api_max_ingest_records: int = Field(10_000, ge=1, description="Records one POST /ingest may carry (more: 413).")
-    api_decode_concurrency: int = Field(
-        0, ge=0, description="Uploaded images decoded and embedded at once; 0 = max(2, cores)."
-    )
-    api_decode_wait_s: float = Field(
-        2.0, ge=0, description="How long an upload waits for a decode slot before a 503 with Retry-After."
-    )
-
-    # -- sandbox --------------------------------------------------------------------------------------------------
-    sandbox_seed: int = 7
-    sandbox_posts: int = Field(300, ge=1)
-    sandbox_users: int = Field(30, ge=1)
-    sandbox_hashtags: int = Field(10, ge=1, le=10)
-
-    @field_validator("api_key")
-    @classmethod
-    def _blank_key_is_no_key(cls, key: SecretStr | None) -> SecretStr | None:
-        # An empty key (compose's ${DEEPTARGET_API_KEY:-}) compared equal to an empty header and opened every write
-        # endpoint: blank means none.
-        return key if key is not None and key.get_secret_value().strip() else None
 
     @field_validator("database_url")
     @classmethod
@@ -299,61 +71,6 @@ class Settings(BaseSettings):
             raise ValueError(f"{problem} (in {without_password(url)})")
         return url
 
-    @field_validator("hashtags", "stop_hashtags")
-    @classmethod
-    def _normalise_hashtags(cls, tags: list[str]) -> list[str]:
-        from deeptarget.core.records import normalise_hashtag
-
-        return [normalise_hashtag(t) for t in tags]
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml_path = os.environ.get(CONFIG_ENV)
-        if toml_path:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
-        return tuple(sources)
-
-    @classmethod
-    def load(cls, path: Path | None = None, **overrides: Any) -> Settings:
-        """Settings from the environment, optionally on top of a TOML file. Raises ``ConfigurationError`` naming each
-        setting that is wrong and why, never a value (``settings_error``)."""
-        if path is None:
-            return _checked(cls, None, overrides)
-        if not path.is_file():
-            raise FileNotFoundError(f"settings file {path} does not exist")
-        previous = os.environ.get(CONFIG_ENV)
-        os.environ[CONFIG_ENV] = str(path)
-        try:
-            return _checked(cls, path, overrides)
-        finally:
-            if previous is None:
-                os.environ.pop(CONFIG_ENV, None)
-            else:
-                os.environ[CONFIG_ENV] = previous
-
-    # -- derived ----------------------------------------------------------------------------------------------------
-    @property
-    def all_access_tokens(self) -> list[SecretStr]:
-        """``access_tokens`` and the tokens of ``token_apps``, each once."""
-        seen: dict[str, SecretStr] = {}
-        for token in [*self.access_tokens, *(t for tokens in self.token_apps.values() for t in tokens)]:
-            seen.setdefault(token.get_secret_value(), token)
-        return list(seen.values())
-
-    @property
-    def token_app_of(self) -> dict[str, str]:
-        """Token value -> the app it belongs to (``token_apps``; the rest: 'default')."""
-        return {t.get_secret_value(): app for app, tokens in self.token_apps.items() for t in tokens}
-
-    # -- derived paths --------------------------------------------------------------------------------------------
     @property
     def deadletter_path(self) -> Path:
         """Where dead letters go while Redis is down (workers/deadletter.py)."""
@@ -401,6 +118,390 @@ class Settings(BaseSettings):
     def redis_dir(self) -> Path:
         return self.data_dir / "redis"
 
+
+class SourceSettings(BaseModel):
+    """What the scraper reads and as whom: the Graph-API-shaped source, its tokens, the hashtags and accounts it
+    follows and how far it pages through them, partner feeds and instaloader folders."""
+
+    source_url: str = Field("http://127.0.0.1:8700", description="Base URL of a Graph-API-shaped source.")
+    source_user_id: str = Field("17841400000000000", description="IG user id the API calls are made on behalf of.")
+    access_tokens: list[SecretStr] = Field(default_factory=lambda: [SecretStr("sandbox-token")])
+    token_apps: dict[str, list[SecretStr]] = Field(
+        default_factory=dict,
+        description="More access tokens, by the Meta app they belong to (a Graph #4 'Application request limit "
+        "reached' pauses every token of that app). access_tokens belong to the app 'default'.",
+    )
+    token_in: Literal["query", "header"] = Field(
+        "query",
+        description="Where the token travels: the access_token query parameter, as Meta documents it, or an "
+        "Authorization: Bearer header. Never in a log line, error or metric either way.",
+    )
+    hashtags: list[str] = Field(default_factory=list, description="Hashtags to follow (with or without '#').")
+    accounts: list[str] = Field(default_factory=list, description="Usernames to follow via business_discovery.")
+    hashtag_edge: Literal["recent_media", "top_media"] = "recent_media"
+    page_size: int = Field(25, ge=1, le=50)
+    max_pages_per_target: int = Field(
+        0, ge=0, description="Pages per target per run (0 = to the end); the next run goes on from there."
+    )
+    max_pages_per_round: int = Field(
+        2000, ge=1, description="A target that gives more pages in one round is taken to loop and ended there."
+    )
+    loop_after_stale_pages: int = Field(
+        5,
+        ge=1,
+        description="Pages in a row that bring no post new to the round before a target is taken to loop (empty "
+        "pages do not count: the API filters after paging; hashtag cursors repeat by design).",
+    )
+    jsonl_feeds: list[str] = Field(
+        default_factory=list, description="HTTP(S) URLs of partner feeds: JSON lines of posts, read each round."
+    )
+    max_feed_bytes: int = Field(64 * 1024 * 1024, gt=0, description="A feed longer than this is cut off there.")
+    instaloader_dirs: list[Path] = Field(
+        default_factory=list, description="Instaloader download folders to read (again each round with --forever)."
+    )
+    max_sidecar_bytes: int = Field(
+        8 * 1024 * 1024,
+        gt=0,
+        description="An instaloader metadata sidecar bigger than this (once decompressed) is that post's rejection.",
+    )
+
+    @field_validator("hashtags")
+    @classmethod
+    def _normalise_hashtags(cls, tags: list[str]) -> list[str]:
+        return _normalised_hashtags(tags)
+
+    @property
+    def all_access_tokens(self) -> list[SecretStr]:
+        """``access_tokens`` and the tokens of ``token_apps``, each once."""
+        seen: dict[str, SecretStr] = {}
+        for token in [*self.access_tokens, *(t for tokens in self.token_apps.values() for t in tokens)]:
+            seen.setdefault(token.get_secret_value(), token)
+        return list(seen.values())
+
+    @property
+    def token_app_of(self) -> dict[str, str]:
+        """Token value -> the app it belongs to (``token_apps``; the rest: 'default')."""
+        return {t.get_secret_value(): app for app, tokens in self.token_apps.items() for t in tokens}
+
+
+class BudgetSettings(BaseModel):
+    """The API's budgets the scraper keeps to: requests per token, pauses when throttled, the hashtag-search
+    quota."""
+
+    token_calls: int = Field(200, ge=1, description="Requests one access token may make per token_window_s.")
+    token_window_s: float = Field(3600.0, gt=0, description="The rolling window of the token budget.")
+    throttle_pause_s: float = Field(60.0, gt=0, description="A throttled token's pause when the API names none.")
+    max_pause_s: float = Field(
+        3600.0, gt=0, description="The longest pause any answer can impose (the Graph API's window is an hour)."
+    )
+    usage_pause_at: float = Field(95.0, gt=0, description="Usage-header percentage at which a token pauses.")
+    hashtag_quota: int = Field(30, ge=1, description="Unique hashtags one IG user may search per rolling window.")
+    hashtag_quota_days: float = Field(7.0, gt=0)
+
+
+class FetchSettings(BaseModel):
+    """The scraper's HTTP fetch policy: concurrency, timeouts, the hosts images may come from, retries and what a
+    failed or oversized download becomes."""
+
+    download_concurrency: int = Field(16, ge=1)
+    per_host_concurrency: int = Field(16, ge=1, description="Connections to any one host at a time (politeness).")
+    target_concurrency: int = Field(4, ge=1)
+    http_timeout_s: float = Field(20.0, gt=0)
+    image_hosts: list[str] = Field(
+        default_factory=lambda: ["*.cdninstagram.com", "*.fbcdn.net"],
+        description="Hosts images may be fetched from besides the source's own: patterns (public addresses, ports "
+        "80/443), or host:port / IP entries (trusted as named, private addresses too); '*' = any public host.",
+    )
+    http_retries: int = Field(3, ge=0)
+    max_download_failures: int = Field(
+        3,
+        ge=1,
+        description="Times a post's image download may fail (each time after http_retries) before the post is "
+        "recorded as rejected (download_failed); until then it waits on the ingest stream for a later run.",
+    )
+    download_retry_delay_s: float = Field(
+        60.0, ge=0, description="A post whose download failed waits this long before it is tried again."
+    )
+    max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
+
+
+class ScraperSettings(BaseModel):
+    """The scraper process: its name and claims, the ingest stream of pushed posts, the infer batches it sends,
+    waits through outages, its metrics port."""
+
+    batch_size: int = Field(16, ge=1, description="Posts per infer task.")
+    claim_ttl_s: int = Field(
+        60,
+        gt=0,
+        description="How long a scraper's claim on a post lasts without its heartbeat (every third of it): what a "
+        "post a scraper died holding waits before another takes it, and a pushed entry before another takes it over.",
+    )
+    scraper_id: str | None = Field(
+        None,
+        description="The scraper's name in its claims and on the ingest stream, the same across restarts, so a "
+        "restarted scraper takes back at once what it held (default: host name + data dir; a second process on the "
+        "same one gets .1, .2, ...). Set by hand, one per host: two hosts given the same one would share claims.",
+    )
+    outage_max_wait_s: float = Field(
+        5.0, gt=0, description="The longest wait between two tries while Redis or the blob store is unavailable."
+    )
+    ingest_block_s: float = Field(
+        1.0,
+        gt=0,
+        le=5,
+        description="How long one read of the ingest stream waits for a pushed post (then reads again; a stop waits "
+        "for it, hence the bound).",
+    )
+    ingest_max_delay_s: float = Field(
+        0.05, ge=0, description="How long a pushed post may wait for others to share its batch (a queue delay)."
+    )
+    ingest_batches_in_flight: int = Field(4, ge=1, description="Batches of pushed posts handled at once.")
+    scraper_metrics_port: int | None = Field(None, description="Serve the scraper's Prometheus metrics here.")
+
+
+class ImageSettings(BaseModel):
+    """Image decoding, the same in workers, API uploads and training: size limits against decompression bombs,
+    the decode size, the JPEG decoder and its threads."""
+
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Larger images are rejected (decompression bombs).")
+    decode_long_side: int = Field(640, ge=64, description="Images are decoded down to this long side at most.")
+    max_decode_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Images whose decode would hold more memory than this are rejected (too_costly), estimated from "
+        "the header by format and bit depth (a WebP holds 16 bytes a pixel, a palette PNG 1).",
+    )
+    jpeg_decoder: Literal["auto", "pil", "torchvision"] = Field(
+        "auto", description="auto: torchvision.io (nvJPEG) when the models run on CUDA, else PIL with DCT scaling."
+    )
+    decode_threads: int = Field(2, ge=1)
+
+
+class ModelSettings(BaseModel):
+    """The embedding model: backbone, weights and their input scaling, input size, forward-pass batch, device."""
+
+    backbone: Literal["mobilenet_v2", "resnet50", "efficientnet_b0"] = "mobilenet_v2"
+    weights: str = Field(
+        "auto",
+        description="'imagenet' (torchvision cache, error if missing), 'none' (random), a .pth path, "
+        "or 'auto' (imagenet when cached, else random with a warning).",
+    )
+    weights_normalization: Literal["imagenet", "inception"] = Field(
+        "imagenet", description="Input scaling the weights were trained with: ImageNet mean/std or [-1, 1]."
+    )
+    image_size: int = Field(224, ge=32)
+    micro_batch: int = Field(
+        0, ge=0, description="Images per forward pass; 0 = 16 on CPU (fastest measured here), 128 on CUDA."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class FaceSettings(BaseModel):
+    """The face filter: what a post without a face becomes, the detector and its thresholds."""
+
+    face_policy: FacePolicy = "tag"
+    face_detector: Literal["auto", "haar", "yunet", "mtcnn"] = Field(
+        "auto", description="auto: MTCNN on CUDA if facenet-pytorch is there, else YuNet if its file is set, else Haar."
+    )
+    face_model_path: Path | None = Field(None, description="YuNet .onnx file (face_detection_yunet_2023mar.onnx).")
+    face_min_size: int = Field(24, ge=8)
+    face_min_confidence: float = Field(0.0, ge=0, le=1)
+    face_long_side: int = Field(448, ge=64, description="Faces are searched on a copy downscaled to this long side.")
+
+
+class WorkerSettings(BaseModel):
+    """Celery workers: pool size and threads, visibility and redelivery, retries and their backoff, metrics."""
+
+    torch_threads: int = Field(0, ge=0, description="0 = the cores divided among the worker's pool processes.")
+    visibility_timeout_s: int = Field(
+        300,
+        gt=0,
+        description="A task a dead worker held comes back after this (plus redelivery_check_s); above the longest "
+        "task, or that task runs twice (they are idempotent: only time is lost). docker-compose.yml gives workers a "
+        "shorter stop grace.",
+    )
+    redelivery_check_s: float = Field(
+        5.0, gt=0, description="How often each worker looks for tasks held past the visibility timeout."
+    )
+    worker_concurrency: int = Field(1, ge=1)
+    task_max_retries: int = Field(8, ge=0, description="Retries of a transiently failing task before its dead letter.")
+    task_retry_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles each time, with jitter.")
+    task_retry_backoff_max_s: float = Field(
+        300.0, gt=0, description="The longest retry delay (and at most half the visibility timeout)."
+    )
+    task_retry_disk_backoff_s: float = Field(
+        20.0, gt=0, description="First retry delay after a transient disk error (full, EIO); doubles each time."
+    )
+    task_write_retry_s: float = Field(
+        60.0, ge=0, description="An infer task retries its store write in place this long before the task retries "
+        "(which embeds the batch again).",
+    )  # fmt: skip
+    worker_metrics_port: int | None = Field(
+        None, description="Serve a worker's Prometheus metrics (summed over its pool processes) here."
+    )
+
+
+class IndexSettings(BaseModel):
+    """The FAISS index and its single writer: snapshot publishing, catching up on unindexed posts, exact or IVF."""
+
+    snapshot_every_adds: int = Field(1000, ge=1, description="This many index changes are published at once.")
+    snapshot_every_s: float = Field(
+        0.5,
+        ge=0,
+        description="New vectors are published (a snapshot the API loads) at most this long after they are added, "
+        "coalescing the adds in between; 0 = a snapshot after every add. Stretched when snapshots get slow.",
+    )
+    snapshots_kept: int = Field(3, ge=1)
+    index_catch_up_every_s: float = Field(
+        5.0, gt=0, description="The index writer looks this often for stored posts no index task brought."
+    )
+    index_catch_up_after_s: float = Field(
+        30.0, ge=0, description="A post stored this long ago and not indexed yet is indexed by the writer itself."
+    )
+    index_ivf_from: int = Field(20_000, ge=1000, description="Exact search below this many vectors, IVF from here on.")
+    index_target_recall: float = Field(0.95, gt=0, le=1, description="IVF nprobe is tuned to this recall@10.")
+    index_regrow_factor: float = Field(4.0, gt=1, description="IVF is rebuilt after growing this many times.")
+
+
+class HashtagModelSettings(BaseModel):
+    """The implicit-ALS hashtag model: its hyper-parameters, the hashtags it ignores, how often beat refits it."""
+
+    als_factors: int = Field(32, ge=2)
+    als_iterations: int = Field(20, ge=1)
+    als_regularization: float = Field(0.05, ge=0)
+    als_alpha: float = Field(20.0, gt=0, description="Confidence scale of an (image, hashtag) pair.")
+    als_weighting: Literal["constant", "bm25", "tfidf"] = Field(
+        "constant", description="Per-pair confidence weighting (bm25 discounts hashtags that are on everything)."
+    )
+    als_neighbours: int = Field(10, ge=1, description="FAISS neighbours whose ALS factors describe a new image.")
+    stop_hashtags: list[str] = Field(default_factory=list)
+    train_every_s: float = Field(3600.0, gt=0, description="Celery beat refits the hashtag model this often.")
+
+    @field_validator("stop_hashtags")
+    @classmethod
+    def _normalise_stop_hashtags(cls, tags: list[str]) -> list[str]:
+        return _normalised_hashtags(tags)
+
+
+class ProfileSettings(BaseModel):
+    """Per-user interest profiles and the accounts whose follower counts are outliers."""
+
+    profile_half_life_days: float = Field(30.0, gt=0)
+    follower_outlier_k: float = Field(3.0, gt=0, description="Accounts outside median +- k*MAD followers are marked.")
+
+
+class ApiSettings(BaseModel):
+    """The query API: address, write key, request limits and timeouts, upload decoding, what /healthz calls
+    stale."""
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8800, ge=0, le=65535)
+    api_key: SecretStr | None = Field(
+        None,
+        description="The key write endpoints need (X-API-Key); unset, empty or blank: write endpoints are closed. "
+        "`deeptarget serve` refuses one shorter than 16 bytes.",
+    )
+    max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    api_header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection must send a request's headers within this long of opening (or of its "
+        "previous answer); idle keep-alive connections close after it too.",
+    )  # fmt: skip
+    api_body_timeout_s: float = Field(30.0, gt=0, description="A request body must arrive whole this fast (else 408).")
+    api_max_connections_per_client: int = Field(
+        32, ge=1, description="Connections one client address may hold open; one more is answered 503 and closed."
+    )
+    api_max_ingest_records: int = Field(10_000, ge=1, description="Records one POST /ingest may carry (more: 413).")
+    api_decode_concurrency: int = Field(
+        0, ge=0, description="Uploaded images decoded and embedded at once; 0 = max(2, cores)."
+    )
+    api_decode_wait_s: float = Field(
+        2.0, ge=0, description="How long an upload waits for a decode slot before a 503 with Retry-After."
+    )
+    health_writer_stale_s: float = Field(
+        30.0, gt=0, description="/healthz calls the index writer dead when its heartbeat is older than this."
+    )
+    health_backlog_stale_s: float = Field(
+        120.0, gt=0, description="/healthz calls the index stale when a stored post waits longer than this."
+    )
+    health_min_free_bytes: int = Field(
+        512 * 1024 * 1024, ge=0, description="/healthz reports the data volume as low below this much free space."
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _blank_key_is_no_key(cls, key: SecretStr | None) -> SecretStr | None:
+        # An empty key (compose's ${DEEPTARGET_API_KEY:-}) compared equal to an empty header and opened every write
+        # endpoint: blank means none.
+        return key if key is not None and key.get_secret_value().strip() else None
+
+
+class SandboxSettings(BaseModel):
+    """The built-in sandbox social network: its seed and size."""
+
+    sandbox_seed: int = 7
+    sandbox_posts: int = Field(300, ge=1)
+    sandbox_users: int = Field(30, ge=1)
+    sandbox_hashtags: int = Field(10, ge=1, le=10)
+
+
+# pydantic collects fields from the last base first: the groups are listed last first, so that model_fields (and
+# model_dump, to_env) follow this file, StorageSettings' fields first.
+class Settings(
+    SandboxSettings,
+    ApiSettings,
+    ProfileSettings,
+    HashtagModelSettings,
+    IndexSettings,
+    WorkerSettings,
+    FaceSettings,
+    ModelSettings,
+    ImageSettings,
+    ScraperSettings,
+    FetchSettings,
+    BudgetSettings,
+    SourceSettings,
+    StorageSettings,
+    BaseSettings,
+):
+    """Every setting, flat: one group per subsystem (the mixins above), read by pydantic-settings."""
+
+    # hide_input_in_errors: an error names the setting, never its value (a mistyped key may hold a secret; issue 12, L4)
+    model_config = SettingsConfigDict(
+        env_prefix="DEEPTARGET_", extra="forbid", validate_default=True, hide_input_in_errors=True
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Keyword arguments, then DEEPTARGET_* variables, then the TOML file, then the defaults (no .env, no secrets
+        # dir). The file: the one Settings.load is loading in this thread, else DEEPTARGET_CONFIG's.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _load_toml_file.get() or os.environ.get(CONFIG_ENV)
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_file)))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment, optionally on top of a TOML file (``path`` wins over ``DEEPTARGET_CONFIG``;
+        neither the environment nor any other thread sees it). Raises ``ConfigurationError`` naming each setting that
+        is wrong and why, never a value (``settings_error``)."""
+        if path is None:
+            return _checked(cls, None, overrides)
+        if not path.is_file():
+            raise FileNotFoundError(f"settings file {path} does not exist")
+        token = _load_toml_file.set(path)
+        try:
+            return _checked(cls, path, overrides)
+        finally:
+            _load_toml_file.reset(token)
+
     def to_env(self) -> dict[str, str]:
         """The settings as DEEPTARGET_* variables, to hand to child processes (secrets included, never logged)."""
         env: dict[str, str] = {}
@@ -443,7 +544,7 @@ def settings_error(err: Exception, path: Path | None) -> ConfigurationError:
     problems = []
     for error in err.errors(include_url=False, include_input=False, include_context=False):
         name = ".".join(str(part) for part in error["loc"])[:80] or "settings"
-        message = "not a setting (misspelt? every setting is in deeptarget/config.py)"
+        message = "not a setting (misspelt? every setting is in deeptarget/core/settings.py)"
         if error["type"] != "extra_forbidden":
             message = error["msg"].removeprefix("Value error, ")
         problems.append(f"{name}: {message}")
