@@ -17,7 +17,8 @@ import redis
 from rich.console import Console
 
 from deeptarget import jobs
-from deeptarget.cli.commands import _POST_ID_RE, main
+from deeptarget.cli import main
+from deeptarget.cli.arguments import POST_ID_RE
 from deeptarget.cli.demo import _print_summary, similar_table
 from deeptarget.core import keys
 from deeptarget.core.records import Owner, Post, Prediction, Profile
@@ -268,4 +269,4 @@ def test_the_terminal_helpers() -> None:
         assert not any(c in json_text(text) for c in CONTROLS)
     assert plain("a\tb\nc\x00d\x7fe\x9bf\u2066g") == "a b cdefg"
     assert render(shown(":smile: \\[x]")).strip() == ":smile: \\[x]"
-    assert _POST_ID_RE.pattern == ID_PATTERN  # the CLI's copy of the rule pushed ids meet
+    assert POST_ID_RE.pattern == ID_PATTERN  # the CLI's copy of the rule pushed ids meet

@@ -14,7 +14,7 @@ import pytest
 import redis
 from aiohttp import web
 
-from deeptarget.cli.commands import _post_id
+from deeptarget.cli.arguments import post_id as _post_id
 from deeptarget.core.records import Owner
 from deeptarget.runtime.app_server import AppServer
 from deeptarget.sandbox import SandboxNetwork, sandbox_server

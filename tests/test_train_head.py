@@ -67,7 +67,7 @@ def test_k_fold_gives_k_results_and_the_report_has_its_figures(tmp_path: Path) -
 
 def test_the_dataset_argument_does_not_move_the_data_dir(tmp_path: Path) -> None:
     """``train-head DATA_DIR`` once shadowed ``--data-dir`` and wrote caches and heads into the dataset."""
-    from deeptarget.cli.commands import build_parser
+    from deeptarget.cli import build_parser
 
     args = build_parser().parse_args(["--data-dir", str(tmp_path / "data"), "train-head", "photos", "--name", "x"])
     assert args.data_dir == str(tmp_path / "data") and args.images == "photos"

@@ -28,13 +28,13 @@ from rich.table import Table
 
 from deeptarget import jobs
 from deeptarget.api.app import create_app, server_limits
+from deeptarget.cli.context import async_redis_client, metadata_store, senders
 from deeptarget.core import keys
 from deeptarget.core.errors import DeepTargetError
 from deeptarget.core.settings import Settings
 from deeptarget.core.terminal import console as inert_console
 from deeptarget.core.terminal import shown
 from deeptarget.index.vectors import SnapshotStore
-from deeptarget.jobs import Jobs
 from deeptarget.reports.live import write_system_report
 from deeptarget.runtime.app_server import AppServer
 from deeptarget.runtime.processes import spawn_worker, start_embedded_redis, stop_processes, wait_for_signal
@@ -112,10 +112,10 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             api = await stack.enter_async_context(_api_server(settings))
             console.print(f"[bold]API[/] at {api.url}")
 
-            redis_client = aioredis.Redis.from_url(settings.redis_url or "")
+            redis_client = async_redis_client(settings)
             stack.push_async_callback(redis_client.aclose)
-            store = MetadataStore(settings.metadata_database)
-            sink = CelerySink(Jobs.for_settings(settings))
+            store = metadata_store(settings)
+            sink = CelerySink(senders(settings))
             crawler = Crawler(settings, redis_client, sink, BlobStore(settings.blob_dir))
             await stack.enter_async_context(crawler)
             # Pushed posts (POST /ingest) are taken as they arrive for as long as the API is up, not once a round.
@@ -231,7 +231,7 @@ async def _publish_models(
     console: Console, settings: Settings, store: MetadataStore, workers: list[subprocess.Popen[bytes]]
 ) -> None:
     """Snapshot the index and fit the hashtag model now instead of waiting for their schedules."""
-    send = Jobs.for_settings(settings)
+    send = senders(settings)
     snapshots = SnapshotStore(settings.index_dir).versions
     models = VersionedDir(settings.hashtag_model_dir, ".npz")
     before = (snapshots.current() or 0, models.current() or 0)
