@@ -120,7 +120,7 @@ def measure(
     def infer_all() -> None:
         for batch in batches:
             results = pipeline(batch)
-            store.record_results((r.post, r.blob, r.prediction, r.embedding) for r in results)
+            store.record_results(results)
 
     pipeline(batches[0][: pipeline.micro_batch])  # warm-up
     full_s = best_of(args.repeats, infer_all)

@@ -26,7 +26,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.postgres, when run as a script
 
-from deeptarget.core.records import Owner, Post, Prediction, Profile
+from deeptarget.core.records import InferResult, Owner, Post, Prediction, Profile
 from deeptarget.store.metadata import MetadataStore
 from tests.postgres import LocalPostgres
 
@@ -35,7 +35,7 @@ DIM = 1280
 USERS = 500
 
 
-def results(start: int, n: int) -> list[tuple[Post, str, Prediction, np.ndarray]]:
+def results(start: int, n: int) -> list[InferResult]:
     rng = np.random.default_rng(start)
     out = []
     for i in range(start, start + n):
@@ -44,7 +44,7 @@ def results(start: int, n: int) -> list[tuple[Post, str, Prediction, np.ndarray]
         classes = {"food": {"sushi": float(i % 10) / 10, "pizza": 1 - float(i % 10) / 10}}
         prediction = Prediction(post_id=post.id, status="embedded", model_id="bench", classes=classes)
         vector = rng.standard_normal(DIM).astype(np.float32)
-        out.append((post, f"{i:064x}", prediction, vector / np.linalg.norm(vector)))
+        out.append(InferResult(post, f"{i:064x}", prediction, vector / np.linalg.norm(vector)))
     return out
 
 

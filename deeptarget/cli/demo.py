@@ -31,6 +31,7 @@ from deeptarget.api.app import create_app, server_limits
 from deeptarget.cli.context import async_redis_client, metadata_store, senders
 from deeptarget.core import keys
 from deeptarget.core.errors import DeepTargetError
+from deeptarget.core.records import PostStatus
 from deeptarget.core.settings import Settings
 from deeptarget.core.terminal import console as inert_console
 from deeptarget.core.terminal import shown
@@ -209,12 +210,12 @@ async def _crawl_with_progress(
             _check_workers(workers)
             seen = int(await redis_client.scard(keys.seen_posts_key))
             counts = store.status_counts()
-            done = counts.get("indexed", 0) + counts.get("rejected", 0)
+            done = counts.get(PostStatus.INDEXED, 0) + counts.get(PostStatus.REJECTED, 0)
             progress.update(crawled, completed=seen, total=max(total, seen))
             progress.update(processed, completed=done, total=max(total, seen))
-            progress.update(indexed, completed=counts.get("indexed", 0), total=max(total, seen))
-            progress.update(rejected, completed=counts.get("rejected", 0), total=max(total, seen))
-            settled = not counts.get("queued") and not counts.get("embedded") and done >= seen
+            progress.update(indexed, completed=counts.get(PostStatus.INDEXED, 0), total=max(total, seen))
+            progress.update(rejected, completed=counts.get(PostStatus.REJECTED, 0), total=max(total, seen))
+            settled = not counts.get(PostStatus.QUEUED) and not counts.get(PostStatus.EMBEDDED) and done >= seen
             if crawl.done() and settled:
                 break
             if time.monotonic() > deadline:
@@ -254,7 +255,7 @@ async def _print_summary(console: Console, store: MetadataStore, elapsed_s: floa
     table = Table(title=f"Pipeline after {elapsed_s:.0f} s", show_header=True)
     table.add_column("posts")
     table.add_column("count", justify="right")
-    table.add_row("indexed", str(counts.get("indexed", 0)))
+    table.add_row("indexed", str(counts.get(PostStatus.INDEXED, 0)))
     for reason, n in store.rejection_reasons().items():
         table.add_row(f"rejected: {shown(reason)}", str(n))
     table.add_row("users profiled", str(len(store.profiles())))
@@ -265,7 +266,7 @@ def _example_post(network: SandboxNetwork, store: MetadataStore) -> Media:
     """An indexed #astronaut picture (the sandbox also holds media the API never shows: removed ones, videos)."""
     for media in network.media:
         stored = store.post(media.id) if media.visible and media.kind == "IMAGE" else None
-        if stored is not None and stored.status == "indexed" and media.topic.hashtag == "astronaut":
+        if stored is not None and stored.status == PostStatus.INDEXED and media.topic.hashtag == "astronaut":
             return media
     raise DeepTargetError("no #astronaut post was indexed: see data/logs/worker-*.log")
 

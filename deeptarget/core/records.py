@@ -6,15 +6,19 @@ import hashlib
 import re
 import unicodedata
 from datetime import UTC, datetime
-from typing import Literal
+from enum import StrEnum
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_COUNT = 2**63 - 1  # counts go into int64 columns (SQLite, PostgreSQL): one above would fail a whole batch
 PUSHED_SOURCES = frozenset({"push", "feed"})
 """Sources whose posts a partner hands over (``POST /ingest``, ``deeptarget enqueue``, partner feeds), as the server
 names them. Every other source is a crawl (the Graph API, instaloader folders): the truth about its own posts, which a
-pushed record never rewrites (store.py)."""
+pushed record never rewrites (store/posts.py)."""
 _HASHTAG_RE = re.compile(r"#(\w+)", re.UNICODE)
 
 
@@ -87,6 +91,18 @@ class Post(BaseModel):
         return self.like_count / self.owner.followers_count
 
 
+class PostStatus(StrEnum):
+    """Where a stored post stands (the store's ``posts.status`` column holds these values): ``queued`` (known, not
+    processed) -> ``embedded`` (embedding stored) -> ``indexed`` (in the FAISS writer's index), or ``rejected`` with a
+    reason at any point, or ``deleted`` for good."""
+
+    QUEUED = "queued"
+    EMBEDDED = "embedded"
+    INDEXED = "indexed"
+    REJECTED = "rejected"
+    DELETED = "deleted"
+
+
 class PostRef(BaseModel):
     """What the scraper puts on the infer queue: the post, and either its stored image or why there is none."""
 
@@ -99,13 +115,23 @@ class Prediction(BaseModel):
     """What the infer task found in one image."""
 
     post_id: str
-    status: Literal["embedded", "rejected"]
+    status: Literal[PostStatus.EMBEDDED, PostStatus.REJECTED]
     reason: str | None = None
     faces: int = 0
     face_confidence: float | None = None
     face_boxes: list[tuple[int, int, int, int]] = Field(default_factory=list)
     classes: dict[str, dict[str, float]] = Field(default_factory=dict, description="head -> class -> probability")
     model_id: str | None = None
+
+
+class InferResult(NamedTuple):
+    """What the infer stage made of one post, as the store records it (``MetadataStore.record_results``). The one
+    record here that stays in its process (it holds an array); a plain 4-tuple in this order is one too."""
+
+    post: Post
+    blob: str | None  # sha256 of the image in the blob store
+    prediction: Prediction
+    embedding: np.ndarray | None
 
 
 class Profile(BaseModel):

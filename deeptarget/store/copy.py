@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from deeptarget.store.metadata import MetadataStore
+from deeptarget.store.schema import COPIED_AS_ROWS
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,10 @@ def copy_store(
     batch: int = 1000,
 ) -> CopyCounts:
     counts = {}
-    for table in ("posts", "counters", "models"):
+    for table in COPIED_AS_ROWS:  # posts, counters (unused, kept for the stores that have rows in it), models
         counts[table] = 0
-        for rows in source.rows_of(table, batch):
-            destination.put_rows(table, rows)
+        for rows in source.tables.rows_of(table, batch):
+            destination.tables.put_rows(table, rows)
             counts[table] += len(rows)
             on_progress(table, len(rows))
     profiles = 0

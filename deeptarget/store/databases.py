@@ -33,7 +33,8 @@ Row = Any  # sqlite3.Row or _PostgresRow: both index by position and by column n
 
 
 class Database(Protocol):
-    types: dict[str, str]  # DDL placeholders: int, real, blob, without_rowid
+    @property
+    def types(self) -> dict[str, str]: ...  # DDL placeholders: int, real, blob, without_rowid
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any: ...
     def executemany(self, sql: str, params: Iterable[Sequence[Any] | dict[str, Any]]) -> None: ...
@@ -196,7 +197,7 @@ class _PostgresRow(tuple):
 
     columns: ClassVar[dict[str, int]] = {}  # set on the subclass made for each query's columns
 
-    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+    def __getitem__(self, key: Any) -> Any:
         return super().__getitem__(self.columns[key] if isinstance(key, str) else key)
 
     def keys(self) -> list[str]:

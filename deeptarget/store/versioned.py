@@ -15,7 +15,7 @@ from typing import BinaryIO
 _VERSION_RE = re.compile(r"^v(\d{6,})")
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(handle)`` on a temporary file next to ``path``, fsync it, rename it into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

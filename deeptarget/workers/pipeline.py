@@ -22,7 +22,7 @@ import torch
 from prometheus_client import Counter
 
 from deeptarget.core.errors import BlobStoreUnavailable, ImageRejected, ResourceExhausted
-from deeptarget.core.records import Post, PostRef, Prediction
+from deeptarget.core.records import InferResult, PostRef, PostStatus, Prediction
 from deeptarget.core.settings import Settings
 from deeptarget.models.decode import decode_image, decode_jpegs, probe_jpeg
 from deeptarget.models.embedder import Embedder
@@ -35,14 +35,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 OOM_SPLITS = Counter("deeptarget_worker_oom_splits_total", "Model batches split in two after running out of memory")
-
-
-@dataclass(frozen=True)
-class Result:
-    post: Post
-    blob: str | None
-    prediction: Prediction
-    embedding: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -180,7 +172,7 @@ class InferencePipeline:
         rows = split_on_oom(lambda chunk: self.embedder.embed_tensors(torch.stack(list(chunk))), pixels, "embedding")
         embeddings.update(zip(indices, rows, strict=True))
 
-    def __call__(self, refs: list[PostRef]) -> list[Result]:
+    def __call__(self, refs: list[PostRef]) -> list[InferResult]:
         self.heads.refresh()  # a newly published head applies from this batch on
         futures: list[Future[Outcome]] = [self._pool.submit(self._prepare, ref) for ref in refs]
         outcomes: list[Outcome] = []
@@ -205,22 +197,22 @@ class InferencePipeline:
 
     def _result(
         self, ref: PostRef, outcome: Outcome, embedding: np.ndarray | None, classes: dict[str, dict[str, float]] | None
-    ) -> Result:
+    ) -> InferResult:
         if isinstance(outcome, ImageRejected):
             LOG.info("post %s rejected: %s", ref.post.id, outcome)
-            prediction = Prediction(post_id=ref.post.id, status="rejected", reason=outcome.reason)
-            return Result(ref.post, ref.blob, prediction, None)
+            prediction = Prediction(post_id=ref.post.id, status=PostStatus.REJECTED, reason=outcome.reason)
+            return InferResult(ref.post, ref.blob, prediction, None)
         assert embedding is not None and outcome.faces is not None
         prediction = Prediction(
             post_id=ref.post.id,
-            status="embedded",
+            status=PostStatus.EMBEDDED,
             faces=outcome.faces.count,
             face_confidence=outcome.faces.best_confidence,
             face_boxes=[f.box for f in outcome.faces.faces],
             classes=classes or {},
             model_id=self.model_id,
         )
-        return Result(ref.post, ref.blob, prediction, embedding)
+        return InferResult(ref.post, ref.blob, prediction, embedding)
 
 
 def _chw(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 
 from deeptarget import jobs
 from deeptarget.core import keys
-from deeptarget.core.records import Post, PostRef
+from deeptarget.core.records import InferResult, Post, PostRef
 from deeptarget.jobs import DeeptargetCelery, Jobs
 from deeptarget.models.hashtags import HashtagModel
 from deeptarget.profiles.builder import rebuild_profiles
@@ -49,7 +49,6 @@ from deeptarget.workers.app import settings_of
 from deeptarget.workers.context import WorkerContext, context_for
 from deeptarget.workers.deadletter import DeadLetter
 from deeptarget.workers.metrics import forget_process
-from deeptarget.workers.pipeline import Result
 from deeptarget.workers.transient import BROKER_ERRORS, is_transient, retry_delay_s
 from deeptarget.workers.upkeep import WriterUpkeep
 
@@ -213,11 +212,10 @@ def infer(self: Task, refs: list[dict[str, Any]]) -> dict[str, int]:
     return {"embedded": len(embedded), "rejected": rejected, "refused": len(recorded.refused)}
 
 
-def _record(ctx: WorkerContext, results: list[Result]) -> Recorded:
+def _record(ctx: WorkerContext, results: list[InferResult]) -> Recorded:
     """The batch's results into the store; a transient failure (the database away, a full disk) is retried here,
     with capped backoff for up to ``task_write_retry_s``, before the task retries: a task retry embeds the whole
     batch again (issue 13, item 7: 70 batches in 60 s of a full disk)."""
-    rows = [(r.post, r.blob, r.prediction, r.embedding) for r in results]
 
     def log(state: Any) -> None:
         WRITE_RETRIES.inc()
@@ -232,7 +230,7 @@ def _record(ctx: WorkerContext, results: list[Result]) -> Recorded:
         before_sleep=log,
         reraise=True,
     )
-    return retrying(ctx.store.record_results, rows)
+    return retrying(ctx.store.record_results, results)
 
 
 def _send_follow_ups(app: Celery, embedded: list[str], owners: set[str]) -> None:
