@@ -24,6 +24,7 @@ from typing import IO
 import redis.asyncio as aioredis
 
 from deeptarget.core import keys
+from deeptarget.core.replies import deferred
 
 # KEYS[1] seen set, KEYS[2] claim key; ARGV post id, owner, ttl. A claim of this owner is taken again (the same
 # scraper before a restart or an outage); the process keeps two of its own walks apart (PostClaims._mine).
@@ -184,10 +185,10 @@ class PostClaims:
 
     async def download_failed(self, post_id: str) -> int:
         """Counts a failed download of the post (retries spent); returns how many it has had. ``commit`` clears it."""
-        return int(await self.redis.hincrby(keys.download_failures_key, post_id, 1))
+        return int(await deferred(self.redis.hincrby(keys.download_failures_key, post_id, 1)))
 
     async def is_seen(self, post_id: str) -> bool:
-        return bool(await self.redis.sismember(keys.seen_posts_key, post_id))
+        return bool(await deferred(self.redis.sismember(keys.seen_posts_key, post_id)))
 
     # One set per source besides the crawl's own: the store takes a post's owner only from the source that stored
     # the post (issue 12, M4), so an instaloader folder that names an owner for a Graph post's id must not mark
@@ -199,9 +200,9 @@ class PostClaims:
     async def owner_known(self, post_ids: Sequence[str], source: str | None = None) -> list[bool]:
         if not post_ids:
             return []
-        flags = await self.redis.smismember(self._owner_known_key(source), list(post_ids))
+        flags = await deferred(self.redis.smismember(self._owner_known_key(source), list(post_ids)))
         return [bool(f) for f in flags]
 
     async def mark_owner_known(self, post_ids: Sequence[str], source: str | None = None) -> None:
         if post_ids:
-            await self.redis.sadd(self._owner_known_key(source), *post_ids)
+            await deferred(self.redis.sadd(self._owner_known_key(source), *post_ids))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from deeptarget.core import keys
+from deeptarget.core.replies import deferred
 
 DONE = "\x00done"
 
@@ -18,7 +19,7 @@ class CursorStore:
         return f"{self.source}|{kind}|{target}"
 
     async def _read(self, kind: str, target: str) -> str | None:
-        value = await self.redis.hget(keys.cursor_key, self._field(kind, target))
+        value = await deferred(self.redis.hget(keys.cursor_key, self._field(kind, target)))
         return value.decode() if isinstance(value, bytes) else value
 
     async def get(self, kind: str, target: str) -> str | None:
@@ -27,23 +28,24 @@ class CursorStore:
         return None if value == DONE else value
 
     async def save(self, kind: str, target: str, cursor: str) -> None:
-        await self.redis.hset(keys.cursor_key, self._field(kind, target), cursor)
+        await deferred(self.redis.hset(keys.cursor_key, self._field(kind, target), cursor))
 
     async def mark_done(self, kind: str, target: str) -> None:
-        await self.redis.hset(keys.cursor_key, self._field(kind, target), DONE)
+        await deferred(self.redis.hset(keys.cursor_key, self._field(kind, target), DONE))
 
     async def is_done(self, kind: str, target: str) -> bool:
         return await self._read(kind, target) == DONE
 
     async def reset(self, kind: str, target: str) -> None:
-        await self.redis.hdel(keys.cursor_key, self._field(kind, target), self._field(kind, target) + "|failed")
+        field = self._field(kind, target)
+        await deferred(self.redis.hdel(keys.cursor_key, field, field + "|failed"))
 
     async def mark_failed(self, kind: str, target: str) -> None:
         """The target's last crawl ended on an error: its cursor stays, but it does not hold the round open."""
-        await self.redis.hset(keys.cursor_key, self._field(kind, target) + "|failed", "1")
+        await deferred(self.redis.hset(keys.cursor_key, self._field(kind, target) + "|failed", "1"))
 
     async def clear_failed(self, kind: str, target: str) -> None:
-        await self.redis.hdel(keys.cursor_key, self._field(kind, target) + "|failed")
+        await deferred(self.redis.hdel(keys.cursor_key, self._field(kind, target) + "|failed"))
 
     async def failed(self, kind: str, target: str) -> bool:
-        return bool(await self.redis.hexists(keys.cursor_key, self._field(kind, target) + "|failed"))
+        return bool(await deferred(self.redis.hexists(keys.cursor_key, self._field(kind, target) + "|failed")))

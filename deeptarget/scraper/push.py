@@ -53,6 +53,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+from redis.typing import StreamIdT
 
 from deeptarget.core import keys
 from deeptarget.core.records import PUSHED_SOURCES, Owner, Post, hashtags_in, normalise_hashtag
@@ -596,7 +597,8 @@ class IngestStream:
     async def touch(self, consumer: str, entry_ids: list[str]) -> None:
         """Entries still being handled: their idle time starts again, so no other consumer takes them over."""
         if entry_ids:
-            await self.redis.xclaim(keys.ingest_stream, GROUP, consumer, 0, entry_ids, justid=True)
+            ids: list[StreamIdT] = list(entry_ids)  # xclaim takes a list of redis-py's id type: list[str] is not one
+            await self.redis.xclaim(keys.ingest_stream, GROUP, consumer, 0, ids, justid=True)
 
     async def _posts(self, entries: list[Any]) -> list[tuple[str, Post]]:
         out, bad = [], []

@@ -9,6 +9,7 @@ import time
 import redis.asyncio as aioredis
 
 from deeptarget.core import keys
+from deeptarget.core.replies import deferred
 
 # KEYS[1] the user's ZSET; ARGV now, window seconds, limit, hashtag. 1 = allowed (and counted), 0 = over quota.
 _ALLOW = """
@@ -35,8 +36,8 @@ class HashtagQuota:
         return bool(await self._allow(keys=[self.key], args=[time.time(), self.window_s, self.limit, hashtag]))
 
     async def cached_id(self, hashtag: str) -> str | None:
-        value = await self.redis.hget(keys.hashtag_ids_key, hashtag)
-        return value.decode() if value else None
+        value = await deferred(self.redis.hget(keys.hashtag_ids_key, hashtag))
+        return (value.decode() if isinstance(value, bytes) else value) or None
 
     async def remember_id(self, hashtag: str, hashtag_id: str) -> None:
-        await self.redis.hset(keys.hashtag_ids_key, hashtag, hashtag_id)
+        await deferred(self.redis.hset(keys.hashtag_ids_key, hashtag, hashtag_id))

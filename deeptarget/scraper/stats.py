@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 
 from deeptarget import jobs
 from deeptarget.core import keys
+from deeptarget.core.replies import deferred
 
 POSTS = PromCounter("deeptarget_scraper_posts_total", "Posts seen by the scraper, by outcome", ["outcome"])
 PAGES = PromCounter("deeptarget_scraper_pages_total", "API pages fetched, by target kind", ["kind"])
@@ -71,13 +72,13 @@ class ScraperStats:
         if not self.redis_up():
             return
         try:
-            QUEUE_DEPTH.labels(jobs.infer_queue).set(await self.redis.llen(jobs.infer_queue))
+            QUEUE_DEPTH.labels(jobs.infer_queue).set(await deferred(self.redis.llen(jobs.infer_queue)))
             QUEUE_DEPTH.labels("ingest").set(await self.redis.xlen(keys.ingest_stream))
-            DOWNLOAD_RETRIES.set(await self.redis.hlen(keys.download_failures_key))
+            DOWNLOAD_RETRIES.set(await deferred(self.redis.hlen(keys.download_failures_key)))
         except RedisError:
             pass  # a gauge can wait for the next page
 
     @staticmethod
     async def read(redis: aioredis.Redis) -> dict[str, int]:
-        raw = await redis.hgetall(keys.scraper_stats_key)
+        raw = await deferred(redis.hgetall(keys.scraper_stats_key))
         return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from deeptarget.core import keys
 from deeptarget.core.errors import CrawlStopped, SourceError
+from deeptarget.core.replies import deferred
 from deeptarget.scraper.stopping import sleep_or_stop
 
 LOG = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class TokenPool:
         return text
 
     async def usable(self) -> list[str]:
-        retired = {m.decode() for m in await self.redis.smembers(keys.retired_tokens_key)}
+        retired = {m.decode() for m in await deferred(self.redis.smembers(keys.retired_tokens_key))}
         return [fp for fp in self._tokens if fp not in retired]
 
     async def acquire(self) -> Lease:
@@ -155,18 +156,18 @@ class TokenPool:
         """No calls with this token for ``seconds`` (every process sees it)."""
         millis = max(1, int(seconds * 1000))
         await self.redis.set(self._pause_key(lease.fingerprint), reason, px=millis)
-        await self.redis.hincrby(keys.scraper_stats_key, "token_paused", 1)
+        await deferred(self.redis.hincrby(keys.scraper_stats_key, "token_paused", 1))
         LOG.warning("token %s paused for %.1f s: %s", lease.fingerprint, seconds, reason)
 
     async def pause_app(self, lease: Lease, seconds: float, reason: str) -> None:
         """No calls with any token of this lease's app for ``seconds`` (Graph #4: the app's limit, not the token's)."""
         millis = max(1, int(seconds * 1000))
         await self.redis.set(self._app_pause_key(lease.app), reason, px=millis)
-        await self.redis.hincrby(keys.scraper_stats_key, "app_paused", 1)
+        await deferred(self.redis.hincrby(keys.scraper_stats_key, "app_paused", 1))
         LOG.warning("app %s (every one of its tokens) paused for %.1f s: %s", lease.app, seconds, reason)
 
     async def retire(self, lease: Lease, reason: str) -> None:
         """Never use this token again (until an operator clears ``deeptarget:tokens:retired``)."""
-        if await self.redis.sadd(keys.retired_tokens_key, lease.fingerprint):
-            await self.redis.hincrby(keys.scraper_stats_key, "token_retired", 1)
+        if await deferred(self.redis.sadd(keys.retired_tokens_key, lease.fingerprint)):
+            await deferred(self.redis.hincrby(keys.scraper_stats_key, "token_retired", 1))
             LOG.error("token %s retired: %s", lease.fingerprint, reason)

@@ -11,6 +11,7 @@ that cannot be read is still listed and can be dropped; one whose task is not ou
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ import redis
 from pydantic import BaseModel, Field, ValidationError
 
 from deeptarget.core import keys
+from deeptarget.core.replies import at_once
 
 if TYPE_CHECKING:  # only for the annotation: the CLI checks ids without loading Celery
     from deeptarget.jobs import Jobs
@@ -62,6 +64,8 @@ class DeadLetter(BaseModel):
 
 
 class DeadLetters:
+    # ``list`` is the CLI's word (``deeptarget deadletter list``); below it, the builtin is ``builtins.list``.
+
     def __init__(self, client: redis.Redis, fallback_file: Path) -> None:
         self.client = client
         self.fallback_file = fallback_file
@@ -85,24 +89,24 @@ class DeadLetters:
                   letter.error.splitlines()[0] if letter.error else "", entry)  # fmt: skip
         return entry
 
-    def list(self, limit: int | None = None) -> list[DeadLetter]:
+    def list(self, limit: int | None = None) -> builtins.list[DeadLetter]:
         """Oldest first."""
-        entries = self.client.xrange(keys.deadletter_stream, count=limit)
+        entries = at_once(self.client.xrange(keys.deadletter_stream, count=limit))
         return [self._parse(entry_id, fields) for entry_id, fields in entries]
 
-    def get(self, ids: list[str]) -> list[DeadLetter]:
+    def get(self, ids: builtins.list[str]) -> builtins.list[DeadLetter]:
         """The letters of ``ids``; ``ValueError`` for a malformed id, ``KeyError`` for one not there."""
         for entry_id in ids:
             check_entry_id(entry_id)
         letters = []
         for entry_id in ids:
-            found = self.client.xrange(keys.deadletter_stream, min=entry_id, max=entry_id)
+            found = at_once(self.client.xrange(keys.deadletter_stream, min=entry_id, max=entry_id))
             if not found:
                 raise KeyError(f"no dead letter {entry_id}")
             letters.append(self._parse(*found[0]))
         return letters
 
-    def retry(self, jobs: Jobs, letters: list[DeadLetter]) -> int:
+    def retry(self, jobs: Jobs, letters: builtins.list[DeadLetter]) -> int:
         """Send each letter's task again, then forget the letter (send first: at-least-once, tasks are idempotent).
         A letter whose task is not one of ours stays where it is (sent, it would wait on a queue nobody reads).
         Returns how many were sent."""
@@ -120,10 +124,10 @@ class DeadLetters:
             sent += 1
         return sent
 
-    def drop(self, ids: list[str]) -> int:
+    def drop(self, ids: builtins.list[str]) -> int:
         for entry_id in ids:
             check_entry_id(entry_id)
-        return int(self.client.xdel(keys.deadletter_stream, *ids)) if ids else 0
+        return int(at_once(self.client.xdel(keys.deadletter_stream, *ids))) if ids else 0
 
     @staticmethod
     def _parse(entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
