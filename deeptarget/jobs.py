@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue  # where it is defined: kombu's top level re-exports it lazily
 
 from deeptarget.core.errors import ConfigurationError
 from deeptarget.core.records import Post, PostRef
@@ -58,7 +58,7 @@ task_queues: Mapping[str, str] = {
 """Where each task goes; the app routes by name (``task_routes``), so no sender names a queue."""
 
 
-class DeeptargetCelery(Celery):
+class DeeptargetCelery(Celery):  # type: ignore[misc]  # Celery has no types: the base is Any
     """A Celery app that carries the Settings it was built from (tasks read ``self.app.settings``)."""
 
     def __init__(self, settings: Settings, *, warm_infer: bool = False, **kwargs: Any) -> None:
@@ -97,7 +97,7 @@ def sending_app(settings: Settings, **kwargs: Any) -> DeeptargetCelery:
         task_ignore_result=True,
         broker_transport_options=transport,
         result_backend_transport_options=transport,
-        task_queues=[Queue(name) for name in all_queues],
+        task_queues=[Queue(name) for name in all_queues],  # type: ignore[no-untyped-call]  # unannotated in kombu
         task_default_queue=infer_queue,
         task_routes={name: {"queue": queue} for name, queue in task_queues.items()},
     )

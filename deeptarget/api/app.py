@@ -114,8 +114,9 @@ def _error(status: int, message: str, reason: str | None = None) -> web.Response
 
 def _from_http_exception(err: web.HTTPException) -> web.Response:
     # aiohttp's default text is "<status>: <reason>"; a text given by a handler is the better message.
-    explicit = err.text and not err.text.startswith(f"{err.status}:")
-    response = _error(err.status, err.text if explicit else err.reason, _REASONS.get(err.status))
+    text = err.text
+    message = text if text and not text.startswith(f"{err.status}:") else err.reason
+    response = _error(err.status, message, _REASONS.get(err.status))
     for name, value in err.headers.items():  # Allow (405), Retry-After...: the body is ours, the headers stay
         if name.lower() not in ("content-type", "content-length"):
             response.headers.add(name, value)
@@ -141,7 +142,9 @@ async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 
 @web.middleware
-async def errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+async def errors_as_json(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -536,7 +539,9 @@ HANDLERS: dict[tuple[str, str], Callable[[web.Request], Awaitable[web.Response]]
 }
 
 
-def _requires_key(settings: Settings, handler: Callable[[web.Request], Awaitable[web.Response]]):
+def _requires_key(
+    settings: Settings, handler: Callable[[web.Request], Awaitable[web.Response]]
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def checked(request: web.Request) -> web.Response:
         if settings.api_key is None or not settings.api_key.get_secret_value().strip():
             raise web.HTTPForbidden(text="write endpoints are disabled: set DEEPTARGET_API_KEY on the API")

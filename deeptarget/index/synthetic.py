@@ -18,7 +18,7 @@ lists; no real collection behaves like that.)
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +32,11 @@ class ClusteredVectors:
     rank: int = 48
     spread: float = 1.0
     isotropic: float = 0.25
+    # drawn from the fields above by __post_init__
+    _centres: np.ndarray = field(init=False, repr=False, compare=False)
+    _axes: np.ndarray = field(init=False, repr=False, compare=False)
+    _scales: np.ndarray = field(init=False, repr=False, compare=False)
+    _weights: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.seed)
@@ -51,10 +56,10 @@ class ClusteredVectors:
     def chunks(self, n: int, chunk: int = 65_536, stream: int = 0) -> Iterator[np.ndarray]:
         """``n`` float32 unit vectors in chunks; ``stream`` picks an independent draw (e.g. 1 for queries)."""
         rng = np.random.default_rng((self.seed, stream))
-        centres, axes, scales = self._centres, self._axes, self._scales  # type: ignore[attr-defined]
+        centres, axes, scales = self._centres, self._axes, self._scales
         for start in range(0, n, chunk):
             size = min(chunk, n - start)
-            labels = rng.choice(self.n_clusters, size=size, p=self._weights)  # type: ignore[attr-defined]
+            labels = rng.choice(self.n_clusters, size=size, p=self._weights)
             x = rng.standard_normal((size, self.dim), dtype=np.float32) * (self.isotropic / np.sqrt(self.dim))
             x += centres[labels]
             z = rng.standard_normal((size, self.rank), dtype=np.float32) * scales[labels]
@@ -67,4 +72,5 @@ class ClusteredVectors:
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    unit: np.ndarray = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return unit

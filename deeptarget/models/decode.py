@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageMode, TiffImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageMode, JpegImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
 from deeptarget.core.errors import ImageRejected
 from deeptarget.core.image_header import check_dimensions, sniff_image_type
@@ -115,14 +115,14 @@ def decode_cost(image: Image.Image, full_size: tuple[int, int], data: bytes, lon
     cost = width * height * _bytes_per_pixel(image.mode) + _working_bytes(image.size, long_side)
     if image.format == "WEBP":
         cost += width * height * _WEBP_EXTRA_BYTES_PER_PIXEL
-    elif image.format == "TIFF":
+    elif isinstance(image, TiffImagePlugin.TiffImageFile):
         cost += _tiff_block_bytes(image)
-    elif image.format in ("JPEG", "MPO") and _jpeg_needs_coefficients(image, data):
+    elif isinstance(image, JpegImagePlugin.JpegImageFile) and _jpeg_needs_coefficients(image, data):  # JPEG, MPO
         cost += _jpeg_coefficient_bytes(image, *full_size)
     return cost
 
 
-def check_cpu_cost(image: Image.Image, data: bytes) -> None:
+def check_cpu_cost(image: ImageFile.ImageFile, data: bytes) -> None:
     """ImageRejected ``too_costly`` for the two shapes whose cost is time, not memory: a JPEG with more than
     ``MAX_JPEG_SCANS`` scans, a run-length BMP above ``MAX_BMP_RLE_PIXELS``."""
     if image.format in ("JPEG", "MPO"):
@@ -168,11 +168,11 @@ def webp_canvas_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _tiff_block_bytes(image: Image.Image) -> int:
+def _tiff_block_bytes(image: TiffImagePlugin.TiffImageFile) -> int:
     """libtiff decodes a strip or a tile at a time into a buffer of its raw samples, beside PIL's picture: one strip
     of the whole height (RowsPerStrip = height) is a second copy, at the file's bit depth. PIL reads uncompressed
     strips itself, with no such buffer."""
-    tags = image.tag_v2  # type: ignore[attr-defined]
+    tags = image.tag_v2
     width, height = image.size
     compression = _tag(tags, 259, 1)
     if compression == 1 and not TiffImagePlugin.READ_LIBTIFF:
@@ -192,7 +192,7 @@ def _tag(tags: Mapping[int, object], key: int, default: int, pick: Callable[[lis
     value = tags.get(key, default)
     values = list(value) if isinstance(value, tuple) else [value]
     try:
-        return pick([int(v) for v in values]) if values else default  # type: ignore[call-overload]
+        return pick([int(v) for v in values]) if values else default  # type: ignore[arg-type]  # int() may refuse it: caught
     except (TypeError, ValueError) as err:
         raise ImageRejected("corrupt_image", f"TIFF tag {key}: {value!r:.40}") from err
 
@@ -206,13 +206,13 @@ def check_jpeg_scans(data: bytes) -> None:
         raise ImageRejected("too_costly", f"{scans} JPEG scans > {MAX_JPEG_SCANS}")
 
 
-def _jpeg_needs_coefficients(image: Image.Image, data: bytes) -> bool:
+def _jpeg_needs_coefficients(image: JpegImagePlugin.JpegImageFile, data: bytes) -> bool:
     """libjpeg keeps the whole picture's DCT coefficients, at full size whatever the draft, when a JPEG comes in
     more than one scan: progressive, or sequential with components in scans of their own."""
     if image.info.get("progressive"):
         return True
     components = _first_scan_components(data)
-    return components is None or components < len(image.layer)  # type: ignore[attr-defined]
+    return components is None or components < len(image.layer)
 
 
 def _first_scan_components(data: bytes, max_segments: int = 1024) -> int | None:
@@ -229,9 +229,9 @@ def _first_scan_components(data: bytes, max_segments: int = 1024) -> int | None:
     return None
 
 
-def _jpeg_coefficient_bytes(image: Image.Image, width: int, height: int) -> int:
+def _jpeg_coefficient_bytes(image: JpegImagePlugin.JpegImageFile, width: int, height: int) -> int:
     """The coefficient arrays libjpeg allocates: 64 16-bit coefficients a block, blocks padded to whole MCUs."""
-    layers = image.layer  # type: ignore[attr-defined]  # (id, horizontal sampling, vertical sampling, table)
+    layers = image.layer  # (id, horizontal sampling, vertical sampling, table)
     h_max = max((h for _, h, _, _ in layers), default=1) or 1
     v_max = max((v for _, _, v, _ in layers), default=1) or 1
     total = 0
@@ -268,7 +268,8 @@ def _reduce_factors(size: tuple[int, int], long_side: int) -> tuple[int, int]:
     scale = long_side / max(size)
     if scale >= 1:
         return 1, 1
-    return tuple(max(1, int(side / max(1, round(side * scale)) / 2)) for side in size)  # type: ignore[return-value]
+    factor_x, factor_y = (max(1, int(side / max(1, round(side * scale)) / 2)) for side in size)
+    return factor_x, factor_y
 
 
 def _rgb_converter(image: Image.Image) -> Callable[[Image.Image], Image.Image]:
@@ -276,7 +277,7 @@ def _rgb_converter(image: Image.Image) -> Callable[[Image.Image], Image.Image]:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: scale to 8 bits by the image's own range instead of clipping.
-        low, high = (float(v) for v in image.getextrema())  # type: ignore[union-attr]
+        low, high = (float(v) for v in image.getextrema())  # type: ignore[arg-type]  # one band: (low, high)
         return lambda strip: _scaled_grey(strip, low, high)
     if mode == "P" and "transparency" in image.info:
         return _palette_over_white(image)
@@ -326,6 +327,8 @@ def probe_jpeg(data: bytes, *, max_pixels: int, max_decode_bytes: int = DEFAULT_
             width, height = image.size
             if image.mode == "CMYK":
                 return False  # nvJPEG's RGB conversion of CMYK is not PIL's; leave those to PIL
+            if not isinstance(image, JpegImagePlugin.JpegImageFile):
+                return False  # PIL did not take it for a JPEG after all: decode_image decides
             coefficients = _jpeg_coefficient_bytes(image, width, height) if _jpeg_needs_coefficients(image, data) else 0
     except UnidentifiedImageError as err:
         raise ImageRejected("not_an_image", "unrecognised image data") from err
@@ -357,7 +360,8 @@ def _decode_one(tensor: torch.Tensor, device: torch.device) -> torch.Tensor | Im
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        return decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        image: torch.Tensor = decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        return image
     except RuntimeError as err:
         reason = "truncated_image" if "truncated" in str(err) or "incomplete" in str(err) else "corrupt_image"
         return ImageRejected(reason, str(err).splitlines()[0][-200:])

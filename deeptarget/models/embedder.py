@@ -44,7 +44,7 @@ class Backbone:
     weights_enum: Any  # torchvision WeightsEnum member
 
     def build(self) -> torch.nn.Module:
-        model = getattr(torchvision.models, self.name)(weights=None)
+        model: torch.nn.Module = getattr(torchvision.models, self.name)(weights=None)
         return model
 
     @staticmethod

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, SupportsInt, runtime_checkable
 
 import cv2
+import cv2.data  # the Haar cascades' folder: a module cv2's stubs do not name
 import numpy as np
 
 from deeptarget.core.errors import ConfigurationError
@@ -27,6 +29,17 @@ from deeptarget.core.errors import ConfigurationError
 class Face:
     box: tuple[int, int, int, int]  # x, y, width, height in the decoded image
     confidence: float
+
+
+def _int_box(values: Iterable[SupportsInt]) -> tuple[int, int, int, int]:
+    x, y, width, height = (int(v) for v in values)
+    return x, y, width, height
+
+
+def _unscaled(box: tuple[int, int, int, int], scale: float) -> tuple[int, int, int, int]:
+    """A box found in an image resized by ``scale``, in the original image's pixels."""
+    x, y, width, height = box
+    return round(x / scale), round(y / scale), round(width / scale), round(height / scale)
 
 
 @runtime_checkable
@@ -87,7 +100,7 @@ class HaarFaceDetector(_OneByOne):
             outputRejectLevels=True,
         )
         return [
-            Face(tuple(int(v) for v in box), 1.0 / (1.0 + math.exp(-float(w))))  # type: ignore[arg-type]
+            Face(_int_box(box), 1.0 / (1.0 + math.exp(-float(w))))
             for box, w in zip(boxes, np.ravel(weights), strict=False)
         ]
 
@@ -242,7 +255,7 @@ class FaceFilter:
         """(faces found, rejection reason or None)."""
         return self.filter_batch([image_rgb])[0]
 
-    def filter_batch(self, images_rgb: list[np.ndarray]) -> list[tuple[FaceResult, str | None]]:
+    def filter_batch(self, images_rgb: Sequence[np.ndarray]) -> list[tuple[FaceResult, str | None]]:
         if self.policy == "off" or self.detector is None:
             return [(FaceResult(), None) for _ in images_rgb]
         scales = [min(1.0, self.long_side / max(image.shape[:2])) for image in images_rgb]
@@ -252,11 +265,7 @@ class FaceFilter:
         ]
         outcomes = []
         for found, scale in zip(self.detector.detect_batch(small), scales, strict=True):
-            faces = [
-                Face(tuple(round(v / scale) for v in f.box), f.confidence)  # type: ignore[arg-type]
-                for f in found
-                if f.confidence >= self.min_confidence
-            ]
+            faces = [Face(_unscaled(f.box, scale), f.confidence) for f in found if f.confidence >= self.min_confidence]
             reason = "no_face" if self.policy == "require" and not faces else None
             outcomes.append((FaceResult(faces), reason))
         return outcomes

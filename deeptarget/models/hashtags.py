@@ -63,7 +63,9 @@ class HashtagModel:
         counts = Counter(t for tags in image_hashtags for t in set(tags))
         vocabulary = sorted(t for t, c in counts.items() if c >= min_count)
         column = {t: i for i, t in enumerate(vocabulary)}
-        rows, cols, kept_ids = [], [], []
+        rows: list[int] = []
+        cols: list[int] = []
+        kept_ids: list[int] = []
         for vid, tags in zip(np.asarray(image_ids, np.int64), image_hashtags, strict=True):
             tag_cols = sorted({column[t] for t in tags if t in column})
             if not tag_cols:
@@ -125,7 +127,8 @@ class HashtagModel:
         pos = np.searchsorted(self.image_ids, ids)
         pos = np.clip(pos, 0, len(self.image_ids) - 1)
         found = self.image_ids[pos] == ids
-        return self.image_factors[pos[found]]
+        factors: np.ndarray = self.image_factors[pos[found]]
+        return factors
 
     def suggest(self, neighbour_ids: np.ndarray, n: int = 10, exclude: Sequence[str] = ()) -> list[tuple[str, float]]:
         """Top-n hashtags for an image described by its FAISS neighbours (or by itself when indexed)."""

@@ -65,8 +65,9 @@ class LinearHead:
         """(n, dim) -> (n, classes) probabilities."""
         logits = embeddings @ self.weight.T + self.bias
         logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        return probs / probs.sum(axis=1, keepdims=True)
+        probs: np.ndarray = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        return probs
 
     def save(self, heads_dir: Path) -> Path:
         """Write this version (not yet published: see ``publish_head``)."""

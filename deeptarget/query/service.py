@@ -179,7 +179,7 @@ class QueryService:
         )
         index = self.snapshots.get()
         embedder = self.query_embedder(index)
-        embedding = embedder([image])[0]
+        embedding: np.ndarray = embedder([image])[0]
         if index is not None:
             index.check_compatible(len(embedding), embedder.model_id)
         return embedding

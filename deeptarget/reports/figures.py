@@ -115,7 +115,9 @@ def histogram(values: np.ndarray, title: str, x_label: str, bins: int = 40, log_
     values = values[np.isfinite(values)]
     if log_x:
         values = values[values > 0]
-        edges = np.logspace(np.log10(values.min()), np.log10(values.max()), bins) if len(values) else bins
+        edges: int | list[float] = (
+            np.logspace(np.log10(values.min()), np.log10(values.max()), bins).tolist() if len(values) else bins
+        )
         axes.set_xscale("log")
     else:
         edges = bins

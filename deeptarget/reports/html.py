@@ -87,10 +87,10 @@ class Report:
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
             pngs[name] = buffer.getvalue()
-            atomic_write(folder / f"{name}.png", lambda handle, data=pngs[name]: handle.write(data))
+            _write_bytes(folder / f"{name}.png", pngs[name])
         page = self._render(pngs)
         path = folder / "index.html"
-        atomic_write(path, lambda handle: handle.write(page.encode()))
+        _write_bytes(path, page.encode())
         return path
 
     def _render(self, pngs: dict[str, bytes]) -> str:
@@ -123,6 +123,10 @@ class Report:
 
 def _cell(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def new_figure(width: float = 7.0, height: float = 4.5) -> Figure:

@@ -20,7 +20,8 @@ def system_report(store: MetadataStore, top_hashtags: int = TOP_HASHTAGS) -> Rep
     report = Report("deeptarget: the live system")
     statuses = store.status_counts()
     report.heading("Posts")
-    report.table(["status", "posts"], sorted(statuses.items(), key=lambda kv: -kv[1]))
+    by_count = sorted(statuses.items(), key=lambda kv: -kv[1])
+    report.table(["status", "posts"], by_count)
     report.figure("posts_by_status", figures.bars(statuses, "posts by status", "posts"), "every post the store knows")
 
     hashtags = store.hashtag_counts(top_hashtags)

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -38,7 +39,7 @@ class ServerLimits:
     max_per_client: int | None = None  # None: no cap per client address
 
 
-class _JsonErrors(RequestHandler):  # type: ignore[type-arg]
+class _JsonErrors(RequestHandler):
     """aiohttp's protocol, whose own error answers (it makes them for requests it cannot parse) are JSON with our
     ``Server`` header instead of plain text naming aiohttp and its version. No new state (``__slots__`` is empty),
     so a handler's class can be switched to this one."""
@@ -107,13 +108,15 @@ class _Guarded(asyncio.Protocol):
         self._transport = transport
         if not self._guard.admit(self._peer):
             self._inner = None
-            transport.write(_TOO_MANY)  # type: ignore[attr-defined]
+            if isinstance(transport, asyncio.WriteTransport):  # a TCP server's transports are
+                transport.write(_TOO_MANY)
             transport.close()
             return
         timeout = self._guard.limits.header_timeout_s
         if timeout is not None:
             self._deadline = asyncio.get_running_loop().call_later(timeout, self._too_slow)
-        self._inner.connection_made(transport)  # type: ignore[union-attr]
+        assert self._inner is not None  # cleared only by a refusal (above) or a lost connection
+        self._inner.connection_made(transport)
 
     def _too_slow(self) -> None:
         self._deadline = None
@@ -172,7 +175,7 @@ class AppServer:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> AppServer:
-        handler_args = {}
+        handler_args: dict[str, Any] = {}  # AppRunner's **kwargs go to aiohttp's protocol
         if self.limits.header_timeout_s is not None:  # also closes idle keep-alive connections after that long
             handler_args["keepalive_timeout"] = self.limits.header_timeout_s
         self._runner = web.AppRunner(self.app, access_log=None, **handler_args)

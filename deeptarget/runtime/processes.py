@@ -102,8 +102,8 @@ def spawn_worker(
     try:
         return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     finally:
-        if log_file:
-            output.close()  # type: ignore[union-attr]
+        if not isinstance(output, int):  # the child has its own copy of the file now
+            output.close()
 
 
 def stop_processes(processes: Sequence[subprocess.Popen[bytes]], timeout_s: float = 30.0) -> None:

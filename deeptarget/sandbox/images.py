@@ -23,9 +23,11 @@ ASTRONAUT_FACE = (177, 67, 93, 93)
 
 @cache
 def _photo(name: str) -> np.ndarray:
-    loader: Callable[[], np.ndarray] = {
-        "motorcycle": lambda: skimage.data.stereo_motorcycle()[0],
-    }.get(name, getattr(skimage.data, name, None))
+    named: dict[str, Callable[[], np.ndarray]] = {
+        # stereo_motorcycle is unannotated in scikit-image
+        "motorcycle": lambda: skimage.data.stereo_motorcycle()[0],  # type: ignore[no-untyped-call]
+    }
+    loader: Callable[[], np.ndarray] | None = named.get(name, getattr(skimage.data, name, None))
     if loader is None:
         raise KeyError(f"scikit-image has no sample photo {name!r}")
     image = np.asarray(loader())
@@ -122,7 +124,8 @@ def render(seed: int, sources: tuple[str, ...], *, face: bool = False, selfie: b
         image = _paste_face(rng, image)
     long_side = int(rng.integers(320, 641))
     scale = long_side / max(image.size)
-    image = image.resize((max(8, round(image.width * scale)), max(8, round(image.height * scale))), Image.BILINEAR)
+    size = (max(8, round(image.width * scale)), max(8, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BILINEAR)
     return np.asarray(image)
 
 
@@ -131,7 +134,7 @@ def _paste_face(rng: np.random.Generator, image: Image.Image) -> Image.Image:
     pad = w // 2
     face = Image.fromarray(_photo("astronaut")[y - pad // 2 : y + h + pad, x - pad // 2 : x + w + pad // 2])
     side = int(min(image.size) * rng.uniform(0.35, 0.5))
-    face = face.resize((side, round(side * face.height / face.width)), Image.BILINEAR)
+    face = face.resize((side, round(side * face.height / face.width)), Image.Resampling.BILINEAR)
     image = image.copy()
     image.paste(
         face,

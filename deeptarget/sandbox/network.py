@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
+from typing import TypedDict
 
 import numpy as np
 
@@ -55,6 +56,14 @@ class Account:
     followers_count: int
     hides_likes: bool
     interests: tuple[tuple[int, float], ...]  # (topic index, weight)
+
+
+class _Format(TypedDict, total=False):
+    """What ``Media`` takes beside its defaults for a video or an album."""
+
+    kind: str
+    children: int
+    child_kinds: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -225,12 +234,12 @@ class SandboxNetwork:
                     image_seed=int(rng.integers(2**31)),
                     selfie=not topic.face and bool(rng.random() < 0.12),
                     corruption=corruption,
-                    **media_format,  # type: ignore[arg-type]
+                    **media_format,
                 )
             )
         return self._with_visibility(out)
 
-    def _format(self, rng: np.random.Generator, corruption: str | None, albums: int) -> dict[str, object]:
+    def _format(self, rng: np.random.Generator, corruption: str | None, albums: int) -> _Format:
         draw = rng.random()
         if corruption is None and draw < self.video_share:
             return {"kind": "VIDEO"}

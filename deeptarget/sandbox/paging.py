@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Any
 
 from yarl import URL
 
@@ -78,7 +79,9 @@ def hashtag_offset(after: str | None, paging_token: str | None, result_set: str,
     return limit if after else 0
 
 
-def hashtag_paging(url: URL, result_set: str, offset: int, limit: int, total: int, faults: Faults) -> dict | None:
+def hashtag_paging(
+    url: URL, result_set: str, offset: int, limit: int, total: int, faults: Faults
+) -> dict[str, Any] | None:
     """The ``paging`` of a hashtag page, None for an empty result set."""
     if total == 0:
         return None
@@ -113,7 +116,7 @@ def discovery_offset(after: str | None, before: str | None, account_id: str, lim
     return 0
 
 
-def discovery_paging(account_id: str, offset: int, limit: int, total: int, faults: Faults) -> dict | None:
+def discovery_paging(account_id: str, offset: int, limit: int, total: int, faults: Faults) -> dict[str, Any] | None:
     """The ``paging`` of a business_discovery media page, None when the media fit one page."""
     # IG User Business Discovery, Pagination: "the response will include before and after cursors if the response
     # contains multiple pages of data. Unlike standard cursor-based pagination, however, the response will not

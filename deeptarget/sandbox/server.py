@@ -41,6 +41,7 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import urlencode
 
 import numpy as np
@@ -223,13 +224,13 @@ async def _with_faults(request: web.Request, handler: Handler, app: str, fp: str
     if fault == "slow":
         await asyncio.sleep(faults.slow_s)
     response = await handler(request)
-    if fault == "malformed" and isinstance(response, web.Response) and response.body:
-        body = bytes(response.body)  # type: ignore[arg-type]
+    body = response.body if isinstance(response, web.Response) else None
+    if fault == "malformed" and isinstance(body, bytes) and body:  # JSON answers' bytes; a streamed payload is left
         response = web.Response(body=body[: len(body) // 2], content_type="application/json")
     return response
 
 
-def _graph_fault(faults: Faults, stats: dict, n: int) -> str | None:
+def _graph_fault(faults: Faults, stats: dict[str, Any], n: int) -> str | None:
     """The failure the nth Graph request is due, if any (bursts of server errors run on over the next requests)."""
     if stats["burst_left"] > 0 or faults.due(faults.error_every, n):
         stats["burst_left"] = (stats["burst_left"] or faults.error_burst) - 1
@@ -333,7 +334,7 @@ async def node(request: web.Request) -> web.Response:
     return web.json_response({"business_discovery": out, "id": request.match_info["node"]})
 
 
-def _image_fault(faults: Faults, stats: dict, image_id: str) -> str | None:
+def _image_fault(faults: Faults, stats: dict[str, Any], image_id: str) -> str | None:
     """The failure this image fetch gets, if any, counted."""
     stats["image_requests"] += 1
     n = stats["image_requests"]
@@ -346,7 +347,7 @@ def _image_fault(faults: Faults, stats: dict, image_id: str) -> str | None:
     return _counted(stats, image_id, fault)
 
 
-def _counted(stats: dict, key: str, fault: str | None) -> str | None:
+def _counted(stats: dict[str, Any], key: str, fault: str | None) -> str | None:
     """Counts the fault by kind and by request (in a row); an answer without one ends the request's run."""
     if fault is None:
         stats["faulted"].pop(key, None)

@@ -147,7 +147,9 @@ class GraphApiClient:
 
         attempts = 0
 
-        async def every_attempt_is_a_call(request: aiohttp.ClientRequest, handler: Any) -> aiohttp.ClientResponse:
+        async def every_attempt_is_a_call(
+            request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+        ) -> aiohttp.ClientResponse:
             nonlocal attempts
             attempts += 1
             if attempts > 1:  # aiohttp resends once on a dropped keep-alive connection: another call on the wire

@@ -293,11 +293,9 @@ def post_from_sidecar(
     owner = owners.get(owner_id) if owner_id else None
     if owner is None and owner_id:
         owner = Owner(id=owner_id, username=_username(owner_node, "node.owner."))
-    fields = {
-        "like_count": _count(node, "edge_liked_by", "edge_media_preview_like"),
-        "comments_count": _count(node, "edge_media_to_comment", "edge_media_to_parent_comment"),
-        "timestamp": _timestamp(node),
-    }
+    like_count = _count(node, "edge_liked_by", "edge_media_preview_like")
+    comments_count = _count(node, "edge_media_to_comment", "edge_media_to_parent_comment")
+    timestamp = _timestamp(node)
     image = _image_for(sidecar)
     if image is None:
         return FolderPost(None, "no_image_file")
@@ -310,7 +308,9 @@ def post_from_sidecar(
             caption=caption,
             hashtags=hashtags_in(caption),
             owner=owner,
-            **fields,
+            like_count=like_count,
+            comments_count=comments_count,
+            timestamp=timestamp,
         )
     except ValidationError as err:
         first = err.errors()[0]

@@ -16,7 +16,7 @@ from deeptarget.models.embedder import Embedder
 from deeptarget.reports import figures
 from deeptarget.reports.html import Report
 from deeptarget.training.datasets import load_labelled
-from deeptarget.training.linear import classification_metrics, fit_logistic
+from deeptarget.training.linear import classification_metrics, fit_logistic, score
 from deeptarget.training.train_head import embed_splits
 
 LOG = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def comparison_report(data_dir: Path, results: list[BackboneResult]) -> Report:
         ("size_mb", "model size", "MB"),
     ):
         values = {
-            label: float(r.metrics[key]) if key in r.metrics else float(getattr(r, key))  # type: ignore[arg-type]
+            label: score(r.metrics, key) if key in r.metrics else float(getattr(r, key))
             for label, r in zip(labels, results, strict=True)
         }
         report.figure(key, figures.bars(values, title, axis), title)

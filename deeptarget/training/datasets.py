@@ -72,13 +72,13 @@ def check_usable(where: object, data: LabelledImages) -> LabelledImages:
 
 def _load(root: Path, test_share: float, seed: int) -> LabelledImages:
     if (root / "train").is_dir() and (root / "test").is_dir():
-        train, test = _class_folders(root / "train"), _class_folders(root / "test")
-        classes = sorted(set(train) | set(test))
+        train_folders, test_folders = _class_folders(root / "train"), _class_folders(root / "test")
+        classes = sorted(set(train_folders) | set(test_folders))
         index = {c: i for i, c in enumerate(classes)}
         return LabelledImages(
             classes,
-            [(p, index[c]) for c, paths in train.items() for p in paths],
-            [(p, index[c]) for c, paths in test.items() for p in paths],
+            [(p, index[c]) for c, paths in train_folders.items() for p in paths],
+            [(p, index[c]) for c, paths in test_folders.items() for p in paths],
         )
     listed = _listed_splits(root)
     if listed is not None:
@@ -94,7 +94,8 @@ def _load(root: Path, test_share: float, seed: int) -> LabelledImages:
         )
     rng = np.random.default_rng(seed)
     classes = sorted(folders)
-    train, test = [], []
+    train: list[tuple[Path, int]] = []
+    test: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
         paths = list(folders[name])
         rng.shuffle(paths)

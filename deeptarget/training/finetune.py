@@ -72,7 +72,8 @@ class HeadOnFeatures(torch.nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.nn.functional.normalize(self.backbone(x).float(), dim=1))
+        logits: torch.Tensor = self.head(torch.nn.functional.normalize(self.backbone(x).float(), dim=1))
+        return logits
 
 
 def parameter_groups(model: HeadOnFeatures, options: FinetuneOptions) -> list[dict[str, Any]]:
@@ -98,7 +99,7 @@ class Checkpoint:
     def load(self) -> dict[str, Any] | None:
         if not self.path.is_file():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        state: dict[str, Any] = torch.load(self.path, map_location="cpu", weights_only=True)
         if state.get("fingerprint") != self.fingerprint:
             LOG.warning("%s is from a different run (data or options changed): starting over", self.path)
             return None

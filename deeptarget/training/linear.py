@@ -3,6 +3,7 @@ full-batch with L-BFGS (torch, already a dependency), its learning curve, and th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,8 +50,8 @@ def fit_logistic(
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         logits = linear(x)
-        loss = loss_fn(logits, y) + l2 * linear.weight.pow(2).sum()
-        loss.backward()
+        loss: torch.Tensor = loss_fn(logits, y) + l2 * linear.weight.pow(2).sum()
+        loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
         row = {
             "evaluation": float(len(history) + 1),
             "train_loss": float(loss.detach()),
@@ -64,7 +65,7 @@ def fit_logistic(
         history.append(row)
         return loss
 
-    optimizer.step(closure)
+    optimizer.step(closure)  # type: ignore[no-untyped-call]  # unannotated in torch
     return LogisticFit(linear.weight.detach().numpy().copy(), linear.bias.detach().numpy().copy(), history)
 
 
@@ -93,7 +94,16 @@ SCORES = {"top1": "top-1", "top5": "top-5", "macro_f1": "macro-F1"}  # summary s
 
 def fold_statistics(folds: list[dict[str, object]]) -> dict[str, tuple[float, float]]:
     """score -> (mean, standard deviation) over the folds of ``cross_validate``."""
-    return {k: (float(np.mean([f[k] for f in folds])), float(np.std([f[k] for f in folds]))) for k in SCORES}
+    scores = {k: np.array([score(f, k) for f in folds]) for k in SCORES}
+    return {k: (float(values.mean()), float(values.std())) for k, values in scores.items()}
+
+
+def score(metrics: Mapping[str, object], name: str) -> float:
+    """One number of ``classification_metrics``'s (``top1``...); TypeError for anything else, such as ``per_class``."""
+    value = metrics[name]
+    if not isinstance(value, int | float):
+        raise TypeError(f"{name} is not a score: {value!r:.40}")
+    return float(value)
 
 
 def cross_validate(

@@ -36,7 +36,7 @@ def serve_worker_metrics(settings: Settings, worker_name: str) -> Path | None:
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
     start_http_server(settings.worker_metrics_port, addr=settings.api_host, registry=registry)
     LOG.info("worker metrics on http://%s:%d/metrics", settings.api_host, settings.worker_metrics_port)
     return folder
@@ -47,4 +47,4 @@ def forget_process(pid: int) -> None:
     if os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]  # unannotated in prometheus_client

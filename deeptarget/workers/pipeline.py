@@ -52,6 +52,13 @@ class _Encoded:
 Outcome = _Prepared | _Encoded | ImageRejected
 
 
+def _kept_image(outcome: Outcome) -> np.ndarray:
+    """The decoded image kept for a batched detector (``_faces`` keeps it, the device decoder copies it to the host:
+    the detector batches only under a face policy)."""
+    assert isinstance(outcome, _Prepared) and outcome.image is not None
+    return outcome.image
+
+
 def split_on_oom(run: Callable[[Sequence[T]], Sequence[R]], items: Sequence[T], what: str) -> list[R]:
     """``run(items)``; when it runs out of memory, free the cache and run each half, down to single items.
 
@@ -140,11 +147,11 @@ class InferencePipeline:
         return ImageRejected(reason) if reason else _Prepared(pixels, faces)
 
     def _decode_on_device(self, indices: list[int], outcomes: list[Outcome]) -> None:
-        encoded = [i for i in indices if isinstance(outcomes[i], _Encoded)]
+        encoded = {i: outcome.data for i in indices if isinstance(outcome := outcomes[i], _Encoded)}
         if not encoded:
             return
         device, long_side = self.embedder.device, self.settings.decode_long_side
-        datas = [outcomes[i].data for i in encoded]  # type: ignore[union-attr]
+        datas = list(encoded.values())
         images = split_on_oom(lambda chunk: decode_jpegs(list(chunk), device, long_side=long_side), datas, "decode")
         faces_wanted = self.face_filter.policy != "off"
         for i, image in zip(encoded, images, strict=True):
@@ -159,7 +166,7 @@ class InferencePipeline:
         self._decode_on_device(indices, outcomes)
         indices = [i for i in indices if isinstance(outcomes[i], _Prepared)]
         if self.face_filter.batched and indices:
-            images = [outcomes[i].image for i in indices]  # type: ignore[union-attr]
+            images = [_kept_image(outcomes[i]) for i in indices]
             found = split_on_oom(self.face_filter.filter_batch, images, "face detection")
             for i, (faces, reason) in zip(indices, found, strict=True):
                 prepared = outcomes[i]
@@ -168,8 +175,10 @@ class InferencePipeline:
             indices = [i for i in indices if isinstance(outcomes[i], _Prepared)]
         if not indices:
             return
-        pixels = [_chw(outcomes[i].pixels) for i in indices]  # type: ignore[union-attr]
-        rows = split_on_oom(lambda chunk: self.embedder.embed_tensors(torch.stack(list(chunk))), pixels, "embedding")
+        pixels = [_chw(outcome.pixels) for i in indices if isinstance(outcome := outcomes[i], _Prepared)]
+        rows: list[np.ndarray] = split_on_oom(
+            lambda chunk: list(self.embedder.embed_tensors(torch.stack(list(chunk)))), pixels, "embedding"
+        )
         embeddings.update(zip(indices, rows, strict=True))
 
     def __call__(self, refs: list[PostRef]) -> list[InferResult]:
@@ -202,7 +211,7 @@ class InferencePipeline:
             LOG.info("post %s rejected: %s", ref.post.id, outcome)
             prediction = Prediction(post_id=ref.post.id, status=PostStatus.REJECTED, reason=outcome.reason)
             return InferResult(ref.post, ref.blob, prediction, None)
-        assert embedding is not None and outcome.faces is not None
+        assert isinstance(outcome, _Prepared) and embedding is not None and outcome.faces is not None
         prediction = Prediction(
             post_id=ref.post.id,
             status=PostStatus.EMBEDDED,

@@ -324,7 +324,7 @@ def _load_models(sender: Any = None, **_: Any) -> None:
         return
     settings = current_app.settings
     if current_app.warm_infer:
-        _ = context_for(settings).pipeline
+        _models = context_for(settings).pipeline  # built now; not `_`, which holds the signal's kwargs
     if jobs.index_queue in current_app.amqp.queues.consume_from:
         _start_upkeep(current_app, context_for(settings))
 

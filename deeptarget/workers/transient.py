@@ -46,4 +46,4 @@ def retry_delay_s(
     capped at ``max_s`` and at half the visibility timeout (Redis holds a task waiting for its countdown unacked: one
     waiting longer than the visibility timeout is delivered a second time, Celery's "Redis caveats")."""
     base = disk_base_s if is_disk_error(err) else base_s
-    return min(max_s, visibility_timeout_s / 2, base * 2**retries)
+    return min(max_s, visibility_timeout_s / 2, base * 2.0**retries)
