@@ -7,16 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import resource
-import secrets
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +26,8 @@ from deeptarget.query.service import NO_FILTER, Neighbour, PostFilter, QueryServ
 from deeptarget.runtime.app_server import AppServer
 from deeptarget.runtime.embedded_redis import EmbeddedRedis
 from tests.conftest import make_settings
-from tests.test_demo import free_port
+from tests.helpers import KEY, served
 
-KEY = secrets.token_urlsafe(24)
 WRITES = [(b"POST", b"/ingest"), (b"POST", b"/index/snapshot"), (b"POST", b"/train/hashtags"),
           (b"DELETE", b"/posts/p1")]  # fmt: skip
 HALF_HEADERS = b"GET /healthz HTTP/1.1\r\nHost: api\r\nX-Slow: "  # never finished
@@ -98,35 +90,6 @@ async def closed_after(reader: asyncio.StreamReader, timeout: float) -> tuple[by
     except ConnectionResetError:
         data = b""
     return data, asyncio.get_running_loop().time()
-
-
-def _few_fds() -> None:  # 128 file descriptors: 300 connections held open would take them all
-    resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-
-
-@contextmanager
-def served(data_dir: Path, redis_url: str, **overrides: object) -> Iterator[int]:
-    """A real ``deeptarget serve`` process with the API key ``KEY``; yields its port. Its log never shows the key."""
-    settings = make_settings(data_dir, redis_url, api_port=free_port(), **overrides)
-    env = {**os.environ, **settings.to_env(), "DEEPTARGET_API_KEY": KEY}
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log = data_dir.parent / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "deeptarget", "serve"], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, preexec_fn=_few_fds)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while b"deeptarget API at" not in log.read_bytes():
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        yield settings.api_port
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-    text = log.read_text(errors="replace")
-    assert KEY not in text
-    # no bug of ours (the API logs it and answers 500) and nothing aiohttp could not handle
-    assert not re.search(r"ERROR +(deeptarget\.api|aiohttp\.server: Unhandled exception)", text), text[-3000:]
 
 
 @pytest.fixture(scope="module")

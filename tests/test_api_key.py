@@ -15,8 +15,8 @@ from pydantic import SecretStr
 
 from deeptarget.api.app import create_app
 from deeptarget.runtime.app_server import AppServer
+from deeptarget.runtime.embedded_redis import free_port
 from tests.conftest import make_settings
-from tests.test_demo import free_port
 
 WRITES = [("post", "/ingest"), ("post", "/index/snapshot"), ("delete", "/posts/some-post")]
 

@@ -40,7 +40,7 @@ from deeptarget.runtime.embedded_redis import EmbeddedRedis
 from deeptarget.store.metadata import MetadataStore
 from deeptarget.workers.upkeep import WriterUpkeep
 from tests.conftest import make_settings
-from tests.test_api_hostile import KEY, served
+from tests.helpers import KEY, served
 
 pytestmark = pytest.mark.timeout(300)
 

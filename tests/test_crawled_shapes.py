@@ -20,9 +20,8 @@ from deeptarget.runtime.app_server import AppServer
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.scraper.structures import MAX_ALBUM_CHILDREN, owner_from_account, posts_from_media
 from tests.conftest import make_settings
+from tests.helpers import crawl, crawl_settings, noise_jpeg, offered
 from tests.queue_messages import queued_post_refs
-from tests.test_download import jpeg
-from tests.test_scraper import crawl, crawl_settings, offered
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -165,7 +164,7 @@ async def hostile_graph() -> AsyncIterator[str]:
             good = [with_url(image("10"), "10"), with_url(image(11), "11"), with_url(GOOD_ALBUM, "12")]
             return web.json_response({"data": [*bad, with_url(bad_child, "30"), *good]})
         if request.path.startswith("/img/"):
-            return web.Response(body=jpeg(), content_type="image/jpeg")
+            return web.Response(body=noise_jpeg(), content_type="image/jpeg")
         if "username(huge)" in request.query.get("fields", ""):  # followers past int64 ended the whole run
             media = {"data": [with_url(image("40"), "40")]}
             account = {"id": "17841400000000777", "username": "huge", "followers_count": 2**63, "media": media}

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -16,16 +15,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from deeptarget.runtime.embedded_redis import free_port
 from deeptarget.sandbox import SandboxNetwork
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def test_a_post_pushed_while_the_demo_api_is_up_is_queryable_within_seconds(

@@ -15,45 +15,15 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
-import yaml
 
 from deeptarget.runtime.embedded_redis import free_port, redis_server_binary
+from tests.helpers import COMPOSE, SECRET_ENV, VARIABLE, MissingVariable, compose
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = ROOT / "docker-compose.yml"
 SECRETS = ("DEEPTARGET_API_KEY", "REDIS_PASSWORD", "POSTGRES_PASSWORD")
-# ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message} (compose's interpolation syntax)
-VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<rest>[^}]*))?\}")
-
-
-class MissingVariable(KeyError):
-    pass
-
-
-def interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose's variable substitution: ``$$`` is a literal ``$``; ``:?`` fails when unset or empty."""
-
-    def one(match: re.Match[str]) -> str:
-        name, op, rest = match["name"], match["op"], match["rest"] or ""
-        value = env.get(name)
-        if op in (":?", "?") and not (value if op == ":?" else value is not None):
-            raise MissingVariable(f"{name}: {rest}")
-        if op in (":-", "-") and not (value if op == ":-" else value is not None):
-            return rest
-        return value or ""
-
-    return VARIABLE.sub(one, text.replace("$$", "\0")).replace("\0", "$")
-
-
-def compose(env: dict[str, str]) -> dict[str, Any]:
-    return yaml.safe_load(interpolate(COMPOSE.read_text(), env))
-
-
-SECRET_ENV = {"DEEPTARGET_API_KEY": "a" * 32, "REDIS_PASSWORD": "b" * 64, "POSTGRES_PASSWORD": "c" * 64}
 
 
 def test_no_secret_has_a_default_and_each_is_demanded() -> None:

@@ -6,7 +6,6 @@ import io
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 import pytest
 from aiohttp import web
 from PIL import Image
@@ -15,6 +14,7 @@ from deeptarget.core.errors import ImageRejected
 from deeptarget.runtime.app_server import AppServer
 from deeptarget.scraper.download import ImageDownloader
 from deeptarget.store.blobs import BlobStore
+from tests.helpers import noise_jpeg
 
 
 def png(width: int, height: int) -> bytes:
@@ -23,18 +23,12 @@ def png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-def jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
 @pytest.fixture
 async def server():
     files = {
         "bomb.png": (png(6000, 4000), "image/png"),
-        "ok.jpg": (jpeg(), "image/jpeg"),
-        "big.jpg": (jpeg() + b"\0" * 300_000, "image/jpeg"),
+        "ok.jpg": (noise_jpeg(), "image/jpeg"),
+        "big.jpg": (noise_jpeg() + b"\0" * 300_000, "image/jpeg"),
         "page.jpg": (b"<html></html>", "text/html"),
     }
 
@@ -60,7 +54,7 @@ async def test_limits_reject_before_storing(server: str, tmp_path: Path, name: s
             await download(f"{server}/{name}")
         assert err.value.reason == reason
         sha, size = await download(f"{server}/ok.jpg")
-    assert sha in blobs and size == len(jpeg())
+    assert sha in blobs and size == len(noise_jpeg())
     stored = [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()]
     assert len(stored) == 1  # the rejected ones left nothing behind, not even a temporary file
 

@@ -34,7 +34,7 @@ from deeptarget.sandbox.network import Media
 from deeptarget.store.metadata import MetadataStore
 from deeptarget.store.versioned import VersionedDir
 from tests.conftest import make_settings, snapshot_size, wait_for_worker
-from tests.test_scraper import crawl
+from tests.helpers import crawl
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -15,7 +15,7 @@ from deeptarget.scraper.download import ImageDownloader
 from deeptarget.scraper.fetch_policy import FetchPolicy, FetchRefused
 from deeptarget.store.blobs import BlobStore
 from tests.conftest import make_settings
-from tests.test_download import jpeg
+from tests.helpers import noise_jpeg
 
 
 def policy(tmp_path: Path, **settings: object) -> FetchPolicy:
@@ -67,7 +67,7 @@ async def two_servers():
 
     async def internal(request: web.Request) -> web.Response:
         internal_hits.append(request.path)
-        return web.Response(body=jpeg(), content_type="image/jpeg")
+        return web.Response(body=noise_jpeg(), content_type="image/jpeg")
 
     inside = web.Application()
     inside.router.add_get("/{tail:.*}", internal)
@@ -75,7 +75,7 @@ async def two_servers():
 
         async def allowed(request: web.Request) -> web.Response:
             if request.path == "/ok.jpg":
-                return web.Response(body=jpeg(), content_type="image/jpeg")
+                return web.Response(body=noise_jpeg(), content_type="image/jpeg")
             if request.path == "/hop.jpg":
                 raise web.HTTPFound("/ok.jpg")
             if request.path == "/loop.jpg":
@@ -124,7 +124,7 @@ async def test_naming_a_loopback_source_opens_that_port_only(tmp_path: Path) -> 
 
     async def canary(request: web.Request) -> web.Response:
         hits.append(request.path)
-        return web.Response(body=jpeg(), content_type="image/jpeg")
+        return web.Response(body=noise_jpeg(), content_type="image/jpeg")
 
     app = web.Application()
     app.router.add_get("/{name}", canary)

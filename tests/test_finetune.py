@@ -18,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torchvision
 
 from deeptarget.models.embedder import Embedder
 from deeptarget.models.heads import LinearHead, head_versions
@@ -27,25 +25,11 @@ from deeptarget.training.datasets import load_labelled
 from deeptarget.training.finetune import FinetuneOptions, finetune
 from deeptarget.training.train_head import embed_files
 from tests.conftest import make_settings
-from tests.test_train_head import make_dataset
+from tests.helpers import calibrated_random_weights, make_dataset
 
 pytestmark = pytest.mark.timeout(300)
 
 OPTIONS = FinetuneOptions(epochs=2, batch_size=8, loader_workers=0)
-
-
-def calibrated_random_weights(path: Path, image_size: int = 96, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = torchvision.models.mobilenet_v2(weights=None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # a plain average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn(16, 3, image_size, image_size))
-    torch.save(model.state_dict(), path)
-    return path
 
 
 def test_a_finetuned_head_is_the_one_the_workers_would_compute(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from deeptarget.scraper.graph_errors import wait_from as graph_wait_from
 from deeptarget.scraper.tokens import TokenPool
 from deeptarget.store.blobs import BlobStore
 from tests.conftest import make_settings
-from tests.test_download import jpeg
+from tests.helpers import noise_jpeg
 
 SECRET = "EAAG-very-secret-token-value"
 
@@ -361,7 +361,7 @@ async def test_hostile_media_shapes_are_each_skipped_and_the_crawl_goes_on(
         return web.json_response({"data": nodes, "paging": "not an object"})
 
     async def image(request: web.Request) -> web.Response:
-        return web.Response(body=jpeg(), content_type="image/jpeg")
+        return web.Response(body=noise_jpeg(), content_type="image/jpeg")
 
     routes.update({"/ig_hashtag_search": search, "/1/recent_media": page, "/img/6.jpg": image})
     settings = make_settings(tmp_path / "data", redis_url, source_url=url, hashtags=["ok"], accounts=[])

@@ -10,28 +10,14 @@ import numpy as np
 import pytest
 
 from deeptarget import jobs
-from deeptarget.core.records import Owner, Post, PostRef
-from deeptarget.jobs import Jobs
 from deeptarget.models.heads import LinearHead, head_versions
 from deeptarget.ops.reclassify import published_heads, reclassify
-from deeptarget.store.blobs import BlobStore
 from deeptarget.store.metadata import MetadataStore
 from deeptarget.training.train_head import train_head
 from tests.conftest import WorkerFactory, make_settings, wait_for
-from tests.test_train_head import make_dataset
+from tests.helpers import make_dataset, send_photo_batch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def _send_batch(settings, photos: Path, prefix: str) -> list[str]:
-    blobs = BlobStore(settings.blob_dir)
-    refs = []
-    for i, path in enumerate(sorted(photos.glob("*/[0-4].jpg"))):
-        post = Post(id=f"{prefix}-{path.parent.name}-{i}", like_count=10 + i,
-                    owner=Owner(id=f"owner-{path.parent.name}", followers_count=1000))  # fmt: skip
-        refs.append(PostRef(post=post, blob=blobs.put(path.read_bytes())).model_dump(mode="json"))
-    Jobs.for_settings(settings).infer(refs)
-    return [r["post"]["id"] for r in refs]
 
 
 def _wait_classified(store: MetadataStore, post_ids: list[str]) -> None:
@@ -50,7 +36,7 @@ def test_published_head_reaches_the_next_batch_and_reclassify_the_earlier_ones(
     first = train_head(settings, tmp_path / "photos", "colour", publish=True, report=False)
     start_worker(settings, [jobs.infer_queue, jobs.profiles_queue], "heads")
 
-    early = _send_batch(settings, tmp_path / "photos", "early")
+    early = send_photo_batch(settings, tmp_path / "photos", "early")
     _wait_classified(store, early)
     assert all(set(store.post(p).classes["colour"]) == {"grass", "sky", "tomatoes"} for p in early)
     embeddings_before = store.embeddings(early).vectors.copy()
@@ -62,7 +48,7 @@ def test_published_head_reaches_the_next_batch_and_reclassify_the_earlier_ones(
     second = train_head(settings, renamed, "colour", publish=True, report=False)
     assert second.head.version == first.head.version + 1
 
-    late = _send_batch(settings, tmp_path / "photos", "late")
+    late = send_photo_batch(settings, tmp_path / "photos", "late")
     _wait_classified(store, late)
     for post_id in late:
         classes = store.post(post_id).classes["colour"]

@@ -31,8 +31,8 @@ from deeptarget.runtime.embedded_redis import free_port
 from deeptarget.store.metadata import MetadataStore
 from deeptarget.workers.upkeep import WriterUpkeep
 from tests.conftest import make_settings
+from tests.helpers import SECRET_ENV, compose
 from tests.postgres import LocalPostgres
-from tests.test_deploy_config import SECRET_ENV, compose
 
 MODEL = "test:model"
 

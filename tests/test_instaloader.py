@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import lzma
 from collections import Counter
@@ -10,17 +9,10 @@ from pathlib import Path
 
 import redis
 import skimage.data
-from PIL import Image
 
 from deeptarget.sandbox import SandboxNetwork
+from tests.helpers import crawl, crawl_settings, jpeg_of, post_node
 from tests.queue_messages import queued_post_refs
-from tests.test_scraper import crawl, crawl_settings
-
-
-def jpeg(image: object) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "JPEG")  # type: ignore[arg-type]
-    return buffer.getvalue()
 
 
 def sidecar(path: Path, node: dict, node_type: str = "Post", compress: bool = True) -> None:
@@ -31,20 +23,6 @@ def sidecar(path: Path, node: dict, node_type: str = "Post", compress: bool = Tr
         path.write_bytes(data)
 
 
-def post_node(media_id: str, caption: str, likes: int, **extra: object) -> dict:
-    return {
-        "id": media_id,
-        "shortcode": f"C{media_id}",
-        "taken_at_timestamp": 1795000000,
-        "edge_media_to_caption": {"edges": [{"node": {"text": caption}}]},
-        "edge_liked_by": {"count": likes},
-        "edge_media_to_comment": {"count": 2},
-        "owner": {"id": "555", "username": "sushi_lover"},
-        "is_video": False,
-        **extra,
-    }
-
-
 def make_profile_folder(root: Path) -> Path:
     folder = root / "sushi_lover"
     folder.mkdir(parents=True)
@@ -53,10 +31,10 @@ def make_profile_folder(root: Path) -> Path:
         {"id": "555", "username": "sushi_lover", "edge_followed_by": {"count": 4200}},
         "Profile",
     )
-    (folder / "2026-11-20_18-04-11_UTC.jpg").write_bytes(jpeg(skimage.data.coffee()))
+    (folder / "2026-11-20_18-04-11_UTC.jpg").write_bytes(jpeg_of(skimage.data.coffee()))
     sidecar(folder / "2026-11-20_18-04-11_UTC.json", post_node("9001", "Lunch #Sushi #tokyo", 120))
-    (folder / "2026-11-21_09-00-00_UTC_1.jpg").write_bytes(jpeg(skimage.data.chelsea()))  # a carousel
-    (folder / "2026-11-21_09-00-00_UTC_2.jpg").write_bytes(jpeg(skimage.data.astronaut()))
+    (folder / "2026-11-21_09-00-00_UTC_1.jpg").write_bytes(jpeg_of(skimage.data.chelsea()))  # a carousel
+    (folder / "2026-11-21_09-00-00_UTC_2.jpg").write_bytes(jpeg_of(skimage.data.astronaut()))
     sidecar(folder / "2026-11-21_09-00-00_UTC.json", post_node("9002", "cats #cats", 80, __typename="GraphSidecar"),
             compress=False)  # fmt: skip
     sidecar(folder / "2026-11-22_12-00-00_UTC.json", post_node("9003", "a reel", 5, is_video=True))
@@ -85,7 +63,7 @@ async def test_a_folder_is_read_once_with_owners_and_followers(
     assert refs["9004"]["rejected"] == "not_an_image"
     assert counts["skipped_video"] == 1 and counts["malformed_media"] == 1
 
-    (folder / "2026-11-24_10-00-00_UTC.jpg").write_bytes(jpeg(skimage.data.rocket()))  # a new download arrives
+    (folder / "2026-11-24_10-00-00_UTC.jpg").write_bytes(jpeg_of(skimage.data.rocket()))  # a new download arrives
     sidecar(folder / "2026-11-24_10-00-00_UTC.json", post_node("9005", "launch #space", 9))
     again = await crawl(settings)
     ids = Counter(r["post"]["id"] for r in queued_post_refs(redis_client))

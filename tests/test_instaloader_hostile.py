@@ -16,9 +16,8 @@ import skimage.data
 from deeptarget.sandbox import SandboxNetwork
 from deeptarget.scraper import instaloader
 from deeptarget.store.blobs import BlobStore
+from tests.helpers import crawl, crawl_settings, jpeg_of, post_node
 from tests.queue_messages import queued_post_refs
-from tests.test_instaloader import jpeg, post_node
-from tests.test_scraper import crawl, crawl_settings
 
 pytestmark = pytest.mark.timeout(30)  # the old code blocked for good on a FIFO
 
@@ -94,7 +93,7 @@ def make_hostile_folder(root: Path) -> tuple[Path, dict[str, str], dict[str, str
     outside.mkdir(parents=True)
     # A well-formed post outside the folder, and its image: reachable only through symlinks.
     (outside / "elsewhere_UTC.json").write_bytes(wrapped(post_node("6666", "outside #secret", 1)))
-    (outside / "secret.jpg").write_bytes(jpeg(skimage.data.camera()))
+    (outside / "secret.jpg").write_bytes(jpeg_of(skimage.data.camera()))
     folder = root / "downloads" / "hostile"
     folder.mkdir(parents=True)
     # A broken profile sidecar: the posts keep the owners their own nodes name.
@@ -103,17 +102,17 @@ def make_hostile_folder(root: Path) -> tuple[Path, dict[str, str], dict[str, str
     for k, (case, (suffix, content, reason)) in enumerate(hostile_sidecars(outside).items()):
         stem = f"2026-01-01_00-{k:02d}-00_UTC"
         write_entry(folder / (stem + suffix), content)
-        (folder / f"{stem}.jpg").write_bytes(jpeg(skimage.data.coffee()))
+        (folder / f"{stem}.jpg").write_bytes(jpeg_of(skimage.data.coffee()))
         expected[stem + suffix] = reason
         good_stem = f"2026-01-01_00-{k:02d}-30_UTC"  # a good post next to each hostile one
         good_id = str(8000 + k)
-        (folder / f"{good_stem}.jpg").write_bytes(jpeg(skimage.data.chelsea()))
+        (folder / f"{good_stem}.jpg").write_bytes(jpeg_of(skimage.data.chelsea()))
         (folder / f"{good_stem}.json").write_bytes(wrapped(post_node(good_id, f"good {case} #fine", k)))
         good[good_id] = good_stem
     # A folder symlinked in from outside: never entered.
     (outside / "linked").mkdir()
     (outside / "linked" / "2026-02-02_00-00-00_UTC.json").write_bytes(wrapped(post_node("6667", "linked", 1)))
-    (outside / "linked" / "2026-02-02_00-00-00_UTC.jpg").write_bytes(jpeg(skimage.data.camera()))
+    (outside / "linked" / "2026-02-02_00-00-00_UTC.jpg").write_bytes(jpeg_of(skimage.data.camera()))
     (folder / "linked").symlink_to(outside / "linked")
     return folder.parent, expected, good
 

@@ -19,9 +19,7 @@ from deeptarget.core.records import Owner, Post, Prediction
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.store.metadata import MetadataStore, StoredPost
 from tests.conftest import WorkerFactory
-from tests.test_instaloader import jpeg, post_node
-from tests.test_push_overwrite import stat, until
-from tests.test_scraper import crawl, crawl_settings, offered
+from tests.helpers import crawl, crawl_settings, jpeg_of, offered, post_node, stat, until
 
 ANN = Owner(id="u1", username="ann", followers_count=10)
 ATTACKER = Owner(id="attacker", username="attacker", followers_count=1)
@@ -115,7 +113,7 @@ async def test_an_instaloader_folder_never_rewrites_a_graph_posts_owner(
             node = post_node(post_id, "hijacked #evil", 999_999, owner={"id": "attacker", "username": "attacker"})
             stem = f"2024-01-0{k + 7}_00-00-00_UTC"
             (folder / f"{stem}.json").write_text(json.dumps({"node": node, "instaloader": {"node_type": "Post"}}))
-            (folder / f"{stem}.jpg").write_bytes(jpeg(skimage.data.camera()))
+            (folder / f"{stem}.jpg").write_bytes(jpeg_of(skimage.data.camera()))
         # The scraper sends no merge for a post whose owner it knows; one that forgot (a Redis without the set,
         # another host's) does, and the store refuses it.
         redis_client.srem(keys.owner_known_key, owned)

@@ -20,20 +20,9 @@ from deeptarget.api.app import create_app
 from deeptarget.core import keys
 from deeptarget.runtime.app_server import AppServer
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
-from deeptarget.sandbox.network import Media
 from deeptarget.scraper.push import IngestStream, parse_posts
+from tests.helpers import crawl, crawl_settings, image_url, pushable, server_stats
 from tests.queue_messages import queued_post_refs
-from tests.test_scraper import crawl, crawl_settings, server_stats
-
-
-def pushable(network: SandboxNetwork) -> list[Media]:
-    """The media a partner can push: visible ones with a picture (no videos, no albums of videos only)."""
-    return [m for m in network.media if m.visible and m.image_ids]
-
-
-def image_url(url: str, media: Media) -> str:
-    """The media's (first) picture: an album's first image is its child 0."""
-    return f"{url}/media/{media.id}_0.jpg" if media.kind == "CAROUSEL_ALBUM" else f"{url}/media/{media.id}.jpg"
 
 
 def records(url: str, network: SandboxNetwork) -> list[str]:

@@ -8,7 +8,6 @@ share one id space, so the pusher's id is the post's id everywhere; the first re
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -29,9 +28,8 @@ from deeptarget.runtime.app_server import AppServer
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.scraper.push import IngestStream, parse_posts
 from deeptarget.store.metadata import MetadataStore, StoredPost
-from tests.conftest import WorkerFactory, make_settings, wait_for
-from tests.test_push import image_url, pushable
-from tests.test_scraper import crawl, crawl_settings, offered
+from tests.conftest import WorkerFactory, make_settings
+from tests.helpers import crawl, crawl_settings, image_url, offered, pushable, stat, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -54,14 +52,6 @@ async def push(redis_url: str, *records: dict[str, object]) -> None:
         await IngestStream(client).push(posts)
     finally:
         await client.aclose()
-
-
-def stat(client: redis.Redis, name: str) -> int:
-    return int(client.hget(keys.scraper_stats_key, name) or 0)
-
-
-async def until(condition, what: str, timeout_s: float = 90) -> None:  # type: ignore[no-untyped-def]
-    await asyncio.to_thread(wait_for, condition, what, timeout_s)
 
 
 async def test_a_push_never_rewrites_a_crawled_post_and_the_first_push_of_an_id_wins(

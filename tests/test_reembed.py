@@ -19,9 +19,7 @@ from deeptarget.query.service import QueryService
 from deeptarget.runtime.processes import stop_processes
 from deeptarget.store.metadata import MetadataStore
 from tests.conftest import WorkerFactory, make_settings, snapshot_size, wait_for
-from tests.test_finetune import calibrated_random_weights
-from tests.test_heads_in_workers import _send_batch
-from tests.test_train_head import make_dataset
+from tests.helpers import calibrated_random_weights, make_dataset, send_photo_batch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -36,7 +34,7 @@ def test_reembed_moves_every_post_and_the_index_to_the_new_weights(
         start_worker(old, [jobs.index_queue], "index-old", pool="solo"),
         start_worker(old, [jobs.infer_queue, jobs.profiles_queue], "infer-old"),
     ]
-    post_ids = _send_batch(old, tmp_path / "photos", "p")
+    post_ids = send_photo_batch(old, tmp_path / "photos", "p")
     wait_for(lambda: store.status_counts() == {"indexed": len(post_ids)}, "every post indexed", 120)
     Jobs.for_settings(old).snapshot()
     wait_for(lambda: snapshot_size(old.index_dir) == len(post_ids), "a snapshot")

@@ -5,61 +5,18 @@ import json
 import os
 import signal
 import sys
-from collections import Counter
 from pathlib import Path
 
-import aiohttp
 import redis
-import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from deeptarget import jobs
 from deeptarget.core import keys
-from deeptarget.core.settings import Settings
-from deeptarget.jobs import Jobs
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
-from deeptarget.scraper import CelerySink, Crawler
 from deeptarget.scraper.tokens import fingerprint
 from deeptarget.store.blobs import BlobStore
-from tests.conftest import make_settings
+from tests.helpers import assert_each_image_once, crawl, crawl_settings, offered, server_stats
 from tests.queue_messages import queued_post_refs, queued_task_args
-
-
-def crawl_settings(tmp_path: Path, redis_url: str, network: SandboxNetwork, url: str, **extra: object) -> Settings:
-    values: dict[str, object] = {
-        "source_url": url,
-        "hashtags": network.hashtags,
-        "accounts": [a.username for a in network.accounts],
-        "page_size": 10,
-        "batch_size": 8,
-    }
-    return make_settings(tmp_path / "data", redis_url, **{**values, **extra})
-
-
-async def crawl(settings: Settings) -> dict[str, int]:
-    client = aioredis.Redis.from_url(settings.redis_url or "")
-    try:
-        crawler = Crawler(settings, client, CelerySink(Jobs.for_settings(settings)), BlobStore(settings.blob_dir))
-        return await crawler.run()
-    finally:
-        await client.aclose()
-
-
-def offered(network: SandboxNetwork, settings: Settings) -> set[str]:
-    """The posts a crawl of these settings' targets must collect, each once (the sandbox's documented model)."""
-    return network.offered(settings.hashtags, settings.accounts, settings.hashtag_edge)
-
-
-async def server_stats(url: str) -> dict:
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/sandbox/stats") as response:
-        return await response.json()
-
-
-def assert_each_image_once(client: redis.Redis, stats: dict, expected: set[str]) -> None:
-    """Every expected post on the infer queue exactly once, and each of their images fetched whole exactly once."""
-    ids = Counter(r["post"]["id"] for r in queued_post_refs(client))
-    assert set(ids) == expected and max(ids.values()) == 1
-    assert set(stats["image_fetches"]) == expected and max(stats["image_fetches"].values()) == 1
 
 
 async def test_a_crawl_enqueues_every_post_once_and_rejects_broken_images(

@@ -19,8 +19,8 @@ from deeptarget.core.records import Owner, Post
 from deeptarget.core.settings import Settings
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.scraper.push import MAX_DELIVERIES, IngestStream
+from tests.helpers import assert_each_image_once, crawl_settings, server_stats
 from tests.queue_messages import queued_post_refs
-from tests.test_scraper import assert_each_image_once, crawl_settings, server_stats
 
 
 async def start_scraper(settings: Settings, *args: str) -> asyncio.subprocess.Process:

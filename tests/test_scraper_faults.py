@@ -17,8 +17,8 @@ from deeptarget.core import keys
 from deeptarget.sandbox import Faults, SandboxNetwork, sandbox_server
 from deeptarget.sandbox.faults import max_calls_in_window
 from deeptarget.scraper.tokens import fingerprint
+from tests.helpers import assert_each_image_once, crawl, crawl_settings, everything, server_stats
 from tests.queue_messages import queued_post_refs
-from tests.test_scraper import assert_each_image_once, crawl, crawl_settings, server_stats
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,11 +47,6 @@ def fault_id(faults: Faults) -> str:
     """The fields a case sets, so that a failing case names its fault."""
     changed = {f.name: getattr(faults, f.name) for f in fields(faults) if getattr(faults, f.name) != f.default}
     return ",".join(f"{name}={value}" for name, value in changed.items())
-
-
-def everything(sandbox: SandboxNetwork) -> set[str]:
-    """What a crawl of every hashtag and account must collect (crawl_settings follows them all)."""
-    return sandbox.offered(sandbox.hashtags, [a.username for a in sandbox.accounts])
 
 
 def assert_complete_and_polite(client: redis.Redis, stats: dict, sandbox: SandboxNetwork, calls: int = 12) -> None:

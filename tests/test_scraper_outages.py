@@ -40,13 +40,10 @@ from deeptarget.sandbox import SandboxNetwork
 from deeptarget.sandbox.server import create_app
 from deeptarget.scraper.claims import ScraperIdentity
 from tests.faults import CannotMount, fill, small_tmpfs
+from tests.helpers import AVAILABLE_AGAIN, UNAVAILABLE, crawl_settings
 from tests.queue_messages import queued_post_refs
-from tests.test_scraper import crawl_settings
 
 pytestmark = pytest.mark.timeout(180)
-
-UNAVAILABLE = re.compile(r"(\w+) unavailable \(")
-AVAILABLE_AGAIN = re.compile(r"(\w+) available again after")
 
 
 class Gate:

@@ -28,9 +28,7 @@ from deeptarget.runtime.embedded_redis import EmbeddedRedis
 from deeptarget.sandbox import SandboxNetwork
 from tests.conftest import WorkerFactory, make_settings
 from tests.faults import http_status, sandbox_in_thread, snapshot_total
-from tests.test_scraper_faults import everything
-from tests.test_scraper_outages import AVAILABLE_AGAIN, UNAVAILABLE
-from tests.test_worker_outages import FAST_RECOVERY, _no_dead_letters, _quiet
+from tests.helpers import AVAILABLE_AGAIN, FAST_RECOVERY, UNAVAILABLE, assert_no_dead_letters, everything, queues_quiet
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
@@ -74,7 +72,7 @@ def settled(settings: Settings, expected: set[str], client: redis.Redis) -> bool
     stored = rows(settings)
     if set(stored) != expected or any(status not in ("indexed", "rejected") for status, _, _ in stored.values()):
         return False
-    return snapshot_total(settings) == sum(s == "indexed" for s, _, _ in stored.values()) and _quiet(client)
+    return snapshot_total(settings) == sum(s == "indexed" for s, _, _ in stored.values()) and queues_quiet(client)
 
 
 def wait_until(
@@ -141,7 +139,7 @@ def test_redis_killed_and_away_60_s_under_a_whole_deployment_every_post_is_index
         recovered_s = time.monotonic() - back
         wait_until(lambda: http_status(f"{base}/healthz") == 200, "/healthz healthy again", everyone, 30)
         stored = rows(settings)
-        _no_dead_letters(client, settings)
+        assert_no_dead_letters(client, settings)
         # one outage, logged once as it starts and once as it ends (its heartbeat once made it a dozen)
         log = (tmp_path / "scraper.log").read_text(errors="replace")
         starts = [m for m in UNAVAILABLE.findall(log) if m == "redis"]

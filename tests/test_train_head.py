@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from deeptarget.models.heads import HeadSet, head_versions
 from deeptarget.training.datasets import load_labelled
 from deeptarget.training.train_head import train_head
 from tests.conftest import make_settings
-
-
-def make_dataset(root: Path, per_class: int = 12) -> None:
-    rng = np.random.default_rng(0)
-    colours = {"tomatoes": (200, 30, 30), "sky": (40, 80, 210), "grass": (40, 170, 50)}
-    for name, colour in colours.items():
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (96, 128, 3)), 0, 255).astype(np.uint8)
-            buffer = io.BytesIO()
-            Image.fromarray(pixels).save(buffer, "JPEG")
-            (root / name / f"{i}.jpg").write_bytes(buffer.getvalue())
-    (root / "sky" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+from tests.helpers import make_dataset
 
 
 def test_a_trained_head_beats_chance_is_versioned_and_picked_up_when_published(tmp_path: Path) -> None:

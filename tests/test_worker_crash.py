@@ -17,8 +17,8 @@ from deeptarget.jobs import Jobs
 from deeptarget.sandbox import SandboxNetwork, sandbox_server
 from deeptarget.store.metadata import MetadataStore
 from tests.conftest import WorkerFactory, make_settings, snapshot_size
+from tests.helpers import crawl
 from tests.queue_messages import queued_post_refs
-from tests.test_scraper import crawl
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -14,7 +14,7 @@ from deeptarget.runtime.embedded_redis import free_port
 from deeptarget.store.blobs import BlobStore
 from deeptarget.store.metadata import MetadataStore
 from tests.conftest import WorkerFactory, make_settings, wait_for
-from tests.test_train_head import make_dataset
+from tests.helpers import make_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

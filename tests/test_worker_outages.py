@@ -31,18 +31,10 @@ from deeptarget.store.blobs import BlobStore
 from deeptarget.store.metadata import MetadataStore
 from tests.conftest import WorkerFactory, make_settings, snapshot_size, wait_for
 from tests.faults import CannotMount, fill, kill_9, small_tmpfs
+from tests.helpers import FAST_RECOVERY, assert_no_dead_letters, crawl, queues_quiet
 from tests.queue_messages import queued_task_args
-from tests.test_scraper import crawl
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-# Bounds short enough for a test: a dead worker's task comes back after 4 + 1 s, the writer catches up after 2 + 1 s.
-FAST_RECOVERY = {
-    "visibility_timeout_s": 4,
-    "redelivery_check_s": 1.0,
-    "index_catch_up_every_s": 1.0,
-    "index_catch_up_after_s": 2.0,
-}
 
 
 def _record(store: MetadataStore, ids: list[str], dim: int, seed: int, owner: str | None = None) -> None:
@@ -54,17 +46,6 @@ def _record(store: MetadataStore, ids: list[str], dim: int, seed: int, owner: st
         (Post(id=pid, owner=who), None, Prediction(post_id=pid, status="embedded", model_id="test:model"), v)
         for pid, v in zip(ids, vectors, strict=True)
     )
-
-
-def _quiet(client: redis.Redis) -> bool:
-    """No task waiting on a queue, none delivered and unacknowledged."""
-    return not client.hlen("unacked") and not any(client.llen(q) for q in jobs.all_queues)
-
-
-def _no_dead_letters(client: redis.Redis, settings: Settings) -> None:
-    letters = client.xrange(keys.deadletter_stream)
-    assert not letters, letters
-    assert not settings.deadletter_path.exists(), settings.deadletter_path.read_text()
 
 
 def _all_indexed_once(store: MetadataStore, settings: Settings, expected: int) -> bool:
@@ -102,14 +83,14 @@ def test_redis_killed_mid_run_and_back_after_5_s_every_stored_post_is_indexed_on
     back = time.monotonic()
     client = redis.Redis.from_url(own_redis.url)
     deadline = back + 180
-    while not (_all_indexed_once(store, settings, len(expected)) and _quiet(client)):
+    while not (_all_indexed_once(store, settings, len(expected)) and queues_quiet(client)):
         assert all(w.poll() is None for w in workers), "a worker died"
         assert time.monotonic() < deadline, f"not recovered: {store.status_counts()} of {len(expected)}"
         time.sleep(0.2)
     took = time.monotonic() - back
     print(f"\nRedis kill -9, back after 5 s: {stored_at_kill} of {len(expected)} posts stored at the kill; all "
           f"{len(expected)} indexed once and the queues empty {took:.1f} s after Redis was back")  # fmt: skip
-    _no_dead_letters(client, settings)
+    assert_no_dead_letters(client, settings)
 
 
 def test_index_writer_killed_mid_snapshot_leaves_no_temp_file_and_loses_nothing(
@@ -147,11 +128,13 @@ def test_index_writer_killed_mid_snapshot_leaves_no_temp_file_and_loses_nothing(
         wait_for(lambda: snapshot_size(settings.index_dir) == total, "the round's posts published")  # noqa: B023
         kills.append(time.monotonic() - restarted)
     assert len(kills) == 3, f"caught only {len(kills)} snapshots in the middle"
-    wait_for(lambda: _all_indexed_once(store, settings, total) and _quiet(redis_client), "every post indexed once")
+    wait_for(
+        lambda: _all_indexed_once(store, settings, total) and queues_quiet(redis_client), "every post indexed once"
+    )
     assert not list(settings.index_dir.glob(".*.tmp-*"))
     print(f"\nindex writer kill -9 mid-snapshot x3 ({total} vectors of {dim}-d): everything published again "
           f"{', '.join(f'{k:.1f}' for k in kills)} s after each restart")  # fmt: skip
-    _no_dead_letters(redis_client, settings)
+    assert_no_dead_letters(redis_client, settings)
 
 
 def _temp_file_or_none(settings: Settings, total: int) -> Path | None:
@@ -201,7 +184,7 @@ def test_a_killed_workers_task_runs_again_within_the_visibility_timeout(
     # back once the timeout is over and a worker is there, within one check and the task itself (kombu's own check
     # comes every 100 s, and the timeout was an hour)
     assert took < max(ready - killed, settings.visibility_timeout_s) + settings.redelivery_check_s + 30
-    _no_dead_letters(redis_client, settings)
+    assert_no_dead_letters(redis_client, settings)
 
 
 def test_posts_stored_without_their_follow_ups_are_indexed_and_profiled_while_the_writer_runs(
@@ -229,7 +212,7 @@ def test_posts_stored_without_their_follow_ups_are_indexed_and_profiled_while_th
     assert index is not None and vector_id("late0") not in index and deleted == ["late0"]
     assert redis_client.exists(keys.index_writer_key), "the writer's heartbeat"
     print(f"\nstored without follow-ups: indexed by the running writer {caught:.1f} s later")
-    _no_dead_letters(redis_client, settings)
+    assert_no_dead_letters(redis_client, settings)
 
 
 @pytest.fixture
@@ -262,7 +245,7 @@ def test_a_full_disk_is_waited_out_without_dead_letters_or_embedding_twice(
     time.sleep(full_for)  # the disk stays full a while
     filler.unlink()
     freed = time.monotonic()
-    wait_for(lambda: _all_indexed_once(store, settings, len(refs)) and _quiet(redis_client), "every post indexed")
+    wait_for(lambda: _all_indexed_once(store, settings, len(refs)) and queues_quiet(redis_client), "every post indexed")
     text = log.read_text()
     assert text.count(f"infer: {len(refs)} embedded") == 1, "embedded once, not once per retry"
     assert "retry 1 of" not in text
@@ -270,4 +253,4 @@ def test_a_full_disk_is_waited_out_without_dead_letters_or_embedding_twice(
         f"\ndata volume full: infer waited in place, every post indexed {time.monotonic() - freed:.1f} s after "
         "space came back"
     )
-    _no_dead_letters(redis_client, settings)
+    assert_no_dead_letters(redis_client, settings)
