@@ -32,6 +32,7 @@ from deeptarget.cli.context import async_redis_client, metadata_store, senders
 from deeptarget.core import keys
 from deeptarget.core.errors import DeepTargetError
 from deeptarget.core.records import PostStatus
+from deeptarget.core.replies import deferred
 from deeptarget.core.settings import Settings
 from deeptarget.core.terminal import console as inert_console
 from deeptarget.core.terminal import shown
@@ -208,7 +209,7 @@ async def _crawl_with_progress(
         while True:
             await asyncio.sleep(0.5)
             _check_workers(workers)
-            seen = int(await redis_client.scard(keys.seen_posts_key))
+            seen = await deferred(redis_client.scard(keys.seen_posts_key))
             counts = store.status_counts()
             done = counts.get(PostStatus.INDEXED, 0) + counts.get(PostStatus.REJECTED, 0)
             progress.update(crawled, completed=seen, total=max(total, seen))
