@@ -7,7 +7,7 @@
 - ``train_hashtags`` (queue train): refit and publish the hashtag model.
 - ``update_profiles`` / ``merge_posts`` (queue profiles): recompute users' profiles; learn owners of known posts.
 
-A write the store refuses (a pushed post for an id a crawl or an earlier push stored: store.py's rules) changes
+A write the store refuses (a pushed post for an id a crawl or an earlier push stored: store/posts.py's rules) changes
 nothing and goes no further (no index, no profile): it is logged with its reason and counted, in Prometheus and as
 ``refused:<reason>`` in the scraper's counters (``deeptarget:stats:scraper``), where the push was counted.
 
@@ -302,7 +302,7 @@ def update_profiles(self: Task, user_ids: list[str]) -> int:
 def merge_posts(self: Task, posts: list[dict[str, Any]]) -> int:
     """Owner details learnt for posts that were first met without them (e.g. under a hashtag). The scraper sends a
     merge for a post it has seen before: a pushed one is a push of a known id, which never rewrites it. The store
-    takes a merge only from the post's own source, and never to another owner (store.py)."""
+    takes a merge only from the post's own source, and never to another owner (store/posts.py)."""
     ctx = _context(self)
     parsed = _valid(Post, posts, "merge_posts")
     refused = {p.id: "seen_before" for p in parsed if p.pushed}
