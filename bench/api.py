@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -52,7 +53,7 @@ def build_data(settings: Settings, n: int, dim: int, console: Console) -> list[s
     data = ClusteredVectors(dim=dim, seed=0)
     ids = np.array([vector_id(p) for p in post_ids], dtype=np.int64)
 
-    def chunks():  # type: ignore[no-untyped-def]
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for i, chunk in enumerate(data.chunks(n, CHUNK)):
             yield ids[i * CHUNK : i * CHUNK + len(chunk)], chunk
 

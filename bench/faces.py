@@ -38,9 +38,9 @@ def load_items(assets: Path, colour: bool) -> list[Item]:
     paths += [(p, "food") for p in sorted((assets / "datasets" / "food").glob("*/*.jpg"))[::5]]
     items = []
     for path, group in paths:
-        with Image.open(path) as im:
-            im = im.convert("RGB") if colour else im.convert("L").convert("RGB")
-            items.append(Item(path, group, np.asarray(im)))
+        with Image.open(path) as opened:
+            rgb = opened.convert("RGB") if colour else opened.convert("L").convert("RGB")
+            items.append(Item(path, group, np.asarray(rgb)))
     return items
 
 

@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.faults,
 from deeptarget import jobs
 from deeptarget.core import keys
 from deeptarget.core.records import vector_id
+from deeptarget.core.replies import at_once
 from deeptarget.core.settings import Settings
 from deeptarget.index.vectors import SnapshotStore
 from deeptarget.runtime.embedded_redis import EmbeddedRedis
@@ -285,7 +286,7 @@ class Drill:
         self.root = root
         self.network = network
         self.redis = EmbeddedRedis(root / "redis").start()
-        self.settings = Settings(  # type: ignore[call-arg]
+        self.settings = Settings(
             data_dir=root / "data",
             redis_url=self.redis.url,
             source_url=url,
@@ -440,7 +441,7 @@ def measure(drill: Drill, outcome: Outcome, client: redis.Redis, url: str) -> No
         fetches = json.loads(response.read())["image_fetches"]
     outcome.images_fetched_twice = sum(n > 1 for n in fetches.values())
     with suppress(redis.RedisError):
-        outcome.dead_letters = int(client.xlen(keys.deadletter_stream))
+        outcome.dead_letters = at_once(client.xlen(keys.deadletter_stream))
     if drill.settings.deadletter_path.exists():
         outcome.dead_letters += len(drill.settings.deadletter_path.read_text().splitlines())
     outcome.restarted_by_hand = list(drill.deployment.restarted_by_hand)
@@ -501,7 +502,7 @@ def main() -> int:
         parser.error(f"unknown faults: {', '.join(unknown)}")
     network = SandboxNetwork(seed=13, n_posts=args.posts, n_users=max(8, args.posts // 50), n_hashtags=8)
     root = args.keep or Path(tempfile.mkdtemp(prefix="deeptarget-faults-"))
-    outcomes = []
+    outcomes: list[Outcome] = []
     for number, fault in enumerate(faults):
         console.rule(f"{fault} ({number + 1} of {len(faults)})")
         with sandbox_in_thread(network) as url:  # one per fault: its fetch counts are that run's

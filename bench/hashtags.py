@@ -104,7 +104,7 @@ def main() -> None:
     cooccurrence = (matrix.T @ matrix).toarray()
     np.fill_diagonal(cooccurrence, 0)
     norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
-    normalised = sp.diags(1.0 / np.maximum(norms, 1e-9)) @ matrix
+    normalised = sp.csr_matrix(sp.diags(1.0 / np.maximum(norms, 1e-9)) @ matrix)
 
     def knn_vote(chunk: list[int], k: int = 20) -> np.ndarray:
         similarity = (normalised[chunk] @ normalised.T).toarray()

@@ -54,7 +54,7 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
     photos = [
         getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
     ]
-    out = []
+    out: list[bytes] = []
     while len(out) < n:
         photo = photos[len(out) % len(photos)]
         side = int(rng.integers(700, 1400))
@@ -69,7 +69,7 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def serve(port: int, n: int, ready: multiprocessing.synchronize.Event) -> None:  # type: ignore[name-defined]
+def serve(port: int, n: int, ready: multiprocessing.synchronize.Event) -> None:
     from aiohttp import web
 
     images = make_jpegs(n)

@@ -13,6 +13,7 @@ slower for times, faster for rates: the column says which).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -26,7 +27,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.postgres, when run as a script
 
-from deeptarget.core.records import InferResult, Owner, Post, Prediction, Profile
+from deeptarget.core.records import InferResult, Owner, Post, PostStatus, Prediction, Profile
 from deeptarget.store.metadata import MetadataStore
 from tests.postgres import LocalPostgres
 
@@ -42,7 +43,7 @@ def results(start: int, n: int) -> list[InferResult]:
         owner = Owner(id=f"u{i % USERS}", username=f"user{i % USERS}", followers_count=1000 + i % USERS)
         post = Post(id=f"p{i}", hashtags=[f"tag{i % 50}", f"tag{i % 7}"], like_count=i % 300, owner=owner)
         classes = {"food": {"sushi": float(i % 10) / 10, "pizza": 1 - float(i % 10) / 10}}
-        prediction = Prediction(post_id=post.id, status="embedded", model_id="bench", classes=classes)
+        prediction = Prediction(post_id=post.id, status=PostStatus.EMBEDDED, model_id="bench", classes=classes)
         vector = rng.standard_normal(DIM).astype(np.float32)
         out.append(InferResult(post, f"{i:064x}", prediction, vector / np.linalg.norm(vector)))
     return out
@@ -63,7 +64,7 @@ def timed(action: Callable[[], object]) -> float:
 
 
 def p50_ms(action: Callable[[int], object], repeats: int) -> float:
-    return float(np.median([timed(lambda i=i: action(i)) for i in range(repeats)])) * 1000
+    return float(np.median([timed(functools.partial(action, i)) for i in range(repeats)])) * 1000
 
 
 def measure(location: str, posts: int, writers: int) -> dict[str, float]:
@@ -76,12 +77,20 @@ def measure(location: str, posts: int, writers: int) -> dict[str, float]:
                                               [share] * writers)))  # fmt: skip
     out[f"write posts/s ({writers} processes)"] = share * writers / seconds
     ids = [f"p{i}" for i in range(posts)]
-    out["mark indexed posts/s"] = posts / timed(
-        lambda: [store.mark_indexed(ids[i : i + 256], i) for i in range(0, posts, 256)]
-    )
+
+    def mark_all_indexed() -> None:
+        for i in range(0, posts, 256):
+            store.mark_indexed(ids[i : i + 256], i)
+
+    out["mark indexed posts/s"] = posts / timed(mark_all_indexed)
     profiles = [Profile(user_id=f"u{u}", post_count=posts // USERS, classes={"food": {"sushi": (u % 10) / 10}})
                 for u in range(USERS)]  # fmt: skip
-    out["save profile ms"] = timed(lambda: [store.save_profile(p) for p in profiles]) / USERS * 1000
+
+    def save_all_profiles() -> None:
+        for profile in profiles:
+            store.save_profile(profile)
+
+    out["save profile ms"] = timed(save_all_profiles) / USERS * 1000
     vector_ids = [store.post(f"p{i}").vector_id for i in range(0, posts, max(1, posts // 1000))]  # type: ignore[union-attr]
     out["posts by 10 vector ids ms (p50)"] = p50_ms(lambda i: store.posts_by_vector_ids(vector_ids[i : i + 10]), 200)
     out["audience top 100 ms (p50)"] = p50_ms(lambda i: store.audience("class:food:sushi", limit=100), 200)
