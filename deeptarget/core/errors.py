@@ -2,6 +2,7 @@
 
     DeepTargetError
      +-- ConfigurationError      settings that cannot work (missing weights file, bad URL scheme)
+     +-- ModelFetchError         `deeptarget models fetch` could not fetch or verify a model file (names it and why)
      +-- SourceError             a source answered something unusable
      |    +-- GraphApiError       the Graph API returned an error object (carries its code)
      +-- CrawlStopped            a stop was requested: the crawl winds down (not a failure)
@@ -52,6 +53,10 @@ class DeepTargetError(Exception):
 
 class ConfigurationError(DeepTargetError):
     pass
+
+
+class ModelFetchError(DeepTargetError):
+    """One model file not fetched: the message is one line naming the file and the reason."""
 
 
 class SourceError(DeepTargetError):

@@ -56,6 +56,13 @@ class StorageSettings(BaseModel):
         "hold a password).",
     )
 
+    model_cache_dir: Path | None = Field(
+        None,
+        description="Where `deeptarget models fetch` puts the model files deeptarget keeps itself (YuNet) and where "
+        "the face filter finds them; unset: <data_dir>/models/files. torchvision's weights go to torchvision's own "
+        "cache ($TORCH_HOME/hub/checkpoints).",
+    )
+
     @field_validator("database_url")
     @classmethod
     def _usable_database_url(cls, url: SecretStr | None) -> SecretStr | None:
@@ -108,6 +115,11 @@ class StorageSettings(BaseModel):
     def reports_dir(self) -> Path:
         """HTML reports of training runs and of the live system, with their PNGs."""
         return self.data_dir / "reports"
+
+    @property
+    def model_files_dir(self) -> Path:
+        """Fetched model files of deeptarget's own (``models/files.py``): ``model_cache_dir`` or the data dir's."""
+        return self.model_cache_dir if self.model_cache_dir is not None else self.data_dir / "models" / "files"
 
     @property
     def finetune_dir(self) -> Path:
@@ -301,9 +313,15 @@ class FaceSettings(BaseModel):
 
     face_policy: FacePolicy = "tag"
     face_detector: Literal["auto", "haar", "yunet", "mtcnn"] = Field(
-        "auto", description="auto: MTCNN on CUDA if facenet-pytorch is there, else YuNet if its file is set, else Haar."
+        "auto",
+        description="auto: MTCNN on CUDA if facenet-pytorch is there, else YuNet if its file is set or fetched "
+        "(deeptarget models fetch yunet), else Haar.",
     )
-    face_model_path: Path | None = Field(None, description="YuNet .onnx file (face_detection_yunet_2023mar.onnx).")
+    face_model_path: Path | None = Field(
+        None,
+        description="YuNet .onnx file (face_detection_yunet_2023mar.onnx); unset: the fetched one in model_cache_dir "
+        "when it is there and passes its SHA-256 check.",
+    )
     face_min_size: int = Field(24, ge=8)
     face_min_confidence: float = Field(0.0, ge=0, le=1)
     face_long_side: int = Field(448, ge=64, description="Faces are searched on a copy downscaled to this long side.")

@@ -1,11 +1,12 @@
 """Image embeddings from a torchvision backbone: L2-normalised float32 vectors, batched, on CUDA when present.
 
 Weights never come from the network at run time. They are one of:
-- ``imagenet``: torchvision's pretrained file, which must already be in torchvision's cache (the error says which file
-  to put where);
+- ``imagenet``: torchvision's pretrained file, which must already be in torchvision's cache and pass its check against
+  the digest in ``models/files.py`` (``deeptarget models fetch`` puts it there; the error says so);
 - a path to a ``.pth`` state dict for the stock torchvision architecture;
 - ``none``: random weights from a fixed seed, so every process (workers, API) computes the same embeddings;
-- ``auto``: ``imagenet`` when cached, else ``none`` with a warning.
+- ``auto``: ``imagenet`` when cached and verified, else ``none`` with a warning naming the fetch
+  (``models.files.weights_choice``, which ``deeptarget models list`` reports too).
 
 ``model_id`` names backbone and weights; the index refuses to mix embeddings from different model ids.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import torchvision
 from deeptarget.core.errors import ConfigurationError
 from deeptarget.core.settings import Settings
 from deeptarget.models.decode import resize_uint8
+from deeptarget.models.files import MODEL_FILES, ModelFile, cache_path, weights_choice
 
 LOG = logging.getLogger(__name__)
 
@@ -66,8 +69,7 @@ BACKBONES: dict[str, Backbone] = {
 
 def torchvision_cache_file(backbone: Backbone) -> Path:
     """Where torchvision looks for the backbone's pretrained weights (TORCH_HOME/hub/checkpoints/<file>)."""
-    url: str = backbone.weights_enum.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    return cache_path(MODEL_FILES[backbone.name])
 
 
 def resolve_device(device: str) -> torch.device:
@@ -111,7 +113,9 @@ class Embedder:
         image_size: int = 224,
         device: str = "auto",
         micro_batch: int = 0,
+        files: Mapping[str, ModelFile] = MODEL_FILES,
     ) -> None:
+        """``files``: the registry of pretrained files and their digests (``models/files.py``)."""
         if backbone not in BACKBONES:
             raise ConfigurationError(f"unknown backbone {backbone!r}: choose one of {sorted(BACKBONES)}")
         if normalization not in _NORMALIZATION:
@@ -125,6 +129,7 @@ class Embedder:
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
 
+        self._files = files
         model, weights_tag, resolved = self._load(weights)
         self.model_id = f"{backbone}:{weights_tag}:{normalization}:{image_size}"
         self.spec = EmbedderSpec(backbone, resolved, normalization, image_size)
@@ -153,31 +158,19 @@ class Embedder:
 
     def _load(self, weights: str) -> tuple[torch.nn.Module, str, str]:
         """The model, its weights' tag in the model id, and the weights resolved (see ``EmbedderSpec``)."""
-        cache_file = torchvision_cache_file(self.backbone)
-        if weights == "auto":
-            if cache_file.is_file():
-                weights = "imagenet"
-            else:
-                LOG.warning(
-                    "no pretrained %s weights: embeddings come from RANDOM weights. For real ones put %s at %s "
-                    "(or set DEEPTARGET_WEIGHTS to a .pth file)",
-                    self.backbone.name,
-                    cache_file.name,
-                    cache_file,
-                )
-                weights = "none"
+        choice = weights_choice(self.backbone.name, weights, self._files)
+        if choice.error:
+            raise ConfigurationError(choice.error)
+        if choice.warning:
+            LOG.warning("%s", choice.warning)
+        weights = choice.weights
         if weights == "none":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_WEIGHTS_SEED)
                 return self.backbone.build(), f"random{RANDOM_WEIGHTS_SEED}", "none"
         if weights == "imagenet":
-            if not cache_file.is_file():
-                raise ConfigurationError(
-                    f"pretrained {self.backbone.name} weights are not in torchvision's cache and deeptarget does not "
-                    f"download at run time: put {cache_file.name} (from {self.backbone.weights_enum.url}) at "
-                    f"{cache_file}, or set weights to a .pth path or 'none'"
-                )
-            return self._from_file(cache_file), "imagenet", "imagenet"
+            assert choice.path is not None  # a verified file (weights_choice)
+            return self._from_file(choice.path), "imagenet", "imagenet"
         path = Path(weights)
         if not path.is_file():
             raise ConfigurationError(

@@ -6,11 +6,14 @@ Detectors (measured on 181 face / 287 non-face real photos, CPU; see ../shared/a
     yunet   OpenCV's CNN, when its ONNX file is configured        precision 0.989, recall 0.950, 20 ms/image
     mtcnn   facenet-pytorch's MTCNN, batched, for the GPU         precision 0.983, recall 0.961, 564 ms/image on CPU
 
-``auto`` picks MTCNN on CUDA when facenet-pytorch is installed, else YuNet when its file is configured, else Haar.
+``auto`` picks MTCNN on CUDA when facenet-pytorch is installed, else YuNet when its file is there (configured, or
+fetched with ``deeptarget models fetch yunet``: ``models.files.face_model_file``), else Haar with a warning
+(``choose_face_detector``, which ``deeptarget models list`` reports too).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Iterable, Sequence
@@ -23,6 +26,8 @@ import cv2.data  # the Haar cascades' folder: a module cv2's stubs do not name
 import numpy as np
 
 from deeptarget.core.errors import ConfigurationError
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,8 @@ class YuNetFaceDetector(_OneByOne):
         if not Path(model_path).is_file():
             raise ConfigurationError(
                 f"YuNet model file {model_path} not found: put face_detection_yunet_2023mar.onnx there "
-                "(OpenCV Zoo) or set face_detector = 'haar'"
+                "(OpenCV Zoo), or unset face_model_path and run `deeptarget models fetch yunet`, or set "
+                "face_detector = 'haar'"
             )
         self.model_path = Path(model_path)
         self.min_size = min_size
@@ -271,18 +277,35 @@ class FaceFilter:
         return outcomes
 
 
+def choose_face_detector(kind: str, model_path: Path | None, device: str = "cpu") -> tuple[str, str]:
+    """The detector ``kind`` means on this machine, and why: ``auto`` is MTCNN on CUDA when facenet-pytorch is
+    installed, else YuNet when ``model_path`` (the configured or fetched file) is given, else Haar."""
+    if kind != "auto":
+        return kind, "configured"
+    if device.startswith("cuda") and mtcnn_available():
+        return "mtcnn", "auto: CUDA and facenet-pytorch are here"
+    if model_path is not None:
+        return "yunet", f"auto: YuNet file {model_path}"
+    return "haar", "auto: no YuNet file (deeptarget models fetch yunet)"
+
+
 def build_face_detector(kind: str, min_size: int, model_path: Path | None = None, device: str = "cpu") -> FaceDetector:
-    """The configured detector; ``auto`` picks the best one this machine can run (see the module doc)."""
-    if kind == "auto":
-        if device.startswith("cuda") and mtcnn_available():
-            kind = "mtcnn"
-        else:
-            kind = "yunet" if model_path is not None else "haar"
+    """The configured detector; ``auto`` picks the best one this machine can run (``choose_face_detector``)."""
+    chosen, _why = choose_face_detector(kind, model_path, device)
+    if kind == "auto" and chosen == "haar":
+        LOG.warning(
+            "face detector: the Haar cascade (precision 0.775 on real photos, against YuNet's 0.989): no YuNet file. "
+            "Run `deeptarget models fetch yunet`, or set DEEPTARGET_FACE_MODEL_PATH to its .onnx file"
+        )
+    kind = chosen
     if kind == "haar":
         return HaarFaceDetector(min_size=min_size)
     if kind == "yunet":
         if model_path is None:
-            raise ConfigurationError("face_detector = 'yunet' needs face_model_path (the YuNet .onnx file)")
+            raise ConfigurationError(
+                "face_detector = 'yunet' needs its .onnx file: run `deeptarget models fetch yunet`, or set "
+                "face_model_path to the YuNet .onnx file"
+            )
         return YuNetFaceDetector(model_path, min_size=min_size)
     if kind == "mtcnn":
         return MtcnnFaceDetector(min_size=min_size, device=device)

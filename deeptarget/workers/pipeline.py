@@ -27,6 +27,7 @@ from deeptarget.core.settings import Settings
 from deeptarget.models.decode import decode_image, decode_jpegs, probe_jpeg
 from deeptarget.models.embedder import Embedder
 from deeptarget.models.faces import FaceFilter, FaceResult, build_face_detector
+from deeptarget.models.files import face_model_file
 from deeptarget.models.heads import HeadSet
 from deeptarget.store.blobs import BlobStore
 
@@ -86,7 +87,7 @@ class InferencePipeline:
         detector = None
         if settings.face_policy != "off":
             detector = build_face_detector(
-                settings.face_detector, settings.face_min_size, settings.face_model_path, str(self.embedder.device)
+                settings.face_detector, settings.face_min_size, face_model_file(settings), str(self.embedder.device)
             )
         self.face_filter = FaceFilter(
             detector, settings.face_policy, settings.face_min_confidence, settings.face_long_side
