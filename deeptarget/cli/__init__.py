@@ -20,6 +20,7 @@
     deeptarget enqueue FILE.jsonl         push posts (JSON lines with id and media_url) to the scraper
     deeptarget delete POST_ID...          forget posts and take them out of the index
     deeptarget deadletter list|retry|drop [IDS] [--all]   tasks that failed for good
+    deeptarget models fetch [NAME...] [--mirror URL|DIR] | models list   the model files (the only download)
 
 Settings come from DEEPTARGET_* variables and ``--config FILE`` (TOML); see deeptarget/core/settings.py.
 
@@ -33,14 +34,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deeptarget.cli import maintenance, operations, queries, services, training
+from deeptarget.cli import maintenance, models, operations, queries, services, training
 from deeptarget.cli.context import add_global_options, setup_logging
 from deeptarget.core.errors import DeepTargetError
 from deeptarget.core.terminal import plain
 
 __all__ = ["build_parser", "main"]
 
-_GROUPS = (services, queries, maintenance, training, operations)
+_GROUPS = (services, queries, maintenance, training, operations, models)
 
 
 def build_parser() -> argparse.ArgumentParser:
