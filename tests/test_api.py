@@ -9,6 +9,7 @@ Each post's hashtags, date, faces and owner are chosen so that every filter and 
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -39,11 +40,13 @@ from deeptarget.index.vectors import SnapshotStore
 from deeptarget.index.writer import IndexWriter
 from deeptarget.jobs import Jobs
 from deeptarget.models.hashtags import HashtagModel
+from deeptarget.models.heads import LinearHead
 from deeptarget.profiles.builder import rebuild_profiles
 from deeptarget.profiles.outliers import FollowerBoundsCache
 from deeptarget.query.service import QueryService
 from deeptarget.runtime.embedded_redis import EmbeddedRedis
 from deeptarget.store.metadata import MetadataStore
+from deeptarget.training.linear import fit_logistic
 from deeptarget.workers.upkeep import WriterUpkeep
 from tests.conftest import make_settings
 from tests.queue_messages import queued_task_args
@@ -211,6 +214,7 @@ COVERED = {
     ("get", "/similar"): "test_similar_to_a_post_ranks_by_cosine_and_its_topic_first",
     ("post", "/similar"): "test_similar_to_an_uploaded_image_raw_or_multipart_with_filters",
     ("post", "/hashtags"): "test_hashtags_for_an_image_come_from_its_neighbours_factors",
+    ("post", "/explain"): "test_explain_a_class_or_a_similarity_as_png_or_json",
     ("get", "/users/{user}"): "test_a_profile_by_user_id_or_username",
     ("get", "/audiences"): "test_an_audience_ranks_users_by_their_share_of_the_interest",
     ("post", "/train/hashtags"): "test_train_and_snapshot_queue_their_task_with_the_key",
@@ -321,6 +325,38 @@ async def test_hashtags_for_an_image_come_from_its_neighbours_factors(api: Clien
     assert "n must be" in error(await upload(api, "/hashtags", photo(0), 400, n=0))
     assert "empty upload" in error(await upload(api, "/hashtags", b"", 400))
     error(await upload(api, "/hashtags", b"\xff" * (MAX_UPLOAD + 10), 413), "too_large")
+
+
+async def test_explain_a_class_or_a_similarity_as_png_or_json(api: Client, deployment: Deployment) -> None:
+    settings = deployment.settings
+    fit = fit_logistic(deployment.vectors, np.arange(N_POSTS) % 3, 3, l2=1e-3)
+    LinearHead("topic", 1, list(TOPICS), fit.weight, fit.bias, deployment.model_id, {}).save(settings.heads_dir)
+    body = await upload(api, "/explain", photo(0), head="topic", format="json")
+    assert set(body) == {"explained", "score", "method", "head", "classes", "png"}
+    assert body["explained"] == "class:sushi" and body["head"] == "topic" and body["method"] == "gradcam"
+    assert body["classes"][0]["name"] == "sushi" and len(body["classes"]) == 3
+    assert body["score"] == body["classes"][0]["probability"] and sum(c["probability"] for c in body["classes"]) <= 1
+    assert base64.b64decode(body["png"])[:8] == b"\x89PNG\r\n\x1a\n"
+
+    params = {"head": "topic", "class": "garden"}  # format=png, the default; multipart works as for /similar
+    async with api.post("/explain", data=form("image", photo(1)), params=params) as response:
+        assert response.status == 200 and response.content_type == "image/png"
+        assert (await response.read())[:8] == b"\x89PNG\r\n\x1a\n"
+
+    similar = await upload(api, "/explain", photo(0), similar="p0", format="json")  # p0's own picture
+    assert similar["explained"] == "similar:p0" and similar["score"] == pytest.approx(1.0, abs=1e-4)
+    assert similar["classes"] == [] and similar["head"] is None
+    both = await upload(api, "/explain", photo(3), similar="p1", head="topic", format="json")
+    assert both["explained"] == "similar:p1" and both["score"] < 0.99 and both["classes"][0]["name"] == "sushi"
+
+    assert "no head 'nohead'" in error(await upload(api, "/explain", photo(0), 404, head="nohead"))
+    assert "no class 'dog'" in error(await upload(api, "/explain", photo(0), 404, head="topic", **{"class": "dog"}))
+    assert "not in the index" in error(await upload(api, "/explain", photo(0), 404, similar="unknown"))
+    assert "head name" in error(await upload(api, "/explain", photo(0), 400, head="Bad/Name"))
+    assert "head is required" in error(await upload(api, "/explain", photo(0), 400))
+    assert "format must be" in error(await upload(api, "/explain", photo(0), 400, head="topic", format="gif"))
+    error(await upload(api, "/explain", b"<html>not a picture</html>", 422, head="topic"), "not_an_image")
+    error(await upload(api, "/explain", b"\xff" * (MAX_UPLOAD + 10), 413, head="topic"), "too_large")
 
 
 async def test_a_profile_by_user_id_or_username(api: Client) -> None:

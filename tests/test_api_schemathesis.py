@@ -34,6 +34,7 @@ from deeptarget.index.writer import IndexWriter
 from deeptarget.jobs import Jobs
 from deeptarget.models.embedder import Embedder
 from deeptarget.models.hashtags import HashtagModel
+from deeptarget.models.heads import LinearHead
 from deeptarget.profiles.builder import rebuild_profiles
 from deeptarget.profiles.outliers import FollowerBoundsCache
 from deeptarget.runtime.embedded_redis import EmbeddedRedis
@@ -75,6 +76,9 @@ def build_index(settings: Settings) -> None:
     HashtagModel.fit_with(settings, image_ids, tags).save(settings.hashtag_model_dir)
     bounds = FollowerBoundsCache(store, settings.follower_outlier_k).get()
     rebuild_profiles(store, [f"u{i}" for i in range(USERS)], settings.profile_half_life_days, bounds)
+    weight = rng.normal(0, 1, (len(TAGS), embedder.dim)).astype(np.float32)
+    head = LinearHead("food", 1, TAGS, weight, np.zeros(len(TAGS), np.float32), embedder.model_id, {})
+    head.save(settings.heads_dir)  # for /explain
 
 
 @contextmanager
@@ -92,10 +96,12 @@ def index_writer(settings: Settings) -> Iterator[None]:
 
 
 def check_real_uploads(url: str) -> None:
-    """The index is real: an uploaded photo finds neighbours and hashtags (schemathesis' bytes are never one)."""
+    """The index is real: an uploaded photo finds neighbours and hashtags, and is explained (schemathesis' bytes are
+    never one)."""
     photo = io.BytesIO()
     Image.fromarray(np.random.default_rng(9).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(photo, "JPEG")
-    for path, key in (("/similar?k=5", "results"), ("/hashtags?n=3", "hashtags")):
+    explain = (("/explain?head=food&format=json", "classes"), ("/explain?similar=p3&format=json", "png"))
+    for path, key in (("/similar?k=5", "results"), ("/hashtags?n=3", "hashtags"), *explain):
         call = urllib.request.Request(url + path, data=photo.getvalue(), headers={"Content-Type": "image/jpeg"})
         with urllib.request.urlopen(call, timeout=60) as answer:
             assert answer.status == 200 and json.loads(answer.read())[key], path
@@ -133,16 +139,27 @@ values = {json.dumps(users)}
 [dictionaries.interests]
 values = ["#sushi", "sushi", "#coffee", "ramen", "nothing-like-it"]
 
+[dictionaries.heads]
+values = ["food", "nohead"]
+
 [parameters]
 "query.post_id" = {{ dictionary = "posts", probability = 0.5 }}
 "path.post_id" = {{ dictionary = "posts", probability = 0.5 }}
 "path.user" = {{ dictionary = "users", probability = 0.5 }}
 "query.interest" = {{ dictionary = "interests", probability = 0.5 }}
+"query.head" = {{ dictionary = "heads", probability = 0.5 }}
+"query.similar" = {{ dictionary = "posts", probability = 0.5 }}
 
 [[operations]]
 include-operation-id = ["post_similar", "post_hashtags"]
 # Schema-valid bytes (schemathesis makes real 1x1 GIFs) need not be a usable image: 422, documented.
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "422"]
+
+[[operations]]
+include-operation-id = "post_explain"
+# The same (422), and what the schema cannot say: head or similar is required, class needs head (400); an unknown
+# head, class or post (404).
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "422"]
 
 [[operations]]
 include-operation-id = "post_ingest"
@@ -181,5 +198,5 @@ def test_schemathesis_finds_no_server_error_and_no_answer_that_breaks_the_docume
           f"{len(run['errors'])} errors, {run['running_time']:.1f} s")  # fmt: skip
     assert KEY not in output
     assert done.returncode == 0 and run["failures"] == [] and run["errors"] == [], output[-6000:]
-    assert run["complete"] and run["operations"]["tested"] == run["operations"]["total"] == 13
+    assert run["complete"] and run["operations"]["tested"] == run["operations"]["total"] == 14
     assert cases["generated"] >= 300

@@ -4,6 +4,8 @@
 - ``POST /similar?k=``               posts most similar to an uploaded image (raw body or multipart field ``image``)
   (both filter with ``hashtag``, ``since``, ``until`` (ISO dates) and ``has_face``)
 - ``POST /hashtags?n=``              hashtags suggested for an uploaded image
+- ``POST /explain?head=&class=``     the uploaded image with a heat map of what drove a head's class (``similar=POST``:
+  what makes it similar to an indexed post); ``format=png`` (default) or ``json`` (base64 PNG and the top classes)
 - ``GET  /users/{user}``             a user's interest profile (by id or username)
 - ``GET  /audiences?interest=``      the users most into an interest, ranked (``min_score``, ``min_posts``, ``limit``)
 - ``POST /train/hashtags``           refit the hashtag model now (write: API key)
@@ -25,6 +27,7 @@ connection guards (header timeout, connections per client).
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import logging
 import math
@@ -48,7 +51,9 @@ from deeptarget.api.models import (
     AudienceBody,
     AudienceMember,
     BadRecordBody,
+    ClassProbability,
     DeletedBody,
+    ExplainBody,
     HashtagsBody,
     HashtagScore,
     HealthBody,
@@ -70,6 +75,8 @@ from deeptarget.core.errors import (
 from deeptarget.core.records import Profile
 from deeptarget.core.settings import Settings
 from deeptarget.jobs import Jobs
+from deeptarget.models.heads import HEAD_NAME_PATTERN, check_head_name
+from deeptarget.query.explain import ExplainService
 from deeptarget.query.service import Neighbour, PostFilter, QueryService
 from deeptarget.runtime.app_server import ServerLimits
 from deeptarget.scraper.push import IngestStream, PushedPost, body_records, parse_posts
@@ -81,6 +88,7 @@ SETTINGS_KEY = web.AppKey("settings", Settings)
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
 JOBS_KEY = web.AppKey("jobs", Jobs)
 DECODES_KEY = web.AppKey("decodes", asyncio.Semaphore)
+EXPLAIN_KEY = web.AppKey("explain", ExplainService)
 
 REQUESTS = prometheus_client.Histogram(
     "deeptarget_api_request_seconds", "API latency by route and status", ["route", "status"]
@@ -364,6 +372,41 @@ async def hashtags(request: web.Request) -> web.Response:
     return _json(HashtagsBody(hashtags=scored, neighbours=[nb.post_id for nb in neighbours]))
 
 
+def _explained(service: ExplainService, data: bytes, head: str | None, class_name: str | None,
+               similar: str | None) -> tuple[ExplainBody, bytes]:  # fmt: skip
+    """The explanation as the API answers it (JSON body, PNG), made off the event loop."""
+    explanation = service.explain(data, head, class_name, similar)
+    png = explanation.png()
+    classes = [ClassProbability(name=c, probability=round(p, 6)) for c, p in explanation.classes]
+    body = ExplainBody(explained=explanation.explained, score=round(explanation.score, 6), method=explanation.method,
+                       head=head, classes=classes, png=base64.b64encode(png).decode())  # fmt: skip
+    return body, png
+
+
+async def explain(request: web.Request) -> web.Response:
+    query = request.query
+    head, class_name, similar = query.get("head"), query.get("class"), query.get("similar")
+    answer_format = query.get("format", "png")
+    if answer_format not in ("png", "json"):
+        raise web.HTTPBadRequest(text="format must be png or json")
+    if head is None and similar is None:
+        raise web.HTTPBadRequest(text="head is required (or similar=POST_ID)")
+    if class_name is not None and head is None:
+        raise web.HTTPBadRequest(text="class needs head")
+    if head is not None:
+        try:
+            check_head_name(head)
+        except ValueError as err:
+            raise web.HTTPBadRequest(text=str(err)) from None
+    if similar == "" or class_name == "":
+        raise web.HTTPBadRequest(text="similar and class must not be empty")
+    data = await _upload(request)
+    body, png = await _decode(request, _explained, request.app[EXPLAIN_KEY], data, head, class_name, similar)
+    if answer_format == "json":
+        return _json(body)
+    return web.Response(body=png, content_type="image/png")
+
+
 async def user_profile(request: web.Request) -> web.Response:
     profile = await _run(request.app[SERVICE_KEY].profile, request.match_info["user"])
     return _json(profile)
@@ -469,6 +512,15 @@ async def openapi(request: web.Request) -> web.Response:
 _K = Param("k", "integer", "how many results", minimum=1, maximum=MAX_K, default=10)
 _N = Param("n", "integer", "how many hashtags", minimum=1, maximum=MAX_K, default=10)
 _HAS_FACE = Param("has_face", "boolean", "only posts with (true) or without (false) a face")
+_FORMAT = Param("format", "string", "png: the image itself; json: ExplainBody (a base64 PNG and the classes)",
+                enum=("png", "json"), default_text="png")  # fmt: skip
+_EXPLAIN = (
+    Param("head", "string", "the head whose class is explained (required unless similar is given)",
+          pattern=HEAD_NAME_PATTERN),
+    Param("class", "string", "the class to explain (default: the head's most probable one)", min_length=1),
+    Param("similar", "string", "explain what makes the image similar to this indexed post", min_length=1),
+    _FORMAT,
+)  # fmt: skip
 _FILTERS = (
     Param("hashtag", "string", "only posts with this hashtag"),
     Param("since", "string", "only posts from this ISO date/time on", format="date-time"),
@@ -489,6 +541,9 @@ OPERATIONS: list[Operation] = [
               upload=True, errors=_UPLOAD_ERRORS),
     Operation("post", "/hashtags", "Hashtags suggested for an uploaded image", HashtagsBody, (_N,), upload=True,
               errors=_UPLOAD_ERRORS),
+    Operation("post", "/explain", "The uploaded image with a heat map of the regions that drove a head's class, or "
+              "that make it similar to an indexed post (captum Grad-CAM)", ExplainBody, _EXPLAIN, upload=True,
+              binary="image/png", errors=(*_UPLOAD_ERRORS, 404)),
     Operation("get", "/users/{user}", "A user's interest profile", Profile,
               (Param("user", "string", "user id or username", where="path"),), errors=(404,)),
     Operation("get", "/audiences", "The users most into an interest, ranked by their share of it", AudienceBody, (
@@ -525,6 +580,7 @@ HANDLERS: dict[tuple[str, str], Callable[[web.Request], Awaitable[web.Response]]
     ("get", "/similar"): similar_by_post,
     ("post", "/similar"): similar_by_image,
     ("post", "/hashtags"): hashtags,
+    ("post", "/explain"): explain,
     ("get", "/users/{user}"): user_profile,
     ("get", "/audiences"): audiences,
     ("post", "/train/hashtags"): _send(jobs.train_task),
@@ -574,6 +630,7 @@ def create_app(settings: Settings, service: QueryService | None = None) -> web.A
 
         app[SERVICE_KEY] = service or QueryService(settings)
         app[SERVICE_KEY].snapshots.get()  # load the index before the first request
+        app[EXPLAIN_KEY] = ExplainService(settings, app[SERVICE_KEY])
         assert settings.redis_url, "the API needs settings.redis_url"
         app[REDIS_KEY] = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2)
         app[JOBS_KEY] = Jobs.for_settings(settings)

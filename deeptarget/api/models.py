@@ -134,3 +134,17 @@ class ReadyBody(BaseModel):
 
 class LiveBody(BaseModel):
     status: Literal["alive"] = Field(description="The process serves requests (HTTP 200 whenever it answers).")
+
+
+class ClassProbability(BaseModel):
+    name: str = Field(description="A class of the head.")
+    probability: float
+
+
+class ExplainBody(BaseModel):
+    explained: str = Field(description="What the heat map explains: class:<name> or similar:<post id>.")
+    score: float = Field(description="The explained class's probability, or the cosine similarity to the post.")
+    method: str = Field(description="The captum method that made the heat map (gradcam or occlusion).")
+    head: str | None = Field(None, description="The head whose classes are given (its published version).")
+    classes: list[ClassProbability] = Field(description="The head's top classes, most probable first.")
+    png: str = Field(description="The image the model saw with the heat map over it: a PNG, base64.")

@@ -27,11 +27,17 @@ class Param:
     maximum: float | None = None
     default: float | None = None
     min_length: int | None = None
+    pattern: str | None = None  # a string's regular expression (the handler checks it too)
+    enum: tuple[str, ...] | None = None
+    default_text: str | None = None  # a string's default
 
     def schema(self) -> dict[str, Any]:
         schema: dict[str, Any] = {"type": self.type}
+        enum = list(self.enum) if self.enum else None
+        default = self.default if self.default is not None else self.default_text
         for key, value in (("format", self.format), ("minimum", self.minimum), ("maximum", self.maximum),
-                           ("default", self.default), ("minLength", self.min_length)):  # fmt: skip
+                           ("default", default), ("minLength", self.min_length), ("pattern", self.pattern),
+                           ("enum", enum)):  # fmt: skip
             if value is not None:
                 schema[key] = value
         return schema
@@ -45,6 +51,7 @@ class Operation:
     response: type[BaseModel] | None
     params: tuple[Param, ...] = ()
     upload: bool = False  # takes an image as the body or as multipart field "image"
+    binary: str | None = None  # the answer may be this media type instead of JSON (image/png), by a parameter
     # The body is records of this model: one JSON object or a JSON array of them, or (with ``request_lines``) JSON
     # lines, one object per line. Its schema is generated from the model, in validation mode.
     request: type[BaseModel] | None = None
@@ -76,6 +83,8 @@ def openapi_document(operations: list[Operation]) -> dict[str, Any]:
         success: dict[str, Any] = {"description": _SUCCESS.get(op.status, "OK")}
         if op.response is not None:
             success["content"] = {"application/json": {"schema": refs[(op.response, "serialization")]}}
+            if op.binary:
+                success["content"][op.binary] = {"schema": {"type": "string", "format": "binary"}}
         elif op.text:
             success["content"] = {"text/plain": {"schema": {"type": "string"}}}
         elif op.document:

@@ -9,6 +9,7 @@
     deeptarget serve                      the query API
     deeptarget query similar|hashtags|user|audience ...
     deeptarget profiles export PATH.jsonl|PATH.parquet
+    deeptarget explain IMAGE --head N [--class C] [--similar POST_ID]   a heat map of what drove the class
     deeptarget train | index snapshot|rebuild
     deeptarget train-head DATA_DIR --name N [--folds K] [--finetune] [--publish] / publish-head NAME VERSION
     deeptarget reclassify [HEAD...]       apply published heads to the stored embeddings, refresh profiles
@@ -25,8 +26,8 @@
 Settings come from DEEPTARGET_* variables and ``--config FILE`` (TOML); see deeptarget/core/settings.py.
 
 Each group of commands is one module holding its commands' arguments next to their bodies (``services``,
-``queries``, ``maintenance``, ``training``, ``operations``); ``context`` has what they share. The parser is put
-together here, in that order, which is the order ``--help`` lists them in.
+``queries``, ``explain``, ``maintenance``, ``training``, ``operations``); ``context`` has what they share. The parser
+is put together here, in that order, which is the order ``--help`` lists them in.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deeptarget.cli import maintenance, models, operations, queries, services, training
+from deeptarget.cli import explain, maintenance, models, operations, queries, services, training
 from deeptarget.cli.context import add_global_options, setup_logging
 from deeptarget.core.errors import DeepTargetError
 from deeptarget.core.terminal import plain
 
 __all__ = ["build_parser", "main"]
 
-_GROUPS = (services, queries, maintenance, training, operations, models)
+_GROUPS = (services, queries, explain, maintenance, training, operations, models)
 
 
 def build_parser() -> argparse.ArgumentParser:
