@@ -9,6 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from deeptarget.models.overlay import overlay
 from deeptarget.reports.html import new_figure
 
 THUMBNAIL_PX = 160
@@ -72,6 +73,22 @@ def confused_examples(pairs: Sequence[tuple[str, str, int, Sequence[Path]]], per
             except OSError:
                 continue  # an unreadable example leaves its cell empty
             grid[row, col].imshow(np.asarray(thumbnail))
+    return figure
+
+
+def heatmap_examples(rows: Sequence[tuple[str, np.ndarray, Sequence[tuple[str, np.ndarray]]]]) -> Figure:
+    """One row per (title, image, [(caption, heat map), ...]): the image, then each heat map drawn over it."""
+    columns = 1 + max((len(maps) for _, _, maps in rows), default=0)
+    figure = new_figure(2.3 * columns, 2.5 * max(1, len(rows)))
+    grid = np.atleast_2d(figure.subplots(max(1, len(rows)), columns, squeeze=False))
+    for axes in grid.flat:
+        axes.axis("off")
+    for row, (title, image, maps) in enumerate(rows):
+        grid[row, 0].imshow(image)
+        grid[row, 0].set_title(title, loc="left", fontsize=8)
+        for col, (caption, heatmap) in enumerate(maps, start=1):
+            grid[row, col].imshow(overlay(image, heatmap))
+            grid[row, col].set_title(caption, fontsize=8)
     return figure
 
 

@@ -1,23 +1,49 @@
 """The report of a training run: metrics tables, learning curves, confusion matrix, the most confused class pairs
-with example images, and a 2-D map of the embeddings coloured by class."""
+with example images, heat maps of the worst mistakes (where the model looked for the class it chose and for the
+true one), and a 2-D map of the embeddings coloured by class."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 
+from deeptarget.core.errors import ImageRejected
+from deeptarget.core.settings import Settings
 from deeptarget.reports import figures
 from deeptarget.reports.html import Report
 from deeptarget.training.linear import SCORES, fold_statistics
 
+if TYPE_CHECKING:
+    from deeptarget.models.embedder import Embedder
+    from deeptarget.models.heads import LinearHead
+
+LOG = logging.getLogger(__name__)
+
 MAP_POINTS = 3000  # t-SNE is quadratic-ish: a class-stratified sample beyond this many points
 CONFUSED_PAIRS = 6
+WORST_EXPLAINED = 6  # the most confidently wrong held-out images, each with two heat maps
+
+
+@dataclass(frozen=True)
+class ExplainedMistake:
+    """A misclassified held-out image with where the model looked for the class it chose and for the true one."""
+
+    path: Path
+    true: str
+    predicted: str
+    probability: float  # of the predicted class
+    image: np.ndarray  # what the model saw (the centre square)
+    heat_predicted: np.ndarray
+    heat_true: np.ndarray
+    method: str
 
 
 @dataclass
@@ -33,6 +59,7 @@ class Evaluation:
     history_x: str = "evaluation"
     history_x_label: str = "L-BFGS loss evaluation"
     folds: list[dict[str, object]] = field(default_factory=list)
+    explained: list[ExplainedMistake] = field(default_factory=list)
 
 
 def map_2d(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -53,6 +80,52 @@ def most_confused(matrix: np.ndarray, limit: int = CONFUSED_PAIRS) -> list[tuple
     order = np.argsort(-off, axis=None)[:limit]
     cells = [(*np.unravel_index(i, off.shape), 0) for i in order]
     return [(int(t), int(p), int(off[t, p])) for t, p, _ in cells if off[t, p] > 0]
+
+
+def worst_mistakes(labels: np.ndarray, probabilities: np.ndarray, limit: int = WORST_EXPLAINED) -> list[int]:
+    """Indices of the misclassified images, most confidently wrong first (the probability of the chosen class)."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    order = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
+    return [int(i) for i in order[:limit]]
+
+
+def explain_mistakes(
+    settings: Settings,
+    embedder: Embedder,
+    head: LinearHead,
+    evaluation: Evaluation,
+    limit: int = WORST_EXPLAINED,
+) -> list[ExplainedMistake]:
+    """Heat maps (``models/explain.py``, its default method) of the worst mistakes among the held-out images: one
+    for the class the head chose, one for the true class. Images that cannot be read again are left out."""
+    from deeptarget.models.decode import decode_image  # PIL
+    from deeptarget.models.explain import Explainer, centre_square  # torch and captum
+
+    e = evaluation
+    chosen, images = [], []
+    for i in worst_mistakes(e.labels, e.probabilities, limit):
+        try:
+            data = Path(e.paths[i]).read_bytes()
+            s = settings
+            images.append(decode_image(data, max_pixels=s.max_image_pixels, long_side=s.decode_long_side,
+                                       max_decode_bytes=s.max_decode_bytes))  # fmt: skip
+        except (OSError, ImageRejected) as err:
+            LOG.warning("%s left out of the explained mistakes: %s", e.paths[i], err)
+            continue
+        chosen.append(i)
+    if not chosen:
+        return []
+    explainer = Explainer(embedder, head)
+    batch = explainer.batch(images)
+    predicted = [int(e.probabilities[i].argmax()) for i in chosen]
+    heat_predicted = explainer.heatmaps(batch, predicted)
+    heat_true = explainer.heatmaps(batch, [int(e.labels[i]) for i in chosen])
+    return [
+        ExplainedMistake(Path(e.paths[i]), e.classes[int(e.labels[i])], e.classes[p], float(e.probabilities[i, p]),
+                         centre_square(image), hp, ht, explainer.method)
+        for i, p, image, hp, ht in zip(chosen, predicted, images, heat_predicted, heat_true, strict=True)
+    ]  # fmt: skip
 
 
 def training_report(
@@ -101,6 +174,19 @@ def training_report(
         report.figure("confused_examples", figures.confused_examples(pairs), "held-out images behind each pair")
     else:
         report.text("No held-out image was misclassified.")
+    if e.explained:
+        report.heading("Where the model looked on its worst mistakes")
+        mistakes = [
+            (f"{m.path.name}: {m.true} → {m.predicted} ({m.probability:.2f})", m.image,
+             [(f"for {m.predicted} (chosen)", m.heat_predicted), (f"for {m.true} (true)", m.heat_true)])
+            for m in e.explained
+        ]  # fmt: skip
+        report.figure(
+            "explained_mistakes",
+            figures.heatmap_examples(mistakes),
+            f"the {len(mistakes)} most confidently wrong held-out images; heat maps ({e.explained[0].method}) of the "
+            "chosen and of the true class (red: the regions that raised the class's score most)",
+        )
     points, method = map_2d(map_vectors)
     report.heading("Embedding map")
     report.figure(

@@ -23,7 +23,7 @@ from deeptarget.reports.html import report_folder
 from deeptarget.store.versioned import atomic_write
 from deeptarget.training.datasets import LabelledImages, check_usable, load_labelled
 from deeptarget.training.linear import classification_metrics, cross_validate, fit_logistic
-from deeptarget.training.report import Evaluation, stratified_sample, training_report
+from deeptarget.training.report import Evaluation, explain_mistakes, stratified_sample, training_report
 
 LOG = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ def train_head(
             history=fit.history,
             folds=fold_metrics,
         )
+        evaluation.explained = explain_mistakes(settings, embedder, head, evaluation)
         vectors, labels = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
         sample = stratified_sample(labels)
         summary = [
