@@ -156,7 +156,8 @@ class PostPipeline:
         await self.stats.add("enqueued", len(refs))
         await self.stats.add("rejected", sum(r.rejected is not None for r in refs))
         await self.stats.measure_queues()
-        # A push of an id met before never rewrites that post (store/posts.py; issue 12, M4): no merge, no owner marked known.
+        # A push of an id met before never rewrites that post (store/posts.py; issue 12, M4): no merge, no owner
+        # marked known.
         await self.stats.add("push_ignored:known_id", sum(p.pushed for p in seen))
         merges = [p for p in seen if p.owner is not None and not p.pushed]
         with_owner = [r for r in refs if r.post.owner is not None]

@@ -29,8 +29,8 @@ Bounds (the reasons name the field and the bound):
 - ``owner.username``: 1 to 30 letters, digits, periods and underscores (Instagram's rule for usernames).
 
 The record has no ``source``: the server names it (``push``, or ``feed`` for a partner feed), so a pushed post can never
-pass for a crawled one. Who may overwrite what is the store's rule (store/posts.py): a pushed record never rewrites a post a
-crawl stored, and the first record of an id wins over later pushes of it.
+pass for a crawled one. Who may overwrite what is the store's rule (store/posts.py): a pushed record never rewrites a
+post a crawl stored, and the first record of an id wins over later pushes of it.
 
 The Instagram limits (2,200 characters and 30 hashtags per caption, 30-character usernames) are the ones Instagram's
 apps enforce, as publishers document them, e.g. https://ayrshare.com/apis/post/social-networks/instagram ("up to 30
