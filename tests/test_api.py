@@ -39,6 +39,7 @@ from deeptarget.core.settings import Settings
 from deeptarget.index.vectors import SnapshotStore
 from deeptarget.index.writer import IndexWriter
 from deeptarget.jobs import Jobs
+from deeptarget.models.explain import DEFAULT_METHOD
 from deeptarget.models.hashtags import HashtagModel
 from deeptarget.models.heads import LinearHead
 from deeptarget.profiles.builder import rebuild_profiles
@@ -333,12 +334,12 @@ async def test_explain_a_class_or_a_similarity_as_png_or_json(api: Client, deplo
     LinearHead("topic", 1, list(TOPICS), fit.weight, fit.bias, deployment.model_id, {}).save(settings.heads_dir)
     body = await upload(api, "/explain", photo(0), head="topic", format="json")
     assert set(body) == {"explained", "score", "method", "head", "classes", "png"}
-    assert body["explained"] == "class:sushi" and body["head"] == "topic" and body["method"] == "gradcam"
+    assert body["explained"] == "class:sushi" and body["head"] == "topic" and body["method"] == DEFAULT_METHOD
     assert body["classes"][0]["name"] == "sushi" and len(body["classes"]) == 3
     assert body["score"] == body["classes"][0]["probability"] and sum(c["probability"] for c in body["classes"]) <= 1
     assert base64.b64decode(body["png"])[:8] == b"\x89PNG\r\n\x1a\n"
 
-    params = {"head": "topic", "class": "garden"}  # format=png, the default; multipart works as for /similar
+    params = {"head": "topic", "class": "garden", "method": "gradcam"}  # format=png, the default; multipart too
     async with api.post("/explain", data=form("image", photo(1)), params=params) as response:
         assert response.status == 200 and response.content_type == "image/png"
         assert (await response.read())[:8] == b"\x89PNG\r\n\x1a\n"
@@ -355,6 +356,7 @@ async def test_explain_a_class_or_a_similarity_as_png_or_json(api: Client, deplo
     assert "head name" in error(await upload(api, "/explain", photo(0), 400, head="Bad/Name"))
     assert "head is required" in error(await upload(api, "/explain", photo(0), 400))
     assert "format must be" in error(await upload(api, "/explain", photo(0), 400, head="topic", format="gif"))
+    assert "method must be" in error(await upload(api, "/explain", photo(0), 400, head="topic", method="lime"))
     error(await upload(api, "/explain", b"<html>not a picture</html>", 422, head="topic"), "not_an_image")
     error(await upload(api, "/explain", b"\xff" * (MAX_UPLOAD + 10), 413, head="topic"), "too_large")
 

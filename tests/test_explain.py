@@ -17,16 +17,17 @@ from deeptarget.cli import main
 from deeptarget.core.errors import ConfigurationError, ImageRejected, NotFoundError
 from deeptarget.core.settings import Settings
 from deeptarget.models.embedder import Embedder
-from deeptarget.models.explain import METHODS, Explainer, target_layer
+from deeptarget.models.explain import DEFAULT_METHOD, METHODS, Explainer, target_layer
 from deeptarget.models.heads import LinearHead, publish_head
 from deeptarget.query.explain import ExplainService
 from deeptarget.training.linear import fit_logistic
 from tests.conftest import make_settings
 from tests.helpers import calibrated_random_weights, jpeg_of, make_dataset
 
-# MobileNetV2's last block is 7 x 7 here. At 128 px (4 x 4) random weights localise too coarsely for Grad-CAM to put
-# most of its mass in the patch's corner (0.3 to 0.5); at 224 px it puts 0.71 to 0.80 there over three weight seeds.
-SIZE = 224
+SIZE = 96  # small and quick: MobileNetV2's last block is 3 x 3 here
+# The corner test's size: 7 x 7. At 128 px (4 x 4) random weights localise too coarsely for Grad-CAM to put most of
+# its mass in the patch's corner (0.3 to 0.5); at 224 px it puts 0.71 to 0.80 there over three weight seeds.
+CORNER_SIZE = 224
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -59,12 +60,12 @@ def drawn_head(embedder: Embedder, classes: list[str], name: str = "drawn", seed
     return LinearHead(name, 1, classes, weight, np.zeros(len(classes), np.float32), embedder.model_id, {})
 
 
-@pytest.fixture(scope="module")
-def patch_head(embedder: Embedder) -> LinearHead:
+def fit_patch_head(embedder: Embedder) -> LinearHead:
     """A head that tells images with the corner patch from plain noise, fitted on 2 x 24 images."""
     rng = np.random.default_rng(1)
-    plain = [noise(rng) for _ in range(24)]
-    patched = [with_patch(noise(rng), rng) for _ in range(24)]
+    size = embedder.image_size
+    plain = [noise(rng, size, size) for _ in range(24)]
+    patched = [with_patch(noise(rng, size, size), rng) for _ in range(24)]
     x = embedder(plain + patched)
     y = np.array([0] * 24 + [1] * 24)
     fit = fit_logistic(x, y, 2, l2=1e-4)
@@ -73,17 +74,22 @@ def patch_head(embedder: Embedder) -> LinearHead:
     return head
 
 
+@pytest.fixture(scope="module")
+def patch_head(embedder: Embedder) -> LinearHead:
+    return fit_patch_head(embedder)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_a_heat_map_has_the_input_size_and_unit_range_and_the_classes_are_ranked(
     embedder: Embedder, method: str
 ) -> None:
     classes = ["a", "b", "c", "d", "e", "f", "g"]
     explainer = Explainer(embedder, drawn_head(embedder, classes), method)
-    image = noise(np.random.default_rng(3), 150, 200)
+    image = noise(np.random.default_rng(3), 120, 160)
     explanation = explainer.explain(image)
     assert explanation.heatmap.shape == (SIZE, SIZE) and explanation.heatmap.dtype == np.float32
     assert explanation.heatmap.min() >= 0.0 and explanation.heatmap.max() == pytest.approx(1.0)
-    assert explanation.image.shape == (150, 150, 3)  # the centre square the model saw
+    assert explanation.image.shape == (120, 120, 3)  # the centre square the model saw
     names = [c for c, _ in explanation.classes]
     probabilities = [p for _, p in explanation.classes]
     assert len(names) == 5 and set(names) <= set(classes)
@@ -91,7 +97,7 @@ def test_a_heat_map_has_the_input_size_and_unit_range_and_the_classes_are_ranked
     assert explanation.explained == f"class:{names[0]}" and explanation.score == pytest.approx(probabilities[0])
     assert explanation.method == method
     png = explanation.png()
-    assert png[:8] == PNG_MAGIC and min(Image.open(io.BytesIO(png)).size) >= 150
+    assert png[:8] == PNG_MAGIC and min(Image.open(io.BytesIO(png)).size) >= 120
 
     chosen = explainer.explain(image, "g")  # a named class, whatever its rank
     assert chosen.explained == "class:g" and chosen.heatmap.shape == (SIZE, SIZE)
@@ -127,6 +133,10 @@ def test_a_head_of_another_model_and_an_unknown_method_are_refused(embedder: Emb
 def test_the_layer_explained_is_the_last_conv_block_of_each_backbone() -> None:
     import torchvision
 
+    from deeptarget.cli import explain as command
+
+    assert command.METHODS == METHODS and command.DEFAULT_METHOD == DEFAULT_METHOD  # the command's, without torch
+
     mobilenet = torchvision.models.mobilenet_v2(weights=None)
     assert target_layer("mobilenet_v2", mobilenet) is mobilenet.features[-1]
     resnet = torchvision.models.resnet18(weights=None)
@@ -135,15 +145,26 @@ def test_the_layer_explained_is_the_last_conv_block_of_each_backbone() -> None:
         target_layer("vit_b_16", mobilenet)
 
 
+@pytest.fixture(scope="module")
+def corner_embedder(tmp_path_factory: pytest.TempPathFactory) -> Embedder:
+    weights = calibrated_random_weights(tmp_path_factory.mktemp("weights") / "mnv2-224.pth", CORNER_SIZE)
+    return Embedder("mobilenet_v2", str(weights), "imagenet", CORNER_SIZE, "cpu")
+
+
+@pytest.fixture(scope="module")
+def corner_head(corner_embedder: Embedder) -> LinearHead:
+    return fit_patch_head(corner_embedder)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_the_heat_map_of_a_class_decided_by_a_corner_patch_lies_in_that_corner(
-    embedder: Embedder, patch_head: LinearHead, method: str
+    corner_embedder: Embedder, corner_head: LinearHead, method: str
 ) -> None:
     rng = np.random.default_rng(7)
-    images = [with_patch(noise(rng), rng) for _ in range(6)]
-    explainer = Explainer(embedder, patch_head, method)
+    images = [with_patch(noise(rng, CORNER_SIZE, CORNER_SIZE), rng) for _ in range(4)]
+    explainer = Explainer(corner_embedder, corner_head, method)
     maps = explainer.heatmaps(explainer.batch(images), [1] * len(images))
-    half = SIZE // 2
+    half = CORNER_SIZE // 2
     corner = maps[:, :half, :half].sum(axis=(1, 2)) / maps.sum(axis=(1, 2))
     assert corner.mean() > 0.6, corner  # a quarter of the area: 0.25 by chance
     assert (corner > 0.45).all(), corner
@@ -158,16 +179,18 @@ def test_the_training_report_shows_the_worst_mistakes_with_their_heat_maps(tmp_p
     probabilities = np.full((len(paths), 3), 0.1)
     probabilities[np.arange(len(paths)), (labels + 1) % 3] = np.linspace(0.5, 0.8, len(paths))  # all wrong
     probabilities[0] = [0.8, 0.1, 0.1]  # but the first, which is right
-    assert worst_mistakes(labels, probabilities, 3) == [len(paths) - 1, len(paths) - 2, len(paths) - 3]
+    broken = [p.name for p in paths].index("broken.jpg")
+    probabilities[broken] = [0.05, 0.05, 0.9]  # the worst mistake, and unreadable
+    assert worst_mistakes(labels, probabilities, 3) == [broken, len(paths) - 1, len(paths) - 2]
     evaluation = Evaluation(["grass", "sky", "tomatoes"], labels, probabilities, paths, {"top1": 0.0, "per_class": {
         c: {"precision": 0.0, "recall": 0.0} for c in ("grass", "sky", "tomatoes")}})  # fmt: skip
     head = drawn_head(embedder, evaluation.classes)
     settings = make_settings(tmp_path / "data")
-    evaluation.explained = explain_mistakes(settings, embedder, head, evaluation, limit=5)
-    assert len(evaluation.explained) == 4 and all(m.path.name != "broken.jpg" for m in evaluation.explained)
+    evaluation.explained = explain_mistakes(settings, embedder, head, evaluation, limit=3)
+    assert [m.path for m in evaluation.explained] == [paths[-1], paths[-2]]  # broken.jpg left out
     for mistake in evaluation.explained:
         assert mistake.heat_predicted.shape == mistake.heat_true.shape == (SIZE, SIZE)
-        assert mistake.true != mistake.predicted and mistake.method == "gradcam"
+        assert mistake.true != mistake.predicted and mistake.method == DEFAULT_METHOD
     vectors = embedder([noise(np.random.default_rng(i)) for i in range(12)])
     page = training_report("t", evaluation, vectors, np.arange(12) % 3, ["a run"]).write(tmp_path / "report")
     assert "id='explained_mistakes'" in page.read_text()
@@ -190,9 +213,9 @@ def deployed(tmp_path: Path, weights: Path, patch_head: LinearHead, monkeypatch:
 def test_the_service_explains_a_published_head_and_names_what_it_does_not_know(deployed: Settings) -> None:
     service = ExplainService(deployed)
     rng = np.random.default_rng(8)
-    explanation = service.explain(jpeg_of(with_patch(noise(rng), rng)), "patch")
-    assert explanation.explained == "class:patch" and explanation.classes[0][0] == "patch"
-    assert service.explain(jpeg_of(noise(rng)), "patch", "patch").explained == "class:patch"
+    explanation = service.explain(jpeg_of(with_patch(noise(rng), rng)), "patch")  # the most probable class
+    assert explanation.explained == f"class:{explanation.classes[0][0]}" and len(explanation.classes) == 2
+    assert service.explain(jpeg_of(noise(rng)), "patch", "patch", method="gradcam").explained == "class:patch"
     with pytest.raises(NotFoundError, match=r"no head 'food' \(heads: patch\)"):
         service.explain(jpeg_of(noise(rng)), "food")
     with pytest.raises(NotFoundError, match="no class 'dog'"):
@@ -207,7 +230,7 @@ def test_explain_writes_the_overlay_and_prints_the_classes(
 ) -> None:
     rng = np.random.default_rng(9)
     image = tmp_path / "photo.jpg"
-    image.write_bytes(jpeg_of(with_patch(noise(rng, 256, 256), rng)))
+    image.write_bytes(jpeg_of(with_patch(noise(rng, 128, 128), rng)))
     out = tmp_path / "out.png"
     assert main(["explain", str(image), "--head", "patch", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC
@@ -216,8 +239,8 @@ def test_explain_writes_the_overlay_and_prints_the_classes(
 
     assert main(["explain", str(image), "--head", "patch", "--class", "plain", "--out", str(out), "--json"]) == 0
     body = json.loads(capsys.readouterr().out)
-    assert body["explained"] == "class:plain" and body["out"] == str(out) and body["method"] == "gradcam"
-    assert [c["class"] for c in body["classes"]] == ["patch", "plain"]
+    assert body["explained"] == "class:plain" and body["out"] == str(out) and body["method"] == DEFAULT_METHOD
+    assert {c["class"] for c in body["classes"]} == {"patch", "plain"}
     assert sum(c["probability"] for c in body["classes"]) == pytest.approx(1.0, abs=1e-5)
 
 

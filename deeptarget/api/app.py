@@ -75,6 +75,8 @@ from deeptarget.core.errors import (
 from deeptarget.core.records import Profile
 from deeptarget.core.settings import Settings
 from deeptarget.jobs import Jobs
+from deeptarget.models.explain import DEFAULT_METHOD
+from deeptarget.models.explain import METHODS as EXPLAIN_METHODS
 from deeptarget.models.heads import HEAD_NAME_PATTERN, check_head_name
 from deeptarget.query.explain import ExplainService
 from deeptarget.query.service import Neighbour, PostFilter, QueryService
@@ -373,9 +375,9 @@ async def hashtags(request: web.Request) -> web.Response:
 
 
 def _explained(service: ExplainService, data: bytes, head: str | None, class_name: str | None,
-               similar: str | None) -> tuple[ExplainBody, bytes]:  # fmt: skip
+               similar: str | None, method: str) -> tuple[ExplainBody, bytes]:  # fmt: skip
     """The explanation as the API answers it (JSON body, PNG), made off the event loop."""
-    explanation = service.explain(data, head, class_name, similar)
+    explanation = service.explain(data, head, class_name, similar, method)
     png = explanation.png()
     classes = [ClassProbability(name=c, probability=round(p, 6)) for c, p in explanation.classes]
     body = ExplainBody(explained=explanation.explained, score=round(explanation.score, 6), method=explanation.method,
@@ -386,9 +388,11 @@ def _explained(service: ExplainService, data: bytes, head: str | None, class_nam
 async def explain(request: web.Request) -> web.Response:
     query = request.query
     head, class_name, similar = query.get("head"), query.get("class"), query.get("similar")
-    answer_format = query.get("format", "png")
+    answer_format, method = query.get("format", "png"), query.get("method", DEFAULT_METHOD)
     if answer_format not in ("png", "json"):
         raise web.HTTPBadRequest(text="format must be png or json")
+    if method not in EXPLAIN_METHODS:
+        raise web.HTTPBadRequest(text=f"method must be one of {', '.join(EXPLAIN_METHODS)}")
     if head is None and similar is None:
         raise web.HTTPBadRequest(text="head is required (or similar=POST_ID)")
     if class_name is not None and head is None:
@@ -401,7 +405,7 @@ async def explain(request: web.Request) -> web.Response:
     if similar == "" or class_name == "":
         raise web.HTTPBadRequest(text="similar and class must not be empty")
     data = await _upload(request)
-    body, png = await _decode(request, _explained, request.app[EXPLAIN_KEY], data, head, class_name, similar)
+    body, png = await _decode(request, _explained, request.app[EXPLAIN_KEY], data, head, class_name, similar, method)
     if answer_format == "json":
         return _json(body)
     return web.Response(body=png, content_type="image/png")
@@ -519,6 +523,8 @@ _EXPLAIN = (
           pattern=HEAD_NAME_PATTERN),
     Param("class", "string", "the class to explain (default: the head's most probable one)", min_length=1),
     Param("similar", "string", "explain what makes the image similar to this indexed post", min_length=1),
+    Param("method", "string", "captum's Grad-CAM (one pass: fast) or occlusion (49 passes: better on the deletion "
+          "check)", enum=EXPLAIN_METHODS, default_text=DEFAULT_METHOD),
     _FORMAT,
 )  # fmt: skip
 _FILTERS = (
@@ -542,8 +548,8 @@ OPERATIONS: list[Operation] = [
     Operation("post", "/hashtags", "Hashtags suggested for an uploaded image", HashtagsBody, (_N,), upload=True,
               errors=_UPLOAD_ERRORS),
     Operation("post", "/explain", "The uploaded image with a heat map of the regions that drove a head's class, or "
-              "that make it similar to an indexed post (captum Grad-CAM)", ExplainBody, _EXPLAIN, upload=True,
-              binary="image/png", errors=(*_UPLOAD_ERRORS, 404)),
+              "that make it similar to an indexed post (captum: Grad-CAM or occlusion)", ExplainBody, _EXPLAIN,
+              upload=True, binary="image/png", errors=(*_UPLOAD_ERRORS, 404)),
     Operation("get", "/users/{user}", "A user's interest profile", Profile,
               (Param("user", "string", "user id or username", where="path"),), errors=(404,)),
     Operation("get", "/audiences", "The users most into an interest, ranked by their share of it", AudienceBody, (

@@ -15,7 +15,9 @@ from deeptarget.core.errors import DeepTargetError
 from deeptarget.core.terminal import plain, shown
 from deeptarget.store.versioned import atomic_write
 
-METHODS = ("gradcam", "occlusion")  # models.explain.METHODS, without importing torch for --help
+# models.explain.METHODS and DEFAULT_METHOD, without importing torch for --help (tests/test_explain.py compares them)
+METHODS = ("gradcam", "occlusion")
+DEFAULT_METHOD = "occlusion"
 
 
 def _head_name(text: str) -> str:
@@ -32,7 +34,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     explain.add_argument("--similar", type=post_id, metavar="POST_ID",
                          help="explain which regions make the image similar to this indexed post")  # fmt: skip
     explain.add_argument("--out", type=Path, help="the PNG to write (default: IMAGE's name + .explained.png, here)")
-    explain.add_argument("--method", choices=METHODS, help="captum method (default: gradcam)")
+    explain.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                         help=f"captum method (default: {DEFAULT_METHOD}; gradcam: 1 pass, occlusion: 49)")  # fmt: skip
     explain.add_argument("--json", action="store_true", help="print JSON instead of a table")
     explain.set_defaults(run=cmd_explain)
 
@@ -55,10 +58,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     data = _read_image(args.image, settings.max_upload_bytes)  # before the models
     out = args.out or Path(Path(args.image).name + ".explained.png")
 
-    from deeptarget.models.explain import DEFAULT_METHOD  # torch and captum, once the image was read
-    from deeptarget.query.explain import ExplainService
+    from deeptarget.query.explain import ExplainService  # torch and captum, once the image was read
 
-    service = ExplainService(settings, method=args.method or DEFAULT_METHOD)
+    service = ExplainService(settings, method=args.method)
     explanation = service.explain(data, args.head, args.class_name, args.similar)
     png = explanation.png()
     atomic_write(out, lambda handle: handle.write(png))

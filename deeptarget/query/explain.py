@@ -30,7 +30,7 @@ class ExplainService:
         self.settings = settings
         self._service = service
         self.method = method
-        self._explainers: OrderedDict[tuple[str, str, int], Explainer] = OrderedDict()
+        self._explainers: OrderedDict[tuple[str, str, int, str], Explainer] = OrderedDict()
         self._lock = threading.Lock()
 
     @cached_property
@@ -52,13 +52,19 @@ class ExplainService:
         return LinearHead.load(path)
 
     def explain(
-        self, data: bytes, head: str | None = None, class_name: str | None = None, similar: str | None = None
+        self,
+        data: bytes,
+        head: str | None = None,
+        class_name: str | None = None,
+        similar: str | None = None,
+        method: str | None = None,
     ) -> Explanation:
         """Explain ``class_name`` of ``head`` (default: its most probable class) in the image ``data``, or (with
-        ``similar``, a post id) which regions make it similar to that indexed post. Raises ImageRejected for an
-        unusable image, NotFoundError for an unknown head, class or post, ModelNotReadyError when the model the
-        head or the index needs is not the one served."""
+        ``similar``, a post id) which regions make it similar to that indexed post, with ``method`` (default: the
+        service's). Raises ImageRejected for an unusable image, NotFoundError for an unknown head, class or post,
+        ModelNotReadyError when the model the head or the index needs is not the one served."""
         s = self.settings
+        method = method or self.method
         linear = self.head(head) if head is not None else None  # before decoding: a bad name costs no decode
         image = decode_image(
             data, max_pixels=s.max_image_pixels, long_side=s.decode_long_side, max_decode_bytes=s.max_decode_bytes
@@ -72,12 +78,11 @@ class ExplainService:
             if embedder.model_id != index.model_id:
                 raise ModelNotReadyError(f"the index holds {index.model_id} embeddings; this process embeds with "
                                          f"{embedder.model_id}")  # fmt: skip
-            explainer = self.explainer(embedder, linear if linear and linear.model_id == embedder.model_id else None)
-            return explainer.explain_similarity(image, other, similar)
+            same_model = linear if linear and linear.model_id == embedder.model_id else None
+            return self.explainer(embedder, same_model, method).explain_similarity(image, other, similar)
         if linear is None:
             raise NotFoundError("explaining a class needs a head (or a post to be similar to)")
-        explainer = self.explainer(self.embedder_for(linear), linear)
-        return explainer.explain(image, class_name)
+        return self.explainer(self.embedder_for(linear), linear, method).explain(image, class_name)
 
     def embedder_for(self, head: LinearHead) -> Embedder:
         """The embedder ``head`` was trained on: the configured one, or the model of the index being served."""
@@ -91,13 +96,14 @@ class ExplainService:
             f"{self._configured.model_id}: configure that model, or train the head again on this one"
         )
 
-    def explainer(self, embedder: Embedder, head: LinearHead | None) -> Explainer:
-        key = (embedder.model_id, head.name if head else "", head.version if head else 0)
+    def explainer(self, embedder: Embedder, head: LinearHead | None, method: str | None = None) -> Explainer:
+        method = method or self.method
+        key = (embedder.model_id, head.name if head else "", head.version if head else 0, method)
         with self._lock:
             if key in self._explainers:
                 self._explainers.move_to_end(key)
                 return self._explainers[key]
-            explainer = Explainer(embedder, head, self.method)
+            explainer = Explainer(embedder, head, method)
             self._explainers[key] = explainer
             while len(self._explainers) > KEPT_EXPLAINERS:
                 self._explainers.popitem(last=False)
