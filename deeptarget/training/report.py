@@ -177,7 +177,7 @@ def training_report(
     if e.explained:
         report.heading("Where the model looked on its worst mistakes")
         mistakes = [
-            (f"{m.path.name}: {m.true} → {m.predicted} ({m.probability:.2f})", m.image,
+            (f"{m.true} → {m.predicted} ({m.probability:.2f})\n{m.path.name}", m.image,
              [(f"for {m.predicted} (chosen)", m.heat_predicted), (f"for {m.true} (true)", m.heat_true)])
             for m in e.explained
         ]  # fmt: skip
