@@ -126,9 +126,11 @@ def deployment(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFac
         tmp_path_factory.mktemp("api") / "data", redis_server.url, api_key=SecretStr(API_KEY),
         max_upload_bytes=MAX_UPLOAD, api_max_ingest_records=MAX_RECORDS, als_neighbours=ALS_NEIGHBOURS,
     )  # fmt: skip
-    service = QueryService(settings)
-    vectors = np.stack([service.embed_image(photo(i)) for i in range(N_POSTS)])
-    model_id = service.embedder.model_id
+    # Embedded by a service of their own: a reader that looked for a snapshot before there was one keeps that answer
+    # for its check interval (0.1 s), which a fast machine can take to write all that follows.
+    embedding = QueryService(settings)
+    vectors = np.stack([embedding.embed_image(photo(i)) for i in range(N_POSTS)])
+    model_id = embedding.embedder.model_id
     store = MetadataStore(settings.metadata_database)
     store.record_results(
         InferResult(
@@ -146,7 +148,7 @@ def deployment(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFac
     HashtagModel.fit_with(settings, image_ids, tags).save(settings.hashtag_model_dir)
     bounds = FollowerBoundsCache(store, settings.follower_outlier_k).get()
     rebuild_profiles(store, [f"u{u}" for u in range(4)], settings.profile_half_life_days, bounds)
-    return Deployment(settings, service, vectors, model_id)
+    return Deployment(settings, QueryService(settings), vectors, model_id)
 
 
 @asynccontextmanager
