@@ -6,7 +6,9 @@ Each file of the registry (``models/files.py``) is fetched from its upstream URL
 renamed into place (fsync, ``os.replace``, fsync of the folder), so the code never finds a file that did not pass.
 
 - An interrupted download resumes with ``Range: bytes=<have>-``; a server that answers 200 instead of 206 (it ignores
-  Range) is read from the start again, and a 206 whose ``Content-Range`` starts elsewhere is too.
+  Range) is read from the start again, and a 206 whose ``Content-Range`` starts elsewhere is too. Both are what HTTP
+  allows: "a server MAY ignore the Range header field" and then sends the whole representation with 200, and a 206
+  names the part it sends in Content-Range (RFC 9110, sections 14.2, 14.4 and 15.3.7).
 - The registry's size bounds the download: a server announcing or sending more is an error (and the part is dropped).
 - A cut-short download keeps its part for the next run; a wrong digest deletes it.
 - Hosts: upstream, only the URL's own host and the hosts its entry names for redirects, over HTTPS; with a mirror
