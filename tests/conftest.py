@@ -17,6 +17,7 @@ from deeptarget.index.vectors import SnapshotStore
 from deeptarget.runtime.embedded_redis import EmbeddedRedis
 from deeptarget.runtime.processes import spawn_worker, stop_processes
 from deeptarget.workers.app import create_celery
+from tests.objectstore import Relay, S3Server, TestBucket, set_credentials
 from tests.postgres import LocalPostgres
 
 # Settings come from the test, never from the machine's environment.
@@ -36,6 +37,23 @@ def postgres_server() -> Iterator[LocalPostgres]:
     server = LocalPostgres().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3-protocol server process (moto_server) on loopback, shared by the session; each test its own bucket."""
+    set_credentials()
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server) -> Iterator[TestBucket]:
+    """A fresh bucket, reached through a relay the test can stop (``with bucket.away():``)."""
+    relay = Relay(s3_server.port).start()
+    yield TestBucket(s3_server, relay, s3_server.create_bucket())
+    relay.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

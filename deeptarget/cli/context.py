@@ -41,6 +41,9 @@ def load_settings(args: argparse.Namespace) -> Settings:
         overrides["data_dir"] = Path(args.data_dir)
     settings = Settings.load(Path(args.config) if args.config else None, **overrides)
     _private(settings.data_dir)
+    from deeptarget.store.remote import attach  # light: boto3 loads only when a bucket is set
+
+    attach(settings)
     return settings
 
 

@@ -118,7 +118,7 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             stack.push_async_callback(redis_client.aclose)
             store = metadata_store(settings)
             sink = CelerySink(senders(settings))
-            crawler = Crawler(settings, redis_client, sink, BlobStore(settings.blob_dir))
+            crawler = Crawler(settings, redis_client, sink, BlobStore.for_settings(settings))
             await stack.enter_async_context(crawler)
             # Pushed posts (POST /ingest) are taken as they arrive for as long as the API is up, not once a round.
             follower = crawler.follow_in_background()

@@ -143,7 +143,7 @@ async def _scrape(settings: Settings, *, forever: bool, interval_s: float) -> in
     # Bounded waits: a Redis that went away (even silently, behind a partition) is an error the crawler waits out,
     # never a call that hangs. The socket timeout stays above the ingest stream's blocking read.
     client = async_redis_client(settings, socket_connect_timeout=5, socket_timeout=settings.ingest_block_s + 10)
-    crawler = Crawler(settings, client, CelerySink(senders(settings)), BlobStore(settings.blob_dir))
+    crawler = Crawler(settings, client, CelerySink(senders(settings)), BlobStore.for_settings(settings))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, crawler.stop)

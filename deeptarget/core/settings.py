@@ -63,6 +63,40 @@ class StorageSettings(BaseModel):
         "cache ($TORCH_HOME/hub/checkpoints).",
     )
 
+    object_store_url: str | None = Field(
+        None,
+        description="s3://bucket/prefix: images and artefacts (index snapshots, hashtag models, heads, fine-tuned "
+        "backbones) live in this S3-compatible bucket, and every process's data_dir is private to it (its cache). "
+        "Credentials come from boto3's standard chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, an instance "
+        "role), never from here. Unset: the data dir holds everything (one host).",
+    )
+    object_store_endpoint: str | None = Field(
+        None, description="The S3 endpoint for MinIO or another S3-compatible server (http://minio:9000); unset: AWS."
+    )
+    object_store_region: str | None = Field(None, description="The bucket's region; unset: boto3's (AWS_REGION).")
+    object_store_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Connect and read timeout of one object-store request."
+    )
+    object_cache_bytes: int = Field(
+        2 * 2**30, ge=0, description="Bound of this process's local cache of images read from the bucket."
+    )
+
+    @field_validator("object_store_url")
+    @classmethod
+    def _usable_object_store_url(cls, url: str | None) -> str | None:
+        if url:
+            from deeptarget.core.bucket_address import BucketAddress
+
+            BucketAddress.parse(url)  # raises ValueError with the reason
+        return url or None
+
+    @field_validator("object_store_endpoint")
+    @classmethod
+    def _usable_object_store_endpoint(cls, url: str | None) -> str | None:
+        if url and (problem := url_problem(url, ("http", "https"))):
+            raise ValueError(f"{problem} (in {without_password(url)})")
+        return url or None
+
     @field_validator("database_url")
     @classmethod
     def _usable_database_url(cls, url: SecretStr | None) -> SecretStr | None:

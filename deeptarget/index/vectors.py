@@ -255,6 +255,7 @@ class SnapshotStore:
         version = self.versions.current() if version is None else version
         if version is None:
             return None
+        self.versions.fetch(version, ".json")  # from the bucket, when this host has not got it yet
         meta = json.loads(self.versions.path(version, ".json").read_text())
         index = VectorIndex(
             int(meta["dim"]),

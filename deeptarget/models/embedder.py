@@ -141,11 +141,13 @@ class Embedder:
     def from_settings(cls, settings: Settings) -> Embedder:
         """The embedder the settings describe (workers, queries and training must agree on it)."""
         s = settings
+        _fetch_weights(s.weights)
         return cls(s.backbone, s.weights, s.weights_normalization, s.image_size, s.device, s.micro_batch)
 
     @classmethod
     def from_spec(cls, spec: EmbedderSpec, settings: Settings) -> Embedder:
         """The embedder a spec describes, on the settings' device."""
+        _fetch_weights(spec.weights)
         return cls(spec.backbone, spec.weights, spec.normalization, spec.image_size, settings.device,
                    settings.micro_batch)  # fmt: skip
 
@@ -236,3 +238,11 @@ class Embedder:
         if not out:
             return np.zeros((0, self.dim), np.float32)
         return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def _fetch_weights(weights: str | None) -> None:
+    """A weights file (a fine-tuned backbone) that lies in an attached data dir but not here comes from the bucket."""
+    if weights and Path(weights).suffix in (".pth", ".pt"):
+        from deeptarget.store.remote import fetch_missing
+
+        fetch_missing(Path(weights))

@@ -176,7 +176,7 @@ class HashtagModel:
         version = versions.current() if version is None else version
         if version is None:
             raise ModelNotReadyError(f"no hashtag model in {directory} yet: run the train task (deeptarget train)")
-        with np.load(versions.path(version), allow_pickle=False) as data:
+        with np.load(versions.fetch(version), allow_pickle=False) as data:
             return cls(
                 image_ids=data["image_ids"],
                 image_factors=data["image_factors"],

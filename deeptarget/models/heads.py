@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from deeptarget.core.errors import ConfigurationError, DeepTargetError
+from deeptarget.store.remote import mirror_of, publish_file
 from deeptarget.store.versioned import VersionedDir, atomic_write
 
 LOG = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class LinearHead:
                 metrics=np.array(json.dumps(self.metrics)),
             ),
         )
+        publish_file(path)  # in the bucket too (unpublished): ``publish_head`` on any host can then point at it
         return path
 
     @classmethod
@@ -108,10 +110,14 @@ def head_versions(heads_dir: Path, name: str) -> VersionedDir:
 
 
 def _head_folders(heads_dir: Path) -> list[Path]:
-    """The folders of ``heads_dir`` that may be heads (by their name), sorted."""
-    if not Path(heads_dir).is_dir():
-        return []
-    return sorted(p for p in Path(heads_dir).iterdir() if p.is_dir() and _HEAD_NAME_RE.fullmatch(p.name))
+    """The folders of ``heads_dir`` that may be heads (by their name), sorted; with a bucket, those it holds too."""
+    heads_dir = Path(heads_dir)
+    found = {p for p in heads_dir.iterdir() if p.is_dir()} if heads_dir.is_dir() else set()
+    mirror = mirror_of(heads_dir)
+    if mirror is not None:
+        names = mirror.bucket.names(mirror.prefix)
+        found |= {heads_dir / name[len(mirror.prefix) :].split("/")[0] for name in names}
+    return sorted(p for p in found if _HEAD_NAME_RE.fullmatch(p.name))
 
 
 def publish_head(heads_dir: Path, name: str, version: int) -> None:
@@ -180,4 +186,9 @@ def published_file(versions: VersionedDir) -> Path | None:
     if version is None:
         known = versions.versions()
         version = known[-1] if known else None
-    return None if version is None or not versions.path(version).is_file() else versions.path(version)
+    if version is None:
+        return None
+    try:
+        return versions.fetch(version)  # from the bucket, when this host has not got it yet
+    except FileNotFoundError:
+        return None if not versions.path(version).is_file() else versions.path(version)

@@ -24,6 +24,7 @@ from deeptarget.models.embedder import Embedder, EmbedderSpec
 from deeptarget.models.hashtags import HashtagModel
 from deeptarget.models.heads import head_names
 from deeptarget.store.metadata import Audience, MetadataStore, StoredPost
+from deeptarget.store.remote import attach
 from deeptarget.store.versioned import VersionedDir
 
 LOG = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ MAX_FILTERED_CANDIDATES = 20_000  # a filter that rejects nearly everything stop
 class QueryService:
     def __init__(self, settings: Settings, store: MetadataStore | None = None) -> None:
         self.settings = settings
+        attach(settings)  # the index and the models come from the bucket, when there is one
         self.store = store or MetadataStore(settings.metadata_database)
         self.snapshots = SnapshotReader(SnapshotStore(settings.index_dir), gpu=settings.device != "cpu")
         self._model_versions = VersionedDir(settings.hashtag_model_dir, ".npz")

@@ -143,7 +143,8 @@ class ImageDownloader:
                     raise ImageRejected("not_an_image", f"magic bytes {head[:8]!r}")
                 self._check_pixels(writer.path)
                 size = writer.size
-                return writer.commit(), size
+                # in a thread: the fsync, and with a bucket the upload, must not stall the other downloads
+                return await asyncio.to_thread(writer.commit), size
         except aiohttp.ClientConnectorDNSError as err:
             if isinstance(err.os_error, NotPublicAddress):  # refused at connect time: say nothing of the network
                 raise ImageRejected("not_allowed", "not an allowed host (no public address)") from None

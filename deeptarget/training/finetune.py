@@ -31,6 +31,7 @@ from deeptarget.core.settings import Settings
 from deeptarget.models.embedder import Embedder
 from deeptarget.models.heads import LinearHead, check_head_name, head_versions, publish_head
 from deeptarget.reports.html import report_folder
+from deeptarget.store.remote import publish_file
 from deeptarget.store.versioned import atomic_write
 from deeptarget.training.augment import ImageFiles, mixup, tta_views
 from deeptarget.training.datasets import load_labelled
@@ -297,6 +298,7 @@ def save_backbone(embedder: Embedder, backbone: torch.nn.Module, path: Path) -> 
     state.update({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda handle: torch.save(state, handle))
+    publish_file(path)  # other hosts' workers fetch it from the bucket (with object_store_url set)
     return path
 
 

@@ -115,8 +115,8 @@ def train_likability(
         publish_head(settings.heads_dir, "likability", version)
     result = LikabilityHead(head, metrics, len(train), len(test), data.outlier_posts, model_id)
 
-    blobs = BlobStore(settings.blob_dir)
-    paths = [blobs.path(data.blobs[i]) if data.blobs[i] else Path("/nonexistent") for i in test]
+    blobs = BlobStore.for_settings(settings)
+    paths = [_local_file(blobs, data.blobs[i]) for i in test]
     evaluation = Evaluation(CLASSES, data.labels[test], probabilities, paths, metrics, history=fit.history)
     summary = [
         f"Likability head v{version} on {model_id} embeddings from {settings.metadata_database_shown}: "
@@ -139,3 +139,13 @@ def train_likability(
     )
     result.report_path = page.write(report_folder(settings.reports_dir, f"head-likability-v{version}"))
     return result
+
+
+def _local_file(blobs: BlobStore, sha: str | None) -> Path:
+    """The image's file for the report's thumbnails (from the bucket when it is not here); a missing one draws none."""
+    if not sha:
+        return Path("/nonexistent")
+    try:
+        return blobs.file(sha)
+    except OSError:
+        return Path("/nonexistent")

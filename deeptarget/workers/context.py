@@ -16,6 +16,7 @@ from deeptarget.index.writer import IndexWriter
 from deeptarget.profiles.outliers import FollowerBoundsCache
 from deeptarget.store.blobs import BlobStore
 from deeptarget.store.metadata import MetadataStore
+from deeptarget.store.remote import attach
 from deeptarget.workers.deadletter import DeadLetters
 from deeptarget.workers.pipeline import InferencePipeline
 
@@ -28,6 +29,7 @@ LOG = logging.getLogger(__name__)
 class WorkerContext:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        attach(settings)  # images, snapshots, models and heads in the bucket, when there is one
         self.pid = os.getpid()
         self.upkeep: WriterUpkeep | None = None  # the index writer's loop, in the index queue's consumer
 
@@ -37,7 +39,7 @@ class WorkerContext:
 
     @cached_property
     def blobs(self) -> BlobStore:
-        return BlobStore(self.settings.blob_dir)
+        return BlobStore.for_settings(self.settings)
 
     @cached_property
     def redis(self) -> redis.Redis:
