@@ -148,6 +148,8 @@ def test_versions_published_on_one_host_are_followed_on_another(
         assert reader.current() == version and reader.stamp() == (version, 0)
         assert reader.fetch(version, ".json").read_bytes() == f"v{version}".encode()
         assert reader.path(version, ".json").exists()
+    kept = sorted(p.name for p in reader.root.iterdir())
+    assert kept == ["v000004.json", "v000004.npz"], "a reader keeps no old copy"
     assert VersionedDir(a.hashtag_model_dir, ".npz").next_version() == 5
     # a third host with an empty data dir numbers on from the bucket's versions, never over them
     assert reader.next_version() == 5

@@ -37,6 +37,8 @@ from deeptarget.api.models import (
 from deeptarget.core import keys
 from deeptarget.core.settings import Settings
 from deeptarget.query.service import QueryService
+from deeptarget.store.blobs import StorageUnavailable
+from deeptarget.store.remote import attach
 
 CHECK_TIMEOUT_S = 2.0
 T = TypeVar("T")
@@ -72,6 +74,12 @@ async def _database(service: QueryService) -> tuple[CheckBody, BacklogBody]:
 
 
 def _blobs(settings: Settings) -> BlobsBody:
+    bucket = attach(settings)
+    if bucket is not None:  # the images live there; the data dir is this process's cache
+        try:
+            bucket.probe()
+        except StorageUnavailable as err:
+            return BlobsBody(ok=False, error=f"bucket unreachable: {err.strerror}")
     root = settings.blob_dir if settings.blob_dir.exists() else settings.blob_dir.parent  # no image stored yet
     if not root.is_dir():
         return BlobsBody(ok=False, error="missing")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from deeptarget.core.errors import ConfigurationError, DeepTargetError
+from deeptarget.store.blobs import StorageUnavailable
 from deeptarget.store.remote import mirror_of, publish_file
 from deeptarget.store.versioned import VersionedDir, atomic_write
 
@@ -144,8 +145,19 @@ class HeadSet:
         self.refresh()
 
     def refresh(self) -> None:
-        for folder in _head_folders(self.heads_dir):
-            path = published_file(head_versions(self.heads_dir, folder.name))
+        """Load heads published since the last refresh. While the bucket (if any) is away, keep the ones loaded:
+        the batch needs the bucket for its images anyway, and a head must not vanish for an outage."""
+        try:
+            folders = _head_folders(self.heads_dir)
+        except StorageUnavailable as err:
+            LOG.warning("heads not refreshed (%s): keeping %s", err, sorted(self.heads))
+            return
+        for folder in folders:
+            try:
+                path = published_file(head_versions(self.heads_dir, folder.name))
+            except StorageUnavailable as err:
+                LOG.warning("head %s not refreshed (%s)", folder.name, err)
+                continue
             if path is None:
                 continue
             stamp = (path.name, path.stat().st_mtime)

@@ -132,11 +132,32 @@ class VersionedDir:
         Local only: nothing to do. Mirrored: each missing file is downloaded whole (``FileNotFoundError`` when the
         bucket has none: pruned, or never published)."""
         if self.mirror is not None:
+            fetched = False
             for suffix in (self.suffix, *suffixes):
                 path = self.path(version, suffix)
                 if not path.is_file():
                     self.mirror.bucket.get_file(self.mirror.name(path.name), path)
+                    fetched = True
+            if fetched:
+                self._drop_local_copies(keep=version)
         return self.path(version)
+
+    def _drop_local_copies(self, keep: int) -> None:
+        """A reader's copies of versions older than the one it just fetched go (every reader loads a version whole
+        into memory, so the files are not in use); without this an API replica's disk fills with old snapshots.
+        The writer's own files stay: ``prune`` keeps its last versions."""
+        for path in self.root.glob("v*"):
+            m = _VERSION_RE.match(path.name)
+            if m and int(m.group(1)) < keep and not self._written_here(int(m.group(1))):
+                path.unlink(missing_ok=True)
+
+    def _written_here(self, version: int) -> bool:
+        """Whether this host published the version (its local CURRENT names it or a newer one it wrote)."""
+        try:
+            local = _version((self.root / POINTER).read_bytes())
+        except FileNotFoundError:
+            return False
+        return local is not None and version >= local
 
     def publish(self, version: int) -> None:
         """Point ``CURRENT`` at ``version``. Mirrored, its files here are uploaded first; a version this host has
