@@ -9,6 +9,7 @@ Redis, a real store (SQLite, and PostgreSQL for a database that goes away), a re
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import redis
 
 from deeptarget import jobs
 from deeptarget.api.app import create_app
+from deeptarget.core import keys
 from deeptarget.core.records import Post, Prediction
 from deeptarget.core.settings import Settings
 from deeptarget.index.writer import IndexWriter
@@ -183,3 +185,24 @@ def test_compose_checks_readiness_and_gives_workers_a_stop_grace_under_the_visib
     for name in ("worker", "index-writer"):
         grace = services[name]["stop_grace_period"]
         assert grace.endswith("s") and 10 < int(grace[:-1]) <= timeout, (name, grace)
+
+
+def test_a_second_index_writer_on_another_host_is_reported(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a bucket each host has its own data dir, so the directory's lock cannot see a writer elsewhere; the
+    heartbeat in Redis can."""
+    settings = make_settings(tmp_path / "data", redis_url, health_writer_stale_s=30.0)
+    store = MetadataStore(settings.metadata_database)
+    _, upkeep = _upkeep(settings, store, redis_client)
+    upkeep.heartbeat()
+    upkeep.heartbeat()
+    assert "another index writer" not in caplog.text, "its own heartbeat is no rival"
+    elsewhere = {"at": time.time(), "pid": 4242, "host": "gpu-host-2"}
+    redis_client.set(keys.index_writer_key, json.dumps(elsewhere))
+    upkeep.heartbeat()
+    assert "another index writer is alive (pid 4242 on gpu-host-2)" in caplog.text
+    redis_client.set(keys.index_writer_key, json.dumps({**elsewhere, "at": time.time() - 3600}))
+    caplog.clear()
+    _upkeep(settings, store, redis_client)[1].heartbeat()
+    assert "another index writer" not in caplog.text, "a stale heartbeat is a dead writer's"

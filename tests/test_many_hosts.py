@@ -120,12 +120,13 @@ def test_five_processes_on_private_data_dirs_share_only_redis_postgres_and_a_buc
             start_worker(infer_host, [jobs.infer_queue, jobs.profiles_queue], "infer"),
         ]
         apis = {name: spawn(s, logs / f"{name}.log", "serve") for name, s in replicas.items()}
-        scraper = spawn(scraper_host, logs / "scraper.log", "scrape", "--forever", "--interval", "1")
-        processes.extend([*apis.values(), scraper])
-        alive = [*workers, *apis.values(), scraper]
+        processes.extend(apis.values())
         for name, settings in replicas.items():
             wait_until(lambda s=settings: http_status(f"http://127.0.0.1:{s.api_port}/readyz") in (200, 503),
-                       f"{name} to listen", alive, 90, logs)  # fmt: skip
+                       f"{name} to listen", [*workers, *apis.values()], 90, logs)  # fmt: skip
+        scraper = spawn(scraper_host, logs / "scraper.log", "scrape", "--forever", "--interval", "1")
+        processes.append(scraper)
+        alive = [*workers, *apis.values(), scraper]
 
         client = redis.Redis.from_url(own_redis.url)
         wait_until(lambda: client.scard(keys.seen_posts_key) >= 10, "ten posts crawled", alive, 180, logs)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,11 +83,27 @@ class Bucket:
             # path-style addressing works for MinIO and moto without DNS per bucket, and for AWS too
             s3={"addressing_style": "path"} if endpoint_url else None,
         )
-        # A session of its own: boto3's default session is not thread-safe to create clients from.
-        self._client: S3Client = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url, region_name=region, config=config
-        )
+        self._region = region
+        self._config = config
+        self._clients: dict[int, S3Client] = {}
+        self._clients_lock = threading.Lock()
         self._transfer = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
+
+    @property
+    def _client(self) -> S3Client:
+        """This process's client: one made before a fork (a worker's pool) would share its connections with the
+        parent's, so each process makes its own. Sessions are not thread-safe to make clients from: a lock."""
+        pid = os.getpid()
+        client = self._clients.get(pid)
+        if client is None:
+            with self._clients_lock:
+                client = self._clients.get(pid)
+                if client is None:
+                    client = boto3.session.Session().client(
+                        "s3", endpoint_url=self.endpoint_url, region_name=self._region, config=self._config
+                    )
+                    self._clients = {pid: client}
+        return client
 
     def key(self, name: str) -> str:
         return self.address.prefix + name

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import redis
 from prometheus_client import Counter
 
 from deeptarget.core import keys
+from deeptarget.core.replies import at_once
 from deeptarget.core.settings import Settings
 from deeptarget.index.writer import IndexWriter
 from deeptarget.store.metadata import EmbeddingRows, MetadataStore
@@ -59,6 +61,7 @@ class WriterUpkeep:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing: dict[str, str] = {}  # step -> the error it has failed with since the last success
+        self._rival_reported = False  # another writer's heartbeat seen (said once)
 
     def start(self) -> WriterUpkeep:
         if self._thread is None or not self._thread.is_alive():
@@ -86,9 +89,27 @@ class WriterUpkeep:
         return changed
 
     def heartbeat(self) -> None:
-        beat = {"at": time.time(), "pid": os.getpid(), **self.writer.status()}
+        beat = {"at": time.time(), "pid": os.getpid(), "host": socket.gethostname(), **self.writer.status()}
+        self._check_alone(at_once(self.client.get(keys.index_writer_key)), beat)
         ttl = max(1, int(3 * self.settings.health_writer_stale_s))
         self.client.set(keys.index_writer_key, json.dumps(beat), ex=ttl)
+
+    def _check_alone(self, previous: bytes | None, beat: dict[str, object]) -> None:
+        """Say so when another writer's fresh heartbeat is there: the data dir's lock only keeps out writers on the
+        same disk, and with a bucket each host has its own (two writers publish over each other's snapshots)."""
+        try:
+            other = json.loads(previous) if previous else None
+        except ValueError:
+            return
+        if not isinstance(other, dict) or (other.get("host"), other.get("pid")) == (beat["host"], beat["pid"]):
+            return
+        at = other.get("at")
+        fresh = isinstance(at, int | float) and time.time() - at < self.settings.health_writer_stale_s
+        if fresh and not self._rival_reported:
+            self._rival_reported = True
+            LOG.error("another index writer is alive (pid %s on %s): two writers publish over each other's "
+                      "snapshots; the index queue needs exactly one consumer", other.get("pid"),
+                      other.get("host"))  # fmt: skip
 
     def catch_up(self) -> int:
         changed = self.writer.catch_up(self.settings.index_catch_up_after_s, before_add=self._profiles_of)
