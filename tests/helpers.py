@@ -256,7 +256,8 @@ def served(data_dir: Path, redis_url: str, **overrides: object) -> Iterator[int]
 COMPOSE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message} (compose's interpolation syntax)
 VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<rest>[^}]*))?\}")
-SECRET_ENV = {"DEEPTARGET_API_KEY": "a" * 32, "REDIS_PASSWORD": "b" * 64, "POSTGRES_PASSWORD": "c" * 64}
+SECRET_ENV = {"DEEPTARGET_API_KEY": "a" * 32, "REDIS_PASSWORD": "b" * 64, "POSTGRES_PASSWORD": "c" * 64,
+              "MINIO_ROOT_PASSWORD": "d" * 64, "GRAFANA_ADMIN_PASSWORD": "e" * 32}  # fmt: skip
 
 
 class MissingVariable(KeyError):
@@ -279,6 +280,17 @@ def interpolate(text: str, env: dict[str, str]) -> str:
 
 
 def compose(env: dict[str, str]) -> dict[str, Any]:
-    """docker-compose.yml with ``env`` substituted, as a dict."""
-    loaded: dict[str, Any] = yaml.safe_load(interpolate(COMPOSE.read_text(), env))
+    """docker-compose.yml as compose reads it: parsed (anchors and merges resolved), then ``env`` substituted in
+    every string (substituting in the text first would parse a default like ``["a"]`` as a list, not a string)."""
+
+    def substituted(value: Any) -> Any:
+        if isinstance(value, str):
+            return interpolate(value, env)
+        if isinstance(value, list):
+            return [substituted(item) for item in value]
+        if isinstance(value, dict):
+            return {key: substituted(item) for key, item in value.items()}
+        return value
+
+    loaded: dict[str, Any] = substituted(yaml.safe_load(COMPOSE.read_text()))
     return loaded

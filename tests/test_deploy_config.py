@@ -23,7 +23,7 @@ from deeptarget.runtime.embedded_redis import free_port, redis_server_binary
 from tests.helpers import COMPOSE, SECRET_ENV, VARIABLE, MissingVariable, compose
 
 ROOT = Path(__file__).resolve().parents[1]
-SECRETS = ("DEEPTARGET_API_KEY", "REDIS_PASSWORD", "POSTGRES_PASSWORD")
+SECRETS = ("DEEPTARGET_API_KEY", "REDIS_PASSWORD", "POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
 
 
 def test_no_secret_has_a_default_and_each_is_demanded() -> None:
@@ -40,10 +40,10 @@ def test_no_secret_has_a_default_and_each_is_demanded() -> None:
     assert compose(SECRET_ENV)["services"]
 
 
-def test_only_the_api_publishes_a_port_and_on_loopback_by_default() -> None:
+def test_only_the_api_and_grafana_publish_a_port_and_on_loopback_by_default() -> None:
     services = compose(SECRET_ENV)["services"]
     published = {name: service["ports"] for name, service in services.items() if service.get("ports")}
-    assert published == {"api": ["127.0.0.1:8800:8800"]}
+    assert published == {"api": ["127.0.0.1:8800:8800"], "grafana": ["127.0.0.1:3000:3000"]}
     operator_choice = compose({**SECRET_ENV, "DEEPTARGET_API_BIND": "0.0.0.0"})["services"]["api"]["ports"]
     assert operator_choice == ["0.0.0.0:8800:8800"]
 
@@ -65,7 +65,11 @@ def test_images_are_pinned_to_a_patch_release() -> None:
     assert base is not None
     for image in [*images, base[1]]:
         # PostgreSQL numbers its patch releases major.minor (16.6); the others major.minor.patch
-        release = r"\d+\.\d+" if image.startswith("postgres:") else r"\d+\.\d+\.\d+"
+        # PostgreSQL numbers its patch releases major.minor (16.6), MinIO by date (RELEASE.2024-12-18T13-15-44Z),
+        # Prometheus with a v (v3.1.0); the others major.minor.patch
+        release = r"\d+\.\d+" if image.startswith("postgres:") else r"v?\d+\.\d+\.\d+"
+        if "/minio/" in image:
+            release = r"RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ"
         assert re.fullmatch(rf"[\w./-]+:{release}(-[\w.-]+)?(@sha256:[0-9a-f]{{64}})?", image), image
 
 

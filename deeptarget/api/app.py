@@ -32,6 +32,7 @@ import hmac
 import logging
 import math
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -94,6 +95,11 @@ EXPLAIN_KEY = web.AppKey("explain", ExplainService)
 
 REQUESTS = prometheus_client.Histogram(
     "deeptarget_api_request_seconds", "API latency by route and status", ["route", "status"]
+)
+INDEX_VECTORS = prometheus_client.Gauge("deeptarget_index_vectors", "Vectors in the index snapshot this API serves")
+INDEX_VERSION = prometheus_client.Gauge("deeptarget_index_version", "Version of the index snapshot this API serves")
+INDEX_AGE = prometheus_client.Gauge(
+    "deeptarget_index_age_seconds", "Age of the index snapshot this API serves (since the writer published it)"
 )
 MAX_K = 1000
 MAX_MIN_POSTS = 1_000_000
@@ -506,6 +512,12 @@ async def livez(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    index = request.app[SERVICE_KEY].snapshots.get()  # what this replica serves, as of this scrape
+    if index is not None:
+        INDEX_VECTORS.set(index.ntotal)
+        INDEX_VERSION.set(index.version or 0)
+        if index.created is not None:
+            INDEX_AGE.set(max(0.0, time.time() - index.created))
     return web.Response(body=prometheus_client.generate_latest(), content_type="text/plain")
 
 

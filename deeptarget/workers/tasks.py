@@ -56,6 +56,7 @@ LOG = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 POSTS = Counter("deeptarget_worker_posts_total", "Posts through the infer task, by outcome", ["outcome"])
+REJECTIONS = Counter("deeptarget_worker_rejections_total", "Posts the infer task rejected, by reason", ["reason"])
 
 RETRIES = Counter("deeptarget_worker_task_retries_total", "Task retries after transient failures", ["task"])
 DEAD = Counter("deeptarget_worker_dead_letters_total", "Tasks that failed for good", ["task"])
@@ -207,6 +208,9 @@ def infer(self: Task, refs: list[dict[str, Any]]) -> dict[str, int]:
     rejected = len(results) - len(embedded)
     POSTS.labels("embedded").inc(len(embedded))
     POSTS.labels("rejected").inc(rejected)
+    for result in results:
+        if result.embedding is None:  # the reason's kind only: a bounded label set (the detail stays in the store)
+            REJECTIONS.labels(str(result.prediction.reason or "unknown").split(":")[0][:40]).inc()
     _send_follow_ups(self.app, embedded, recorded.owners)
     LOG.info("infer: %d embedded, %d rejected", len(embedded), rejected)
     return {"embedded": len(embedded), "rejected": rejected, "refused": len(recorded.refused)}
