@@ -51,8 +51,6 @@ from tests.postgres import LocalPostgres
 BATCH = 16  # posts per infer task
 DIM = 1280
 USERS = 500
-CHUNK = 64 * 1024  # the scraper's write size: one chunk of the HTTP body at a time
-IMAGE_BYTES = (60_000, 200_000)
 
 
 def results(start: int, n: int) -> list[InferResult]:
