@@ -103,6 +103,7 @@ class Relay:
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self.delay_s = 0.0  # held before each chunk goes on: a slow server (or network), not a dead one
 
     def start(self) -> Relay:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -150,6 +151,8 @@ class Relay:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                if self.delay_s:
+                    time.sleep(self.delay_s)
                 sink.sendall(data)
         except OSError:
             pass
@@ -185,6 +188,15 @@ class TestBucket:
 
     def objects(self, prefix: str = "") -> list[str]:
         return self.server.objects(self.name, prefix)
+
+    @contextlib.contextmanager
+    def slow(self, delay_s: float) -> Iterator[None]:
+        """Every chunk through the relay held ``delay_s`` for the body of the ``with``."""
+        self.relay.delay_s = delay_s
+        try:
+            yield
+        finally:
+            self.relay.delay_s = 0.0
 
     @contextlib.contextmanager
     def away(self) -> Iterator[None]:

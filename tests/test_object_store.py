@@ -26,7 +26,7 @@ from tests.objectstore import TestBucket
 
 def host(tmp_path: Path, bucket: TestBucket, name: str, **overrides: object) -> Settings:
     """The settings of one host: a private data dir of its own, the shared bucket."""
-    settings = make_settings(tmp_path / name, **bucket.settings, **overrides)  # type: ignore[arg-type]
+    settings = make_settings(tmp_path / name, **{**bucket.settings, **overrides})  # type: ignore[arg-type]
     attach(settings)
     return settings
 
@@ -73,6 +73,23 @@ def test_an_unreachable_bucket_is_an_outage_for_every_operation_and_passes(bucke
     assert time.monotonic() - started < 30, "an outage must fail fast (timeouts), not hang"
     store.probe()
     assert store.get_bytes("k") == b"v"
+
+
+def test_a_bucket_slower_than_the_timeout_is_an_outage_not_a_hang(bucket: TestBucket, tmp_path: Path) -> None:
+    store = attach(host(tmp_path, bucket, "a", object_store_timeout_s=0.5))
+    assert store is not None
+    store.put_bytes("k", b"v")
+    blobs = BlobStore.for_settings(host(tmp_path, bucket, "b", object_store_timeout_s=0.5))
+    sha = BlobStore.for_settings(host(tmp_path, bucket, "c")).put(b"image")
+    started = time.monotonic()
+    with bucket.slow(1.5):
+        with pytest.raises(StorageUnavailable):
+            store.get_bytes("k")
+        with pytest.raises(StorageUnavailable):
+            blobs.get(sha)  # what the worker's pipeline turns into a retry (BlobStoreUnavailable), never a rejection
+    assert time.monotonic() - started < 30, "bounded by timeout x attempts"
+    assert not blobs.path(sha).exists(), "no partial image in the cache"
+    assert blobs.get(sha) == b"image"
 
 
 def test_settings_refuse_a_bucket_url_with_credentials_without_echoing_them(tmp_path: Path) -> None:
