@@ -55,10 +55,24 @@ def exported_metrics() -> set[str]:
 
 def test_the_compose_file_follows_the_compose_specification() -> None:
     schema = json.loads(SCHEMA.read_text())
-    validator = jsonschema.Draft201909Validator(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft-07/schema"
+    validator = jsonschema.Draft7Validator(schema)  # as the schema declares; no format checker: formats not checked
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in validator.iter_errors(
         compose(SECRET_ENV))]  # fmt: skip
     assert not errors, "\n".join(errors)
+    # the schema has teeth: a misspelt key and an unknown depends_on condition are refused
+    config = compose(SECRET_ENV)
+    config["services"]["api"]["healthcheck"]["intervall"] = "5s"
+    config["services"]["worker"]["depends_on"]["bucket"]["condition"] = "service_done"
+    assert len(list(validator.iter_errors(config))) == 2
+
+
+def test_no_secret_is_on_a_command_line() -> None:
+    """A container's command line is in ``ps`` for every user of the host; its environment is not."""
+    for name, service in compose(SECRET_ENV)["services"].items():
+        line = " ".join(str(word) for key in ("command", "entrypoint") for word in service.get(key) or [])
+        for secret, value in SECRET_ENV.items():
+            assert value not in line, f"{name} has {secret} on its command line"
 
 
 def test_no_volume_is_shared_between_services_and_the_bucket_is_everyones() -> None:
