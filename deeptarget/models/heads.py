@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,16 +138,24 @@ def head_names(heads_dir: Path) -> list[str]:
 class HeadSet:
     """The published version of every head in ``heads_dir`` that fits the embedder ``model_id``."""
 
-    def __init__(self, heads_dir: Path, model_id: str) -> None:
+    def __init__(self, heads_dir: Path, model_id: str, *, bucket_poll_s: float = 1.0) -> None:
         self.heads_dir = Path(heads_dir)
         self.model_id = model_id
         self.heads: dict[str, LinearHead] = {}
         self._seen: dict[str, tuple[str, float]] = {}
+        # With a bucket a refresh costs requests (a LIST, a GET per head): at most one every bucket_poll_s, however
+        # many batches run. A local refresh is a few stats, done every time.
+        self._poll_s = bucket_poll_s if mirror_of(self.heads_dir) is not None else 0.0
+        self._refreshed = float("-inf")
         self.refresh()
 
     def refresh(self) -> None:
         """Load heads published since the last refresh. While the bucket (if any) is away, keep the ones loaded:
         the batch needs the bucket for its images anyway, and a head must not vanish for an outage."""
+        now = time.monotonic()
+        if now - self._refreshed < self._poll_s:
+            return
+        self._refreshed = now
         try:
             folders = _head_folders(self.heads_dir)
         except StorageUnavailable as err:
