@@ -133,6 +133,17 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
 
 
 @pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes the test starts itself (scraper, API); whatever is still running at the end is killed."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     """A redis-server of the test's own (AOF on), to kill (``stop(kill=True)``) and start again on the same port and
     data (``start()``). Requested before ``start_worker``, so that the workers are stopped before it is."""

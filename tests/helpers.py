@@ -217,6 +217,14 @@ def assert_no_dead_letters(client: redis.Redis, settings: Settings) -> None:
     assert not settings.deadletter_path.exists(), settings.deadletter_path.read_text()
 
 
+def spawn_cli(settings: Settings, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``python -m deeptarget <args>`` in a session of its own (``kill_9`` takes its children too), configured by
+    ``settings``, its output in a file (a pipe nobody reads would stall it)."""
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "deeptarget", *args], env={**os.environ, **settings.to_env()},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
 # -- a real ``deeptarget serve`` process --------------------------------------------------------------------------
 
 KEY = secrets.token_urlsafe(24)  # the API key of every ``served`` process

@@ -8,13 +8,11 @@ The run's time is printed (``pytest -s``)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -31,29 +29,13 @@ from deeptarget.sandbox import SandboxNetwork
 from deeptarget.store.remote import attach, detach
 from tests.conftest import WorkerFactory, make_settings
 from tests.faults import http_status, kill_9, sandbox_in_thread
-from tests.helpers import FAST_RECOVERY, everything, queues_quiet
+from tests.helpers import FAST_RECOVERY, everything, queues_quiet, spawn_cli
 from tests.objectstore import TestBucket
 from tests.postgres import LocalPostgres
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 OUTAGE_S = 6.0
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def spawn(settings: Settings, log: Path, *args: str) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "deeptarget", *args], env={**os.environ, **settings.to_env()},
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
 
 def wait_until(condition: Callable[[], object], what: str, alive: list[subprocess.Popen[bytes]], timeout_s: float,
@@ -119,12 +101,12 @@ def test_five_processes_on_private_data_dirs_share_only_redis_postgres_and_a_buc
             start_worker(writer_host, [jobs.index_queue], "index", pool="solo"),
             start_worker(infer_host, [jobs.infer_queue, jobs.profiles_queue], "infer"),
         ]
-        apis = {name: spawn(s, logs / f"{name}.log", "serve") for name, s in replicas.items()}
+        apis = {name: spawn_cli(s, logs / f"{name}.log", "serve") for name, s in replicas.items()}
         processes.extend(apis.values())
         for name, settings in replicas.items():
             wait_until(lambda s=settings: http_status(f"http://127.0.0.1:{s.api_port}/readyz") in (200, 503),
                        f"{name} to listen", [*workers, *apis.values()], 90, logs)  # fmt: skip
-        scraper = spawn(scraper_host, logs / "scraper.log", "scrape", "--forever", "--interval", "1")
+        scraper = spawn_cli(scraper_host, logs / "scraper.log", "scrape", "--forever", "--interval", "1")
         processes.append(scraper)
         alive = [*workers, *apis.values(), scraper]
 
@@ -136,7 +118,7 @@ def test_five_processes_on_private_data_dirs_share_only_redis_postgres_and_a_buc
             time.sleep(OUTAGE_S)
         kill_9(apis["replica-1"])  # one replica dies mid-run and comes back on an empty disk
         replicas["replica-1"] = host("replica-1-again", api_port=free_port())
-        apis["replica-1"] = spawn(replicas["replica-1"], logs / "replica-1-again.log", "serve")
+        apis["replica-1"] = spawn_cli(replicas["replica-1"], logs / "replica-1-again.log", "serve")
         processes.append(apis["replica-1"])
         alive = [*workers, *apis.values(), scraper]
 

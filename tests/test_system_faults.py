@@ -7,13 +7,11 @@ SIGTERM. The recovery time (Redis back -> everything indexed) is printed (``pyte
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,31 +26,21 @@ from deeptarget.runtime.embedded_redis import EmbeddedRedis
 from deeptarget.sandbox import SandboxNetwork
 from tests.conftest import WorkerFactory, make_settings
 from tests.faults import http_status, sandbox_in_thread, snapshot_total
-from tests.helpers import AVAILABLE_AGAIN, FAST_RECOVERY, UNAVAILABLE, assert_no_dead_letters, everything, queues_quiet
+from tests.helpers import (
+    AVAILABLE_AGAIN,
+    FAST_RECOVERY,
+    UNAVAILABLE,
+    assert_no_dead_letters,
+    everything,
+    queues_quiet,
+    spawn_cli,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 OUTAGE_S = 60.0  # the issue's long outage; twelve claim TTLs: every claim and heartbeat lapses while Redis is away
 RECOVERY_DEADLINE_S = 90.0
 GRACE_S = 30.0  # what each process gets to stop after SIGTERM
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes the test starts itself (scraper, API); whatever is still running at the end is killed."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def spawn(settings: Settings, log: Path, *args: str) -> subprocess.Popen[bytes]:
-    """``python -m deeptarget <args>``, its output in a file (a pipe nobody reads would stall it)."""
-    with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "deeptarget", *args], env={**os.environ, **settings.to_env()},
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
 
 def rows(settings: Settings) -> dict[str, tuple[str, str | None, int]]:
@@ -112,9 +100,9 @@ def test_redis_killed_and_away_60_s_under_a_whole_deployment_every_post_is_index
             start_worker(settings, [jobs.infer_queue, jobs.profiles_queue], "infer"),
         ]
         api_log = tmp_path / "api.log"
-        api = spawn(settings, api_log, "serve")
-        beat = spawn(settings, tmp_path / "beat.log", "beat")
-        scraper = spawn(settings, tmp_path / "scraper.log", "scrape", "--forever", "--interval", "1")
+        api = spawn_cli(settings, api_log, "serve")
+        beat = spawn_cli(settings, tmp_path / "beat.log", "beat")
+        scraper = spawn_cli(settings, tmp_path / "scraper.log", "scrape", "--forever", "--interval", "1")
         processes.extend([api, beat, scraper])
         named = {"index writer": workers[0], "infer worker": workers[1], "api": api, "beat": beat, "scraper": scraper}
         everyone = list(named.values())
