@@ -118,7 +118,10 @@ def follow(reader: SnapshotReader, stream: Stream, queries: np.ndarray) -> tuple
             flushed = True
             with stream.lock:
                 stream.store.save(stream.index)
-            pending = {v: t for v, t in pending.items() if v in stream.index}  # removed since: never visible
+            gone = [v for v in stream.added_at if v not in stream.index]  # removed since their add: never visible
+            for vector_id in gone:
+                stream.added_at.pop(vector_id, None)
+            pending = {v: t for v, t in pending.items() if v in stream.index}
         if index is not None:
             q = time.perf_counter()
             index.search(queries[i % len(queries)][None], 10)

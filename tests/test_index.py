@@ -135,3 +135,32 @@ def test_deleted_posts_leave_the_index_even_across_a_crash(tmp_path: Path) -> No
     store.record_results([(Post(id="p1"), None, Prediction(post_id="p1", status="embedded", model_id=MODEL),
                            unit(np.random.default_rng(9), 1)[0])])  # fmt: skip
     assert store.post("p1").status == "deleted" and store.embeddings(["p1"]).post_ids == []
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_readers_map_snapshots_and_serve_them_after_a_prune_deletes_the_file(tmp_path: Path, kind: str) -> None:
+    """A reader maps the snapshot (no copy of its own, no second copy while it moves to the next): it answers as
+    the writer's index does, gives back stored vectors, refuses changes, and keeps serving when the writer prunes
+    the file away under it."""
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(3000, dtype=np.int64) * 11 + 5
+    index = VectorIndex.empty(16, "m") if kind == "flat" else VectorIndex.trained_ivf(16, "m", vectors, 16)
+    index.upsert(ids, vectors)
+    index.nprobe = 4
+    store = SnapshotStore(tmp_path / "index", keep=1)
+    store.save(index)
+    reader = SnapshotReader(SnapshotStore(tmp_path / "index"), check_interval_s=0)
+    served = reader.get()
+    assert served is not None and served.kind == kind and served.nprobe == index.nprobe
+    for want, got in zip(index.search(vectors[:20], 5), served.search(vectors[:20], 5), strict=True):
+        np.testing.assert_array_equal(want, got)
+    np.testing.assert_array_equal(served.reconstruct(int(ids[7])), vectors[7])
+    with pytest.raises(RuntimeError):
+        served.upsert(np.array([1], np.int64), vectors[:1])  # read-only: only the writer changes an index
+    first = served
+    store.save(index)  # keep=1: the served version's files are deleted
+    assert not list((tmp_path / "index").glob("v000001*"))
+    np.testing.assert_array_equal(first.search(vectors[:3], 3)[1], index.search(vectors[:3], 3)[1])
+    assert reader.get() is not first and reader.get().version == 2  # type: ignore[union-attr]

@@ -53,6 +53,7 @@ class VectorIndex:
     trained_on: int = 0  # how many vectors the index held when an IVF was built (0: flat)
     created: float | None = None  # when its snapshot was written (time.time()); None: not from a snapshot
     version: int | None = None  # the snapshot's version
+    read_only: bool = False  # a mapped snapshot (a reader's): FAISS aborts the process on a change to one, so refuse
     _gpu: Any = field(default=None, repr=False)  # a read-only GPU copy for searches (see on_gpu)
     _gpu_resources: Any = field(default=None, repr=False)
     _gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -111,6 +112,7 @@ class VectorIndex:
 
     def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors under ids; an id already present is replaced, never duplicated."""
+        self._check_writable()
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -130,6 +132,7 @@ class VectorIndex:
         ``remove_ids`` walks the whole index whatever it is given, so only ids that are present are passed to it: the
         common upsert of new posts then costs nothing here, whatever the index size.
         """
+        self._check_writable()
         present = [int(i) for i in ids if int(i) in self] if self.ntotal else []
         if not present:
             return 0
@@ -137,6 +140,10 @@ class VectorIndex:
         # IVF's hash-table direct map removes an array of ids directly (O(m)); the flat index scans, with a hash set.
         selector = faiss.IDSelectorBatch(wanted) if self.kind == "flat" else faiss.IDSelectorArray(wanted)
         return int(self.index.remove_ids(selector))
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise RuntimeError("a mapped index snapshot is read-only: only the index writer changes the index")
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each (n, k); missing neighbours have id -1."""
@@ -251,20 +258,28 @@ class SnapshotStore:
                         swept, freed / 1e6, self.versions.root)  # fmt: skip
         return swept
 
-    def load(self, version: int | None = None) -> VectorIndex | None:
+    def load(self, version: int | None = None, *, mapped: bool = False) -> VectorIndex | None:
+        """The published (or given) version. ``mapped``: memory-mapped read-only (``IO_FLAG_MMAP``), for readers: the
+        vectors' pages come from the page cache that every reader on the host shares, and a reader that moves to a
+        new version never holds two copies of them in its own memory. An IVF snapshot maps in about a millisecond
+        (measured at 20k x 64-d); an exact one still rebuilds its id map (IndexIDMap2's reverse map) as it loads.
+        Such an index can be searched and reconstructed but not changed. The file may be deleted meanwhile (a
+        prune): on Linux the mapping stays valid until it is dropped."""
         version = self.versions.current() if version is None else version
         if version is None:
             return None
         self.versions.fetch(version, ".json")  # from the bucket, when this host has not got it yet
         meta = json.loads(self.versions.path(version, ".json").read_text())
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0
         index = VectorIndex(
             int(meta["dim"]),
             str(meta["model_id"]),
-            faiss.read_index(str(self.versions.path(version))),
+            faiss.read_index(str(self.versions.path(version)), flags),
             int(meta["seq"]),
             int(meta.get("trained_on", 0)),
             float(meta["created"]) if "created" in meta else None,
             version,
+            read_only=mapped,
         )
         index.nprobe = int(meta.get("nprobe", 0))
         return index
@@ -286,8 +301,8 @@ def _alive(pid: int) -> bool:
 class SnapshotReader:
     """The newest published snapshot for readers (API, CLI); reloads when a new version is published.
 
-    Checking costs one stat of CURRENT (5 us here), at most every ``check_interval_s``; loading a new version costs
-    reading it (30 ms at 10k x 1280-d), in the query that finds it.
+    Checking costs one stat of CURRENT (5 us here), at most every ``check_interval_s``; loading a new version maps it
+    (``SnapshotStore.load(mapped=True)``), in the query that finds it.
     """
 
     def __init__(self, store: SnapshotStore, check_interval_s: float = 0.1, gpu: bool = False) -> None:
@@ -308,7 +323,7 @@ class SnapshotReader:
             stamp = self.store.versions.stamp()
             if stamp != self._stamp:
                 try:
-                    loaded = self.store.load()
+                    loaded = self.store.load(mapped=True)
                 except (OSError, RuntimeError) as err:  # pruned while read (faiss raises RuntimeError): next check
                     LOG.warning("reader could not load index v%s (%s); still serving the one it has",
                                 self.store.versions.current(), err)  # fmt: skip
