@@ -204,14 +204,21 @@ def blob_table(args: argparse.Namespace, console: Console) -> None:
     finally:
         if server is not None:
             server.stop()
-    table = Table(title=f"blob store, {len(images)} JPEGs of {mean_kb:.0f} KB: images/s (MB/s)")
-    for column in ("operation", "local folder", "bucket", "bucket / local"):
-        table.add_column(column, justify="left" if column == "operation" else "right")
     mb = mean_kb / 1024
-    for name_, value in local.items():
-        table.add_row(name_, f"{value:,.0f} ({value * mb:,.0f})", f"{remote[name_]:,.0f} ({remote[name_] * mb:,.0f})",
-                      f"{remote[name_] / value:.3f}")  # fmt: skip
-    console.print(table)
+    console.print(comparison(f"blob store, {len(images)} JPEGs of {mean_kb:.0f} KB: images/s (MB/s)",
+                             ("local folder", "bucket"), local, remote,
+                             lambda v: f"{v:,.0f} ({v * mb:,.0f})", ratio_digits=3))  # fmt: skip
+
+
+def comparison(title: str, sides: tuple[str, str], base: dict[str, float], other: dict[str, float],
+               shown: Callable[[float], str], ratio_digits: int = 2) -> Table:  # fmt: skip
+    """One row per operation: its value on each side and ``other / base``."""
+    table = Table(title=title)
+    for column in ("operation", *sides, f"{sides[1]} / {sides[0]}"):
+        table.add_column(column, justify="left" if column == "operation" else "right")
+    for name, value in base.items():
+        table.add_row(name, shown(value), shown(other[name]), f"{other[name] / value:.{ratio_digits}f}")
+    return table
 
 
 def main() -> None:
@@ -246,12 +253,8 @@ def metadata_table(args: argparse.Namespace, console: Console) -> None:
     finally:
         if server is not None:
             server.stop()
-    table = Table(title=f"metadata store, {args.posts} posts with {DIM}-d embeddings")
-    for column in ("operation", "SQLite", "PostgreSQL", "PostgreSQL / SQLite"):
-        table.add_column(column, justify="left" if column == "operation" else "right")
-    for name, value in sqlite.items():
-        table.add_row(name, f"{value:,.1f}", f"{postgres[name]:,.1f}", f"{postgres[name] / value:.2f}")
-    console.print(table)
+    console.print(comparison(f"metadata store, {args.posts} posts with {DIM}-d embeddings", ("SQLite", "PostgreSQL"),
+                             sqlite, postgres, lambda v: f"{v:,.1f}"))  # fmt: skip
 
 
 if __name__ == "__main__":
