@@ -42,12 +42,12 @@ def attach(settings: Settings) -> Bucket | None:
     from deeptarget.core.bucket_address import BucketAddress
     from deeptarget.store.bucket import Bucket
 
-    root = settings.data_dir.resolve()
+    root, address = settings.data_dir.resolve(), BucketAddress.parse(settings.object_store_url)
     with _LOCK:
         bucket = _BOUND.get(root)
-        if bucket is None or str(bucket.address) != str(BucketAddress.parse(settings.object_store_url)):
+        if bucket is None or bucket.address != address:
             bucket = Bucket(
-                BucketAddress.parse(settings.object_store_url),
+                address,
                 endpoint_url=settings.object_store_endpoint,
                 region=settings.object_store_region,
                 timeout_s=settings.object_store_timeout_s,

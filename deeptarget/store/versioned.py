@@ -143,30 +143,27 @@ class VersionedDir:
         return self.path(version)
 
     def _drop_local_copies(self, keep: int) -> None:
-        """A reader's copies of versions older than the one it just fetched go (every reader loads a version whole
-        into memory, so the files are not in use); without this an API replica's disk fills with old snapshots.
-        The writer's own files stay: ``prune`` keeps its last versions."""
+        """A reader's copies of versions older than the one it just fetched go; without this an API replica's disk
+        fills with old snapshots. A served copy may go too: a reader holds it in memory or maps it, and on Linux a
+        mapping outlives the file. A writer's own files stay (those from its local ``CURRENT`` on): ``prune`` keeps
+        its last versions."""
+        try:
+            published_here = _version((self.root / POINTER).read_bytes())
+        except FileNotFoundError:
+            published_here = None
+        below = keep if published_here is None else min(keep, published_here)
         for path in self.root.glob("v*"):
             m = _VERSION_RE.match(path.name)
-            if m and int(m.group(1)) < keep and not self._written_here(int(m.group(1))):
+            if m and int(m.group(1)) < below:
                 path.unlink(missing_ok=True)
-
-    def _written_here(self, version: int) -> bool:
-        """Whether this host published the version (its local CURRENT names it or a newer one it wrote)."""
-        try:
-            local = _version((self.root / POINTER).read_bytes())
-        except FileNotFoundError:
-            return False
-        return local is not None and version >= local
 
     def publish(self, version: int) -> None:
         """Point ``CURRENT`` at ``version``. Mirrored, its files here are uploaded first; a version this host has
         not got may be published when the bucket has it (saved on another host)."""
         here = self.path(version).is_file()
-        if self.mirror is None or here:
-            if not here:
-                raise FileNotFoundError(f"cannot publish {self.path(version)}: it does not exist")
-        elif not self.mirror.bucket.exists(self.mirror.name(self.name(version))):
+        if not here and self.mirror is None:
+            raise FileNotFoundError(f"cannot publish {self.path(version)}: it does not exist")
+        if not here and self.mirror is not None and not self.mirror.bucket.exists(self.mirror.name(self.name(version))):
             raise FileNotFoundError(f"cannot publish {self.name(version)}: not here, and not in {self.mirror.bucket}")
         if self.mirror is not None:
             # Every file of the version first, the pointer last: a reader elsewhere sees all of them or the old one.
