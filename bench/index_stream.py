@@ -7,7 +7,7 @@ What it runs is the writer's and the reader's code, not a model of it: a ``Vecto
 synthetic vectors (``index.synthetic``), a writer thread that upserts new vectors at ``--rate`` a second in batches of
 ``--batch`` with ``--remove-share`` of that rate removed, and publishes a snapshot (``SnapshotStore.save``, the whole
 index) every ``--snapshot-every`` seconds as the index writer does; and a reader thread that follows the published
-snapshots with ``SnapshotReader`` (stat of CURRENT, then ``faiss.read_index`` of the whole file) and runs single
+snapshots with ``LiveReader`` (stat of CURRENT, then ``faiss.read_index`` of the whole file) and runs single
 queries between its checks. An added vector is *visible* when the reader serves a snapshot that holds it; the time
 from its upsert to then is its visibility latency.
 
@@ -36,8 +36,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from deeptarget.index.segments import LiveReader
 from deeptarget.index.synthetic import ClusteredVectors
-from deeptarget.index.vectors import SnapshotReader, SnapshotStore, VectorIndex
+from deeptarget.index.vectors import SnapshotStore, VectorIndex
 
 
 def peak_rss_gb() -> float:
@@ -91,7 +92,7 @@ class Stream:
         self.done.set()
 
 
-def follow(reader: SnapshotReader, stream: Stream, queries: np.ndarray) -> tuple[list[float], list[float], list[float]]:
+def follow(reader: LiveReader, stream: Stream, queries: np.ndarray) -> tuple[list[float], list[float], list[float]]:
     """The reader's side until the stream ends: (visibility latencies s, single-query ms, snapshot loads s)."""
     visible: list[float] = []
     query_ms: list[float] = []
@@ -153,7 +154,7 @@ def main() -> None:
         store = SnapshotStore(Path(folder))
         store.save(index)
         disk = sum(p.stat().st_size for p in Path(folder).glob("v*.faiss")) / index.ntotal
-        reader = SnapshotReader(SnapshotStore(Path(folder)), check_interval_s=0.1)
+        reader = LiveReader(SnapshotStore(Path(folder)), check_interval_s=0.1)
         reader.get()
         stream = Stream(index, store, data, args, first_id=args.n)
         writer = threading.Thread(target=stream.run, name="writer")

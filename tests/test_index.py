@@ -7,7 +7,8 @@ import pytest
 
 from deeptarget.core.errors import IndexMismatchError
 from deeptarget.core.records import Post, Prediction, vector_id
-from deeptarget.index.vectors import SnapshotReader, SnapshotStore, VectorIndex
+from deeptarget.index.segments import LiveReader
+from deeptarget.index.vectors import SnapshotStore, VectorIndex
 from deeptarget.index.writer import IndexWriter
 from deeptarget.store.metadata import MetadataStore
 
@@ -58,7 +59,7 @@ def test_mixing_models_is_refused() -> None:
 def test_snapshots_are_versioned_and_readers_follow_the_newest(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     snapshots = SnapshotStore(tmp_path, keep=2)
-    reader = SnapshotReader(snapshots, check_interval_s=0)
+    reader = LiveReader(snapshots, check_interval_s=0)
     assert reader.get() is None
     index = VectorIndex.empty(16, MODEL)
     index.upsert(np.array([1, 2]), unit(rng, 2))
@@ -151,14 +152,14 @@ def test_readers_map_snapshots_and_serve_them_after_a_prune_deletes_the_file(tmp
     index.nprobe = 4
     store = SnapshotStore(tmp_path / "index", keep=1)
     store.save(index)
-    reader = SnapshotReader(SnapshotStore(tmp_path / "index"), check_interval_s=0)
+    reader = LiveReader(SnapshotStore(tmp_path / "index"), check_interval_s=0)
     served = reader.get()
     assert served is not None and served.kind == kind and served.nprobe == index.nprobe
     for want, got in zip(index.search(vectors[:20], 5), served.search(vectors[:20], 5), strict=True):
         np.testing.assert_array_equal(want, got)
     np.testing.assert_array_equal(served.reconstruct(int(ids[7])), vectors[7])
     with pytest.raises(RuntimeError):
-        served.upsert(np.array([1], np.int64), vectors[:1])  # read-only: only the writer changes an index
+        served.base.upsert(np.array([1], np.int64), vectors[:1])  # read-only: only the writer changes an index
     first = served
     store.save(index)  # keep=1: the served version's files are deleted
     assert not list((tmp_path / "index").glob("v000001*"))

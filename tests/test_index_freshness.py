@@ -14,7 +14,8 @@ import pytest
 
 from deeptarget.core.records import Post, Prediction, vector_id
 from deeptarget.index import writer as writer_module
-from deeptarget.index.vectors import SnapshotReader, SnapshotStore
+from deeptarget.index.segments import LiveReader
+from deeptarget.index.vectors import SnapshotStore
 from deeptarget.index.writer import IndexWriter
 from deeptarget.store.metadata import MetadataStore
 from tests.conftest import wait_for
@@ -33,7 +34,7 @@ def _record(store: MetadataStore, ids: list[str], seed: int = 0) -> list[str]:
     return ids
 
 
-def _holds(reader: SnapshotReader, post_ids: list[str]) -> bool:
+def _holds(reader: LiveReader, post_ids: list[str]) -> bool:
     index = reader.get()
     return index is not None and all(vector_id(p) in index for p in post_ids)
 
@@ -42,7 +43,7 @@ def test_a_trickle_of_adds_reaches_readers_without_another_add(tmp_path: Path) -
     store = MetadataStore(tmp_path / "meta.sqlite3")
     snapshots = SnapshotStore(tmp_path / "index", keep=2)
     writer = IndexWriter(store, snapshots, snapshot_every_s=0.5)
-    reader = SnapshotReader(snapshots, check_interval_s=0)
+    reader = LiveReader(snapshots, check_interval_s=0)
     writer.add(store.embeddings(_record(store, ["a", "b", "c"])))  # the first snapshot: published at once
     assert _holds(reader, ["a", "b", "c"])
     for seed, batch in enumerate((["d"], ["e", "f", "g"]), 1):  # right after it: these wait for the deferred one
@@ -63,7 +64,7 @@ def test_a_removal_reaches_readers_without_another_change(tmp_path: Path) -> Non
     ids = _record(store, [f"p{i}" for i in range(5)])
     snapshots = SnapshotStore(tmp_path / "index")
     writer = IndexWriter(store, snapshots, snapshot_every_s=0.2)  # the replay of the 5 stored rows is published
-    reader = SnapshotReader(snapshots, check_interval_s=0)
+    reader = LiveReader(snapshots, check_interval_s=0)
     assert _holds(reader, ids)
     deleted, _ = store.delete_posts(["p2"])
     writer.remove(deleted)
@@ -137,7 +138,7 @@ def test_a_snapshot_that_cannot_be_written_is_tried_again_and_fails_no_change(
     store = MetadataStore(tmp_path / "meta.sqlite3")
     snapshots = SnapshotStore(tmp_path / "index")
     writer = IndexWriter(store, snapshots, snapshot_every_s=0)
-    reader = SnapshotReader(snapshots, check_interval_s=0)
+    reader = LiveReader(snapshots, check_interval_s=0)
     writer.add(store.embeddings(_record(store, ["a", "b"])))
     assert reader.get().ntotal == 2
     # The next snapshot's first file is written through /dev/full: the kernel's own ENOSPC, once.

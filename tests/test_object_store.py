@@ -13,7 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from deeptarget.core.settings import Settings
-from deeptarget.index.vectors import SnapshotReader, SnapshotStore, VectorIndex
+from deeptarget.index.segments import LiveReader
+from deeptarget.index.vectors import SnapshotStore, VectorIndex
 from deeptarget.models.hashtags import HashtagModel
 from deeptarget.models.heads import HeadSet, LinearHead, head_names, publish_head
 from deeptarget.store.blobs import BlobStore, StorageUnavailable
@@ -188,7 +189,7 @@ def test_index_snapshots_written_on_the_writer_host_load_on_a_reader_host(
     vectors = np.random.default_rng(1).standard_normal((20, 8)).astype(np.float32)
     index.upsert(np.arange(20), vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
     SnapshotStore(a.index_dir).save(index)
-    reader = SnapshotReader(SnapshotStore(b.index_dir), check_interval_s=0)
+    reader = LiveReader(SnapshotStore(b.index_dir), check_interval_s=0)
     reader.store.versions.poll_s = 0
     served = reader.get()
     assert served is not None and served.ntotal == 20

@@ -413,6 +413,14 @@ class IndexSettings(BaseModel):
     index_ivf_from: int = Field(20_000, ge=1000, description="Exact search below this many vectors, IVF from here on.")
     index_target_recall: float = Field(0.95, gt=0, le=1, description="IVF nprobe is tuned to this recall@10.")
     index_regrow_factor: float = Field(4.0, gt=1, description="IVF is rebuilt after growing this many times.")
+    index_seal_every_s: float = Field(
+        60.0, gt=0, description="With Redis, readers follow each index change through a stream; the writer seals the "
+        "changes into a new base snapshot this often (and the stream is trimmed behind it).",
+    )  # fmt: skip
+    index_seal_every_changes: int = Field(
+        50_000, ge=1, description="A new base is sealed after this many changes, sooner than index_seal_every_s: "
+        "the delta each reader holds and searches stays this small (and the stream, at 5 KB a 1280-d change).",
+    )  # fmt: skip
 
 
 class HashtagModelSettings(BaseModel):

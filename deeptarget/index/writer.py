@@ -32,15 +32,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import faiss
 import numpy as np
+import redis
 
 from deeptarget.core.errors import IndexMismatchError
 from deeptarget.core.records import vector_id
 from deeptarget.core.settings import Settings
 from deeptarget.index.builder import IndexPolicy, Tuning, build_ivf
+from deeptarget.index.deltas import Change, DeltaStream
 from deeptarget.index.vectors import SnapshotStore, VectorIndex
 from deeptarget.store.metadata import EmbeddingRows, MetadataStore
 
@@ -51,6 +55,8 @@ LOG = logging.getLogger(__name__)
 MAX_SNAPSHOT_SHARE = 0.25
 RETRY_FAILED_SNAPSHOT_S = 5.0  # a snapshot that failed (disk full?) is tried again this much later, doubling
 MAX_RETRY_FAILED_SNAPSHOT_S = 120.0
+# A snapshot of an index larger than this is written by a forked child (SnapshotStore.begin), so adds go on meanwhile
+FORK_FROM_BYTES = 64 * 2**20
 
 
 class IndexWriter:
@@ -61,12 +67,24 @@ class IndexWriter:
         snapshot_every_adds: int = 1000,
         snapshot_every_s: float = 0.5,
         policy: IndexPolicy | None = None,
+        deltas: DeltaStream | None = None,
+        seal_every_s: float = 60.0,
+        seal_every_changes: int = 50_000,
     ) -> None:
         self.store = store
         self.snapshots = snapshots
         self.snapshot_every_adds = snapshot_every_adds
         self.snapshot_every_s = snapshot_every_s  # changes are published at most this long after they are made
         self.policy = policy or IndexPolicy()
+        # With a change stream, readers follow every change through it and a snapshot (a sealed base) is needed only
+        # every seal_every_s or seal_every_changes; while the stream fails, snapshots publish as without one.
+        self.deltas = deltas
+        self.seal_every_s = seal_every_s
+        self.seal_every_changes = seal_every_changes
+        self._stream_ok = deltas is not None
+        self._stream_last: str | None = None  # the id of the last change appended to the stream
+        self._sealed_ids: deque[str] = deque(maxlen=2)  # the stream ids of the last bases: older entries are trimmed
+        self._sealing = False  # a snapshot is being written (one at a time; see snapshot)
         self._lock = threading.RLock()  # adds, snapshots and the swap to a newly built index
         self._wake = threading.Condition(self._lock)  # the publisher waits on it for the next deferred snapshot
         self._publish_at: float | None = None  # monotonic time of the deferred snapshot; None: nothing pending
@@ -87,11 +105,14 @@ class IndexWriter:
         self.index: VectorIndex | None = snapshots.load()
         self.published_at = self.index.created if self.index else None
         self._adds_since_snapshot = 0
+        self._find_stream_end()
         self._seq = max(self.index.seq if self.index else 0, store.max_indexed_seq())
         snapshot_seq = self.index.seq if self.index else 0
         replayed = sum(self.add(rows, snapshot=False) for rows in store.embeddings_to_index(after_seq=snapshot_seq))
         if self.index is not None:  # deletions since the snapshot (or not yet applied)
-            replayed += self.index.remove(store.removals_after(snapshot_seq))
+            removals = store.removals_after(snapshot_seq)
+            replayed += self.index.remove(removals)
+            self._publish(Change("remove", np.asarray(removals, np.int64)))
         LOG.info(
             "index writer ready: %d vectors from snapshot, %d replayed from the metadata store",
             (self.index.ntotal - replayed) if self.index else 0,
@@ -99,17 +120,56 @@ class IndexWriter:
         )
         if replayed:
             with self._lock:
-                self._snapshot_or_defer()
+                self._seal_soon() if self.streaming else self._snapshot_or_defer()
 
     @classmethod
-    def from_settings(cls, settings: Settings, store: MetadataStore) -> IndexWriter:
+    def from_settings(cls, settings: Settings, store: MetadataStore, deltas: DeltaStream | None = None) -> IndexWriter:
         return cls(
             store,
             SnapshotStore(settings.index_dir, keep=settings.snapshots_kept),
             snapshot_every_adds=settings.snapshot_every_adds,
             snapshot_every_s=settings.snapshot_every_s,
             policy=IndexPolicy.from_settings(settings),
+            deltas=deltas,
+            seal_every_s=settings.index_seal_every_s,
+            seal_every_changes=settings.index_seal_every_changes,
         )
+
+    # -- the change stream -----------------------------------------------------------------------------------------
+    def _find_stream_end(self) -> None:
+        """Where the stream ends now: a snapshot taken before this writer's first append holds the changes up to
+        there (and readers chain this writer's entries to it)."""
+        if self.deltas is None:
+            return
+        try:
+            self._stream_last = self.deltas.last_id()
+            self.deltas._last = self._stream_last
+        except redis.RedisError as err:
+            self._stream_failed(err)
+
+    def _publish(self, change: Change) -> None:
+        """Append a change (under the lock, after it is in the index) for the readers to apply."""
+        if self.deltas is None or len(change.ids) == 0:
+            return
+        try:
+            if self._stream_last is None:  # never reached the stream yet: learn where it ends first
+                self._stream_last = self.deltas.last_id()
+                self.deltas._last = self._stream_last
+            self._stream_last = self.deltas.append(change)
+        except redis.RedisError as err:
+            self._stream_failed(err)
+            return
+        if not self._stream_ok:
+            LOG.warning("index writer reaches the change stream again")
+        self._stream_ok = True
+
+    def _stream_failed(self, err: Exception) -> None:
+        """Readers miss this change until a snapshot holds it: publish snapshots as without a stream meanwhile."""
+        if self._stream_ok:
+            LOG.error("index writer cannot append to the change stream (%s: %s); readers get the changes through "
+                      "snapshots every %.1f s until it can", type(err).__name__, err,
+                      self.snapshot_every_s)  # fmt: skip
+        self._stream_ok = False
 
     def add(self, rows: EmbeddingRows, snapshot: bool = True) -> int:
         """Index these rows (replacing ids already present); returns how many were added."""
@@ -118,7 +178,7 @@ class IndexWriter:
             self._maybe_start_build()
             return added
 
-    def _add(self, rows: EmbeddingRows, snapshot: bool) -> int:
+    def _add(self, rows: EmbeddingRows, snapshot: bool, publish: bool = True) -> int:
         if not rows.post_ids:
             return 0
         keep = self._compatible(rows)
@@ -132,6 +192,8 @@ class IndexWriter:
         self._seq += len(post_ids)
         self.index.upsert(ids, vectors)
         self.index.seq = self._seq
+        if publish:
+            self._publish(Change("add", ids, vectors))
         self._adds_since_snapshot += len(post_ids)
         if snapshot:
             self._changed()
@@ -162,8 +224,10 @@ class IndexWriter:
             # Store first, as for adds: a crash after this line is repaired by the replay on the next start.
             self.store.mark_removed(post_ids, first_seq=self._seq + 1)
             self._seq += len(post_ids)
-            removed = self.index.remove(np.array([vector_id(p) for p in post_ids], np.int64))
+            ids = np.array([vector_id(p) for p in post_ids], np.int64)
+            removed = self.index.remove(ids)
             self.index.seq = self._seq
+            self._publish(Change("remove", ids))
             self._adds_since_snapshot += len(post_ids)
             self._changed()
             return removed
@@ -194,7 +258,10 @@ class IndexWriter:
                 new.seq = self.index.seq
                 self.index = new
                 LOG.info("switched to IVF%d (%d vectors, %d caught up)", new.nlist, new.ntotal, caught_up)
-                self._snapshot_or_defer()
+                if self.streaming:  # readers keep their old base and its changes until the seal maps the new one
+                    self._seal_soon()
+                    return tuning
+            self._snapshot_or_defer()
             return tuning
         except Exception:  # the current index keeps serving; try again after some growth
             LOG.exception("building the IVF index failed; staying on the current index")
@@ -207,40 +274,54 @@ class IndexWriter:
         return None if build is None else build.result(timeout_s)
 
     # -- publishing ------------------------------------------------------------------------------------------------
+    @property
+    def streaming(self) -> bool:
+        """Readers follow the changes through the stream now (so snapshots are seals, needed seldom)."""
+        return self.deltas is not None and self._stream_ok
+
     def _changed(self) -> None:
         """After a change (under the lock): publish now when enough changes wait or the last snapshot is an interval
-        old, else when the interval is over."""
-        if self._publish_at is not None and self._adds_since_snapshot < self.snapshot_every_adds:
+        old, else when the interval is over. While streaming, the snapshot (a seal) is always left to the publisher
+        thread, so that an add never waits for one."""
+        threshold = self.seal_every_changes if self.streaming else self.snapshot_every_adds
+        if self._publish_at is not None and self._adds_since_snapshot < threshold:
             return  # the deferred snapshot takes this change too
         now = time.monotonic()
         publish_at = self._last_snapshot + self.publish_interval_s
-        if self._adds_since_snapshot >= self.snapshot_every_adds or publish_at <= now:
-            self._snapshot_or_defer()
+        if self._adds_since_snapshot >= threshold or publish_at <= now:
+            self._seal_soon() if self.streaming else self._snapshot_or_defer()
         else:
             self._defer(publish_at)
 
+    def _seal_soon(self) -> None:
+        self._defer(time.monotonic())
+
     def _defer(self, publish_at: float) -> None:
-        self._publish_at = publish_at
+        if self._publish_at is None or publish_at < self._publish_at:
+            self._publish_at = publish_at
         self._start_publisher()
-        self._wake.notify()
+        self._wake.notify_all()
 
     def _snapshot_or_defer(self) -> int | None:
         """A snapshot now; when it fails, one later (the change it publishes is safe: see the module's docstring)."""
         try:
             return self.snapshot()
         except (OSError, RuntimeError) as err:  # RuntimeError: FAISS's own I/O errors
-            self._snapshot_failures += 1
-            delay = min(MAX_RETRY_FAILED_SNAPSHOT_S, RETRY_FAILED_SNAPSHOT_S * 2 ** (self._snapshot_failures - 1))
-            LOG.error("index snapshot failed (%s: %s, %d in a row); the changes are journalled, trying again in "
-                      "%.0f s", type(err).__name__, err, self._snapshot_failures, delay)  # fmt: skip
-            self._defer(time.monotonic() + delay)
+            with self._lock:
+                self._snapshot_failures += 1
+                delay = min(MAX_RETRY_FAILED_SNAPSHOT_S, RETRY_FAILED_SNAPSHOT_S * 2 ** (self._snapshot_failures - 1))
+                LOG.error("index snapshot failed (%s: %s, %d in a row); the changes are journalled, trying again in "
+                          "%.0f s", type(err).__name__, err, self._snapshot_failures, delay)  # fmt: skip
+                self._publish_at = None
+                self._defer(time.monotonic() + delay)
             return None
 
     @property
     def publish_interval_s(self) -> float:
-        """The least time between two snapshots, and the most a change waits for one: ``snapshot_every_s``,
-        stretched when snapshots get slow."""
-        return max(self.snapshot_every_s, self._last_save_s * (1 / MAX_SNAPSHOT_SHARE - 1))
+        """The least time between two snapshots, and the most a change waits for one: ``snapshot_every_s`` (or
+        ``seal_every_s`` while streaming), stretched when snapshots get slow."""
+        every = self.seal_every_s if self.streaming else self.snapshot_every_s
+        return max(every, self._last_save_s * (1 / MAX_SNAPSHOT_SHARE - 1))
 
     def _start_publisher(self) -> None:
         if self._closed or (self._publisher is not None and self._publisher.is_alive()):
@@ -250,19 +331,17 @@ class IndexWriter:
         self._publisher.start()
 
     def _publish_loop(self) -> None:
-        with self._lock:
-            while not self._closed:
-                if self._publish_at is None:
-                    self._wake.wait()
-                    continue
-                left = self._publish_at - time.monotonic()
-                if left > 0:
-                    self._wake.wait(left)
-                    continue
-                try:
-                    self._snapshot_or_defer()
-                except Exception:  # keep the thread: the next change, or this retry, tries again
-                    LOG.exception("deferred index snapshot failed; trying again in %.0f s", MAX_RETRY_FAILED_SNAPSHOT_S)
+        while True:
+            with self._lock:
+                while not self._closed and (self._publish_at is None or self._publish_at > time.monotonic()):
+                    self._wake.wait(None if self._publish_at is None else self._publish_at - time.monotonic())
+                if self._closed:
+                    return
+            try:  # outside the lock: a forked snapshot lets adds go on while it is written
+                self._snapshot_or_defer()
+            except Exception:  # keep the thread: the next change, or this retry, tries again
+                LOG.exception("deferred index snapshot failed; trying again in %.0f s", MAX_RETRY_FAILED_SNAPSHOT_S)
+                with self._lock:
                     self._publish_at = time.monotonic() + MAX_RETRY_FAILED_SNAPSHOT_S
 
     def close(self) -> int | None:
@@ -283,26 +362,69 @@ class IndexWriter:
         """Snapshot when changes wait and are due (by count, or their deferred snapshot's time has come): the beat's
         periodic flush, a safety net behind the publisher thread."""
         with self._lock:
-            due_by_count = self._adds_since_snapshot >= self.snapshot_every_adds
+            threshold = self.seal_every_changes if self.streaming else self.snapshot_every_adds
+            due_by_count = self._adds_since_snapshot >= threshold
             due_by_time = self._publish_at is not None and time.monotonic() >= self._publish_at
-            return self._snapshot_or_defer() if due_by_count or due_by_time else None
+            if not (due_by_count or due_by_time) or self._sealing:
+                return None
+        return self._snapshot_or_defer()
 
     def snapshot(self) -> int | None:
+        """Write and publish a snapshot of the index as it is now; returns its version. One at a time: a call while
+        another is written waits for it. The index is frozen only while the write starts (a fork, for a large
+        index: ``SnapshotStore.begin``); changes made while the file is written go to the next snapshot."""
         with self._lock:
+            while self._sealing:
+                self._wake.wait()
             if self.index is None:
                 self._publish_at = None
                 return None
             started = time.monotonic()
-            version = self.snapshots.save(self.index)
+            pending = self._adds_since_snapshot
+            stream_id = self._stream_last
+            fork = self.index.ntotal * _bytes_per_vector(self.index) >= FORK_FROM_BYTES
+            self._sealing = True
+            try:
+                write = self.snapshots.begin(self.index, stream_id, fork=fork)
+            except BaseException:
+                self._sealing = False
+                self._wake.notify_all()
+                raise
+            self._adds_since_snapshot = 0
+            self._publish_at = None
+        try:
+            version = write.finish()
+        except BaseException:
+            with self._lock:
+                self._adds_since_snapshot += pending  # still unpublished
+                self._sealing = False
+                self._wake.notify_all()
+            raise
+        with self._lock:
+            self._sealing = False
+            self._wake.notify_all()
             if self._snapshot_failures:
                 LOG.warning("index snapshot v%d written after %d failed attempts", version, self._snapshot_failures)
             self._snapshot_failures = 0
-            self._adds_since_snapshot = 0
-            self._publish_at = None
             self._last_snapshot = time.monotonic()
             self._last_save_s = self._last_snapshot - started
             self.version, self.published_at = version, time.time()
-            return version
+            if self._adds_since_snapshot and self._publish_at is None:  # changes made while it was written
+                self._changed()
+        self._trim_stream(stream_id)
+        return version
+
+    def _trim_stream(self, sealed_id: str | None) -> None:
+        """Drop the stream's entries that no reader needs: those before the previous base's id (a reader still on
+        that base needs the entries after it until it has mapped the new one)."""
+        if self.deltas is None or sealed_id is None:
+            return
+        self._sealed_ids.append(sealed_id)
+        if len(self._sealed_ids) == self._sealed_ids.maxlen:
+            try:
+                self.deltas.trim_before(self._sealed_ids[0])
+            except redis.RedisError as err:  # the next seal trims
+                LOG.warning("could not trim the index change stream (%s); trying at the next seal", err)
 
     # -- catching up from the store while running ------------------------------------------------------------------
     def catch_up(self, older_than_s: float, before_add: Callable[[EmbeddingRows], None] | None = None) -> int:
@@ -349,11 +471,19 @@ class IndexWriter:
             self.index = None
             self._adds_since_snapshot = 0
             majority = next(iter(models), "")
-            added = sum(self._add(rows, snapshot=False) for rows in self.store.embeddings_of_model(majority))
+            # not through the stream: the snapshot below carries the whole index to the readers at once
+            added = sum(
+                self._add(rows, snapshot=False, publish=False) for rows in self.store.embeddings_of_model(majority)
+            )
             self.snapshot()
             self._maybe_start_build()
         self.wait_for_build()
         return added
+
+
+def _bytes_per_vector(index: VectorIndex) -> int:
+    ivf = faiss.try_extract_index_ivf(index.index)
+    return (int(ivf.code_size) if ivf is not None else 4 * index.dim) + 16  # its code, its id, the id map
 
 
 def _of_model(batches: Iterable[EmbeddingRows], model_id: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -18,7 +18,9 @@ import numpy as np
 from deeptarget.core.errors import ConfigurationError, ModelNotReadyError, NotFoundError
 from deeptarget.core.records import Profile, normalise_hashtag, vector_id
 from deeptarget.core.settings import Settings
-from deeptarget.index.vectors import SnapshotReader, SnapshotStore, VectorIndex
+from deeptarget.index.deltas import DeltaStream
+from deeptarget.index.segments import LiveIndex, LiveReader
+from deeptarget.index.vectors import SnapshotStore
 from deeptarget.models.decode import decode_image
 from deeptarget.models.embedder import Embedder, EmbedderSpec
 from deeptarget.models.hashtags import HashtagModel
@@ -115,7 +117,9 @@ class QueryService:
         self.settings = settings
         attach(settings)  # the index and the models come from the bucket, when there is one
         self.store = store or MetadataStore(settings.metadata_database)
-        self.snapshots = SnapshotReader(SnapshotStore(settings.index_dir), gpu=settings.device != "cpu")
+        # Without Redis (a notebook), snapshots only: new posts show when the writer publishes one
+        deltas = DeltaStream.from_url(settings.redis_url) if settings.redis_url else None
+        self.snapshots = LiveReader(SnapshotStore(settings.index_dir), deltas, gpu=settings.device != "cpu")
         self._model_versions = VersionedDir(settings.hashtag_model_dir, ".npz")
         self._model: HashtagModel | None = None
         self._model_stamp: tuple[int, int] | None = None
@@ -128,7 +132,7 @@ class QueryService:
         """Built on first use: only image queries need it."""
         return Embedder.from_settings(self.settings)
 
-    def query_embedder(self, index: VectorIndex | None) -> Embedder:
+    def query_embedder(self, index: LiveIndex | None) -> Embedder:
         """The embedder for query images: the one the settings describe, unless the index being served was made by
         another model that workers recorded and that can still be built (its weights file unchanged). So an API
         answers image queries right through a switch of weights: with the old model until the index is rebuilt for
@@ -158,7 +162,7 @@ class QueryService:
                  self.embedder.model_id)  # fmt: skip
         return embedder
 
-    def index(self) -> VectorIndex:
+    def index(self) -> LiveIndex:
         index = self.snapshots.get()
         if index is None:
             raise ModelNotReadyError("no index snapshot yet: nothing has been indexed")

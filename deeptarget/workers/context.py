@@ -12,6 +12,7 @@ import redis
 import torch
 
 from deeptarget.core.settings import Settings
+from deeptarget.index.deltas import DeltaStream
 from deeptarget.index.writer import IndexWriter
 from deeptarget.profiles.outliers import FollowerBoundsCache
 from deeptarget.store.blobs import BlobStore
@@ -73,7 +74,11 @@ class WorkerContext:
 
     @cached_property
     def writer(self) -> IndexWriter:
-        return IndexWriter.from_settings(self.settings, self.store)
+        # Its own connection, with short timeouts: an add waits at most that long for a Redis that vanished, then
+        # readers get the change through snapshots until the stream is back (see IndexWriter).
+        assert self.settings.redis_url
+        deltas = DeltaStream.from_url(self.settings.redis_url, socket_timeout_s=2)
+        return IndexWriter.from_settings(self.settings, self.store, deltas)
 
 
 _contexts: dict[tuple[int, int], WorkerContext] = {}

@@ -1,0 +1,336 @@
+"""What a reader serves: a sealed base snapshot, memory-mapped, plus a small delta segment that follows the writer.
+
+The base is the newest published snapshot (``SnapshotStore.load(mapped=True)``): its pages come from the page cache
+every reader on the host shares, and moving to a new base never holds two private copies. The delta takes every
+change the writer made after the base (``index.deltas``: a Redis stream), within a block time of the writer's
+append, so a new post is queryable in well under a second whatever the base's size. The scheme is the one of
+Milvus' sealed and growing segments and Lucene's near-real-time segments:
+
+- an added id goes into the delta; if the base holds the id, the base's copy is tombstoned (a replaced vector is
+  never answered in its old form);
+- a removed id leaves the delta and is tombstoned in the base;
+- a query searches the base with the tombstones excluded (a FAISS ``IDSelectorNot`` in the search parameters, so the
+  base still returns k live neighbours) and the delta, and merges the two by score.
+
+The delta of an IVF base is an IVF-Flat with a copy of the base's coarse quantizer and the same ``nprobe``: its
+search costs the share of the delta the probed lists hold, as the base's does, instead of a scan of every new vector
+(an exact delta of 20,000 1280-d vectors is 100 MB read per query). The delta of an exact base is exact.
+
+When the writer publishes a new base (it seals the changes into one every ``index_seal_every_s``), the reader maps
+it, rebuilds a delta from the stream entries after the id the base records, and swaps both at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+import redis
+from prometheus_client import Counter
+
+from deeptarget.index.deltas import Change, DeltaStream, Entry, older
+from deeptarget.index.vectors import SnapshotStore, VectorIndex
+
+LOG = logging.getLogger(__name__)
+
+DELTA_GAPS = Counter(
+    "deeptarget_index_delta_gaps_total",
+    "Times a reader found index changes missing from the stream (healed by the next sealed base)",
+)
+MAX_BACKOFF_S = 5.0
+
+
+class DeltaSegment:
+    """The changes since a base: the vectors added since (searchable) and tombstones of the base ids they replaced
+    or that were removed. Not thread-safe: ``LiveIndex`` guards it."""
+
+    def __init__(self, base: VectorIndex) -> None:
+        self.base = base
+        self.index = _empty_like(base)
+        self.tombstones: set[int] = set()
+        self._selector: Any = None  # excludes the tombstones from a base search; rebuilt when they change
+        self._selector_parts: tuple[Any, ...] = ()
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def apply(self, change: Change) -> None:
+        ids = np.ascontiguousarray(change.ids, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        fresh = {int(i) for i in ids if int(i) in self.base} - self.tombstones
+        if fresh:
+            self.tombstones |= fresh
+            self._selector = None
+        present = np.array([i for i in ids if self._has(int(i))], np.int64)
+        if len(present):  # an IVF's hash-table direct map removes only by IDSelectorArray
+            ivf = faiss.try_extract_index_ivf(self.index)
+            self.index.remove_ids(faiss.IDSelectorArray(present) if ivf is not None else faiss.IDSelectorBatch(present))
+        if change.op == "add":
+            assert change.vectors is not None
+            if len(np.unique(ids)) != len(ids):  # the writer never sends a repeated id; keep the last one if so
+                _, last = np.unique(ids[::-1], return_index=True)
+                keep = np.sort(len(ids) - 1 - last)
+                ids, vectors = ids[keep], change.vectors[keep]
+            else:
+                vectors = change.vectors
+            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+
+    def _has(self, vector_id: int) -> bool:
+        try:
+            self.index.reconstruct(vector_id, np.empty(self.index.d, np.float32))
+        except RuntimeError:
+            return False
+        return True
+
+    def base_params(self) -> Any:
+        """Search parameters for the base: its ``nprobe``, and the tombstones left out."""
+        if self._selector is None and self.tombstones:
+            batch = faiss.IDSelectorBatch(np.fromiter(self.tombstones, np.int64, len(self.tombstones)))
+            self._selector = faiss.IDSelectorNot(batch)
+            self._selector_parts = (batch,)  # the Not keeps a bare pointer to it
+        selector = self._selector if self.tombstones else None
+        if self.base.kind == "ivf":
+            ivf_params = faiss.SearchParametersIVF()
+            ivf_params.sel, ivf_params.nprobe = selector, max(1, self.base.nprobe)
+            return ivf_params
+        params = faiss.SearchParameters()
+        params.sel = selector
+        return params
+
+
+def _empty_like(base: VectorIndex) -> faiss.Index:
+    """An empty index of the base's family, small and changeable: IVF-Flat on a copy of its coarse quantizer (and
+    its input transform, for an OPQ/PCA base), else exact."""
+    ivf = faiss.try_extract_index_ivf(base.index)
+    if ivf is None or isinstance(base.index, faiss.IndexPreTransform):  # (a transformed base: exact, for now)
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(base.dim))
+    # faiss's Python layer keeps the quantizer alive as long as the index (referenced_objects)
+    delta = faiss.IndexIVFFlat(faiss.clone_index(ivf.quantizer), ivf.d, ivf.nlist, faiss.METRIC_INNER_PRODUCT)
+    delta.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
+    delta.nprobe = max(1, ivf.nprobe)
+    return delta
+
+
+@dataclass
+class LiveIndex:
+    """A base and its delta, searched together; what ``LiveReader.get`` returns. Thread-safe."""
+
+    base: VectorIndex
+    delta: DeltaSegment
+    position: str  # the id of the last stream entry applied ("" when there is no stream)
+    heard_at: float | None = None  # when the stream last answered (time.time()); None: no stream
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def of(cls, base: VectorIndex, position: str = "") -> LiveIndex:
+        return cls(base, DeltaSegment(base), position)
+
+    # the VectorIndex interface the query service and the API use
+    dim = property(lambda self: self.base.dim)
+    model_id = property(lambda self: self.base.model_id)
+    kind = property(lambda self: self.base.kind)
+    nprobe = property(lambda self: self.base.nprobe)
+    version = property(lambda self: self.base.version)
+    seq = property(lambda self: self.base.seq)
+
+    @property
+    def created(self) -> float | None:
+        """How current the answers are: when the stream last answered, else when the base was written."""
+        return self.heard_at if self.heard_at is not None else self.base.created
+
+    @property
+    def ntotal(self) -> int:
+        with self._lock:
+            return self.base.ntotal - len(self.delta.tombstones) + self.delta.ntotal
+
+    def check_compatible(self, dim: int, model_id: str) -> None:
+        self.base.check_compatible(dim, model_id)
+
+    def apply(self, entries: list[Entry]) -> None:
+        with self._lock:
+            for entry in entries:
+                self.delta.apply(entry.change)
+                self.position = entry.id
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (n, k), best first; missing neighbours have id -1."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        with self._lock:
+            base_scores, base_ids = self._search_base(queries, k)
+            if self.delta.ntotal == 0:
+                return base_scores, base_ids
+            delta_scores, delta_ids = self.delta.index.search(queries, k)
+        scores = np.hstack([base_scores, delta_scores])
+        ids = np.hstack([base_ids, delta_ids])
+        scores = np.where(ids >= 0, scores, -np.inf)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, best, axis=1), np.take_along_axis(ids, best, axis=1)
+
+    def _search_base(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        base = self.base
+        if base.ntotal == 0:
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        if base.on_gpu_now or not self.delta.tombstones:  # GPU indexes take no selector: ask for more, then filter
+            wanted = k if not self.delta.tombstones else min(k + len(self.delta.tombstones), 2048)
+            scores, ids = base.search(queries, wanted)
+            if self.delta.tombstones:
+                dead = np.isin(ids, np.fromiter(self.delta.tombstones, np.int64))
+                scores, ids = np.where(dead, -np.inf, scores), np.where(dead, -1, ids)
+                order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+                scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+            return scores, ids
+        found: tuple[np.ndarray, np.ndarray] = base.index.search(queries, k, params=self.delta.base_params())
+        return found
+
+    def reconstruct(self, vector_id: int) -> np.ndarray | None:
+        with self._lock:
+            if self.delta._has(int(vector_id)):
+                return self.delta.index.reconstruct(int(vector_id), np.empty(self.base.dim, np.float32))
+            if int(vector_id) in self.delta.tombstones:
+                return None
+        return self.base.reconstruct(vector_id)
+
+    def __contains__(self, vector_id: int) -> bool:
+        return self.reconstruct(vector_id) is not None
+
+
+class LiveReader:
+    """The newest base snapshot and, when there is a stream of changes, the changes after it: ``get()`` returns a
+    ``LiveIndex`` (or None before the first snapshot).
+
+    Without a stream (no Redis: notebooks, some tests) it serves snapshots as they are published, checking
+    ``CURRENT`` at most every ``check_interval_s``. With one, a daemon thread follows it (started by the first
+    ``get``): it waits up to ``block_ms`` for new entries, applies them, and checks for a new base between reads.
+    Losing Redis leaves the reader serving what it has while it retries with capped backoff; the ``created`` it
+    reports (the API's index age) then grows, which is what ``/metrics`` shows.
+    """
+
+    def __init__(
+        self,
+        store: SnapshotStore,
+        deltas: DeltaStream | None = None,
+        check_interval_s: float = 0.1,
+        gpu: bool = False,
+        block_ms: int = 200,
+    ) -> None:
+        self.store = store
+        self.deltas = deltas
+        self.check_interval_s = check_interval_s
+        self.gpu = gpu  # search the base on a GPU copy when FAISS has a GPU build and sees a GPU
+        self.block_ms = block_ms
+        self._lock = threading.Lock()
+        self._live: LiveIndex | None = None
+        self._stamp: tuple[int, int] | None = None
+        self._checked = 0.0
+        self._follower: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._failures = 0
+
+    def get(self) -> LiveIndex | None:
+        if self.deltas is None:
+            now = time.monotonic()
+            if now - self._checked >= self.check_interval_s:
+                with self._lock:
+                    self._checked = now
+                    self._load_new_base()
+            return self._live
+        if self._follower is None:
+            with self._lock:
+                if self._follower is None:
+                    try:  # the first caller gets the index as of now, not as of the thread's first turn
+                        self._refresh()
+                    except (redis.RedisError, OSError) as err:  # the follower keeps trying
+                        LOG.warning("index reader cannot reach the writer's changes yet (%s: %s)",
+                                    type(err).__name__, err)  # fmt: skip
+                    self._follower = threading.Thread(target=self._follow, name="index-follower", daemon=True)
+                    self._follower.start()
+        return self._live
+
+    def close(self) -> None:
+        self._stopped.set()
+
+    # -- following -------------------------------------------------------------------------------------------------
+    def _follow(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._refresh(block_ms=self.block_ms)
+                self._failures = 0
+            except (redis.RedisError, OSError) as err:  # Redis (or the bucket, for a base) away: keep serving
+                self._failures += 1
+                delay = min(MAX_BACKOFF_S, 0.1 * 2**self._failures)
+                if self._failures in (1, 10) or self._failures % 100 == 0:
+                    LOG.warning("index reader cannot follow the writer's changes (%s: %s); serving what it has, "
+                                "retrying in %.1f s", type(err).__name__, err, delay)  # fmt: skip
+                self._stopped.wait(delay)
+            except Exception:  # never let the thread die: a reader that stops following serves stale answers
+                LOG.exception("index reader failed to apply changes; retrying")
+                self._stopped.wait(MAX_BACKOFF_S)
+
+    def _refresh(self, block_ms: int | None = None) -> None:
+        if self._load_new_base():
+            return
+        live, deltas = self._live, self.deltas
+        if live is None or deltas is None:
+            if block_ms:
+                self._stopped.wait(block_ms / 1000)
+            return
+        entries, position = deltas.read_after(live.position, block_ms=block_ms)
+        self._check_chain(live.position, entries)
+        live.apply(entries)
+        live.position = position
+        live.heard_at = time.time()
+
+    def _load_new_base(self) -> bool:
+        """Map a newly published base and rebuild its delta from the stream; True when it swapped."""
+        stamp = self.store.versions.stamp()
+        if stamp == self._stamp:
+            return False
+        try:
+            base = self.store.load(mapped=True)
+        except (OSError, RuntimeError) as err:  # pruned while read (faiss raises RuntimeError): next turn
+            LOG.warning("reader could not load index v%s (%s); still serving the one it has",
+                        self.store.versions.current(), err)  # fmt: skip
+            return False
+        if base is None:
+            return False
+        if self.gpu:
+            base.on_gpu()
+        live = LiveIndex.of(base)
+        if self.deltas is not None:
+            # Every change after the base, page by page. When Redis fails meanwhile, the new base is served as far as
+            # it got if that is not behind the index served now (a base holds every change up to its stream id, and
+            # those the writer made while the stream was down), else the old one; the follower goes on from there.
+            try:
+                live.position = base.stream_id or self.deltas.last_id()  # a base from before the stream: no changes
+                while True:
+                    entries, position = self.deltas.read_after(live.position)
+                    if not entries and position == live.position:
+                        break
+                    self._check_chain(live.position, entries)
+                    live.apply(entries)
+                    live.position = position
+            except redis.RedisError:
+                served = self._live
+                if live.position and (served is None or not older(live.position, served.position)):
+                    self._live, self._stamp = live, stamp
+                    LOG.info("reader serves index v%s (%d vectors) without the changes after it while the stream "
+                             "is away", base.version, base.ntotal)  # fmt: skip
+                raise
+            live.heard_at = time.time()
+        self._live, self._stamp = live, stamp
+        LOG.info("reader serves index v%s (%d vectors in the base, %d changes after it)", base.version,
+                 base.ntotal, live.delta.ntotal + len(live.delta.tombstones))  # fmt: skip
+        return True
+
+    def _check_chain(self, position: str, entries: list[Entry]) -> None:
+        if entries and entries[0].prev != position and entries[0].prev:
+            DELTA_GAPS.inc()
+            LOG.warning("index changes between %s and %s are missing from the stream (Redis lost them?); the next "
+                        "sealed base brings them", position, entries[0].id)  # fmt: skip
