@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/index.py            # 1,000,000 vectors (about 15 GB of RAM, 10 minutes on 2 cores)
     .venv/bin/python bench/index.py --quick    # 100,000 vectors
+    .venv/bin/python bench/index.py --stream -n 1000000   # under a stream of adds and removals (bench/index_stream.py)
 
 Vectors: ``deeptarget.index.synthetic.ClusteredVectors`` (4,000 anisotropic Gaussian clusters of Zipf-like sizes,
 unit length, the default backbone's width). Queries are fresh draws from the same distribution, not in the index.
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import faiss
+import index_stream  # bench/, beside this file
 import numpy as np
 from rich.console import Console
 from rich.progress import Progress
@@ -87,7 +89,13 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=1000, help="single queries timed for the IVF latency")
     parser.add_argument("--exact-single", type=int, default=50, help="single queries timed on the exact index")
     parser.add_argument("--target-recall", type=float, default=0.95)
+    parser.add_argument("--stream", action="store_true", help="the streaming mode: bench/index_stream.py's options")
+    index_stream.add_arguments(parser)
     args = parser.parse_args()
+    if args.stream:
+        args.n = args.n or (100_000 if args.quick else 1_000_000)
+        index_stream.run(args)
+        return
     n = args.n or (100_000 if args.quick else 1_000_000)
     k = 10
     console = Console()

@@ -1,182 +1,367 @@
-"""How fresh the index is under a stream, as it works today: whole snapshots (issue 17's baseline).
+"""The index under a stream, as deployed: a sealed base, the writer's change stream, readers in their own processes.
 
-    .venv/bin/python bench/index_stream.py                 # 100,000 vectors, adds at 1,000/s for 60 s
-    .venv/bin/python bench/index_stream.py -n 300000 --seconds 90
+    .venv/bin/python bench/index.py --stream -n 1000000            # what bench/index.py --stream runs
+    .venv/bin/python bench/index_stream.py -n 100000 --seconds 30  # the same, directly
 
-What it runs is the writer's and the reader's code, not a model of it: a ``VectorIndex`` holding ``n`` clustered
-synthetic vectors (``index.synthetic``), a writer thread that upserts new vectors at ``--rate`` a second in batches of
-``--batch`` with ``--remove-share`` of that rate removed, and publishes a snapshot (``SnapshotStore.save``, the whole
-index) every ``--snapshot-every`` seconds as the index writer does; and a reader thread that follows the published
-snapshots with ``LiveReader`` (stat of CURRENT, then ``faiss.read_index`` of the whole file) and runs single
-queries between its checks. An added vector is *visible* when the reader serves a snapshot that holds it; the time
-from its upsert to then is its visibility latency.
+What runs is the project's code, not a model of it: a real ``redis-server`` (the embedded one); a base index of ``n``
+clustered synthetic vectors (``index.synthetic``) built as the writer builds one (``IndexPlan`` for the memory
+budget, ``build_index``), sealed with ``SnapshotStore.begin`` (a forked write) and published; then a writer loop
+that upserts new vectors at ``--rate`` a second (batches of 100), removes ``--remove-share`` of that rate of random
+live ids, appends each change to the ``DeltaStream`` and seals a new base every ``--seal-every`` changes, as
+``IndexWriter`` does (without its metadata-store journal, which at 10M would be 51 GB of SQLite rows; the journal's
+cost is bench/store.py's). One reader process follows with ``LiveReader`` (the API's reader) and runs single
+queries from ``--clients`` concurrent threads while the stream runs.
 
-Printed: visibility p50/p99, the writer's save time per snapshot, the reader's load time, single-query p50/p99 while
-the stream runs, the process's peak RSS (writer and reader share it here: the reader holds a second full copy, and a
-third while it loads), and the snapshot's bytes per vector. The last lines are ``visible p99 = Z s`` and
-``reader RSS = W GB`` at this size: what segments and a delta stream (issue 17) must bring under 1 s and 8 GB.
-The index is the exact one (IDMap2 Flat) throughout: the baseline of the snapshot path, not of IVF's search.
+Freshness: after each batch the writer hands one of its vectors, with the time it was added, to the reader
+(a Redis list, after the change is in the stream); the reader queries that vector until the query returns its id.
+The time from the add to that answer is the visibility latency, polling every 5 ms.
 
-Measured here (2 cores), defaults: 100,000 -> 151,961 vectors, visible after an add p50 4.17 s / p99 6.95 s; a
-snapshot saved in 0.98 s (p99 1.60) and loaded in 0.50 s; single queries p50 75 ms / p99 137 ms while the stream
-runs; 5,128 bytes a vector on disk; peak RSS 2.60 GB.
+At the end the stream stops, the reader catches up, and recall@10 of its answers to fresh queries is measured against
+exact search over the same live set (the base's vectors generated again, less the removed ones, plus the added).
+Printed: recall@10, single-query p50/p99 and QPS with concurrent clients, visibility p50/p99, the writer's and the
+reader's RSS, seal times, disk per vector; last ``recall@10 = X``, ``p99 = Y ms``, ``visible p99 = Z s``,
+``reader RSS = W GB``.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import base64
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import redis
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from deeptarget.index.builder import ExactNeighbours, IndexPolicy, build_ivf, recall_at_k
+from deeptarget.index.deltas import Change, DeltaStream, older
 from deeptarget.index.segments import LiveReader
 from deeptarget.index.synthetic import ClusteredVectors
-from deeptarget.index.vectors import SnapshotStore, VectorIndex
+from deeptarget.index.vectors import SnapshotStore, SnapshotWrite, VectorIndex
+from deeptarget.runtime.embedded_redis import EmbeddedRedis
+
+CHUNK = 65_536
+PROBES = "bench:probes"
+STOP = "bench:stop"
+K = 10
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+def memory_gb(field: str = "VmRSS", pid: str = "self") -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024**2
+    return float("nan")
 
 
-class Stream:
-    """The writer's side: upserts and removals at a steady rate, a whole snapshot every ``snapshot_every_s``."""
+def base_ids(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64) * 7919 + 13  # arbitrary int64 ids, as the blake2b ones are
 
-    def __init__(self, index: VectorIndex, store: SnapshotStore, data: ClusteredVectors, args: argparse.Namespace,
-                 first_id: int) -> None:  # fmt: skip
-        self.index, self.store, self.data, self.args = index, store, data, args
-        self.next_id = first_id
-        self.added_at: dict[int, float] = {}  # vector id -> when it was upserted (monotonic)
-        self.saves_s: list[float] = []
-        self.lock = threading.Lock()  # the writer's lock: adds and saves (as IndexWriter holds one)
-        self.done = threading.Event()
-        self.rng = np.random.default_rng(3)
 
-    def run(self) -> None:
-        args = self.args
-        interval = args.batch / args.rate
-        next_batch = next_snapshot = time.monotonic()
-        next_snapshot += args.snapshot_every
-        end = time.monotonic() + args.seconds
-        stream = 10
-        while time.monotonic() < end:
-            now = time.monotonic()
-            if now >= next_snapshot:
-                started = time.perf_counter()
-                with self.lock:
-                    self.store.save(self.index)
-                self.saves_s.append(time.perf_counter() - started)
-                next_snapshot = time.monotonic() + args.snapshot_every
+# -- the reader process --------------------------------------------------------------------------------------------
+def reader_main(folder: str, url: str, clients: int, out: str, dim: int, clusters: int, recall_queries: int) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # as the API's query threads (one OpenMP thread each)
+    client = redis.Redis.from_url(url)
+    reader = LiveReader(SnapshotStore(Path(folder)), DeltaStream.from_url(url), block_ms=100)
+    assert reader.get() is not None
+    data = ClusteredVectors(dim=dim, n_clusters=clusters, seed=0)
+    queries = data.sample(2000, stream=1)
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    visible: list[float] = []
+    stop = threading.Event()
+
+    def query_client(slot: int) -> None:
+        faiss.omp_set_num_threads(1)  # per thread, as the API's executor threads set it
+        i = slot
+        while not stop.is_set():
+            index = reader.get()
+            assert index is not None
+            started = time.perf_counter()
+            index.search(queries[i % len(queries)][None], K)
+            latencies[slot].append(time.perf_counter() - started)
+            i += clients
+
+    def follow_probes() -> None:
+        faiss.omp_set_num_threads(1)
+        while not stop.is_set():
+            popped: Any = client.blpop([PROBES], timeout=1)
+            if popped is None:
                 continue
+            probe = json.loads(popped[1])
+            vector = np.frombuffer(base64.b64decode(probe["vector"]), np.float32)[None]
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                index = reader.get()
+                if index is not None and probe["id"] in index.search(vector, K)[1][0]:
+                    visible.append(time.time() - probe["added"])
+                    break
+                time.sleep(0.005)
+            else:
+                visible.append(float("inf"))
+
+    threads = [threading.Thread(target=query_client, args=(s,), daemon=True) for s in range(clients)]
+    threads.append(threading.Thread(target=follow_probes, daemon=True))
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    print("ready", flush=True)
+    final: Any = client.blpop([STOP], timeout=24 * 3600)  # the writer's last stream id
+    stop.set()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    assert final is not None
+    last = final[1].decode()
+    while (index := reader.get()) is None or older(index.position, last):
+        time.sleep(0.05)
+    found = index.search(data.sample(recall_queries, stream=2), K)[1]
+    all_latencies = [x for slot in latencies for x in slot]
+    Path(out).write_text(json.dumps({
+        "latencies_ms": [x * 1000 for x in all_latencies], "qps": len(all_latencies) / elapsed, "visible_s": visible,
+        "rss_gb": memory_gb("VmRSS"), "peak_rss_gb": memory_gb("VmHWM"), "found": found.tolist(),
+        "ntotal": index.ntotal, "delta": index.delta.ntotal, "tombstones": len(index.delta.tombstones),
+    }))  # fmt: skip
+
+
+# -- the writer ----------------------------------------------------------------------------------------------------
+class Writer:
+    """Upserts and removals at a steady rate into the base index, each change appended to the stream, and a seal
+    (a forked snapshot) every ``seal_every`` changes, as ``IndexWriter`` does."""
+
+    def __init__(self, index: VectorIndex, store: SnapshotStore, deltas: DeltaStream, client: redis.Redis,
+                 data: ClusteredVectors, args: argparse.Namespace) -> None:  # fmt: skip
+        self.index, self.store, self.deltas, self.client, self.data, self.args = (
+            index,
+            store,
+            deltas,
+            client,
+            data,
+            args,
+        )
+        self.next_id = 10**15  # new ids, apart from the base's
+        self.added: dict[int, np.ndarray] = {}
+        self.removed: set[int] = set()
+        self.live_base = args.n
+        self.seals_s: list[float] = []
+        self.fork_ms: list[float] = []
+        self.changes_since_seal = 0
+        self.sealing: threading.Thread | None = None
+        self.rng = np.random.default_rng(3)
+        self.last_id = "0-0"
+        self.sealed_ids: list[str] = []
+
+    def run(self, progress: Progress) -> None:
+        args = self.args
+        task = progress.add_task("streaming", total=args.seconds)
+        interval = args.batch / args.rate
+        start = next_batch = time.monotonic()
+        stream = 10
+        while (now := time.monotonic()) < start + args.seconds:
             if now < next_batch:
-                time.sleep(min(next_batch, next_snapshot) - now)
+                time.sleep(next_batch - now)
                 continue
             vectors = self.data.sample(args.batch, stream=stream)
             stream += 1
             ids = np.arange(self.next_id, self.next_id + args.batch, dtype=np.int64)
             self.next_id += args.batch
-            removals = self.rng.integers(0, self.next_id - args.batch, int(args.batch * args.remove_share))
-            with self.lock:
-                self.index.upsert(ids, vectors)
-                self.index.remove(removals.astype(np.int64))
-                stamp = time.monotonic()
-            for vector_id in ids[:: max(1, args.batch // 4)]:  # a few of each batch are followed
-                self.added_at[int(vector_id)] = stamp
+            added_at = time.time()
+            self.index.upsert(ids, vectors)
+            self.last_id = self.deltas.append(Change("add", ids, vectors))
+            self.added.update(zip(ids.tolist(), vectors, strict=True))
+            gone = self._pick_removals(int(args.batch * args.remove_share))
+            self.index.remove(gone)
+            self.last_id = self.deltas.append(Change("remove", gone))
+            probe = {"id": int(ids[0]), "added": added_at, "vector": base64.b64encode(vectors[0].tobytes()).decode()}
+            self.client.rpush(PROBES, json.dumps(probe))
+            self.changes_since_seal += len(ids) + len(gone)
+            if self.changes_since_seal >= args.seal_every and (self.sealing is None or not self.sealing.is_alive()):
+                self._seal()
             next_batch += interval
-        self.done.set()
+            progress.update(task, completed=now - start)
+        if self.sealing is not None:
+            self.sealing.join()
 
+    def _pick_removals(self, count: int) -> np.ndarray:
+        picked = []
+        for _ in range(count):  # from the base's ids and the added ones, live ones only
+            if self.added and self.rng.random() < 0.5:
+                candidate = int(self.rng.choice(list(self.added)[-5000:]))
+            else:
+                candidate = int(base_ids(self.args.n)[self.rng.integers(0, self.args.n)])
+            if candidate not in self.removed:
+                picked.append(candidate)
+                self.removed.add(candidate)
+                self.added.pop(candidate, None)
+        return np.array(picked, np.int64)
 
-def follow(reader: LiveReader, stream: Stream, queries: np.ndarray) -> tuple[list[float], list[float], list[float]]:
-    """The reader's side until the stream ends: (visibility latencies s, single-query ms, snapshot loads s)."""
-    visible: list[float] = []
-    query_ms: list[float] = []
-    loads: list[float] = []
-    pending: dict[int, float] = {}
-    served = None
-    flushed = False
-    i = 0
-    while not stream.done.is_set() or pending:
+    def _seal(self) -> None:
         started = time.perf_counter()
-        index = reader.get()
-        if index is not served and index is not None:
-            loads.append(time.perf_counter() - started)
-            served, now = index, time.monotonic()
-            pending.update(stream.added_at)
-            for vector_id, at in list(pending.items()):
-                if vector_id in index:
-                    visible.append(now - at)
-                    del pending[vector_id]
-                    stream.added_at.pop(vector_id, None)
-        if stream.done.is_set() and not pending:
-            break
-        if stream.done.is_set() and not flushed:  # the last adds reach readers with the next snapshot: publish it
-            flushed = True
-            with stream.lock:
-                stream.store.save(stream.index)
-            gone = [v for v in stream.added_at if v not in stream.index]  # removed since their add: never visible
-            for vector_id in gone:
-                stream.added_at.pop(vector_id, None)
-            pending = {v: t for v, t in pending.items() if v in stream.index}
-        if index is not None:
-            q = time.perf_counter()
-            index.search(queries[i % len(queries)][None], 10)
-            query_ms.append((time.perf_counter() - q) * 1000)
-            i += 1
-        time.sleep(0.01)
-    return visible, query_ms, loads
+        sealed_id = self.last_id
+        write: SnapshotWrite = self.store.begin(self.index, sealed_id, fork=True)
+        self.fork_ms.append((time.perf_counter() - started) * 1000)
+        self.changes_since_seal = 0
+
+        def finish() -> None:
+            write.finish()
+            self.seals_s.append(time.perf_counter() - started)
+            self.sealed_ids.append(sealed_id)
+            if len(self.sealed_ids) >= 2:  # as IndexWriter: a reader still on the previous base needs what follows it
+                self.deltas.trim_before(self.sealed_ids[-2])
+
+        self.sealing = threading.Thread(target=finish, daemon=True)
+        self.sealing.start()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-n", type=int, default=100_000, help="vectors indexed before the stream starts")
-    parser.add_argument("--dim", type=int, default=1280)
+def build_base(args: argparse.Namespace, data: ClusteredVectors, console: Console) -> VectorIndex:
+    """The base as the writer builds one: an IVF trained on a sample, the codec the memory budget allows, every
+    vector added, nprobe tuned (``build_ivf``)."""
+    ids = base_ids(args.n)
+    policy = IndexPolicy(target_recall=args.target_recall, memory_budget=int(args.budget_gb * 2**30))
+    sample_rows = np.sort(np.random.default_rng(1).permutation(args.n)[: policy.nlist_for(args.n) * 40])
+    sample = _rows(data, args.n, sample_rows)
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i, chunk in enumerate(data.chunks(args.n, CHUNK)):
+            yield ids[i * CHUNK : i * CHUNK + len(chunk)], chunk
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("building the base", total=args.n)
+        started = time.perf_counter()
+        index, tuning = build_ivf(args.dim, "bench", sample, ids[sample_rows], chunks, args.n, policy,
+                                  progress=lambda m: progress.advance(task, m))  # fmt: skip
+    console.print(f"IVF{index.nlist},{index.codec} built in {time.perf_counter() - started:.0f} s; nprobe "
+                  f"{tuning.nprobe} for in-collection recall@10 {tuning.recall:.3f} {tuning.curve}")  # fmt: skip
+    return index
+
+
+def _rows(data: ClusteredVectors, n: int, rows: np.ndarray) -> np.ndarray:
+    """Rows of the collection without holding it: generated again chunk by chunk."""
+    picked = []
+    for i, chunk in enumerate(data.chunks(n, CHUNK)):
+        inside = rows[(rows >= i * CHUNK) & (rows < i * CHUNK + len(chunk))] - i * CHUNK
+        picked.append(chunk[inside])
+    return np.concatenate(picked)
+
+
+def exact_over_live_set(writer: Writer, data: ClusteredVectors, queries: np.ndarray, n: int) -> np.ndarray:
+    exact = ExactNeighbours(queries, K)
+    ids = base_ids(n)
+    removed = np.fromiter(writer.removed, np.int64, len(writer.removed))
+    for i, chunk in enumerate(data.chunks(n, CHUNK)):
+        chunk_ids = ids[i * CHUNK : i * CHUNK + len(chunk)]
+        keep = ~np.isin(chunk_ids, removed)
+        exact.update(chunk_ids[keep], chunk[keep])
+    if writer.added:
+        exact.update(np.fromiter(writer.added, np.int64, len(writer.added)), np.stack(list(writer.added.values())))
+    return exact.ids
+
+
+def run(args: argparse.Namespace) -> None:
+    console = Console()
+    data = ClusteredVectors(dim=args.dim, n_clusters=args.clusters, seed=0)
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
+        server = EmbeddedRedis(Path(folder) / "redis").start()
+        try:
+            _run(args, console, data, Path(folder), server.url)
+        finally:
+            server.stop()
+
+
+def _run(args: argparse.Namespace, console: Console, data: ClusteredVectors, folder: Path, url: str) -> None:
+    index = build_base(args, data, console)
+    deltas = DeltaStream.from_url(url)
+    client = redis.Redis.from_url(url)
+    store = SnapshotStore(folder / "index", keep=2)
+    started = time.perf_counter()
+    store.begin(index, deltas.last_id(), fork=True).finish()
+    first_seal = time.perf_counter() - started
+    disk = sum(p.stat().st_size for p in (folder / "index").glob("v*.faiss")) / index.ntotal
+    out = folder / "reader.json"
+    reader = subprocess.Popen(
+        [sys.executable, __file__, "--reader", str(folder / "index"), url, str(args.clients), str(out),
+         str(args.dim), str(args.clusters), str(args.recall_queries)],
+        stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    assert reader.stdout is not None and reader.stdout.readline().strip() == b"ready", "the reader did not start"
+    console.print(f"{args.n:,} vectors ({args.dim}-d) sealed in {first_seal:.1f} s, {disk:,.0f} bytes a vector; "
+                  f"adding {args.rate:,.0f}/s for {args.seconds:.0f} s, removing {args.remove_share:.0%} of that, "
+                  f"a seal every {args.seal_every:,} changes; {args.clients} query clients")  # fmt: skip
+    writer = Writer(index, store, deltas, client, data, args)
+    with Progress(console=console, transient=True) as progress:
+        writer.run(progress)
+    writer_rss, writer_peak = memory_gb("VmRSS"), memory_gb("VmHWM")
+    client.rpush(STOP, writer.last_id)
+    reader.wait()
+    result = json.loads(out.read_text())
+    queries = data.sample(args.recall_queries, stream=2)
+    console.print("exact search over the live set, for recall ...")
+    exact = exact_over_live_set(writer, data, queries, args.n)
+    recall = recall_at_k(np.array(result["found"]), exact, np.full(len(queries), -1), K)
+    lat, vis = np.array(result["latencies_ms"]), np.array(result["visible_s"])
+    table = Table("what", "value")
+    rows = [
+        ("index", f"IVF{index.nlist},{index.codec} nprobe {index.nprobe} (budget {args.budget_gb:g} GB)"),
+        ("live vectors at the end (reader)", f"{result['ntotal']:,} ({result['delta']:,} in its delta, "
+                                             f"{result['tombstones']:,} tombstones)"),
+        (f"recall@10 vs exact over the live set ({len(queries)} fresh queries)", f"{recall:.3f}"),
+        (f"single query, {args.clients} concurrent clients: p50 / p99 ms", f"{np.percentile(lat, 50):.2f} / "
+                                                                           f"{np.percentile(lat, 99):.2f}"),
+        ("QPS (all clients)", f"{result['qps']:,.0f}"),
+        ("visible after add: p50 / p99 s (max)", f"{np.percentile(vis, 50):.3f} / {np.percentile(vis, 99):.3f} "
+                                                 f"({vis.max():.3f}, n={len(vis)})"),
+        ("seal: fork ms p50 / whole seal s p50 (n)", f"{np.percentile(writer.fork_ms or [0], 50):.0f} / "
+                                                     f"{np.percentile(writer.seals_s or [0], 50):.1f} "
+                                                     f"({len(writer.seals_s)})"),
+        ("writer RSS now / peak GB", f"{writer_rss:.2f} / {writer_peak:.2f}"),
+        ("reader RSS now / peak GB", f"{result['rss_gb']:.2f} / {result['peak_rss_gb']:.2f}"),
+        ("disk per vector (base snapshot)", f"{disk:,.0f} B"),
+    ]  # fmt: skip
+    for what, value in rows:
+        table.add_row(what, value)
+    console.print(table)
+    print(f"recall@10 = {recall:.3f}")
+    print(f"p99 = {np.percentile(lat, 99):.2f} ms")
+    print(f"visible p99 = {np.percentile(vis, 99):.3f} s")
+    print(f"reader RSS = {result['peak_rss_gb']:.2f} GB")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="vectors added a second")
     parser.add_argument("--batch", type=int, default=100, help="vectors per upsert")
     parser.add_argument("--remove-share", type=float, default=0.1, help="removals, as a share of the add rate")
-    parser.add_argument("--seconds", type=float, default=60.0, help="how long the stream runs")
-    parser.add_argument("--snapshot-every", type=float, default=5.0, help="the writer's snapshot_every_s")
-    args = parser.parse_args()
-    console = Console()
-    data = ClusteredVectors(dim=args.dim, n_clusters=2000, seed=0)
-    index = VectorIndex.empty(args.dim, "bench")
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("indexing", total=args.n)
-        for start, chunk in zip(range(0, args.n, 65_536), data.chunks(args.n, 65_536), strict=True):
-            index.upsert(np.arange(start, start + len(chunk), dtype=np.int64), chunk)
-            progress.advance(task, len(chunk))
-    with tempfile.TemporaryDirectory() as folder:
-        store = SnapshotStore(Path(folder))
-        store.save(index)
-        disk = sum(p.stat().st_size for p in Path(folder).glob("v*.faiss")) / index.ntotal
-        reader = LiveReader(SnapshotStore(Path(folder)), check_interval_s=0.1)
-        reader.get()
-        stream = Stream(index, store, data, args, first_id=args.n)
-        writer = threading.Thread(target=stream.run, name="writer")
-        plan = (f"adding {args.rate:,.0f}/s for {args.seconds:.0f} s, removing {args.remove_share:.0%} of that, "
-                f"a snapshot every {args.snapshot_every:.0f} s")  # fmt: skip
-        console.print(f"{args.n:,} vectors ({args.dim}-d); {plan}")
-        writer.start()
-        visible, query_ms, loads = follow(reader, stream, data.sample(200, stream=1))
-        writer.join()
-    table = Table("what", "p50", "p99", "n")
-    table.add_row("visible after add (s)", f"{np.percentile(visible, 50):.2f}", f"{np.percentile(visible, 99):.2f}",
-                  str(len(visible)))  # fmt: skip
-    table.add_row("writer: save a snapshot (s)", f"{np.percentile(stream.saves_s, 50):.2f}",
-                  f"{np.percentile(stream.saves_s, 99):.2f}", str(len(stream.saves_s)))  # fmt: skip
-    table.add_row("reader: load a snapshot (s)", f"{np.percentile(loads, 50):.2f}", f"{np.percentile(loads, 99):.2f}",
-                  str(len(loads)))  # fmt: skip
-    table.add_row("single query while streaming (ms)", f"{np.percentile(query_ms, 50):.2f}",
-                  f"{np.percentile(query_ms, 99):.2f}", str(len(query_ms)))  # fmt: skip
-    console.print(table)
-    console.print(f"final size {index.ntotal:,} vectors; snapshot {disk:,.0f} bytes a vector on disk")
-    print(f"visible p99 = {np.percentile(visible, 99):.2f} s")
-    print(f"reader RSS = {peak_rss_gb():.2f} GB (peak of the process: writer and reader together)")
+    parser.add_argument("--seconds", type=float, default=120.0, help="how long the stream runs")
+    parser.add_argument("--seal-every", type=int, default=50_000, help="index_seal_every_changes")
+    parser.add_argument("--clients", type=int, default=2, help="concurrent query threads in the reader")
+    parser.add_argument("--recall-queries", type=int, default=500)
+    parser.add_argument("--budget-gb", type=float, default=6.0, help="index_memory_budget, for the base")
+    parser.add_argument("--work-dir", default=None, help="where snapshots and Redis live (default: /tmp)")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--reader":
+        folder, url, clients, out, dim, clusters, recall_queries = sys.argv[2:9]
+        reader_main(folder, url, int(clients), out, int(dim), int(clusters), int(recall_queries))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", type=int, default=100_000, help="vectors indexed before the stream starts")
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--clusters", type=int, default=4000)
+    parser.add_argument("--target-recall", type=float, default=0.95)
+    add_arguments(parser)
+    run(parser.parse_args())
 
 
 if __name__ == "__main__":

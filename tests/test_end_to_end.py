@@ -24,6 +24,8 @@ from deeptarget.api.app import create_app
 from deeptarget.core import keys
 from deeptarget.core.records import vector_id
 from deeptarget.core.settings import Settings
+from deeptarget.index.deltas import DeltaStream
+from deeptarget.index.segments import LiveReader
 from deeptarget.index.vectors import SnapshotStore
 from deeptarget.jobs import Jobs
 from deeptarget.runtime.app_server import AppServer
@@ -394,8 +396,11 @@ async def test_a_deleted_post_leaves_the_index_and_its_owners_profile(run: Run) 
                     break
             assert time.monotonic() < deadline, "the deleted post is still in the published index"
             await asyncio.sleep(0.2)
-    index = SnapshotStore(run.settings.index_dir).load()
-    assert vector_id(media.id) not in index
+    assert run.settings.redis_url  # a reader that starts now, from the base and the writer's changes since
+    reader = LiveReader(SnapshotStore(run.settings.index_dir), DeltaStream.from_url(run.settings.redis_url))
+    index = reader.get()
+    reader.close()
+    assert index is not None and vector_id(media.id) not in index
     assert run.store.post(media.id).status == "deleted"
     deadline = time.monotonic() + 60
     while run.store.profile(media.owner.id).post_count != owner_posts - 1:

@@ -236,19 +236,21 @@ def test_a_writer_killed_while_it_seals_loses_and_duplicates_nothing(tmp_path: P
             [sys.executable, "-c", WRITER, str(tmp_path), redis_url, str(1000 * (round_ + 1))],
             stdout=subprocess.PIPE, env=env,
         )  # fmt: skip
-        assert process.stdout is not None and process.stdout.readline().strip() == b"ready"
-        time.sleep(float(rng.uniform(0.5, 1.5)))
-        if round_ == 2:  # the forked child mid-write: the writer must retry the snapshot and go on
-            deadline = time.monotonic() + 10
-            while not (children := _children(process.pid)):  # a seal every 50 changes: one is written soon
-                assert time.monotonic() < deadline, "no forked snapshot writer seen"
-                time.sleep(0.001)
-            for child in children:
-                os.kill(child, signal.SIGKILL)
-            time.sleep(0.5)
-            assert process.poll() is None  # the writer lives on (and writes that snapshot again)
-        process.kill()
-        process.wait()
+        try:
+            assert process.stdout is not None and process.stdout.readline().strip() == b"ready"
+            time.sleep(float(rng.uniform(0.5, 1.5)))
+            if round_ == 2:  # the forked child mid-write: the writer must retry the snapshot and go on
+                deadline = time.monotonic() + 10
+                while not (children := _children(process.pid)):  # a seal every 50 changes: one is written soon
+                    assert time.monotonic() < deadline, "no forked snapshot writer seen"
+                    time.sleep(0.001)
+                for child in children:
+                    os.kill(child, signal.SIGKILL)
+                time.sleep(0.5)
+                assert process.poll() is None  # the writer lives on (and writes that snapshot again)
+        finally:
+            process.kill()
+            process.wait()
         reader.get()
     store = MetadataStore(tmp_path / "meta.sqlite3")
     writer = IndexWriter(store, SnapshotStore(tmp_path / "index"), deltas=DeltaStream.from_url(redis_url))

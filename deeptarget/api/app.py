@@ -653,6 +653,8 @@ def create_app(settings: Settings, service: QueryService | None = None) -> web.A
         app[REDIS_KEY] = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2)
         app[JOBS_KEY] = Jobs.for_settings(settings)
         yield
+        if service is None:  # ours: stop its index follower
+            app[SERVICE_KEY].snapshots.close()
         await app[REDIS_KEY].aclose()
         executor.shutdown(wait=False, cancel_futures=True)
 

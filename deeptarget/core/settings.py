@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ByteSize, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 from pydantic_settings.exceptions import SettingsError
 
@@ -413,6 +413,10 @@ class IndexSettings(BaseModel):
     index_ivf_from: int = Field(20_000, ge=1000, description="Exact search below this many vectors, IVF from here on.")
     index_target_recall: float = Field(0.95, gt=0, le=1, description="IVF nprobe is tuned to this recall@10.")
     index_regrow_factor: float = Field(4.0, gt=1, description="IVF is rebuilt after growing this many times.")
+    index_memory_budget: ByteSize = Field(
+        ByteSize(8 * 2**30), description="Memory the index may take (bytes, or e.g. '8GiB'): an IVF stores floats "
+        "while they fit, else the finest scalar quantizer that does (SQ8, SQ6, SQ4; see index.builder).",
+    )  # fmt: skip
     index_seal_every_s: float = Field(
         60.0, gt=0, description="With Redis, readers follow each index change through a stream; the writer seals the "
         "changes into a new base snapshot this often (and the stream is trimmed behind it).",

@@ -53,8 +53,7 @@ class DeltaSegment:
         self.base = base
         self.index = _empty_like(base)
         self.tombstones: set[int] = set()
-        self._selector: Any = None  # excludes the tombstones from a base search; rebuilt when they change
-        self._selector_parts: tuple[Any, ...] = ()
+        self._exclusion: Exclusion | None = None  # the tombstones, for a base search; rebuilt when they change
 
     @property
     def ntotal(self) -> int:
@@ -67,7 +66,7 @@ class DeltaSegment:
         fresh = {int(i) for i in ids if int(i) in self.base} - self.tombstones
         if fresh:
             self.tombstones |= fresh
-            self._selector = None
+            self._exclusion = None
         present = np.array([i for i in ids if self._has(int(i))], np.int64)
         if len(present):  # an IVF's hash-table direct map removes only by IDSelectorArray
             ivf = faiss.try_extract_index_ivf(self.index)
@@ -89,19 +88,36 @@ class DeltaSegment:
             return False
         return True
 
-    def base_params(self) -> Any:
-        """Search parameters for the base: its ``nprobe``, and the tombstones left out."""
-        if self._selector is None and self.tombstones:
-            batch = faiss.IDSelectorBatch(np.fromiter(self.tombstones, np.int64, len(self.tombstones)))
-            self._selector = faiss.IDSelectorNot(batch)
-            self._selector_parts = (batch,)  # the Not keeps a bare pointer to it
-        selector = self._selector if self.tombstones else None
-        if self.base.kind == "ivf":
+    def exclusion(self) -> Exclusion:
+        """The tombstones as a base search leaves them out; a new object whenever they change, so that a search
+        outside the lock keeps the one it started with alive."""
+        if self._exclusion is None:
+            self._exclusion = Exclusion.of(np.fromiter(self.tombstones, np.int64, len(self.tombstones)))
+        return self._exclusion
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """Ids a base search leaves out: a FAISS ``IDSelectorNot(IDSelectorBatch)`` and what it points to."""
+
+    ids: np.ndarray
+    selector: Any
+    _parts: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, ids: np.ndarray) -> Exclusion:
+        if not len(ids):
+            return cls(ids, None, ())
+        batch = faiss.IDSelectorBatch(ids)
+        return cls(ids, faiss.IDSelectorNot(batch), (batch,))  # the Not keeps a bare pointer to the batch
+
+    def params(self, base: VectorIndex) -> Any:
+        if base.kind == "ivf":
             ivf_params = faiss.SearchParametersIVF()
-            ivf_params.sel, ivf_params.nprobe = selector, max(1, self.base.nprobe)
+            ivf_params.sel, ivf_params.nprobe = self.selector, max(1, base.nprobe)
             return ivf_params
         params = faiss.SearchParameters()
-        params.sel = selector
+        params.sel = self.selector
         return params
 
 
@@ -160,34 +176,36 @@ class LiveIndex:
                 self.position = entry.id
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (n, k), best first; missing neighbours have id -1."""
+        """(scores, ids), each (n, k), best first; missing neighbours have id -1. The delta is searched under the
+        lock (the follower changes it); the base, which nothing changes, outside it, so that concurrent queries
+        share the cores, with the tombstones as they were when the delta was searched."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         with self._lock:
-            base_scores, base_ids = self._search_base(queries, k)
-            if self.delta.ntotal == 0:
-                return base_scores, base_ids
-            delta_scores, delta_ids = self.delta.index.search(queries, k)
-        scores = np.hstack([base_scores, delta_scores])
-        ids = np.hstack([base_ids, delta_ids])
+            exclusion = self.delta.exclusion()
+            found = self.delta.index.search(queries, k) if self.delta.ntotal else None
+        base_scores, base_ids = self._search_base(queries, k, exclusion)
+        if found is None:
+            return base_scores, base_ids
+        scores = np.hstack([base_scores, found[0]])
+        ids = np.hstack([base_ids, found[1]])
         scores = np.where(ids >= 0, scores, -np.inf)
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, best, axis=1), np.take_along_axis(ids, best, axis=1)
 
-    def _search_base(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_base(self, queries: np.ndarray, k: int, exclusion: Exclusion) -> tuple[np.ndarray, np.ndarray]:
         base = self.base
         if base.ntotal == 0:
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-        if base.on_gpu_now or not self.delta.tombstones:  # GPU indexes take no selector: ask for more, then filter
-            wanted = k if not self.delta.tombstones else min(k + len(self.delta.tombstones), 2048)
-            scores, ids = base.search(queries, wanted)
-            if self.delta.tombstones:
-                dead = np.isin(ids, np.fromiter(self.delta.tombstones, np.int64))
-                scores, ids = np.where(dead, -np.inf, scores), np.where(dead, -1, ids)
-                order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-                scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
-            return scores, ids
-        found: tuple[np.ndarray, np.ndarray] = base.index.search(queries, k, params=self.delta.base_params())
-        return found
+        if exclusion.selector is None:
+            return base.search(queries, k)
+        if base.on_gpu_now:  # GPU indexes take no selector: ask for more, then filter
+            scores, ids = base.search(queries, min(k + len(exclusion.ids), 2048))
+            dead = np.isin(ids, exclusion.ids)
+            scores, ids = np.where(dead, -np.inf, scores), np.where(dead, -1, ids)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+        result: tuple[np.ndarray, np.ndarray] = base.index.search(queries, k, params=exclusion.params(base))
+        return result
 
     def reconstruct(self, vector_id: int) -> np.ndarray | None:
         with self._lock:
@@ -258,6 +276,8 @@ class LiveReader:
 
     # -- following -------------------------------------------------------------------------------------------------
     def _follow(self) -> None:
+        # Applying a batch is small work: an OpenMP team for it would only contend with the query threads' cores
+        faiss.omp_set_num_threads(1)
         while not self._stopped.is_set():
             try:
                 self._refresh(block_ms=self.block_ms)

@@ -66,10 +66,11 @@ class VectorIndex:
 
     @classmethod
     def trained_ivf(
-        cls, dim: int, model_id: str, sample: np.ndarray, nlist: int, kmeans_iterations: int = 10
+        cls, dim: int, model_id: str, sample: np.ndarray, nlist: int, kmeans_iterations: int = 10, codec: str = "Flat"
     ) -> VectorIndex:
-        """An empty IVF index whose coarse centroids are k-means of ``sample`` (at least ~40 vectors per list)."""
-        index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        """An empty IVF index whose coarse centroids are k-means of ``sample`` (at least ~40 vectors per list), its
+        vectors stored as ``codec`` (``Flat``: floats; ``SQ8``/``SQ6``/``SQ4``: scalar-quantized, see builder)."""
+        index = faiss.index_factory(dim, f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.niter = kmeans_iterations
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
@@ -84,6 +85,15 @@ class VectorIndex:
     @property
     def kind(self) -> str:
         return "flat" if self._ivf is None else "ivf"
+
+    @property
+    def codec(self) -> str:
+        """How the vectors are stored: ``Flat`` (floats, exact or IVF) or a scalar quantizer (``SQ8``, ...)."""
+        ivf = self._ivf
+        if ivf is None or not isinstance(ivf, faiss.IndexIVFScalarQuantizer):
+            return "Flat"
+        bits = {faiss.ScalarQuantizer.QT_8bit: 8, faiss.ScalarQuantizer.QT_6bit: 6, faiss.ScalarQuantizer.QT_4bit: 4}
+        return f"SQ{bits.get(ivf.sq.qtype, '?')}"
 
     @property
     def _ivf(self) -> faiss.IndexIVF | None:
@@ -235,6 +245,7 @@ class SnapshotStore:
             "ntotal": index.ntotal,
             "seq": index.seq,
             "kind": index.kind,
+            "codec": index.codec,
             "nprobe": index.nprobe,
             "trained_on": index.trained_on,
             "created": time.time(),
@@ -244,7 +255,7 @@ class SnapshotStore:
         atomic_write(self.versions.path(version, ".json"), lambda h: h.write(json.dumps(meta).encode()))
         path = self.versions.path(version)
         if fork and hasattr(os, "fork"):
-            return SnapshotWrite(self, version, index, path, _fork_write(index.index, path))
+            return SnapshotWrite(self, version, index, path, _fork_write(index.index, path, self._lock_fd))
         # Streamed to the file: 5x faster than serialize_index to a buffer (40 against 210 ms at 10k x 1280-d here).
         # PyCallbackIOWriter is missing from faiss's stubs (1.15).
         atomic_write(path, lambda h: faiss.write_index(index.index, faiss.PyCallbackIOWriter(h.write)))  # type: ignore[attr-defined]
@@ -283,7 +294,10 @@ class SnapshotStore:
             return None
         self.versions.fetch(version, ".json")  # from the bucket, when this host has not got it yet
         meta = json.loads(self.versions.path(version, ".json").read_text())
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0
+        # IO_FLAG_MMAP maps an IVF's lists; an exact index's codes (IndexFlatCodes) need IO_FLAG_MMAP_IFC (faiss
+        # >= 1.9), which reads through a mapped-file reader that IVF's list mapping refuses: one or the other.
+        mapping = faiss.IO_FLAG_MMAP_IFC if meta.get("kind") == "flat" else faiss.IO_FLAG_MMAP
+        flags = mapping | faiss.IO_FLAG_READ_ONLY if mapped else 0
         index = VectorIndex(
             int(meta["dim"]),
             str(meta["model_id"]),
@@ -334,15 +348,18 @@ def _fork_tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def _fork_write(index: faiss.Index, path: Path) -> int:
+def _fork_write(index: faiss.Index, path: Path, lock_fd: int | None) -> int:
     """Fork a child that writes ``index`` to ``path``'s temporary name, fsyncs it and exits; returns its pid. The
     child runs no Python beyond these calls (no logging, no locks another thread may have held at the fork) and
-    leaves with ``os._exit``, so nothing of the parent's (atexit handlers, buffered files) runs twice."""
+    leaves with ``os._exit``, so nothing of the parent's (atexit handlers, buffered files) runs twice. It lets go of
+    the writer lock first: a child that outlives a killed writer must not keep the next one from taking it."""
     tmp = _fork_tmp(path)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child; coverage does not follow it
         code = 1
         try:
+            if lock_fd is not None:
+                os.close(lock_fd)
             faiss.write_index(index, str(tmp))
             fd = os.open(tmp, os.O_RDONLY)
             os.fsync(fd)
