@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from deeptarget.core.records import Post, Prediction, vector_id
-from deeptarget.index.builder import IndexPolicy, build_ivf, recall_at_k
+from deeptarget.index.builder import CODECS, IndexPolicy, build_ivf, recall_at_k
+from deeptarget.index.deltas import Change, Entry
+from deeptarget.index.segments import LiveIndex
 from deeptarget.index.synthetic import ClusteredVectors
 from deeptarget.index.vectors import SnapshotStore, VectorIndex
 from deeptarget.index.writer import IndexWriter
@@ -94,3 +96,36 @@ def test_the_writer_grows_into_ivf_in_the_background_and_loses_nothing(tmp_path:
     restarted = IndexWriter(store, snapshots, policy=policy)  # loads the IVF snapshot; nothing to replay or rebuild
     assert restarted.index is not None and restarted.index.kind == "ivf" and restarted.build is None
     assert store.status_counts() == {"indexed": 6000}
+
+
+def test_a_collection_past_the_memory_budget_gets_a_scalar_quantized_ivf_that_readers_map_and_follow(
+    tmp_path: Path,
+) -> None:
+    """The codec is the finest that fits ``memory_budget``; a quantized base is mapped, and a reader's delta
+    (float, on the base's quantizer) and tombstones work over it as over a float one."""
+    vectors = DATA.sample(8000)
+    ids = np.arange(len(vectors), dtype=np.int64)
+    per_vector = 8 + 40
+    fits = {codec: len(ids) * (DIM * share + per_vector) for codec, share in CODECS.items()}
+    assert IndexPolicy(memory_budget=int(fits["Flat"])).codec_for(len(ids), DIM) == "Flat"
+    assert IndexPolicy(memory_budget=int(fits["SQ8"])).codec_for(len(ids), DIM) == "SQ8"
+    policy = IndexPolicy(memory_budget=int(fits["SQ6"]), tuning_queries=200)
+    chunks = lambda: ((ids[i : i + 4000], vectors[i : i + 4000]) for i in range(0, len(ids), 4000))  # noqa: E731
+    index, tuning = build_ivf(DIM, MODEL, vectors[:2560], ids[:2560], chunks, len(ids), policy)
+    assert index.codec == "SQ6" and tuning.recall >= 0.9, tuning.curve
+    grown = IndexPolicy(memory_budget=int(fits["SQ8"]) // 2)  # the collection outgrew its codec: rebuild smaller
+    assert grown.wants_rebuild(index) and not policy.wants_rebuild(index)
+
+    store = SnapshotStore(tmp_path)
+    store.save(index)
+    base = store.load(mapped=True)
+    assert base is not None and base.codec == "SQ6" and base.read_only
+    live = LiveIndex.of(base)
+    fresh = DATA.sample(10, stream=5)
+    changes = [Change("add", np.array([3, 99_999]), fresh[:2]), Change("remove", np.array([5]))]
+    live.apply([Entry(f"1-{i}", "", change) for i, change in enumerate(changes)])
+    assert live.ntotal == len(ids) and 5 not in live
+    np.testing.assert_array_equal(live.reconstruct(3), fresh[0])  # the delta holds floats
+    scores, found = live.search(fresh[:2], 5)
+    assert list(found[:, 0]) == [3, 99_999] and np.allclose(scores[:, 0], 1, atol=1e-5)
+    assert all(len(set(row.tolist())) == 5 for row in found)

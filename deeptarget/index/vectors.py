@@ -89,7 +89,7 @@ class VectorIndex:
     @property
     def codec(self) -> str:
         """How the vectors are stored: ``Flat`` (floats, exact or IVF) or a scalar quantizer (``SQ8``, ...)."""
-        ivf = self._ivf
+        ivf = faiss.downcast_index(self._ivf) if self._ivf is not None else None  # the concrete IVF class
         if ivf is None or not isinstance(ivf, faiss.IndexIVFScalarQuantizer):
             return "Flat"
         bits = {faiss.ScalarQuantizer.QT_8bit: 8, faiss.ScalarQuantizer.QT_6bit: 6, faiss.ScalarQuantizer.QT_4bit: 4}
