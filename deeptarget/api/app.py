@@ -99,7 +99,9 @@ REQUESTS = prometheus_client.Histogram(
 INDEX_VECTORS = prometheus_client.Gauge("deeptarget_index_vectors", "Vectors in the index snapshot this API serves")
 INDEX_VERSION = prometheus_client.Gauge("deeptarget_index_version", "Version of the index snapshot this API serves")
 INDEX_AGE = prometheus_client.Gauge(
-    "deeptarget_index_age_seconds", "Age of the index snapshot this API serves (since the writer published it)"
+    "deeptarget_index_age_seconds",
+    "How stale the index this API serves may be: since it last heard from the writer's change stream (without one: "
+    "since the snapshot was published)",
 )
 MAX_K = 1000
 MAX_MIN_POSTS = 1_000_000

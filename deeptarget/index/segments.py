@@ -152,6 +152,7 @@ class LiveIndex:
     dim = property(lambda self: self.base.dim)
     model_id = property(lambda self: self.base.model_id)
     kind = property(lambda self: self.base.kind)
+    codec = property(lambda self: self.base.codec)
     nprobe = property(lambda self: self.base.nprobe)
     version = property(lambda self: self.base.version)
     seq = property(lambda self: self.base.seq)

@@ -109,7 +109,8 @@ def _iso(name: str, raw: str | None) -> datetime | None:
 
 
 NO_FILTER = PostFilter()
-MAX_FILTERED_CANDIDATES = 20_000  # a filter that rejects nearly everything stops here instead of scanning it all
+MAX_FILTERED_CANDIDATES = 20_000
+RERANK_FACTOR = 4  # candidates per answer from a quantized base, re-scored exactly (see similar_to_vector)  # a filter that rejects nearly everything stops here instead of scanning it all
 
 
 class QueryService:
@@ -192,17 +193,34 @@ class QueryService:
 
     def similar_to_vector(self, vector: np.ndarray, k: int = 10, where: PostFilter = NO_FILTER) -> list[Neighbour]:
         """The k nearest posts that pass ``where``: with a filter, candidates are fetched in growing rounds (4k, 16k,
-        ...) until k pass or the index (or ``MAX_FILTERED_CANDIDATES``) is exhausted."""
+        ...) until k pass or the index (or ``MAX_FILTERED_CANDIDATES``) is exhausted. From a quantized base
+        (``index_memory_budget``), ``RERANK_FACTOR`` times as many candidates are scored again exactly, from the float
+        embeddings the metadata store keeps (a quantized code alone finds about 0.86 of the exact top 10 at SQ4)."""
         index = self.index()
-        fetch = k * 4 if where.active else k
+        rerank = index.codec != "Flat"
+        fetch = (k * 4 if where.active else k) * (RERANK_FACTOR if rerank else 1)
         while True:
             scores, ids = index.search(vector[None, :], min(fetch, max(index.ntotal, 1)))
             found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
             posts = self.store.posts_by_vector_ids(i for i, _ in found)
+            if rerank:
+                found = self._exactly(vector, found, posts)
             passing = [Neighbour.of(posts[i], s) for i, s in found if i in posts and where(posts[i])]
             if len(passing) >= k or fetch >= index.ntotal or fetch >= MAX_FILTERED_CANDIDATES:
                 return passing[:k]
             fetch *= 4
+
+    def _exactly(
+        self, vector: np.ndarray, found: list[tuple[int, float]], posts: dict[int, StoredPost]
+    ) -> list[tuple[int, float]]:
+        """Candidates scored by their stored float embeddings, best first (a candidate without one keeps the
+        index's score)."""
+        rows = self.store.embeddings([posts[i].post.id for i, _ in found if i in posts])
+        if rows.vectors.ndim != 2 or rows.vectors.shape[1] != len(vector):  # another model's: nothing to compare
+            return found
+        exact = dict(zip(rows.vector_ids.tolist(), (rows.vectors @ vector).tolist(), strict=True))
+        rescored = [(i, float(exact.get(i, s))) for i, s in found]
+        return sorted(rescored, key=lambda pair: -pair[1])
 
     def similar_to_post(self, post_id: str, k: int = 10, where: PostFilter = NO_FILTER) -> list[Neighbour]:
         vector = self.index().reconstruct(vector_id(post_id))
