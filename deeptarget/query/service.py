@@ -109,8 +109,8 @@ def _iso(name: str, raw: str | None) -> datetime | None:
 
 
 NO_FILTER = PostFilter()
-MAX_FILTERED_CANDIDATES = 20_000
-RERANK_FACTOR = 4  # candidates per answer from a quantized base, re-scored exactly (see similar_to_vector)  # a filter that rejects nearly everything stops here instead of scanning it all
+MAX_FILTERED_CANDIDATES = 20_000  # a filter that rejects nearly everything stops here instead of scanning it all
+RERANK_FACTOR = 4  # candidates per answer from a quantized base, re-scored exactly (see similar_to_vector)
 
 
 class QueryService:
