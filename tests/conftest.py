@@ -89,6 +89,7 @@ def make_settings(data_dir: Path, redis_url: str | None = None, **overrides: obj
         "image_size": 96,
         "decode_long_side": 320,
         "snapshot_every_s": 0.5,
+        "index_seal_every_s": 0.5,  # tests that read snapshot files see changes soon; readers follow the stream
         "torch_threads": 1,
         "sandbox_posts": 60,
         "sandbox_users": 12,

@@ -54,6 +54,7 @@ class DeltaSegment:
         self.index = _empty_like(base)
         self.tombstones: set[int] = set()
         self._exclusion: Exclusion | None = None  # the tombstones, for a base search; rebuilt when they change
+        self.skipped = 0  # changes of another model's vectors (see apply)
 
     @property
     def ntotal(self) -> int:
@@ -62,6 +63,14 @@ class DeltaSegment:
     def apply(self, change: Change) -> None:
         ids = np.ascontiguousarray(change.ids, dtype=np.int64)
         if len(ids) == 0:
+            return
+        if change.vectors is not None and change.vectors.shape[1] != self.base.dim:
+            # The writer's index is another model's now (a rebuild after a switch of weights): its base, which the
+            # writer publishes at the rebuild's end, brings these; until then the old model's answers stand.
+            if not self.skipped:
+                LOG.warning("index changes of %d-d vectors for a %d-d base: skipped until the new base arrives",
+                            change.vectors.shape[1], self.base.dim)  # fmt: skip
+            self.skipped += len(ids)
             return
         fresh = {int(i) for i in ids if int(i) in self.base} - self.tombstones
         if fresh:
