@@ -70,8 +70,12 @@ def base_ids(n: int) -> np.ndarray:
 
 
 # -- the reader process --------------------------------------------------------------------------------------------
-def reader_main(folder: str, url: str, clients: int, out: str, dim: int, clusters: int, recall_queries: int) -> None:
+def reader_main(folder: str, url: str, clients: int, out: str, dim: int, clusters: int, recall_queries: int,
+                cpus: str) -> None:  # fmt: skip
     import faiss
+
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
 
     faiss.omp_set_num_threads(1)  # as the API's query threads (one OpenMP thread each)
     client = redis.Redis.from_url(url)
@@ -154,6 +158,7 @@ class Writer:
         self.next_id = 10**15  # new ids, apart from the base's
         self.added: dict[int, np.ndarray] = {}
         self.removed: set[int] = set()
+        self.probes: set[int] = set()  # never removed: the reader waits for each
         self.live_base = args.n
         self.seals_s: list[float] = []
         self.fork_ms: list[float] = []
@@ -184,6 +189,7 @@ class Writer:
             gone = self._pick_removals(int(args.batch * args.remove_share))
             self.index.remove(gone)
             self.last_id = self.deltas.append(Change("remove", gone))
+            self.probes.add(int(ids[0]))
             probe = {"id": int(ids[0]), "added": added_at, "vector": base64.b64encode(vectors[0].tobytes()).decode()}
             self.client.rpush(PROBES, json.dumps(probe))
             self.changes_since_seal += len(ids) + len(gone)
@@ -201,7 +207,7 @@ class Writer:
                 candidate = int(self.rng.choice(list(self.added)[-5000:]))
             else:
                 candidate = int(base_ids(self.args.n)[self.rng.integers(0, self.args.n)])
-            if candidate not in self.removed:
+            if candidate not in self.removed and candidate not in self.probes:
                 picked.append(candidate)
                 self.removed.add(candidate)
                 self.added.pop(candidate, None)
@@ -290,15 +296,21 @@ def _run(args: argparse.Namespace, console: Console, data: ClusteredVectors, fol
     first_seal = time.perf_counter() - started
     disk = sum(p.stat().st_size for p in (folder / "index").glob("v*.faiss")) / index.ntotal
     out = folder / "reader.json"
+    cpus = sorted(os.sched_getaffinity(0))
+    split = args.pin and len(cpus) >= 2  # the writer and the reader on cores of their own, as on their own hosts
+    reader_cpus = ",".join(str(c) for c in cpus[len(cpus) // 2 :]) if split else ""
+    if split:
+        os.sched_setaffinity(0, set(cpus[: len(cpus) // 2]))
+    placement = f"writer on cpus {sorted(os.sched_getaffinity(0))}, reader on {reader_cpus}" if split else "unpinned"
     reader = subprocess.Popen(
         [sys.executable, __file__, "--reader", str(folder / "index"), url, str(args.clients), str(out),
-         str(args.dim), str(args.clusters), str(args.recall_queries)],
+         str(args.dim), str(args.clusters), str(args.recall_queries), reader_cpus],
         stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )  # fmt: skip
     assert reader.stdout is not None and reader.stdout.readline().strip() == b"ready", "the reader did not start"
     console.print(f"{args.n:,} vectors ({args.dim}-d) sealed in {first_seal:.1f} s, {disk:,.0f} bytes a vector; "
                   f"adding {args.rate:,.0f}/s for {args.seconds:.0f} s, removing {args.remove_share:.0%} of that, "
-                  f"a seal every {args.seal_every:,} changes; {args.clients} query clients")  # fmt: skip
+                  f"a seal every {args.seal_every:,} changes; {args.clients} query clients; {placement}")  # fmt: skip
     writer = Writer(index, store, deltas, client, data, args)
     with Progress(console=console, transient=True) as progress:
         writer.run(progress)
@@ -348,12 +360,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recall-queries", type=int, default=500)
     parser.add_argument("--budget-gb", type=float, default=6.0, help="index_memory_budget, for the base")
     parser.add_argument("--work-dir", default=None, help="where snapshots and Redis live (default: /tmp)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="the writer and the reader share every core (default: half the cores each)")  # fmt: skip
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--reader":
-        folder, url, clients, out, dim, clusters, recall_queries = sys.argv[2:9]
-        reader_main(folder, url, int(clients), out, int(dim), int(clusters), int(recall_queries))
+        folder, url, clients, out, dim, clusters, recall_queries, cpus = sys.argv[2:10]
+        reader_main(folder, url, int(clients), out, int(dim), int(clusters), int(recall_queries), cpus)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=100_000, help="vectors indexed before the stream starts")

@@ -4,6 +4,8 @@ while it seals loses and duplicates nothing. Real writer, real snapshot files, r
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -118,10 +120,11 @@ def test_changes_reach_readers_through_the_stream_without_a_snapshot(tmp_path: P
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_a_reader_under_adds_and_removals_answers_as_exact_search_over_the_live_set(
-    tmp_path: Path, redis_url: str, kind: str
+    tmp_path: Path, redis_url: str, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Random adds, removals and replacements, a seal in the middle, and a reader started late (on a trimmed
     stream): every answer is exact search's over the live set (flat), or within the recall target (IVF)."""
+    caplog.set_level(logging.INFO, "deeptarget.index.segments")
     policy = IndexPolicy(ivf_from=1000 if kind == "ivf" else 10**6, regrow_factor=100)
     f = Fixture(tmp_path, redis_url, policy=policy)
     data = ClusteredVectors(dim=DIM, n_clusters=40, n_groups=8, rank=8, seed=1)
@@ -147,6 +150,8 @@ def test_a_reader_under_adds_and_removals_answers_as_exact_search_over_the_live_
         if round_ == 8:
             f.writer.snapshot()  # a second seal trims the stream behind the first
     late = f.reader()
+    wait_for(lambda: (live := early.get()) is not None and live.version == f.writer.version, "the early reader's base")
+    assert "carried over" in caplog.text  # a newer base took the early reader's delta over, not a rebuilt one
     queries = data.sample(200, stream=7)
     exact = _exact(f.live, queries, 10)
     for reader in (early, late):
@@ -180,9 +185,10 @@ def test_a_reader_keeps_serving_through_a_redis_outage_and_catches_up(tmp_path: 
         index = f.caught_up(reader)  # through a snapshot, while Redis is away; the reader answered throughout
         assert index.search(_unit(rng, 1), 3)[1].shape == (1, 3)
         server.start()
-        f.add({f"s{i}": v for i, v in enumerate(_unit(rng, 3))})  # the stream again
+        more = itertools.count()  # the writer tries the stream again after a short pause, at an add
+        wait_for(lambda: f.add({f"s{next(more)}": _unit(rng, 1)[0]}) or f.writer.streaming, "the stream again")
+        f.add({f"t{i}": v for i, v in enumerate(_unit(rng, 3))})
         f.caught_up(reader)
-        assert f.writer.streaming
         f.writer.close()
         reader.close()
     finally:

@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class VectorIndex:
     version: int | None = None  # the snapshot's version
     read_only: bool = False  # a mapped snapshot (a reader's): FAISS aborts the process on a change to one, so refuse
     stream_id: str | None = None  # the last change stream entry the snapshot holds (index.deltas); None: unknown
+    trained_id: str = ""  # names the coarse quantizer an IVF was trained with ("" for exact), across snapshots
     _gpu: Any = field(default=None, repr=False)  # a read-only GPU copy for searches (see on_gpu)
     _gpu_resources: Any = field(default=None, repr=False)
     _gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -76,7 +78,7 @@ class VectorIndex:
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         # reconstruct and remove by arbitrary int64 id; DirectMap is missing from faiss's stubs (1.15)
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
-        return cls(dim, model_id, index)
+        return cls(dim, model_id, index, trained_id=uuid.uuid4().hex)
 
     @property
     def ntotal(self) -> int:
@@ -248,6 +250,7 @@ class SnapshotStore:
             "codec": index.codec,
             "nprobe": index.nprobe,
             "trained_on": index.trained_on,
+            "trained_id": index.trained_id,
             "created": time.time(),
             "stream_id": stream_id,
         }
@@ -308,6 +311,7 @@ class SnapshotStore:
             version,
             read_only=mapped,
             stream_id=meta.get("stream_id"),
+            trained_id=str(meta.get("trained_id", "")),
         )
         index.nprobe = int(meta.get("nprobe", 0))
         return index

@@ -57,6 +57,7 @@ RETRY_FAILED_SNAPSHOT_S = 5.0  # a snapshot that failed (disk full?) is tried ag
 MAX_RETRY_FAILED_SNAPSHOT_S = 120.0
 # A snapshot of an index larger than this is written by a forked child (SnapshotStore.begin), so adds go on meanwhile
 FORK_FROM_BYTES = 64 * 2**20
+MAX_STREAM_RETRY_S = 30.0  # the longest pause between tries of a change stream that failed
 
 
 class IndexWriter:
@@ -82,6 +83,8 @@ class IndexWriter:
         self.seal_every_s = seal_every_s
         self.seal_every_changes = seal_every_changes
         self._stream_ok = deltas is not None
+        self._stream_failures = 0  # appends failed in a row; the next try waits longer each time
+        self._stream_retry_at = 0.0
         self._stream_last: str | None = None  # the id of the last change appended to the stream
         self._sealed_ids: deque[str] = deque(maxlen=2)  # the stream ids of the last bases: older entries are trimmed
         self._sealing = False  # a snapshot is being written (one at a time; see snapshot)
@@ -148,9 +151,13 @@ class IndexWriter:
             self._stream_failed(err)
 
     def _publish(self, change: Change) -> None:
-        """Append a change (under the lock, after it is in the index) for the readers to apply."""
+        """Append a change (under the lock, after it is in the index) for the readers to apply. After a failure the
+        stream is tried again only after a capped, doubling pause: a Redis that hangs would otherwise cost every
+        add the socket timeout."""
         if self.deltas is None or len(change.ids) == 0:
             return
+        if not self._stream_ok and time.monotonic() < self._stream_retry_at:
+            return  # the next snapshot holds it (they come every snapshot_every_s while the stream is down)
         try:
             if self._stream_last is None:  # never reached the stream yet: learn where it ends first
                 self._stream_last = self.deltas.last_id()
@@ -159,9 +166,10 @@ class IndexWriter:
         except redis.RedisError as err:
             self._stream_failed(err)
             return
-        if not self._stream_ok:
+        if not self._stream_ok:  # readers chain on from here; a base soon brings what the stream missed meanwhile
             LOG.warning("index writer reaches the change stream again")
-        self._stream_ok = True
+            self._stream_ok, self._stream_failures = True, 0
+            self._seal_soon()
 
     def _stream_failed(self, err: Exception) -> None:
         """Readers miss this change until a snapshot holds it: publish snapshots as without a stream meanwhile."""
@@ -170,6 +178,8 @@ class IndexWriter:
                       "snapshots every %.1f s until it can", type(err).__name__, err,
                       self.snapshot_every_s)  # fmt: skip
         self._stream_ok = False
+        self._stream_failures += 1
+        self._stream_retry_at = time.monotonic() + min(MAX_STREAM_RETRY_S, 0.5 * 2 ** (self._stream_failures - 1))
 
     def add(self, rows: EmbeddingRows, snapshot: bool = True) -> int:
         """Index these rows (replacing ids already present); returns how many were added."""
