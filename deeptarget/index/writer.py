@@ -10,13 +10,22 @@ background thread while adds go on into the current index; the finished index th
 meanwhile (by sequence number, the same replay) and replaces the current one under the writer's lock, and a snapshot
 publishes it to the readers, who never stop answering.
 
-Publishing is bounded in time, and snapshots come at most once per ``snapshot_every_s``: a change made when the last
-snapshot is older than that is published at once; a change made sooner arms a deferred snapshot for when that
-interval is over (a publisher thread, under the writer's lock), which takes every change made meanwhile;
+With a change stream (``deltas``: Redis, which every deployment has), each change is appended to it the moment it
+is in the index, under the writer's lock, and readers apply it to their delta segment (``index.segments``): a new
+post is queryable within a fraction of a second whatever the index's size. Snapshots are then seals of a new base,
+every ``seal_every_s`` or ``seal_every_changes``, left to the publisher thread so that no add waits for one; a base
+records the id of the last stream entry it holds. A large index is written by a forked child
+(``SnapshotStore.begin``): the lock is held only for the fork, and adds go on while the file is written. While the
+stream cannot be reached, changes are published as without one (below), and the first append that works again
+brings a seal soon.
+
+Without a stream, snapshots are the publication, bounded in time and at most once per ``snapshot_every_s``: a
+change made when the last snapshot is older than that is published at once; a change made sooner arms a deferred
+snapshot for when that interval is over (the publisher thread), which takes every change made meanwhile;
 ``snapshot_every_adds`` changes publish at once. A trickle of posts is therefore queryable within ``snapshot_every_s``
-(plus the readers' check interval), a lone post at once, with no further add, flush task or batch needed. When the
-index grows so large that a snapshot takes a good share of that interval, the interval stretches so that snapshots
-keep at most ``MAX_SNAPSHOT_SHARE`` of the writer's time (issue 17's segments will lift this).
+(plus the readers' check interval), a lone post at once, with no further add, flush task or batch needed. In both
+modes, when a snapshot takes a good share of its interval, the interval stretches so that snapshots keep at most
+``MAX_SNAPSHOT_SHARE`` of the writer's time.
 
 A snapshot that fails (a full disk) never fails the change that asked for it: the change is in the index and in the
 store's journal already, so the snapshot is deferred and tried again with a growing delay (``RETRY_FAILED_SNAPSHOT_S``
@@ -50,8 +59,8 @@ from deeptarget.store.metadata import EmbeddingRows, MetadataStore
 
 LOG = logging.getLogger(__name__)
 
-# Snapshots may take at most about this share of the writer's time: the deferred snapshot waits at least
-# (1 / share - 1) times the last save's duration (the adds wait for the lock while a snapshot is written).
+# Snapshots may take at most about this share of the writer's time (and of its disk): one starts at least
+# 1 / share times the last one's duration after the last one started.
 MAX_SNAPSHOT_SHARE = 0.25
 RETRY_FAILED_SNAPSHOT_S = 5.0  # a snapshot that failed (disk full?) is tried again this much later, doubling
 MAX_RETRY_FAILED_SNAPSHOT_S = 120.0
@@ -331,7 +340,7 @@ class IndexWriter:
         """The least time between two snapshots, and the most a change waits for one: ``snapshot_every_s`` (or
         ``seal_every_s`` while streaming), stretched when snapshots get slow."""
         every = self.seal_every_s if self.streaming else self.snapshot_every_s
-        return max(every, self._last_save_s * (1 / MAX_SNAPSHOT_SHARE - 1))
+        return max(every, self._last_save_s / MAX_SNAPSHOT_SHARE)  # counted from the last one's start
 
     def _start_publisher(self) -> None:
         if self._closed or (self._publisher is not None and self._publisher.is_alive()):
@@ -402,6 +411,9 @@ class IndexWriter:
                 raise
             self._adds_since_snapshot = 0
             self._publish_at = None
+            # from its start: a change made while it is written schedules the next one an interval after this one
+            # began, not at once (back-to-back seals of a large base would keep the disk writing)
+            self._last_snapshot = started
         try:
             version = write.finish()
         except BaseException:
@@ -416,8 +428,7 @@ class IndexWriter:
             if self._snapshot_failures:
                 LOG.warning("index snapshot v%d written after %d failed attempts", version, self._snapshot_failures)
             self._snapshot_failures = 0
-            self._last_snapshot = time.monotonic()
-            self._last_save_s = self._last_snapshot - started
+            self._last_save_s = time.monotonic() - started
             self.version, self.published_at = version, time.time()
             if self._adds_since_snapshot and self._publish_at is None:  # changes made while it was written
                 self._changed()
