@@ -183,8 +183,8 @@ class Writer:
             ids = np.arange(self.next_id, self.next_id + args.batch, dtype=np.int64)
             self.next_id += args.batch
             added_at = time.time()
-            self.index.upsert(ids, vectors)
-            self.last_id = self.deltas.append(Change("add", ids, vectors))
+            lists = self.index.upsert(ids, vectors)
+            self.last_id = self.deltas.append(Change("add", ids, vectors, lists, self.index.trained_id))
             self.added.update(zip(ids.tolist(), vectors, strict=True))
             gone = self._pick_removals(int(args.batch * args.remove_share))
             self.index.remove(gone)

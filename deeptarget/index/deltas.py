@@ -37,12 +37,17 @@ class Change:
     op: str
     ids: np.ndarray
     vectors: np.ndarray | None = None
+    lists: np.ndarray | None = None  # the IVF list of each vector, by the coarse quantizer named ``trained_id``
+    trained_id: str = ""
 
     def fields(self, prev: str) -> dict[str, bytes | str]:
         entry: dict[str, bytes | str] = {"op": self.op, "ids": self.ids.astype("<i8").tobytes(), "prev": prev}
         if self.vectors is not None:
             entry["dim"] = str(self.vectors.shape[1])
             entry["vectors"] = np.ascontiguousarray(self.vectors, dtype="<f4").tobytes()
+        if self.lists is not None:
+            entry["lists"] = self.lists.astype("<i8").tobytes()
+            entry["trained"] = self.trained_id
         return entry
 
     @classmethod
@@ -55,7 +60,10 @@ class Change:
             raise ValueError(f"unknown index change {op!r}")
         dim = int(fields[b"dim"])
         vectors = np.frombuffer(fields[b"vectors"], dtype="<f4").reshape(len(ids), dim)
-        return cls(op, ids, vectors)
+        lists = np.frombuffer(fields[b"lists"], dtype="<i8").astype(np.int64) if b"lists" in fields else None
+        if lists is not None and len(lists) != len(ids):
+            raise ValueError(f"{len(lists)} lists for {len(ids)} ids")
+        return cls(op, ids, vectors, lists, fields.get(b"trained", b"").decode())
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,8 @@ class DeltaStream:
                 change.op,
                 change.ids[start : start + MAX_ENTRY_VECTORS],
                 None if change.vectors is None else change.vectors[start : start + MAX_ENTRY_VECTORS],
+                None if change.lists is None else change.lists[start : start + MAX_ENTRY_VECTORS],
+                change.trained_id,
             )
             last = _text(self.client.xadd(self.key, part.fields(last)))  # type: ignore[arg-type]
             self._last = last

@@ -34,7 +34,7 @@ import redis
 from prometheus_client import Counter
 
 from deeptarget.index.deltas import Change, DeltaStream, Entry, older
-from deeptarget.index.vectors import SnapshotStore, VectorIndex
+from deeptarget.index.vectors import SnapshotStore, VectorIndex, add_to_lists
 
 LOG = logging.getLogger(__name__)
 
@@ -91,7 +91,12 @@ class DeltaSegment:
                 ids, vectors = ids[keep], change.vectors[keep]
             else:
                 vectors = change.vectors
-            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+            ivf = faiss.try_extract_index_ivf(self.index)
+            same_lists = change.lists is not None and change.trained_id == self.base.trained_id != ""
+            if ivf is not None and same_lists and len(change.lists) == len(ids):  # type: ignore[arg-type]
+                add_to_lists(ivf, ids, vectors, change.lists)  # type: ignore[arg-type]  # the writer's assignment
+            else:
+                self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
 
     def _has(self, vector_id: int) -> bool:
         try:

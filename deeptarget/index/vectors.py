@@ -124,8 +124,10 @@ class VectorIndex:
                 "rebuild the index (deeptarget index rebuild) after changing backbone or weights"
             )
 
-    def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Add vectors under ids; an id already present is replaced, never duplicated."""
+    def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray | None:
+        """Add vectors under ids; an id already present is replaced, never duplicated. Returns, for an IVF, the
+        inverted list each vector went to (in the order given, when no id repeats; else None): readers on the same
+        coarse quantizer add them to their deltas without assigning them again (``index.segments``)."""
         self._check_writable()
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -133,12 +135,19 @@ class VectorIndex:
             raise ValueError(f"expected (n, {self.dim}) vectors, got {vectors.shape}")
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
-        if len(np.unique(ids)) != len(ids):  # keep the last occurrence of a repeated id
+        repeated = len(np.unique(ids)) != len(ids)
+        if repeated:  # keep the last occurrence of a repeated id
             _, last = np.unique(ids[::-1], return_index=True)
             keep = np.sort(len(ids) - 1 - last)
             ids, vectors = ids[keep], vectors[keep]
         self.remove(ids)
-        self.index.add_with_ids(vectors, ids)
+        ivf = self._ivf
+        if ivf is None or isinstance(self.index, faiss.IndexPreTransform):
+            self.index.add_with_ids(vectors, ids)
+            return None
+        lists = assign(ivf, vectors)
+        add_to_lists(ivf, ids, vectors, lists)
+        return None if repeated else lists
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove these ids (absent ones are ignored); returns how many were removed.
@@ -197,6 +206,21 @@ class VectorIndex:
 
     def __contains__(self, vector_id: int) -> bool:
         return self.reconstruct(vector_id) is not None
+
+
+def assign(ivf: faiss.IndexIVF, vectors: np.ndarray) -> np.ndarray:
+    """The inverted list of each vector: its nearest coarse centroid."""
+    _, lists = ivf.quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    return np.ascontiguousarray(lists[:, 0], dtype=np.int64)
+
+
+def add_to_lists(ivf: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray, lists: np.ndarray) -> None:
+    """Add vectors to the given inverted lists (``IndexIVF.add_core``: no coarse assignment, which costs as much
+    as a search of every centroid, 2.6 MFLOP a vector at IVF2048 x 1280-d)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    lists = np.ascontiguousarray(lists, dtype=np.int64)
+    ivf.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
 
 
 class SnapshotStore:

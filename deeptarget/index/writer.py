@@ -209,10 +209,10 @@ class IndexWriter:
         # Store first: a crash after this line is repaired by the replay on the next start.
         self.store.mark_indexed(post_ids, first_seq=self._seq + 1)
         self._seq += len(post_ids)
-        self.index.upsert(ids, vectors)
+        lists = self.index.upsert(ids, vectors)
         self.index.seq = self._seq
         if publish:
-            self._publish(Change("add", ids, vectors))
+            self._publish(Change("add", ids, vectors, lists, self.index.trained_id))
         self._adds_since_snapshot += len(post_ids)
         if snapshot:
             self._changed()
