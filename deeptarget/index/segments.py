@@ -385,13 +385,7 @@ class LiveReader:
             base.on_gpu()
         served = self._live
         if self.deltas is not None and served is not None and base.stream_id:
-            while older(served.position, base.stream_id):  # what the base holds, first, if it is ahead
-                entries, position = self.deltas.read_after(served.position)
-                if not entries and position == served.position:
-                    break
-                self._check_chain(served.position, entries)
-                served.apply(entries)
-                served.position = position
+            self._catch_up(served, until=base.stream_id)  # what the base holds, first, if it is ahead
             if not older(served.position, base.stream_id) and (handed := served.hand_over(base, base.stream_id)):
                 self._live, self._stamp = handed, stamp
                 LOG.info("reader serves index v%s (%d vectors in the base, %d changes after it, carried over)",
@@ -404,13 +398,7 @@ class LiveReader:
             # those the writer made while the stream was down), else the old one; the follower goes on from there.
             try:
                 live.position = base.stream_id or self.deltas.last_id()  # a base from before the stream: no changes
-                while True:
-                    entries, position = self.deltas.read_after(live.position)
-                    if not entries and position == live.position:
-                        break
-                    self._check_chain(live.position, entries)
-                    live.apply(entries)
-                    live.position = position
+                self._catch_up(live)
             except redis.RedisError:
                 served = self._live
                 if live.position and (served is None or not older(live.position, served.position)):
@@ -423,6 +411,17 @@ class LiveReader:
         LOG.info("reader serves index v%s (%d vectors in the base, %d changes after it)", base.version,
                  base.ntotal, live.delta.ntotal + len(live.delta.tombstones))  # fmt: skip
         return True
+
+    def _catch_up(self, live: LiveIndex, until: str | None = None) -> None:
+        """Apply the stream's entries after ``live``'s position, page by page: all of them, or up to ``until``."""
+        assert self.deltas is not None
+        while until is None or older(live.position, until):
+            entries, position = self.deltas.read_after(live.position)
+            if not entries and position == live.position:
+                return
+            self._check_chain(live.position, entries)
+            live.apply(entries)
+            live.position = position
 
     def _check_chain(self, position: str, entries: list[Entry]) -> None:
         if entries and entries[0].prev != position and entries[0].prev:
