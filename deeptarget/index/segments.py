@@ -307,6 +307,8 @@ class LiveReader:
         self._lock = threading.Lock()
         self._live: LiveIndex | None = None
         self._stamp: tuple[int, int] | None = None
+        self._mapper: threading.Thread | None = None  # maps a new base while the follower goes on
+        self._mapped: tuple[VectorIndex, tuple[int, int] | None] | None = None  # what it mapped, to install
         self._checked = 0.0
         self._follower: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -355,7 +357,10 @@ class LiveReader:
                 self._stopped.wait(MAX_BACKOFF_S)
 
     def _refresh(self, block_ms: int | None = None) -> None:
-        if self._load_new_base():
+        if self._live is None or self.deltas is None:  # nothing served yet (or no stream): map it here and now
+            if self._load_new_base():
+                return
+        elif self._install_mapped():
             return
         live, deltas = self._live, self.deltas
         if live is None or deltas is None:
@@ -368,21 +373,46 @@ class LiveReader:
         live.position = position
         live.heard_at = time.time()
 
-    def _load_new_base(self) -> bool:
-        """Map a newly published base and rebuild its delta from the stream; True when it swapped."""
-        stamp = self.store.versions.stamp()
-        if stamp == self._stamp:
-            return False
+    def _install_mapped(self) -> bool:
+        """While following: a new base is mapped by a thread of its own (a large one takes seconds, during which
+        the follower goes on applying changes to the index it serves), then installed here; True when it was."""
+        mapped, self._mapped = self._mapped, None
+        if mapped is not None:
+            return self._install(*mapped)
+        if self.store.versions.stamp() != self._stamp and (self._mapper is None or not self._mapper.is_alive()):
+            self._mapper = threading.Thread(target=self._map_in_background, name="index-mapper", daemon=True)
+            self._mapper.start()
+        return False
+
+    def _map_in_background(self) -> None:
+        faiss.omp_set_num_threads(1)
+        stamp = self.store.versions.stamp()  # before the load: a newer version than this is mapped again later
+        base = self._map()
+        if base is not None:
+            self._mapped = (base, stamp)
+
+    def _map(self) -> VectorIndex | None:
         try:
             base = self.store.load(mapped=True)
         except (OSError, RuntimeError) as err:  # pruned while read (faiss raises RuntimeError): next turn
             LOG.warning("reader could not load index v%s (%s); still serving the one it has",
                         self.store.versions.current(), err)  # fmt: skip
-            return False
-        if base is None:
-            return False
-        if self.gpu:
+            return None
+        if base is not None and self.gpu:
             base.on_gpu()
+        return base
+
+    def _load_new_base(self) -> bool:
+        """Map a newly published base and install it; True when it swapped."""
+        stamp = self.store.versions.stamp()
+        if stamp == self._stamp:
+            return False
+        base = self._map()
+        return base is not None and self._install(base, stamp)
+
+    def _install(self, base: VectorIndex, stamp: tuple[int, int] | None) -> bool:
+        """Serve ``base`` with the changes after it: the served delta carried over when it can be, else one built
+        again from the stream; True when it swapped."""
         served = self._live
         if self.deltas is not None and served is not None and base.stream_id:
             self._catch_up(served, until=base.stream_id)  # what the base holds, first, if it is ahead
