@@ -134,7 +134,9 @@ class DeltaSegment:
 
 @dataclass(frozen=True)
 class Exclusion:
-    """Ids a base search leaves out: a FAISS ``IDSelectorNot(IDSelectorBatch)`` and what it points to."""
+    """Ids a base search leaves out: a FAISS ``IDSelectorNot(IDSelectorBatch)`` and what it points to. Per-query
+    selectors in ``SearchParameters(IVF)`` are FAISS's documented way to filter a search (faiss wiki, "Setting search
+    parameters for one query"; IndexIDMap translates them to the inner index's ids); GPU indexes do not take them."""
 
     ids: np.ndarray
     selector: Any
