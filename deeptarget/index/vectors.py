@@ -55,7 +55,9 @@ class VectorIndex:
     trained_on: int = 0  # how many vectors the index held when an IVF was built (0: flat)
     created: float | None = None  # when its snapshot was written (time.time()); None: not from a snapshot
     version: int | None = None  # the snapshot's version
-    read_only: bool = False  # a mapped snapshot (a reader's): FAISS aborts the process on a change to one, so refuse
+    # a mapped snapshot (a reader's): FAISS aborts the process on a change to one (its mapped lists are read-only,
+    # faiss#369: "'!read_only' failed" thrown from a noexcept path), so refuse in Python first
+    read_only: bool = False
     stream_id: str | None = None  # the last change stream entry the snapshot holds (index.deltas); None: unknown
     trained_id: str = ""  # names the coarse quantizer an IVF was trained with ("" for exact), across snapshots
     _gpu: Any = field(default=None, repr=False)  # a read-only GPU copy for searches (see on_gpu)
@@ -315,7 +317,8 @@ class SnapshotStore:
         new version never holds two copies of them in its own memory. An IVF snapshot maps in about a millisecond
         (measured at 20k x 64-d); an exact one still rebuilds its id map (IndexIDMap2's reverse map) as it loads.
         Such an index can be searched and reconstructed but not changed. The file may be deleted meanwhile (a
-        prune): on Linux the mapping stays valid until it is dropped."""
+        prune): on Linux the mapping stays valid until it is dropped. A mapped file must never be overwritten in place
+        (faiss#1540: a bus error in the reader); snapshots are new files renamed into place, so it never is."""
         version = self.versions.current() if version is None else version
         if version is None:
             return None
