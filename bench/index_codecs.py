@@ -28,11 +28,10 @@ from rich.progress import track
 from rich.table import Table
 
 from deeptarget.core.settings import Settings
-from deeptarget.index.builder import CODECS, IndexPolicy, recall_at_k
+from deeptarget.index.builder import CODECS, RERANK_FACTOR, IndexPolicy, recall_at_k
 from deeptarget.index.synthetic import ClusteredVectors
 from deeptarget.index.vectors import VectorIndex
 from deeptarget.models.embedder import Embedder
-from deeptarget.query.service import RERANK_FACTOR
 
 K = 10
 

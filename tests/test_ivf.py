@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deeptarget.core.records import Post, Prediction, vector_id
-from deeptarget.index.builder import CODECS, IndexPolicy, build_ivf, recall_at_k
+from deeptarget.index.builder import CODECS, IndexPolicy, build_ivf, recall_at_k, reranked
 from deeptarget.index.deltas import Change, Entry
 from deeptarget.index.segments import LiveIndex
 from deeptarget.index.synthetic import ClusteredVectors
@@ -154,3 +154,19 @@ def test_answers_from_a_quantized_base_are_rescored_exactly_from_the_stored_embe
     rescored_recall = recall_at_k(rescored, exact, np.full(100, -1), 10)
     assert rescored_recall >= 0.95 and rescored_recall > raw_recall, (raw_recall, rescored_recall)
     writer.close()
+
+
+def test_a_quantized_base_is_tuned_for_its_rescored_candidates_not_for_its_own_ranking() -> None:
+    """SQ4's own top 10 stays short of the target at any nprobe, so tuning its ranking would end at nprobe = nlist
+    (every list scanned); what queries get is 4x the candidates re-scored exactly, and that reaches the target."""
+    vectors = DATA.sample(8000)
+    ids = np.arange(len(vectors), dtype=np.int64)
+    policy = IndexPolicy(memory_budget=len(ids) * (DIM // 2 + 48), tuning_queries=200)
+    chunks = lambda: ((ids[i : i + 4000], vectors[i : i + 4000]) for i in range(0, len(ids), 4000))  # noqa: E731
+    index, tuning = build_ivf(DIM, MODEL, vectors[:2560], ids[:2560], chunks, len(ids), policy)
+    assert index.codec == "SQ4" and reranked(index.codec)
+    assert tuning.recall >= policy.target_recall and tuning.nprobe < index.nlist, tuning.curve
+    exact = ids[np.argsort(-(vectors[:200] @ vectors.T), axis=1)[:, :11]]
+    index.nprobe = index.nlist
+    own_ranking = recall_at_k(index.search(vectors[:200], 11)[1], exact, ids[:200], 10)
+    assert own_ranking < policy.target_recall < tuning.recall, (own_ranking, tuning.curve)

@@ -18,6 +18,7 @@ import numpy as np
 from deeptarget.core.errors import ConfigurationError, ModelNotReadyError, NotFoundError
 from deeptarget.core.records import Profile, normalise_hashtag, vector_id
 from deeptarget.core.settings import Settings
+from deeptarget.index.builder import RERANK_FACTOR, reranked
 from deeptarget.index.deltas import DeltaStream
 from deeptarget.index.segments import LiveIndex, LiveReader
 from deeptarget.index.vectors import SnapshotStore
@@ -110,7 +111,6 @@ def _iso(name: str, raw: str | None) -> datetime | None:
 
 NO_FILTER = PostFilter()
 MAX_FILTERED_CANDIDATES = 20_000  # a filter that rejects nearly everything stops here instead of scanning it all
-RERANK_FACTOR = 4  # candidates per answer from a quantized base, re-scored exactly (see similar_to_vector)
 
 
 class QueryService:
@@ -197,7 +197,7 @@ class QueryService:
         (``index_memory_budget``), ``RERANK_FACTOR`` times as many candidates are scored again exactly, from the float
         embeddings the metadata store keeps (a quantized code alone finds about 0.86 of the exact top 10 at SQ4)."""
         index = self.index()
-        rerank = index.codec != "Flat"
+        rerank = reranked(index.codec)
         fetch = (k * 4 if where.active else k) * (RERANK_FACTOR if rerank else 1)
         while True:
             scores, ids = index.search(vector[None, :], min(fetch, max(index.ntotal, 1)))
