@@ -17,6 +17,11 @@ Freshness: after each batch the writer hands one of its vectors, with the time i
 queries the vector, which must return the id. The time from the add to that answer is the visibility latency.
 (Querying every few ms instead would add hundreds of queries a second to the clients' load.)
 
+A quantized base (past the memory budget: SQ4 at 10M) is served as the query service serves it: ``RERANK_FACTOR``
+times the candidates, re-scored from the float embeddings of the metadata store. Its stand-in here is a float16 file
+of every vector (``EmbeddingFile``: 25.6 GB at 10M x 1280-d, where float32 would not fit this disk), read with one
+``pread`` a candidate, as the store reads rows, so none of it counts in the reader's RSS.
+
 At the end the stream stops, the reader catches up, and recall@10 of its answers to fresh queries is measured against
 exact search over the same live set (the base's vectors generated again, less the removed ones, plus the added).
 Printed: recall@10, single-query p50/p99 and QPS with concurrent clients, visibility p50/p99, the writer's and the
@@ -45,9 +50,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from deeptarget.index.builder import ExactNeighbours, IndexPolicy, build_ivf, recall_at_k
+from deeptarget.index.builder import RERANK_FACTOR, ExactNeighbours, IndexPolicy, build_ivf, recall_at_k, reranked
 from deeptarget.index.deltas import Change, DeltaStream, older
-from deeptarget.index.segments import LiveReader
+from deeptarget.index.segments import LiveIndex, LiveReader
 from deeptarget.index.synthetic import ClusteredVectors
 from deeptarget.index.vectors import SnapshotStore, SnapshotWrite, VectorIndex
 from deeptarget.runtime.embedded_redis import EmbeddedRedis
@@ -56,6 +61,7 @@ CHUNK = 65_536
 PROBES = "bench:probes"
 STOP = "bench:stop"
 K = 10
+NEW_IDS = 10**15  # the stream's new ids start here, apart from the base's
 
 
 def memory_gb(field: str = "VmRSS", pid: str = "self") -> float:
@@ -70,9 +76,56 @@ def base_ids(n: int) -> np.ndarray:
     return np.arange(n, dtype=np.int64) * 7919 + 13  # arbitrary int64 ids, as the blake2b ones are
 
 
+class EmbeddingFile:
+    """The metadata store's float embeddings, stood in by float16 rows in two files: the base's, in the order
+    ``base_ids`` numbers them, and the stream's additions, in the order of their ids from ``NEW_IDS``."""
+
+    def __init__(self, folder: Path, n: int, dim: int) -> None:
+        self.base_path, self.added_path = folder / "base.f16", folder / "added.f16"
+        self.n, self.row_bytes = n, dim * 2
+        self._fds: tuple[int, int] | None = None
+
+    def writer(self, which: str) -> Any:
+        return open(self.base_path if which == "base" else self.added_path, "ab")
+
+    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the ids found, their float32 vectors)."""
+        if self._fds is None:
+            self._fds = os.open(self.base_path, os.O_RDONLY), os.open(self.added_path, os.O_RDONLY)
+        found, rows = [], []
+        for vector_id in ids.tolist():
+            if vector_id >= NEW_IDS:
+                fd, row = self._fds[1], vector_id - NEW_IDS
+            elif (vector_id - 13) % 7919 == 0 and 0 <= (row := (vector_id - 13) // 7919) < self.n:
+                fd = self._fds[0]
+            else:
+                continue
+            raw = os.pread(fd, self.row_bytes, row * self.row_bytes)
+            if len(raw) == self.row_bytes:
+                found.append(vector_id)
+                rows.append(np.frombuffer(raw, np.float16))
+        if not rows:
+            return np.empty(0, np.int64), np.empty((0, self.row_bytes // 2), np.float32)
+        return np.array(found, np.int64), np.stack(rows).astype(np.float32)
+
+
+def answer(index: LiveIndex, query: np.ndarray, embeddings: EmbeddingFile) -> np.ndarray:
+    """The top K ids for one query, as ``QueryService.similar_to_vector`` answers: from a quantized base,
+    ``RERANK_FACTOR`` x K candidates re-scored exactly."""
+    if not reranked(index.codec):
+        return index.search(query[None], K)[1][0]
+    scores, ids = index.search(query[None], K * RERANK_FACTOR)
+    keep = ids[0] >= 0
+    candidates, approximate = ids[0][keep], scores[0][keep]
+    found, vectors = embeddings.vectors(candidates)
+    exact = dict(zip(found.tolist(), (vectors @ query).tolist(), strict=True))
+    rescored = np.array([exact.get(i, s) for i, s in zip(candidates.tolist(), approximate.tolist(), strict=True)])
+    return candidates[np.argsort(-rescored, kind="stable")[:K]]
+
+
 # -- the reader process --------------------------------------------------------------------------------------------
-def reader_main(folder: str, url: str, clients: int, out: str, dim: int, clusters: int, recall_queries: int,
-                cpus: str) -> None:  # fmt: skip
+def reader_main(folder: str, url: str, clients: int, out: str, n: int, dim: int, clusters: int,
+                recall_queries: int, cpus: str) -> None:  # fmt: skip
     import faiss
 
     if cpus:
@@ -83,6 +136,7 @@ def reader_main(folder: str, url: str, clients: int, out: str, dim: int, cluster
     reader = LiveReader(SnapshotStore(Path(folder)), DeltaStream.from_url(url), block_ms=100)
     assert reader.get() is not None
     data = ClusteredVectors(dim=dim, n_clusters=clusters, seed=0)
+    embeddings = EmbeddingFile(Path(folder).parent, n, dim)
     queries = data.sample(2000, stream=1)
     latencies: list[list[float]] = [[] for _ in range(clients)]
     visible: list[float] = []
@@ -95,7 +149,7 @@ def reader_main(folder: str, url: str, clients: int, out: str, dim: int, cluster
             index = reader.get()
             assert index is not None
             started = time.perf_counter()
-            index.search(queries[i % len(queries)][None], K)
+            answer(index, queries[i % len(queries)], embeddings)
             latencies[slot].append(time.perf_counter() - started)
             i += clients
 
@@ -110,7 +164,7 @@ def reader_main(folder: str, url: str, clients: int, out: str, dim: int, cluster
             deadline = time.time() + 30
             while time.time() < deadline:  # a cheap look by id every 2 ms, then the query that must find it
                 index = reader.get()
-                if index is not None and probe["id"] in index and probe["id"] in index.search(vector, K)[1][0]:
+                if index is not None and probe["id"] in index and probe["id"] in answer(index, vector[0], embeddings):
                     visible.append(time.time() - probe["added"])
                     break
                 time.sleep(0.002)
@@ -132,11 +186,17 @@ def reader_main(folder: str, url: str, clients: int, out: str, dim: int, cluster
     last = final[1].decode()
     while (index := reader.get()) is None or older(index.position, last):
         time.sleep(0.05)
-    found = index.search(data.sample(recall_queries, stream=2), K)[1]
+    found = [answer(index, query, embeddings).tolist() for query in data.sample(recall_queries, stream=2)]
+    alone = []  # one query at a time, nothing else running: the latency without the clients' queueing
+    for query in queries[:1000]:
+        started = time.perf_counter()
+        answer(index, query, embeddings)
+        alone.append((time.perf_counter() - started) * 1000)
     all_latencies = [x for slot in latencies for x in slot]
     Path(out).write_text(json.dumps({
-        "latencies_ms": [x * 1000 for x in all_latencies], "qps": len(all_latencies) / elapsed, "visible_s": visible,
-        "rss_gb": memory_gb("VmRSS"), "peak_rss_gb": memory_gb("VmHWM"), "found": found.tolist(),
+        "latencies_ms": [x * 1000 for x in all_latencies], "alone_ms": alone, "qps": len(all_latencies) / elapsed,
+        "visible_s": visible,
+        "rss_gb": memory_gb("VmRSS"), "peak_rss_gb": memory_gb("VmHWM"), "found": found,
         "ntotal": index.ntotal, "delta": index.delta.ntotal, "tombstones": len(index.delta.tombstones),
     }))  # fmt: skip
 
@@ -147,7 +207,7 @@ class Writer:
     (a forked snapshot) every ``seal_every`` changes, as ``IndexWriter`` does."""
 
     def __init__(self, index: VectorIndex, store: SnapshotStore, deltas: DeltaStream, client: redis.Redis,
-                 data: ClusteredVectors, args: argparse.Namespace) -> None:  # fmt: skip
+                 data: ClusteredVectors, embeddings: EmbeddingFile, args: argparse.Namespace) -> None:  # fmt: skip
         self.index, self.store, self.deltas, self.client, self.data, self.args = (
             index,
             store,
@@ -156,7 +216,8 @@ class Writer:
             data,
             args,
         )
-        self.next_id = 10**15  # new ids, apart from the base's
+        self.next_id = NEW_IDS
+        self.embeddings = embeddings.writer("added")  # the store has a post's embedding before the index does
         self.added: dict[int, np.ndarray] = {}
         self.removed: set[int] = set()
         self.probes: set[int] = set()  # never removed: the reader waits for each
@@ -184,6 +245,8 @@ class Writer:
             ids = np.arange(self.next_id, self.next_id + args.batch, dtype=np.int64)
             self.next_id += args.batch
             added_at = time.time()
+            self.embeddings.write(vectors.astype(np.float16).tobytes())
+            self.embeddings.flush()
             lists = self.index.upsert(ids, vectors)
             self.last_id = self.deltas.append(Change("add", ids, vectors, lists, self.index.trained_id))
             self.added.update(zip(ids.tolist(), vectors, strict=True))
@@ -232,35 +295,33 @@ class Writer:
         self.sealing.start()
 
 
-def build_base(args: argparse.Namespace, data: ClusteredVectors, console: Console) -> VectorIndex:
+def build_base(args: argparse.Namespace, data: ClusteredVectors, embeddings: EmbeddingFile,
+               console: Console) -> VectorIndex:  # fmt: skip
     """The base as the writer builds one: an IVF trained on a sample, the codec the memory budget allows, every
-    vector added, nprobe tuned (``build_ivf``)."""
+    vector added, nprobe tuned (``build_ivf``); the float16 stand-in for the store's embeddings written alongside."""
     ids = base_ids(args.n)
     policy = IndexPolicy(target_recall=args.target_recall, memory_budget=int(args.budget_gb * 2**30))
-    sample_rows = np.sort(np.random.default_rng(1).permutation(args.n)[: policy.nlist_for(args.n) * 40])
-    sample = _rows(data, args.n, sample_rows)
+    # rows are independent draws, so the first ones are a uniform sample (and cost no pass over 10M)
+    sample_size = min(args.n, policy.nlist_for(args.n) * policy.vectors_per_list)
+    sample = np.concatenate(list(data.chunks(sample_size, CHUNK)))
+    with_rescoring = reranked(policy.codec_for(args.n, args.dim))
 
     def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for i, chunk in enumerate(data.chunks(args.n, CHUNK)):
-            yield ids[i * CHUNK : i * CHUNK + len(chunk)], chunk
+        with embeddings.writer("base") as rows:
+            for i, chunk in enumerate(data.chunks(args.n, CHUNK)):
+                if with_rescoring:
+                    rows.write(chunk.astype(np.float16).tobytes())
+                yield ids[i * CHUNK : i * CHUNK + len(chunk)], chunk
 
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("building the base", total=args.n)
         started = time.perf_counter()
-        index, tuning = build_ivf(args.dim, "bench", sample, ids[sample_rows], chunks, args.n, policy,
+        index, tuning = build_ivf(args.dim, "bench", sample, ids[:sample_size], chunks, args.n, policy,
                                   progress=lambda m: progress.advance(task, m))  # fmt: skip
     console.print(f"IVF{index.nlist},{index.codec} built in {time.perf_counter() - started:.0f} s; nprobe "
-                  f"{tuning.nprobe} for in-collection recall@10 {tuning.recall:.3f} {tuning.curve}")  # fmt: skip
+                  f"{tuning.nprobe} for in-collection recall@10 {tuning.recall:.3f}"
+                  f"{' of re-scored candidates' if with_rescoring else ''} {tuning.curve}")  # fmt: skip
     return index
-
-
-def _rows(data: ClusteredVectors, n: int, rows: np.ndarray) -> np.ndarray:
-    """Rows of the collection without holding it: generated again chunk by chunk."""
-    picked = []
-    for i, chunk in enumerate(data.chunks(n, CHUNK)):
-        inside = rows[(rows >= i * CHUNK) & (rows < i * CHUNK + len(chunk))] - i * CHUNK
-        picked.append(chunk[inside])
-    return np.concatenate(picked)
 
 
 def exact_over_live_set(writer: Writer, data: ClusteredVectors, queries: np.ndarray, n: int) -> np.ndarray:
@@ -288,7 +349,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace, console: Console, data: ClusteredVectors, folder: Path, url: str) -> None:
-    index = build_base(args, data, console)
+    embeddings = EmbeddingFile(folder, args.n, args.dim)
+    embeddings.writer("added").close()  # the reader opens both
+    index = build_base(args, data, embeddings, console)
     deltas = DeltaStream.from_url(url)
     client = redis.Redis.from_url(url)
     store = SnapshotStore(folder / "index", keep=2)
@@ -304,7 +367,7 @@ def _run(args: argparse.Namespace, console: Console, data: ClusteredVectors, fol
         os.sched_setaffinity(0, set(cpus[: len(cpus) // 2]))
     placement = f"writer on cpus {sorted(os.sched_getaffinity(0))}, reader on {reader_cpus}" if split else "unpinned"
     reader = subprocess.Popen(
-        [sys.executable, __file__, "--reader", str(folder / "index"), url, str(args.clients), str(out),
+        [sys.executable, __file__, "--reader", str(folder / "index"), url, str(args.clients), str(out), str(args.n),
          str(args.dim), str(args.clusters), str(args.recall_queries), reader_cpus],
         stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )  # fmt: skip
@@ -312,7 +375,7 @@ def _run(args: argparse.Namespace, console: Console, data: ClusteredVectors, fol
     console.print(f"{args.n:,} vectors ({args.dim}-d) sealed in {first_seal:.1f} s, {disk:,.0f} bytes a vector; "
                   f"adding {args.rate:,.0f}/s for {args.seconds:.0f} s, removing {args.remove_share:.0%} of that, "
                   f"a seal every {args.seal_every:,} changes; {args.clients} query clients; {placement}")  # fmt: skip
-    writer = Writer(index, store, deltas, client, data, args)
+    writer = Writer(index, store, deltas, client, data, embeddings, args)
     with Progress(console=console, transient=True) as progress:
         writer.run(progress)
     writer_rss, writer_peak = memory_gb("VmRSS"), memory_gb("VmHWM")
@@ -323,16 +386,20 @@ def _run(args: argparse.Namespace, console: Console, data: ClusteredVectors, fol
     console.print("exact search over the live set, for recall ...")
     exact = exact_over_live_set(writer, data, queries, args.n)
     recall = recall_at_k(np.array(result["found"]), exact, np.full(len(queries), -1), K)
-    lat, vis = np.array(result["latencies_ms"]), np.array(result["visible_s"])
+    lat, vis, alone = np.array(result["latencies_ms"]), np.array(result["visible_s"]), result["alone_ms"]
     table = Table("what", "value")
     rows = [
-        ("index", f"IVF{index.nlist},{index.codec} nprobe {index.nprobe} (budget {args.budget_gb:g} GB)"),
+        ("index", f"IVF{index.nlist},{index.codec} nprobe {index.nprobe} (budget {args.budget_gb:g} GB)"
+                  + (f", {RERANK_FACTOR} x 10 candidates re-scored from the float16 stand-in" if reranked(index.codec)
+                     else "")),
         ("live vectors at the end (reader)", f"{result['ntotal']:,} ({result['delta']:,} in its delta, "
                                              f"{result['tombstones']:,} tombstones)"),
         (f"recall@10 vs exact over the live set ({len(queries)} fresh queries)", f"{recall:.3f}"),
         (f"single query, {args.clients} concurrent clients: p50 / p99 ms", f"{np.percentile(lat, 50):.2f} / "
                                                                            f"{np.percentile(lat, 99):.2f}"),
         ("QPS (all clients)", f"{result['qps']:,.0f}"),
+        ("one query alone, after the stream: p50 / p99 ms", f"{np.percentile(alone, 50):.2f} / "
+                                                            f"{np.percentile(alone, 99):.2f}"),
         ("visible after add: p50 / p99 s (max)", f"{np.percentile(vis, 50):.3f} / {np.percentile(vis, 99):.3f} "
                                                  f"({vis.max():.3f}, n={len(vis)})"),
         ("seal: fork ms p50 / whole seal s p50 (n)", f"{np.percentile(writer.fork_ms or [0], 50):.0f} / "
@@ -367,8 +434,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--reader":
-        folder, url, clients, out, dim, clusters, recall_queries, cpus = sys.argv[2:10]
-        reader_main(folder, url, int(clients), out, int(dim), int(clusters), int(recall_queries), cpus)
+        folder, url, clients, out, n, dim, clusters, recall_queries, cpus = sys.argv[2:11]
+        reader_main(folder, url, int(clients), out, int(n), int(dim), int(clusters), int(recall_queries), cpus)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=100_000, help="vectors indexed before the stream starts")
