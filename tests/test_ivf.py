@@ -13,7 +13,7 @@ from deeptarget.index.builder import CODECS, IndexPolicy, build_ivf, recall_at_k
 from deeptarget.index.deltas import Change, Entry
 from deeptarget.index.segments import LiveIndex
 from deeptarget.index.synthetic import ClusteredVectors
-from deeptarget.index.vectors import SnapshotStore, VectorIndex
+from deeptarget.index.vectors import PER_VECTOR_BYTES, SnapshotStore, VectorIndex
 from deeptarget.index.writer import IndexWriter
 from deeptarget.query.service import QueryService
 from deeptarget.store.metadata import MetadataStore
@@ -107,7 +107,7 @@ def test_a_collection_past_the_memory_budget_gets_a_scalar_quantized_ivf_that_re
     (float, on the base's quantizer) and tombstones work over it as over a float one."""
     vectors = DATA.sample(8000)
     ids = np.arange(len(vectors), dtype=np.int64)
-    per_vector = 8 + 40
+    per_vector = PER_VECTOR_BYTES
     fits = {codec: len(ids) * (DIM * share + per_vector) for codec, share in CODECS.items()}
     assert IndexPolicy(memory_budget=int(fits["Flat"])).codec_for(len(ids), DIM) == "Flat"
     assert IndexPolicy(memory_budget=int(fits["SQ8"])).codec_for(len(ids), DIM) == "SQ8"

@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 
 from deeptarget.core.settings import Settings
-from deeptarget.index.vectors import VectorIndex
+from deeptarget.index.vectors import PER_VECTOR_BYTES, VectorIndex
 
 LOG = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ Chunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 # Scalar quantizers keep what the rest of the index relies on (ids, removal, a hash-table direct map, memory-mapped
 # lists); the reader's delta stays float (index.segments).
 CODECS: dict[str, float] = {"Flat": 4.0, "SQ8": 1.0, "SQ6": 0.75, "SQ4": 0.5}  # recall 0.992, 0.979, 0.950, 0.860
-PER_VECTOR_BYTES = 8 + 40  # its id in the inverted list, its entry in the direct map's hash table
 # Candidates per answer fetched from a quantized base and scored again from the float embeddings (the query service
 # does it from the metadata store): at SQ4, 4 x 10 candidates re-scored hold 0.96 of the exact top 10, the code's own
 # ranking 0.86 (bench/index_codecs.py).

@@ -102,6 +102,12 @@ class DeltaStream:
             self._last = last
         return last
 
+    def resume(self) -> str:
+        """Chain the next append to the stream's newest entry, and return its id (a writer starting, or reaching
+        Redis for the first time)."""
+        self._last = self.last_id()
+        return self._last
+
     def last_id(self) -> str:
         """The newest entry's id ("0-0" for an empty or missing stream)."""
         found: list[Any] = self.client.xrevrange(self.key, count=1)  # type: ignore[assignment]  # (sync client)

@@ -40,6 +40,7 @@ from deeptarget.core.errors import IndexMismatchError
 from deeptarget.store.versioned import VersionedDir, atomic_write, fsync_dir
 
 LOG = logging.getLogger(__name__)
+PER_VECTOR_BYTES = 8 + 40  # besides its code: its id in the inverted list, its entry in the direct map's hash table
 
 # Brute-force search uses BLAS from this many queries on. faiss-cpu 1.15 ships 128000, which keeps batched queries
 # on the slow per-query path; at 20 they go through BLAS (measured 10x faster here, DESIGN.md).
@@ -98,6 +99,13 @@ class VectorIndex:
             return "Flat"
         bits = {faiss.ScalarQuantizer.QT_8bit: 8, faiss.ScalarQuantizer.QT_6bit: 6, faiss.ScalarQuantizer.QT_4bit: 4}
         return f"SQ{bits.get(ivf.sq.qtype, '?')}"
+
+    @property
+    def memory_bytes(self) -> int:
+        """About what the index takes in memory (and on disk): each vector's code, id and direct-map entry."""
+        ivf = self._ivf
+        code = int(ivf.code_size) if ivf is not None else 4 * self.dim
+        return self.ntotal * (code + PER_VECTOR_BYTES)
 
     @property
     def _ivf(self) -> faiss.IndexIVF | None:

@@ -45,7 +45,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import faiss
 import numpy as np
 import redis
 
@@ -154,8 +153,7 @@ class IndexWriter:
         if self.deltas is None:
             return
         try:
-            self._stream_last = self.deltas.last_id()
-            self.deltas._last = self._stream_last
+            self._stream_last = self.deltas.resume()
         except redis.RedisError as err:
             self._stream_failed(err)
 
@@ -169,8 +167,7 @@ class IndexWriter:
             return  # the next snapshot holds it (they come every snapshot_every_s while the stream is down)
         try:
             if self._stream_last is None:  # never reached the stream yet: learn where it ends first
-                self._stream_last = self.deltas.last_id()
-                self.deltas._last = self._stream_last
+                self._stream_last = self.deltas.resume()
             self._stream_last = self.deltas.append(change)
         except redis.RedisError as err:
             self._stream_failed(err)
@@ -302,7 +299,7 @@ class IndexWriter:
         """After a change (under the lock): publish now when enough changes wait or the last snapshot is an interval
         old, else when the interval is over. While streaming, the snapshot (a seal) is always left to the publisher
         thread, so that an add never waits for one."""
-        threshold = self.seal_every_changes if self.streaming else self.snapshot_every_adds
+        threshold = self.publish_after_changes
         if self._publish_at is not None and self._adds_since_snapshot < threshold:
             return  # the deferred snapshot takes this change too
         now = time.monotonic()
@@ -334,6 +331,12 @@ class IndexWriter:
                 self._publish_at = None
                 self._defer(time.monotonic() + delay)
             return None
+
+    @property
+    def publish_after_changes(self) -> int:
+        """How many changes make a snapshot due at once: ``snapshot_every_adds``, or ``seal_every_changes`` while
+        streaming."""
+        return self.seal_every_changes if self.streaming else self.snapshot_every_adds
 
     @property
     def publish_interval_s(self) -> float:
@@ -381,8 +384,7 @@ class IndexWriter:
         """Snapshot when changes wait and are due (by count, or their deferred snapshot's time has come): the beat's
         periodic flush, a safety net behind the publisher thread."""
         with self._lock:
-            threshold = self.seal_every_changes if self.streaming else self.snapshot_every_adds
-            due_by_count = self._adds_since_snapshot >= threshold
+            due_by_count = self._adds_since_snapshot >= self.publish_after_changes
             due_by_time = self._publish_at is not None and time.monotonic() >= self._publish_at
             if not (due_by_count or due_by_time) or self._sealing:
                 return None
@@ -401,7 +403,7 @@ class IndexWriter:
             started = time.monotonic()
             pending = self._adds_since_snapshot
             stream_id = self._stream_last
-            fork = self.index.ntotal * _bytes_per_vector(self.index) >= FORK_FROM_BYTES
+            fork = self.index.memory_bytes >= FORK_FROM_BYTES
             self._sealing = True
             try:
                 write = self.snapshots.begin(self.index, stream_id, fork=fork)
@@ -500,11 +502,6 @@ class IndexWriter:
             self._maybe_start_build()
         self.wait_for_build()
         return added
-
-
-def _bytes_per_vector(index: VectorIndex) -> int:
-    ivf = faiss.try_extract_index_ivf(index.index)
-    return (int(ivf.code_size) if ivf is not None else 4 * index.dim) + 16  # its code, its id, the id map
 
 
 def _of_model(batches: Iterable[EmbeddingRows], model_id: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
