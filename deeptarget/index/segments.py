@@ -79,10 +79,7 @@ class DeltaSegment:
         if fresh:
             self.tombstones |= fresh
             self._exclusion = None
-        present = np.array([i for i in ids if self._has(int(i))], np.int64)
-        if len(present):  # an IVF's hash-table direct map removes only by IDSelectorArray
-            ivf = faiss.try_extract_index_ivf(self.index)
-            self.index.remove_ids(faiss.IDSelectorArray(present) if ivf is not None else faiss.IDSelectorBatch(present))
+        self._remove([i for i in ids.tolist() if self._has(i)])
         if change.op == "add":
             assert change.vectors is not None
             if len(np.unique(ids)) != len(ids):  # the writer never sends a repeated id; keep the last one if so
@@ -97,6 +94,15 @@ class DeltaSegment:
                 add_to_lists(ivf, ids, vectors, change.lists)  # type: ignore[arg-type]  # the writer's assignment
             else:
                 self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+
+    def _remove(self, present: list[int]) -> None:
+        """Take these ids (each in the delta) out of it."""
+        if not present:
+            return
+        ids = np.array(present, np.int64)
+        # an IVF's hash-table direct map removes only by IDSelectorArray
+        ivf = faiss.try_extract_index_ivf(self.index)
+        self.index.remove_ids(faiss.IDSelectorArray(ids) if ivf is not None else faiss.IDSelectorBatch(ids))
 
     def _has(self, vector_id: int) -> bool:
         try:
@@ -117,10 +123,7 @@ class DeltaSegment:
         carried = DeltaSegment.__new__(DeltaSegment)
         carried.base, carried.index, carried.skipped, carried._exclusion = base, self.index, 0, None
         carried.touched = {i: at for i, at in self.touched.items() if older(upto, at)}
-        gone = np.array([i for i in self.touched if i not in carried.touched and self._has(i)], np.int64)
-        if len(gone):
-            ivf = faiss.try_extract_index_ivf(self.index)
-            self.index.remove_ids(faiss.IDSelectorArray(gone) if ivf is not None else faiss.IDSelectorBatch(gone))
+        self._remove([i for i in self.touched if i not in carried.touched and self._has(i)])
         carried.tombstones = {i for i in carried.touched if i in base}
         return carried
 
