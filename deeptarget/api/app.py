@@ -665,6 +665,10 @@ def create_app(settings: Settings, service: QueryService | None = None) -> web.A
         handler = HANDLERS[(op.method, op.path)]
         route_handler = _requires_key(settings, handler) if op.write else handler
         app.router.add_route(op.method.upper(), op.path, route_handler, expect_handler=_expect_continue)
+    if settings.ui_enabled:
+        from deeptarget.ui.pages import add_ui  # it uses this module's helpers
+
+        add_ui(app)
     return app
 
 

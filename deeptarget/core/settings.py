@@ -490,8 +490,15 @@ class ApiSettings(BaseModel):
     health_min_free_bytes: int = Field(
         512 * 1024 * 1024, ge=0, description="/healthz reports the data volume as low below this much free space."
     )
+    ui_enabled: bool = Field(True, description="Serve the web UI (pages and thumbnails) under / on the API's port.")
+    ui_key: SecretStr | None = Field(
+        None,
+        description="When set, the web UI and its thumbnails need this key (typed once on /ui/login, then kept in a "
+        "cookie): set it wherever people who should not see scraped images can reach the API. Unset, empty or "
+        "blank: the UI is open, as the API's read endpoints are.",
+    )
 
-    @field_validator("api_key")
+    @field_validator("api_key", "ui_key")
     @classmethod
     def _blank_key_is_no_key(cls, key: SecretStr | None) -> SecretStr | None:
         # An empty key (compose's ${DEEPTARGET_API_KEY:-}) compared equal to an empty header and opened every write

@@ -233,7 +233,14 @@ class QueryService:
 
     def suggest_hashtags(self, data: bytes, n: int = 10) -> tuple[list[tuple[str, float]], list[Neighbour]]:
         """Hashtags for a new image: FAISS neighbours -> their mean ALS factors -> hashtag scores."""
-        neighbours = self.similar_to_vector(self.embed_image(data), self.settings.als_neighbours)
+        return self._suggest(self.embed_image(data), n)
+
+    def suggest_hashtags_for_vector(self, vector: np.ndarray, n: int = 10) -> list[tuple[str, float]]:
+        """``suggest_hashtags`` for an image embedded already (the UI embeds an upload once for both)."""
+        return self._suggest(vector, n)[0]
+
+    def _suggest(self, vector: np.ndarray, n: int) -> tuple[list[tuple[str, float]], list[Neighbour]]:
+        neighbours = self.similar_to_vector(vector, self.settings.als_neighbours)
         if not neighbours:
             raise ModelNotReadyError("the index is empty")
         model = self.hashtag_model()

@@ -205,6 +205,12 @@ class MetadataStore:
     def rejection_reasons(self) -> dict[str, int]:
         return self.reports.rejection_reasons()
 
+    def rejected_examples(self, per_reason: int = 4) -> dict[str, list[str]]:
+        return self.reports.rejected_examples(per_reason)
+
+    def changed_since(self, since: float) -> dict[str, int]:
+        return self.reports.changed_since(since)
+
     def hashtag_counts(self, limit: int = 30) -> dict[str, int]:
         return self.reports.hashtag_counts(limit)
 

@@ -45,7 +45,7 @@ from deeptarget.store.databases import Database, Row
 
 POST_COLUMNS = (
     "post_id, vector_id, source, media_url, permalink, caption, hashtags, like_count, comments_count, timestamp, "
-    "owner_id, owner_username, owner_followers, blob, status, reason, faces, classes"
+    "owner_id, owner_username, owner_followers, blob, status, reason, faces, face_boxes, classes"
 )
 """What StoredPost needs: everything but the embedding, a 5 KB blob that queries would only read to throw away."""
 
@@ -107,6 +107,7 @@ class StoredPost:
     faces: int | None
     classes: dict[str, dict[str, float]]
     blob: str | None
+    face_boxes: tuple[tuple[int, int, int, int], ...] = ()  # x, y, width, height in the stored image's pixels
 
 
 @dataclass(frozen=True)
@@ -303,4 +304,14 @@ def stored_post(row: Row) -> StoredPost:
         faces=row["faces"],
         classes=json.loads(row["classes"]) if row["classes"] else {},
         blob=row["blob"],
+        face_boxes=_boxes(row["face_boxes"]),
     )
+
+
+def _boxes(raw: str | None) -> tuple[tuple[int, int, int, int], ...]:
+    """The stored face boxes; a row written before boxes were kept (or a malformed one) has none."""
+    try:
+        boxes = json.loads(raw) if raw else []
+        return tuple((int(x), int(y), int(w), int(h)) for x, y, w, h in boxes)
+    except (ValueError, TypeError):
+        return ()

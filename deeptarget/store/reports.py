@@ -28,6 +28,24 @@ class Reports:
         )
         return {r[0]: int(r[1]) for r in rows}
 
+    def rejected_examples(self, per_reason: int = 4) -> dict[str, list[str]]:
+        """A few of the latest rejected posts of each reason whose image the store holds (what the UI shows)."""
+        examples: dict[str, list[str]] = {}
+        for reason in self.rejection_reasons():
+            rows = self._conn.fetchall(
+                "SELECT post_id FROM posts WHERE status = ? AND reason = ? AND blob IS NOT NULL "
+                "ORDER BY updated_at DESC, post_id LIMIT ?",
+                (PostStatus.REJECTED, reason, per_reason),
+            )
+            examples[reason] = [r[0] for r in rows]
+        return examples
+
+    def changed_since(self, since: float) -> dict[str, int]:
+        """Posts per status that reached it (or were written again) at or after ``since`` (a time.time()): what
+        each stage got through lately."""
+        rows = self._conn.fetchall("SELECT status, COUNT(*) FROM posts WHERE updated_at >= ? GROUP BY status", (since,))
+        return {r[0]: int(r[1]) for r in rows}
+
     def hashtag_counts(self, limit: int = 30) -> dict[str, int]:
         """Posts per hashtag, most first (every stored post, whatever its status, but deleted ones)."""
         rows = self._conn.fetchall(
