@@ -22,6 +22,7 @@ from deeptarget.api.app import create_app
 from deeptarget.core.records import PostStatus
 from deeptarget.query.service import QueryService
 from deeptarget.runtime.embedded_redis import EmbeddedRedis
+from deeptarget.ui.pages import UI_ROUTES
 from deeptarget.ui.thumbnails import BOX_COLOUR
 from tests.conftest import make_settings
 from tests.ui_data import BOMB_ID, UiDeployment, build_ui_deployment
@@ -65,6 +66,31 @@ def crop(data: bytes, margin: float = 0.03) -> bytes:
     out = io.BytesIO()
     image.crop((dx, dy, w - dx, h - dy)).save(out, "JPEG", quality=90)
     return out.getvalue()
+
+
+COVERED = {
+    ("get", "/"): "test_search_by_post_shows_the_post_first_then_its_neighbours",
+    ("post", "/ui/search"): "test_an_uploaded_cut_finds_the_post_it_was_cut_from_and_suggests_its_hashtags",
+    ("get", "/ui/audiences"): "test_an_audience_lists_accounts_with_their_posts_and_exports_as_the_cli",
+    ("get", "/ui/audiences.{format}"): "test_an_audience_lists_accounts_with_their_posts_and_exports_as_the_cli",
+    ("get", "/ui/accounts/{user}"): "test_an_account_page_shows_its_posts_and_charts",
+    ("get", "/ui/system"): "test_the_system_page_shows_the_stores_counts",
+    ("get", "/ui/thumbs/{post_id}"): "test_thumbnails_come_from_the_store_once_with_cache_headers",
+    ("get", "/ui/reports/{folder}/{name}"): "test_static_files_and_reports_only_by_name",
+    ("get", "/ui/static/{name}"): "test_static_files_and_reports_only_by_name",
+    ("get", "/ui/login"): "test_with_a_ui_key_pages_and_thumbnails_need_the_login",
+    ("post", "/ui/login"): "test_with_a_ui_key_pages_and_thumbnails_need_the_login",
+    ("post", "/ui/logout"): "test_with_a_ui_key_pages_and_thumbnails_need_the_login",
+}
+
+
+def test_every_route_of_the_ui_is_covered_here(tmp_path: Path) -> None:
+    app = create_app(make_settings(tmp_path / "data", "redis://127.0.0.1:1/0"))
+    routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.resource is not None}
+    assert routes >= UI_ROUTES and set(COVERED) == UI_ROUTES
+    assert all(callable(globals().get(name)) for name in COVERED.values())
+    off = create_app(make_settings(tmp_path / "data", "redis://127.0.0.1:1/0", ui_enabled=False))
+    assert not {(r.method.lower(), r.resource.canonical) for r in off.router.routes() if r.resource} & UI_ROUTES
 
 
 async def test_search_by_post_shows_the_post_first_then_its_neighbours(ui: Client, deployment: UiDeployment) -> None:
@@ -247,4 +273,10 @@ async def test_with_a_ui_key_pages_and_thumbnails_need_the_login(deployment: UiD
             assert response.status == 200
         async with client.get("/ui/system") as response:
             assert response.status == 200 and "asks for its key" in await response.text()
+        async with client.post("/ui/logout", allow_redirects=False) as response:
+            assert response.status == 303 and response.headers["Location"] == "/ui/login"
+        async with client.get(f"/ui/thumbs/{post_id}") as response:
+            assert response.status == 401
+        async with client.get("/ui/login", params={"next": "/ui/system"}) as response:
+            assert response.status == 200 and 'value="/ui/system"' in await response.text()
     assert make_settings(tmp_path / "data", ui_key="  ").ui_key is None  # a blank key is no key: the UI is open

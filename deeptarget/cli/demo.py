@@ -112,7 +112,7 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             )
             console.print(f"[bold]Workers[/] pids {[w.pid for w in workers]} (logs in {shown(logs)})")
             api = await stack.enter_async_context(_api_server(settings))
-            console.print(f"[bold]API[/] at {api.url}")
+            console.print(f"[bold]API[/] at {api.url}   [bold]web UI[/] at {api.url}/")
 
             redis_client = async_redis_client(settings)
             stack.push_async_callback(redis_client.aclose)
@@ -132,7 +132,8 @@ async def run_demo(settings: Settings, *, once: bool) -> int:
             if once:
                 return 0
             console.print(
-                f"\nThe API stays up at [bold]{api.url}[/]; try\n"
+                f"\nThe API stays up at [bold]{api.url}[/], its web UI at [bold]{api.url}/[/] (search by image, "
+                "audiences, accounts, the system); try\n"
                 f"  curl '{api.url}/similar?post_id={shown(_example_post(network, store).id)}&k=5'\n"
                 f"  curl --data-binary @photo.jpg '{api.url}/hashtags'\n"
                 f"  curl '{api.url}/users/{shown(network.accounts[0].username)}'\n"

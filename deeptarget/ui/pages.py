@@ -58,6 +58,11 @@ POSTS_PER_MEMBER = 4
 ACCOUNT_POSTS = 60
 REPORT_TYPES = {".html": "text/html", ".png": "image/png", ".json": "application/json", ".csv": "text/csv"}
 THUMBS_KEY = web.AppKey("thumbnails", Thumbnails)
+UI_ROUTES = {("get", "/"), ("post", "/ui/search"), ("get", "/ui/audiences"), ("get", "/ui/audiences.{format}"),
+             ("get", "/ui/accounts/{user}"), ("get", "/ui/system"), ("get", "/ui/thumbs/{post_id}"),
+             ("get", "/ui/reports/{folder}/{name}"), ("get", "/ui/static/{name}"), ("get", "/ui/login"),
+             ("post", "/ui/login"), ("post", "/ui/logout")}  # fmt: skip
+"""The UI's routes as the router names them (``add_ui`` adds them; tests/test_ui.py checks the two agree)."""
 TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(HERE / "templates"),
     autoescape=True,
@@ -108,8 +113,9 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
                                  "Content-Security-Policy": CSP})  # fmt: skip
 
 
-# Scripts and styles from this site only, no inline script; images from here and data: (none from the posts' CDNs).
-CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+# Scripts and styles from this site only, no inline script; images from here, data: and blob: (the upload's preview),
+# none from the posts' CDNs.
+CSP = "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
 
 
 def page(handler: Handler) -> Handler:
@@ -442,19 +448,19 @@ def add_ui(app: web.Application) -> None:
 
     app.cleanup_ctx.append(thumbnails)
     assert DECODES_KEY in app  # thumbnails share the uploads' decode slots
-    routes = [
-        ("GET", "/", page(search_page)),
-        ("POST", "/ui/search", page(search_upload)),
-        ("GET", "/ui/audiences", page(audiences_page)),
-        ("GET", "/ui/audiences.{format:csv|json}", page(audience_export)),
-        ("GET", "/ui/accounts/{user}", page(account_page)),
-        ("GET", "/ui/system", page(system_page)),
-        ("GET", "/ui/thumbs/{post_id}", guarded_file(thumbnail)),
-        ("GET", "/ui/reports/{folder}/{name}", guarded_file(report_file)),
-        ("GET", "/ui/static/{name}", static_file),
-        ("GET", "/ui/login", login_page),
-        ("POST", "/ui/login", login),
-        ("POST", "/ui/logout", logout),
-    ]
-    for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
+    routes = {
+        ("get", "/"): page(search_page),
+        ("post", "/ui/search"): page(search_upload),
+        ("get", "/ui/audiences"): page(audiences_page),
+        ("get", "/ui/audiences.{format:csv|json}"): page(audience_export),
+        ("get", "/ui/accounts/{user}"): page(account_page),
+        ("get", "/ui/system"): page(system_page),
+        ("get", "/ui/thumbs/{post_id}"): guarded_file(thumbnail),
+        ("get", "/ui/reports/{folder}/{name}"): guarded_file(report_file),
+        ("get", "/ui/static/{name}"): static_file,
+        ("get", "/ui/login"): login_page,
+        ("post", "/ui/login"): login,
+        ("post", "/ui/logout"): logout,
+    }
+    for (method, path), handler in routes.items():
+        app.router.add_route(method.upper(), path, handler)
