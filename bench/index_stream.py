@@ -17,10 +17,10 @@ Freshness: after each batch the writer hands one of its vectors, with the time i
 queries the vector, which must return the id. The time from the add to that answer is the visibility latency.
 (Querying every few ms instead would add hundreds of queries a second to the clients' load.)
 
-A quantized base (past the memory budget: SQ4 at 10M) is served as the query service serves it: ``RERANK_FACTOR``
-times the candidates, re-scored from the float embeddings of the metadata store. Its stand-in here is a float16 file
-of every vector (``EmbeddingFile``: 25.6 GB at 10M x 1280-d, where float32 would not fit this disk), read with one
-``pread`` a candidate, as the store reads rows, so none of it counts in the reader's RSS.
+A quantized base (past the memory budget: SQ4 at 10M) is served as the query service serves it: ``rerank`` (tuned
+with nprobe) times the candidates, re-scored from the float embeddings of the metadata store. Its stand-in here is a
+float16 file of every vector (``EmbeddingFile``: 25.6 GB at 10M x 1280-d, where float32 would not fit this disk),
+read with one ``pread`` a candidate, as the store reads rows, so none of it counts in the reader's RSS.
 
 At the end the stream stops, the reader catches up, and recall@10 of its answers to fresh queries is measured against
 exact search over the same live set (the base's vectors generated again, less the removed ones, plus the added).
@@ -35,6 +35,7 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from deeptarget.index.builder import RERANK_FACTOR, ExactNeighbours, IndexPolicy, build_ivf, recall_at_k, reranked
+from deeptarget.index.builder import ExactNeighbours, IndexPolicy, build_ivf, recall_at_k, reranked, tune_nprobe
 from deeptarget.index.deltas import Change, DeltaStream, older
 from deeptarget.index.segments import LiveIndex, LiveReader
 from deeptarget.index.synthetic import ClusteredVectors
@@ -111,10 +112,10 @@ class EmbeddingFile:
 
 def answer(index: LiveIndex, query: np.ndarray, embeddings: EmbeddingFile) -> np.ndarray:
     """The top K ids for one query, as ``QueryService.similar_to_vector`` answers: from a quantized base,
-    ``RERANK_FACTOR`` x K candidates re-scored exactly."""
-    if not reranked(index.codec):
+    ``index.rerank`` x K candidates re-scored exactly."""
+    if index.rerank <= 1:
         return index.search(query[None], K)[1][0]
-    scores, ids = index.search(query[None], K * RERANK_FACTOR)
+    scores, ids = index.search(query[None], K * index.rerank)
     keep = ids[0] >= 0
     candidates, approximate = ids[0][keep], scores[0][keep]
     found, vectors = embeddings.vectors(candidates)
@@ -340,25 +341,56 @@ def exact_over_live_set(writer: Writer, data: ClusteredVectors, queries: np.ndar
 def run(args: argparse.Namespace) -> None:
     console = Console()
     data = ClusteredVectors(dim=args.dim, n_clusters=args.clusters, seed=0)
-    with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
-        server = EmbeddedRedis(Path(folder) / "redis").start()
+    if args.reuse:  # a previous run's folder: its base and float16 file, a fresh Redis and stand-in of the adds
+        folder = Path(args.reuse)
+        shutil.rmtree(folder / "redis", ignore_errors=True)
+        (folder / "added.f16").unlink(missing_ok=True)
+        server = EmbeddedRedis(folder / "redis").start()
         try:
-            _run(args, console, data, Path(folder), server.url)
+            _run(args, console, data, folder, server.url)
         finally:
             server.stop()
+        return
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
+        server = EmbeddedRedis(Path(tmp) / "redis").start()
+        try:
+            _run(args, console, data, Path(tmp), server.url)
+        finally:
+            server.stop()
+
+
+def reused_base(args: argparse.Namespace, data: ClusteredVectors, folder: Path, console: Console) -> VectorIndex:
+    """The base a previous run sealed into ``folder`` (the n vectors it was built with), with nprobe and the
+    re-scoring depth tuned again, as ``build_ivf`` tunes them: a pass over the collection for the tuning queries'
+    exact neighbours instead of a build."""
+    started = time.perf_counter()
+    index = SnapshotStore(folder / "index").load()
+    assert index is not None and index.ntotal == args.n, f"{folder} holds no base of {args.n:,} vectors"
+    policy = IndexPolicy(target_recall=args.target_recall, memory_budget=int(args.budget_gb * 2**30))
+    ids = base_ids(args.n)
+    queries = data.sample(policy.tuning_queries)  # the collection's first rows, as build_base's sample starts
+    exact = ExactNeighbours(queries, policy.k + 1)
+    for i, chunk in enumerate(data.chunks(args.n, CHUNK)):
+        exact.update(ids[i * CHUNK : i * CHUNK + len(chunk)], chunk)
+    tuning = tune_nprobe(index, queries, ids[: len(queries)], exact.ids, policy)
+    console.print(f"IVF{index.nlist},{index.codec} of {index.ntotal:,} loaded and tuned in "
+                  f"{time.perf_counter() - started:.0f} s: nprobe {tuning.nprobe}, re-scoring {tuning.rerank}x, "
+                  f"in-collection recall@10 {tuning.recall:.3f} {tuning.curve}")  # fmt: skip
+    return index
 
 
 def _run(args: argparse.Namespace, console: Console, data: ClusteredVectors, folder: Path, url: str) -> None:
     embeddings = EmbeddingFile(folder, args.n, args.dim)
     embeddings.writer("added").close()  # the reader opens both
-    index = build_base(args, data, embeddings, console)
+    index = reused_base(args, data, folder, console) if args.reuse else build_base(args, data, embeddings, console)
     deltas = DeltaStream.from_url(url)
     client = redis.Redis.from_url(url)
     store = SnapshotStore(folder / "index", keep=2)
     started = time.perf_counter()
     store.begin(index, deltas.last_id(), fork=True).finish()
     first_seal = time.perf_counter() - started
-    disk = sum(p.stat().st_size for p in (folder / "index").glob("v*.faiss")) / index.ntotal
+    newest = max((folder / "index").glob("v*.faiss"), key=lambda p: p.stat().st_mtime)  # a reused run keeps the old
+    disk = newest.stat().st_size / index.ntotal
     out = folder / "reader.json"
     cpus = sorted(os.sched_getaffinity(0))
     split = args.pin and len(cpus) >= 2  # the writer and the reader on cores of their own, as on their own hosts
@@ -390,7 +422,7 @@ def _run(args: argparse.Namespace, console: Console, data: ClusteredVectors, fol
     table = Table("what", "value")
     rows = [
         ("index", f"IVF{index.nlist},{index.codec} nprobe {index.nprobe} (budget {args.budget_gb:g} GB)"
-                  + (f", {RERANK_FACTOR} x 10 candidates re-scored from the float16 stand-in" if reranked(index.codec)
+                  + (f", {index.rerank} x 10 candidates re-scored from the float16 stand-in" if index.rerank > 1
                      else "")),
         ("live vectors at the end (reader)", f"{result['ntotal']:,} ({result['delta']:,} in its delta, "
                                              f"{result['tombstones']:,} tombstones)"),
@@ -428,6 +460,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recall-queries", type=int, default=500)
     parser.add_argument("--budget-gb", type=float, default=6.0, help="index_memory_budget, for the base")
     parser.add_argument("--work-dir", default=None, help="where snapshots and Redis live (default: /tmp)")
+    parser.add_argument(
+        "--reuse",
+        default=None,
+        help="the work folder of a run stopped after its first seal: its "
+        "base and float16 file are used again, nprobe and depth tuned again (10M: a pass, not a build)",
+    )
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="the writer and the reader share every core (default: half the cores each)")  # fmt: skip
 

@@ -156,7 +156,7 @@ def test_answers_from_a_quantized_base_are_rescored_exactly_from_the_stored_embe
     writer.close()
 
 
-def test_a_quantized_base_is_tuned_for_its_rescored_candidates_not_for_its_own_ranking() -> None:
+def test_a_quantized_base_is_tuned_for_its_rescored_candidates_not_for_its_own_ranking(tmp_path: Path) -> None:
     """SQ4's own top 10 stays short of the target at any nprobe, so tuning its ranking would end at nprobe = nlist
     (every list scanned); what queries get is 4x the candidates re-scored exactly, and that reaches the target."""
     vectors = DATA.sample(8000)
@@ -164,8 +164,12 @@ def test_a_quantized_base_is_tuned_for_its_rescored_candidates_not_for_its_own_r
     policy = IndexPolicy(memory_budget=len(ids) * (DIM // 2 + 48), tuning_queries=200)
     chunks = lambda: ((ids[i : i + 4000], vectors[i : i + 4000]) for i in range(0, len(ids), 4000))  # noqa: E731
     index, tuning = build_ivf(DIM, MODEL, vectors[:2560], ids[:2560], chunks, len(ids), policy)
-    assert index.codec == "SQ4" and reranked(index.codec)
+    assert index.codec == "SQ4" and reranked(index.codec) and index.rerank == tuning.rerank > 1
     assert tuning.recall >= policy.target_recall and tuning.nprobe < index.nlist, tuning.curve
+    store = SnapshotStore(tmp_path)
+    store.save(index)
+    loaded = store.load(mapped=True)
+    assert loaded is not None and (loaded.nprobe, loaded.rerank) == (tuning.nprobe, tuning.rerank)  # readers serve it
     exact = ids[np.argsort(-(vectors[:200] @ vectors.T), axis=1)[:, :11]]
     index.nprobe = index.nlist
     own_ranking = recall_at_k(index.search(vectors[:200], 11)[1], exact, ids[:200], 10)

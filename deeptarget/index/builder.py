@@ -32,10 +32,12 @@ Chunks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 # Scalar quantizers keep what the rest of the index relies on (ids, removal, a hash-table direct map, memory-mapped
 # lists); the reader's delta stays float (index.segments).
 CODECS: dict[str, float] = {"Flat": 4.0, "SQ8": 1.0, "SQ6": 0.75, "SQ4": 0.5}  # recall 0.992, 0.979, 0.950, 0.860
-# Candidates per answer fetched from a quantized base and scored again from the float embeddings (the query service
-# does it from the metadata store): at SQ4, 4 x 10 candidates re-scored hold 0.96 of the exact top 10, the code's own
-# ranking 0.86 (bench/index_codecs.py).
-RERANK_FACTOR = 4
+# Re-scoring depths tried for a quantized base: answers are re-scored exactly (the query service does it from the
+# metadata store's float embeddings) over depth x k candidates. At SQ4, 100k vectors, 4 x 10 candidates hold 0.96 of
+# the exact top 10 and the code's own ranking 0.86 (bench/index_codecs.py); a larger collection packs neighbours
+# closer, so the depth is tuned with nprobe (tune_nprobe).
+RERANK_DEPTHS = (2, 4, 8, 16)
+RERANK_FACTOR = 4  # the depth benchmarks use when they do not tune
 
 
 def reranked(codec: str) -> bool:
@@ -89,7 +91,8 @@ class IndexPolicy:
 class Tuning:
     nprobe: int
     recall: float
-    curve: dict[int, float] = field(default_factory=dict)  # nprobe -> recall@k
+    curve: dict[int, float] = field(default_factory=dict)  # nprobe -> recall@k (at the deepest re-scoring)
+    rerank: int = 1  # the re-scoring depth chosen (1: none)
 
 
 class ExactNeighbours:
@@ -131,23 +134,28 @@ def tune_nprobe(
     """The smallest power-of-two ``nprobe`` reaching the recall target plus the margin (the largest tried when none
     does). Measured at 1M: in-collection 0.957 gave 0.936 on fresh queries at the same nprobe, hence the margin.
 
-    A quantized base is tuned for what it serves: ``RERANK_FACTOR`` times as many candidates, re-scored exactly, so
-    the recall that counts is the share of the exact top k among the candidates (exact re-scoring ranks them
-    perfectly). Tuning the code's own ranking instead would chase a recall SQ4 never reaches, up to nprobe = nlist."""
-    fetch = (policy.k + 1) * (RERANK_FACTOR if reranked(index.codec) else 1)
+    A quantized base is tuned for what it serves: depth x k candidates re-scored exactly, so the recall that counts
+    is the share of the exact top k among the candidates (exact re-scoring ranks them perfectly), and the depth is
+    the smallest of ``RERANK_DEPTHS`` that reaches the target at that nprobe. Tuning the code's own ranking instead
+    chased a recall SQ4 never reaches, up to nprobe = nlist. ``curve`` holds each nprobe's recall at the deepest."""
+    depths = RERANK_DEPTHS if reranked(index.codec) else (1,)
+    wanted = policy.target_recall + policy.tuning_margin
     curve: dict[int, float] = {}
-    nprobe = 1
+    nprobe, depth = 1, depths[-1]
     while True:
         index.nprobe = nprobe
-        _, found = index.search(queries, fetch)
-        curve[nprobe] = recall_at_k(found, exact, query_ids, policy.k)
-        if curve[nprobe] >= policy.target_recall + policy.tuning_margin or nprobe >= index.nlist:
+        _, found = index.search(queries, (policy.k + 1) * depths[-1])
+        by_depth = {d: recall_at_k(found[:, : (policy.k + 1) * d], exact, query_ids, policy.k) for d in depths}
+        curve[nprobe] = by_depth[depths[-1]]
+        reaching = [d for d in depths if by_depth[d] >= wanted]
+        if reaching or nprobe >= index.nlist:
+            depth = reaching[0] if reaching else depths[-1]
             break
         nprobe *= 2
     if curve[nprobe] < policy.target_recall:
         LOG.warning("IVF recall@%d reaches only %.3f at nprobe %d", policy.k, curve[nprobe], nprobe)
-    index.nprobe = nprobe
-    return Tuning(nprobe, curve[nprobe], curve)
+    index.nprobe, index.rerank = nprobe, depth
+    return Tuning(nprobe, by_depth[depth], curve, depth)
 
 
 def build_ivf(
@@ -175,6 +183,6 @@ def build_ivf(
             progress(len(ids))
     index.trained_on = index.ntotal
     tuning = tune_nprobe(index, queries, query_ids, exact.ids, policy)
-    LOG.info("IVF%d,%s with %d vectors: nprobe %d gives recall@%d %.3f", nlist, codec, index.ntotal, tuning.nprobe,
-             policy.k, tuning.recall)  # fmt: skip
+    LOG.info("IVF%d,%s with %d vectors: nprobe %d (re-scoring %dx) gives recall@%d %.3f", nlist, codec,
+             index.ntotal, tuning.nprobe, tuning.rerank, policy.k, tuning.recall)  # fmt: skip
     return index, tuning

@@ -196,6 +196,7 @@ class LiveIndex:
     kind = property(lambda self: self.base.kind)
     codec = property(lambda self: self.base.codec)
     nprobe = property(lambda self: self.base.nprobe)
+    rerank = property(lambda self: self.base.rerank)
     version = property(lambda self: self.base.version)
     seq = property(lambda self: self.base.seq)
 

@@ -40,6 +40,7 @@ from deeptarget.core.errors import IndexMismatchError
 from deeptarget.store.versioned import VersionedDir, atomic_write, fsync_dir
 
 LOG = logging.getLogger(__name__)
+LEGACY_RERANK = 4  # the re-scoring depth of quantized snapshots written before it was tuned
 PER_VECTOR_BYTES = 8 + 40  # besides its code: its id in the inverted list, its entry in the direct map's hash table
 
 # Brute-force search uses BLAS from this many queries on. faiss-cpu 1.15 ships 128000, which keeps batched queries
@@ -61,6 +62,8 @@ class VectorIndex:
     read_only: bool = False
     stream_id: str | None = None  # the last change stream entry the snapshot holds (index.deltas); None: unknown
     trained_id: str = ""  # names the coarse quantizer an IVF was trained with ("" for exact), across snapshots
+    # answers are re-scored exactly over rerank x k candidates (1: the index's own ranking); tuned with nprobe
+    rerank: int = 1
     _gpu: Any = field(default=None, repr=False)  # a read-only GPU copy for searches (see on_gpu)
     _gpu_resources: Any = field(default=None, repr=False)
     _gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -283,6 +286,7 @@ class SnapshotStore:
             "kind": index.kind,
             "codec": index.codec,
             "nprobe": index.nprobe,
+            "rerank": index.rerank,
             "trained_on": index.trained_on,
             "trained_id": index.trained_id,
             "created": time.time(),
@@ -349,6 +353,8 @@ class SnapshotStore:
             trained_id=str(meta.get("trained_id", "")),
         )
         index.nprobe = int(meta.get("nprobe", 0))
+        # a snapshot from before the depth was tuned: the fixed depth quantized bases had then
+        index.rerank = int(meta.get("rerank", 1 if meta.get("codec", "Flat") == "Flat" else LEGACY_RERANK))
         return index
 
 

@@ -18,7 +18,6 @@ import numpy as np
 from deeptarget.core.errors import ConfigurationError, ModelNotReadyError, NotFoundError
 from deeptarget.core.records import Profile, normalise_hashtag, vector_id
 from deeptarget.core.settings import Settings
-from deeptarget.index.builder import RERANK_FACTOR, reranked
 from deeptarget.index.deltas import DeltaStream
 from deeptarget.index.segments import LiveIndex, LiveReader
 from deeptarget.index.vectors import SnapshotStore
@@ -194,11 +193,12 @@ class QueryService:
     def similar_to_vector(self, vector: np.ndarray, k: int = 10, where: PostFilter = NO_FILTER) -> list[Neighbour]:
         """The k nearest posts that pass ``where``: with a filter, candidates are fetched in growing rounds (4k, 16k,
         ...) until k pass or the index (or ``MAX_FILTERED_CANDIDATES``) is exhausted. From a quantized base
-        (``index_memory_budget``), ``RERANK_FACTOR`` times as many candidates are scored again exactly, from the float
-        embeddings the metadata store keeps (a quantized code alone finds about 0.86 of the exact top 10 at SQ4)."""
+        (``index_memory_budget``), ``index.rerank`` times as many candidates (a depth tuned with nprobe) are scored
+        again exactly, from the float embeddings the metadata store keeps (a quantized code alone finds about 0.86
+        of the exact top 10 at SQ4)."""
         index = self.index()
-        rerank = reranked(index.codec)
-        fetch = (k * 4 if where.active else k) * (RERANK_FACTOR if rerank else 1)
+        rerank = index.rerank > 1
+        fetch = (k * 4 if where.active else k) * index.rerank
         while True:
             scores, ids = index.search(vector[None, :], min(fetch, max(index.ntotal, 1)))
             found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
