@@ -200,7 +200,8 @@ async def test_an_audience_lists_accounts_with_their_posts_and_exports_as_the_cl
     accounts = re.findall(r'<a class="owner member-name" href="/ui/accounts/([^"]+)">', html)
     owners = {m.owner.id for m in deployment.media.values() if topic_tag in m.hashtags}
     assert accounts and set(accounts) <= owners
-    assert card_ids(html)  # each with a few of their posts
+    shown = card_ids(html)  # each with a few of their posts, those with the hashtag first
+    assert shown and topic_tag in deployment.media[shown[0]].hashtags
     async with ui.get("/ui/audiences.csv", params={"interest": f"#{topic_tag}"}) as response:
         assert response.status == 200 and "attachment" in response.headers["Content-Disposition"]
         rows = list(csv.DictReader(io.StringIO(await response.text())))

@@ -243,15 +243,25 @@ def _audience(request: web.Request) -> tuple[str, list[Member]] | None:
     service = request.app[SERVICE_KEY]
     key, members = service.audience(interest, min_score, min_posts, AUDIENCE_LIMIT, query.get("exclude") == "1")
     return key, [
-        Member(m.user_id, m.score, m.profile, [Card.of(p) for p in _shown_posts(service, m.user_id, POSTS_PER_MEMBER)])
+        Member(
+            m.user_id, m.score, m.profile, [Card.of(p) for p in _shown_posts(service, m.user_id, POSTS_PER_MEMBER, key)]
+        )
         for m in members
     ]
 
 
-def _shown_posts(service: QueryService, user_id: str, limit: int) -> list[StoredPost]:
-    """A user's latest posts that have an image and are not deleted."""
+def _shown_posts(service: QueryService, user_id: str, limit: int, interest: str | None = None) -> list[StoredPost]:
+    """A user's posts that have an image and are not deleted, latest first; for an interest key (``hashtag:sushi``,
+    ``class:food:sushi``), the posts that make the user into it first: those with the hashtag, or by the class's
+    probability."""
     posts = [p for p in service.store.user_posts(user_id) if p.blob and p.status != PostStatus.DELETED]
     posts.sort(key=lambda p: (p.post.timestamp is not None, p.post.timestamp or datetime.min), reverse=True)
+    kind, _, name = (interest or "").partition(":")
+    if kind == "hashtag":
+        posts.sort(key=lambda p: name not in p.post.hashtags)  # stable: latest first within each group
+    elif kind == "class":
+        head, _, label = name.partition(":")
+        posts.sort(key=lambda p: -p.classes.get(head, {}).get(label, 0.0))
     return posts[:limit]
 
 
