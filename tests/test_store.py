@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+
 import numpy as np
 import psycopg
 import pytest
@@ -115,3 +118,30 @@ def test_a_postgresql_restart_costs_one_failed_call_not_the_store() -> None:
         assert store.status_counts() == {"embedded": 2}
     finally:
         server.stop()
+
+
+def test_what_the_web_ui_reads_of_the_store(metadata_database: str) -> None:
+    """The UI's queries: a user's latest posts with an image (undated last, deleted and imageless left out), rejected
+    examples that have an image, and each status's activity in one pass."""
+    store = MetadataStore(metadata_database)
+    owner = Owner(id="u1", username="ann", followers_count=10)
+    dated = [Post(id=f"p{d}", owner=owner, timestamp=datetime(2026, 1, d, tzinfo=UTC)) for d in (3, 1, 2)]
+    undated = Post(id="p-undated", owner=owner)
+    box = [(1, 2, 3, 4)]
+    store.record_results(
+        [(p, "a" * 64, Prediction(post_id=p.id, status="embedded", model_id="m", faces=1, face_boxes=box),
+          np.ones(4, np.float32)) for p in [*dated, undated]]
+        + [(Post(id="no-image", owner=owner), None, Prediction(post_id="no-image", status="rejected",
+                                                               reason="blob_missing"), None),
+           (Post(id="bad", owner=owner), "b" * 64, Prediction(post_id="bad", status="rejected",
+                                                              reason="not_an_image"), None)]
+    )  # fmt: skip
+    store.delete_posts(["p2"])
+    recent = store.recent_user_posts("u1", 10)
+    ids = [p.post.id for p in recent]
+    assert ids[:2] == ["p3", "p1"] and "p2" not in ids and "no-image" not in ids and ids.index("p-undated") > 1
+    assert recent[0].face_boxes == ((1, 2, 3, 4),)
+    assert [p.post.id for p in store.recent_user_posts("u1", 1)] == ["p3"]
+    assert store.rejected_examples() == {"blob_missing": [], "not_an_image": ["bad"]}
+    activity = store.status_activity(time.time() - 60, time.time() + 60)
+    assert activity == {"embedded": (3, 3, 0), "deleted": (1, 1, 0), "rejected": (2, 2, 0)}

@@ -274,6 +274,12 @@ async def test_with_a_ui_key_pages_and_thumbnails_need_the_login(deployment: UiD
             assert response.status == 200
         async with client.get("/ui/system") as response:
             assert response.status == 200 and "asks for its key" in await response.text()
+        async with client.post("/ui/logout", headers={"Sec-Fetch-Site": "cross-site"}) as response:
+            assert response.status == 403  # another site's page cannot log the user out
+        async with client.post(
+            "/ui/login", data={"key": UI_KEY}, headers={"Origin": "https://evil.example"}
+        ) as response:
+            assert response.status == 403
         async with client.post("/ui/logout", allow_redirects=False) as response:
             assert response.status == 303 and response.headers["Location"] == "/ui/login"
         async with client.get(f"/ui/thumbs/{post_id}") as response:

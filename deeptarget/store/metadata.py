@@ -99,6 +99,9 @@ class MetadataStore:
     def user_posts(self, user_id: str) -> list[StoredPost]:
         return self.posts.user_posts(user_id)
 
+    def recent_user_posts(self, user_id: str, limit: int) -> list[StoredPost]:
+        return self.posts.recent_user_posts(user_id, limit)
+
     def user_id_for_username(self, username: str) -> str | None:
         return self.posts.user_id_for_username(username)
 
@@ -208,8 +211,8 @@ class MetadataStore:
     def rejected_examples(self, per_reason: int = 4) -> dict[str, list[str]]:
         return self.reports.rejected_examples(per_reason)
 
-    def changed_since(self, since: float) -> dict[str, int]:
-        return self.reports.changed_since(since)
+    def status_activity(self, *since: float) -> dict[str, tuple[int, ...]]:
+        return self.reports.status_activity(*since)
 
     def hashtag_counts(self, limit: int = 30) -> dict[str, int]:
         return self.reports.hashtag_counts(limit)

@@ -196,6 +196,15 @@ class Posts:
         rows = self._conn.fetchall(f"SELECT {POST_COLUMNS} FROM posts WHERE owner_id = ? ORDER BY post_id", (user_id,))
         return [stored_post(r) for r in rows]
 
+    def recent_user_posts(self, user_id: str, limit: int) -> list[StoredPost]:
+        """A user's latest ``limit`` posts that have a stored image and are not deleted (undated ones last)."""
+        rows = self._conn.fetchall(
+            f"SELECT {POST_COLUMNS} FROM posts WHERE owner_id = ? AND blob IS NOT NULL AND status != ? "
+            "ORDER BY timestamp IS NULL, timestamp DESC, post_id LIMIT ?",
+            (user_id, PostStatus.DELETED, limit),
+        )
+        return [stored_post(r) for r in rows]
+
     def user_id_for_username(self, username: str) -> str | None:
         row = self._conn.fetchone("SELECT owner_id FROM posts WHERE owner_username = ? LIMIT 1", (username,))
         return None if row is None else str(row[0])

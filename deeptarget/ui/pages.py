@@ -15,6 +15,7 @@ Every query goes through the same ``QueryService`` and limits as the JSON API (u
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -34,15 +35,23 @@ from deeptarget.api import health
 from deeptarget.api.app import (
     _HAS_FACE,
     DECODES_KEY,
+    MAX_K,
     REDIS_KEY,
     SERVICE_KEY,
     SETTINGS_KEY,
+    _body_deadline,
     _bool_param,
     _decode,
     _run,
     _upload,
 )
-from deeptarget.core.errors import DeepTargetError, ImageRejected, ModelNotReadyError, NotFoundError
+from deeptarget.core.errors import (
+    DeepTargetError,
+    ImageRejected,
+    IndexMismatchError,
+    ModelNotReadyError,
+    NotFoundError,
+)
 from deeptarget.core.records import PostStatus, Profile, vector_id
 from deeptarget.query.service import Neighbour, PostFilter, QueryService
 from deeptarget.store.blobs import StorageUnavailable
@@ -55,8 +64,11 @@ STATIC = {"ui.css": "text/css", "ui.js": "text/javascript"}
 RESULT_COUNTS = (12, 24, 48)
 AUDIENCE_LIMIT = 50
 POSTS_PER_MEMBER = 4
+CANDIDATE_POSTS = 200  # a member's latest posts among which those shown are picked
 ACCOUNT_POSTS = 60
 REPORT_TYPES = {".html": "text/html", ".png": "image/png", ".json": "application/json", ".csv": "text/csv"}
+MAX_LOGIN_BYTES = 4096
+FAILED_LOGIN_DELAY_S = 1.0
 THUMBS_KEY = web.AppKey("thumbnails", Thumbnails)
 UI_ROUTES = {("get", "/"), ("post", "/ui/search"), ("get", "/ui/audiences"), ("get", "/ui/audiences.{format}"),
              ("get", "/ui/accounts/{user}"), ("get", "/ui/system"), ("get", "/ui/thumbs/{post_id}"),
@@ -69,6 +81,7 @@ TEMPLATES = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
     lstrip_blocks=True,
+    auto_reload=False,  # templates ship with the package: no stat of each file at every render
 )
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -131,7 +144,7 @@ def page(handler: Handler) -> Handler:
             return render(request, "error.html", err.status, message=err.text or err.reason)
         except NotFoundError as err:
             return render(request, "error.html", 404, message=str(err))
-        except ModelNotReadyError as err:
+        except (ModelNotReadyError, IndexMismatchError) as err:
             return render(request, "error.html", 503, message=str(err))
         except ImageRejected:
             raise  # the JSON middleware's answer (413 / 422) is what the upload script reads
@@ -150,6 +163,24 @@ def guarded_file(handler: Handler) -> Handler:
         return await handler(request)
 
     return guarded
+
+
+def same_site(handler: Handler) -> Handler:
+    """A form POST only from this site's own pages: a browser says where a request comes from (``Sec-Fetch-Site``,
+    else ``Origin``), so another site's page cannot log a user out or in, or search with their session."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        fetch_site = request.headers.get("Sec-Fetch-Site")
+        origin = request.headers.get("Origin")
+        cross = fetch_site not in (None, "same-origin", "none") or (
+            fetch_site is None and origin not in (None, "null") and origin != f"{request.scheme}://{request.host}"
+        )
+        if cross:
+            return web.json_response({"error": "cross-site form posts are refused", "reason": "cross_site"},
+                                     status=403)  # fmt: skip
+        return await handler(request)
+
+    return checked
 
 
 def _refused(request: web.Request) -> web.Response:
@@ -228,7 +259,9 @@ class Member:
     posts: list[Card]
 
 
-def _audience(request: web.Request) -> tuple[str, list[Member]] | None:
+def _audience(
+    request: web.Request, limit: int = AUDIENCE_LIMIT, with_posts: bool = True
+) -> tuple[str, list[Member]] | None:
     query = request.query
     interest = query.get("interest", "").strip()
     if not interest:
@@ -251,11 +284,11 @@ def _audience(request: web.Request) -> tuple[str, list[Member]] | None:
 
 
 def _shown_posts(service: QueryService, user_id: str, limit: int, interest: str | None = None) -> list[StoredPost]:
-    """A user's posts that have an image and are not deleted, latest first; for an interest key (``hashtag:sushi``,
+    """A user's latest posts that have an image and are not deleted (of the last ``CANDIDATE_POSTS``); for an
+    interest key (``hashtag:sushi``,
     ``class:food:sushi``), the posts that make the user into it first: those with the hashtag, or by the class's
     probability."""
-    posts = [p for p in service.store.user_posts(user_id) if p.blob and p.status != PostStatus.DELETED]
-    posts.sort(key=lambda p: (p.post.timestamp is not None, p.post.timestamp or datetime.min), reverse=True)
+    posts = service.store.recent_user_posts(user_id, CANDIDATE_POSTS)
     kind, _, name = (interest or "").partition(":")
     if kind == "hashtag":
         posts.sort(key=lambda p: name not in p.post.hashtags)  # stable: latest first within each group
@@ -292,12 +325,12 @@ def _csv_cell(value: Any) -> Any:
 
 async def audience_export(request: web.Request) -> web.Response:
     fmt = request.match_info["format"]
-    found = await _run(_audience, request)
+    found = await _run(_audience, request, MAX_K, False)  # as many as the JSON API gives, without their posts
     if found is None:
         raise web.HTTPBadRequest(text="interest is required")
     key, members = found
     rows = _export_rows(members)
-    name = "audience-" + "".join(c if c.isalnum() else "-" for c in key)[:80]
+    name = "audience-" + "".join(c if c.isascii() and c.isalnum() else "-" for c in key)[:80]
     headers = {"Cache-Control": "no-store"}
     if fmt == "json":
         headers["Content-Disposition"] = f'attachment; filename="{name}.json"'
@@ -340,11 +373,9 @@ def _system(service: QueryService, reports_dir: Path) -> dict[str, Any]:
     store, now = service.store, time.time()
     index = service.snapshots.get()
     return {
-        "statuses": store.status_counts(),
+        "activity": store.status_activity(now - 300, now - 3600),  # status -> (posts, last 5 min, last hour)
         "rejections": store.rejection_reasons(),
         "examples": store.rejected_examples(),
-        "last_5_min": store.changed_since(now - 300),
-        "last_hour": store.changed_since(now - 3600),
         "index": None if index is None else {
             "vectors": index.ntotal, "kind": index.kind, "codec": index.codec, "version": index.version,
             "age_s": None if index.created is None else max(0.0, now - index.created),
@@ -366,7 +397,7 @@ async def system_page(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     facts = await _run(_system, service, settings.reports_dir)
     checks = await health.health(settings, service, request.app[REDIS_KEY])
-    status_chart = charts.bars([(k, float(v)) for k, v in facts["statuses"].items()], "{:,.0f}")
+    status_chart = charts.bars([(k, float(v[0])) for k, v in facts["activity"].items()], "{:,.0f}")
     rejection_chart = charts.bars([(k, float(v)) for k, v in facts["rejections"].items()], "{:,.0f}")
     return render(request, "system.html", health=checks, status_chart=status_chart, rejection_chart=rejection_chart,
                   **facts)  # fmt: skip
@@ -383,15 +414,15 @@ async def thumbnail(request: web.Request) -> web.StreamResponse:
         raise NotFoundError(f"post {post_id} is not known")
     thumbnails = request.app[THUMBS_KEY]
     try:
-        made = await _decode(request, thumbnails.get, stored, int(size_raw), faces)
+        path = await _run(thumbnails.cached, stored, int(size_raw), faces)
+        if path is None:
+            data = await _run(thumbnails.image, stored)
+            path = await _decode(request, thumbnails.make, stored, int(size_raw), faces, data)
     except StorageUnavailable:
         raise web.HTTPServiceUnavailable(text="the blob store is unavailable; try again shortly",
                                          headers={"Retry-After": "5"}) from None  # fmt: skip
-    if request.headers.get("If-None-Match") == made.etag:
-        return web.Response(status=304, headers={"ETag": made.etag, "Cache-Control": THUMB_CACHE})
-    response = web.FileResponse(made.path, headers={"Cache-Control": THUMB_CACHE, "Content-Type": "image/jpeg"})
-    response.etag = made.etag.strip('"')
-    return response
+    # FileResponse answers If-None-Match and If-Modified-Since itself (its ETag: the file's mtime and size)
+    return web.FileResponse(path, headers={"Cache-Control": THUMB_CACHE, "Content-Type": "image/jpeg"})
 
 
 # The same post may lose its image (deleted) or the UI may be locked: browsers keep a thumbnail an hour, shared caches
@@ -433,9 +464,13 @@ async def login_page(request: web.Request) -> web.Response:
 
 async def login(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
-    form = await request.post()
+    if request.content_length is None or request.content_length > MAX_LOGIN_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_LOGIN_BYTES, actual_size=request.content_length or 0)
+    async with _body_deadline(request):
+        form = await request.post()
     given, target = str(form.get("key", "")), access.local_path(str(form.get("next", "/")))
     if not access.key_matches(given, settings):
+        await asyncio.sleep(FAILED_LOGIN_DELAY_S)  # guesses cost time (per connection: see docs)
         return render(request, "login.html", 401, next=target, failed=True)
     response = web.Response(status=303, headers={"Location": target})
     access.set_session(response, request, settings)
@@ -460,7 +495,7 @@ def add_ui(app: web.Application) -> None:
     assert DECODES_KEY in app  # thumbnails share the uploads' decode slots
     routes = {
         ("get", "/"): page(search_page),
-        ("post", "/ui/search"): page(search_upload),
+        ("post", "/ui/search"): same_site(page(search_upload)),
         ("get", "/ui/audiences"): page(audiences_page),
         ("get", "/ui/audiences.{format:csv|json}"): page(audience_export),
         ("get", "/ui/accounts/{user}"): page(account_page),
@@ -469,8 +504,8 @@ def add_ui(app: web.Application) -> None:
         ("get", "/ui/reports/{folder}/{name}"): guarded_file(report_file),
         ("get", "/ui/static/{name}"): static_file,
         ("get", "/ui/login"): login_page,
-        ("post", "/ui/login"): login,
-        ("post", "/ui/logout"): logout,
+        ("post", "/ui/login"): same_site(login),
+        ("post", "/ui/logout"): same_site(logout),
     }
     for (method, path), handler in routes.items():
         app.router.add_route(method.upper(), path, handler)
