@@ -29,6 +29,7 @@ import numpy as np
 import redis
 import redis.asyncio as aioredis
 import yaml
+from aiohttp import web
 from PIL import Image
 
 from deeptarget import jobs
@@ -42,6 +43,7 @@ from deeptarget.sandbox import SandboxNetwork
 from deeptarget.sandbox.network import Media
 from deeptarget.scraper import CelerySink, Crawler
 from deeptarget.store.blobs import BlobStore
+from deeptarget.store.metadata import MetadataStore
 from tests.conftest import make_settings, wait_for
 from tests.queue_messages import queued_post_refs
 
@@ -105,6 +107,29 @@ def send_photo_batch(settings: Settings, photos: Path, prefix: str) -> list[str]
         refs.append(PostRef(post=post, blob=blobs.put(path.read_bytes())).model_dump(mode="json"))
     Jobs.for_settings(settings).infer(refs)
     return [r["post"]["id"] for r in refs]
+
+
+def publish_read_side(settings: Settings, store: MetadataStore, post_ids: list[str], owner_ids: list[str]) -> None:
+    """What the index writer, the train task and the profiles task leave behind for these stored posts: a published
+    index snapshot, a hashtag model, the owners' profiles."""
+    from deeptarget.index.vectors import SnapshotStore
+    from deeptarget.index.writer import IndexWriter
+    from deeptarget.models.hashtags import HashtagModel
+    from deeptarget.profiles.builder import rebuild_profiles
+    from deeptarget.profiles.outliers import FollowerBoundsCache
+
+    writer = IndexWriter(store, SnapshotStore(settings.index_dir))
+    writer.add(store.embeddings(post_ids))
+    writer.close()
+    image_ids, tags = store.image_hashtags()
+    HashtagModel.fit_with(settings, image_ids, tags).save(settings.hashtag_model_dir)
+    bounds = FollowerBoundsCache(store, settings.follower_outlier_k).get()
+    rebuild_profiles(store, owner_ids, settings.profile_half_life_days, bounds)
+
+
+def route_table(app: web.Application) -> set[tuple[str, str]]:
+    """(method, path) of every route an aiohttp application serves."""
+    return {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.resource is not None}
 
 
 # -- crawls of the sandbox --------------------------------------------------------------------------------------

@@ -36,14 +36,10 @@ from deeptarget.core import keys
 from deeptarget.core.records import InferResult, Owner, Post, PostStatus, Prediction, vector_id
 from deeptarget.core.replies import at_once
 from deeptarget.core.settings import Settings
-from deeptarget.index.vectors import SnapshotStore
 from deeptarget.index.writer import IndexWriter
 from deeptarget.jobs import Jobs
 from deeptarget.models.explain import DEFAULT_METHOD
-from deeptarget.models.hashtags import HashtagModel
 from deeptarget.models.heads import LinearHead
-from deeptarget.profiles.builder import rebuild_profiles
-from deeptarget.profiles.outliers import FollowerBoundsCache
 from deeptarget.query.service import QueryService
 from deeptarget.runtime.embedded_redis import EmbeddedRedis
 from deeptarget.store.metadata import MetadataStore
@@ -51,6 +47,7 @@ from deeptarget.training.linear import fit_logistic
 from deeptarget.ui.pages import UI_ROUTES
 from deeptarget.workers.upkeep import WriterUpkeep
 from tests.conftest import make_settings
+from tests.helpers import publish_read_side, route_table
 from tests.queue_messages import queued_task_args
 
 Client = TestClient[web.Request, web.Application]
@@ -142,13 +139,7 @@ def deployment(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFac
         )
         for i in range(N_POSTS)
     )
-    writer = IndexWriter(store, SnapshotStore(settings.index_dir))
-    writer.add(store.embeddings([f"p{i}" for i in range(N_POSTS)]))
-    writer.close()
-    image_ids, tags = store.image_hashtags()
-    HashtagModel.fit_with(settings, image_ids, tags).save(settings.hashtag_model_dir)
-    bounds = FollowerBoundsCache(store, settings.follower_outlier_k).get()
-    rebuild_profiles(store, [f"u{u}" for u in range(4)], settings.profile_half_life_days, bounds)
+    publish_read_side(settings, store, [f"p{i}" for i in range(N_POSTS)], [f"u{u}" for u in range(4)])
     return Deployment(settings, QueryService(settings), vectors, model_id)
 
 
@@ -235,8 +226,7 @@ COVERED = {
 
 def test_every_route_of_the_app_is_covered_here(tmp_path: Path) -> None:
     app = create_app(make_settings(tmp_path / "data", "redis://127.0.0.1:1/0"))
-    routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.resource is not None}
-    api = {(method, path) for method, path in routes if (method, path) not in UI_ROUTES}  # the UI's: test_ui.py
+    api = route_table(app) - UI_ROUTES  # the UI's: test_ui.py
     assert api == {(op.method, op.path) for op in OPERATIONS} == set(COVERED)
     assert all(callable(globals().get(name)) for name in COVERED.values())
 

@@ -29,19 +29,15 @@ from PIL import Image
 
 from deeptarget.core.records import Owner, Post, Prediction
 from deeptarget.core.settings import Settings
-from deeptarget.index.vectors import SnapshotStore
 from deeptarget.index.writer import IndexWriter
 from deeptarget.jobs import Jobs
 from deeptarget.models.embedder import Embedder
-from deeptarget.models.hashtags import HashtagModel
 from deeptarget.models.heads import LinearHead
-from deeptarget.profiles.builder import rebuild_profiles
-from deeptarget.profiles.outliers import FollowerBoundsCache
 from deeptarget.runtime.embedded_redis import EmbeddedRedis
 from deeptarget.store.metadata import MetadataStore
 from deeptarget.workers.upkeep import WriterUpkeep
 from tests.conftest import make_settings
-from tests.helpers import KEY, served
+from tests.helpers import KEY, publish_read_side, served
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -69,13 +65,7 @@ def build_index(settings: Settings) -> None:
         (post, None, Prediction(post_id=post.id, status="embedded", model_id=embedder.model_id, faces=i % 2), vector)
         for i, (post, vector) in enumerate(zip(posts, vectors, strict=True))
     )
-    writer = IndexWriter(store, SnapshotStore(settings.index_dir))
-    writer.add(store.embeddings([p.id for p in posts]))
-    writer.close()
-    image_ids, tags = store.image_hashtags()
-    HashtagModel.fit_with(settings, image_ids, tags).save(settings.hashtag_model_dir)
-    bounds = FollowerBoundsCache(store, settings.follower_outlier_k).get()
-    rebuild_profiles(store, [f"u{i}" for i in range(USERS)], settings.profile_half_life_days, bounds)
+    publish_read_side(settings, store, [p.id for p in posts], [f"u{i}" for i in range(USERS)])
     weight = rng.normal(0, 1, (len(TAGS), embedder.dim)).astype(np.float32)
     head = LinearHead("food", 1, TAGS, weight, np.zeros(len(TAGS), np.float32), embedder.model_id, {})
     head.save(settings.heads_dir)  # for /explain

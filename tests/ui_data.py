@@ -14,17 +14,13 @@ from PIL import Image
 
 from deeptarget.core.records import Owner, Post, PostRef
 from deeptarget.core.settings import Settings
-from deeptarget.index.vectors import SnapshotStore
-from deeptarget.index.writer import IndexWriter
-from deeptarget.models.hashtags import HashtagModel
-from deeptarget.profiles.builder import rebuild_profiles
-from deeptarget.profiles.outliers import FollowerBoundsCache
 from deeptarget.sandbox import SandboxNetwork
 from deeptarget.sandbox.network import Media
 from deeptarget.store.blobs import BlobStore
 from deeptarget.store.metadata import MetadataStore
 from deeptarget.workers.pipeline import InferencePipeline
 from tests.conftest import make_settings
+from tests.helpers import publish_read_side
 
 BOMB_ID = "bomb-1"
 N_POSTS = 30
@@ -74,11 +70,5 @@ def build_ui_deployment(data_dir: Path, redis_url: str, **overrides: object) -> 
     results = InferencePipeline(settings, blobs)(refs)
     store = MetadataStore(settings.metadata_database)
     store.record_results(results)
-    writer = IndexWriter(store, SnapshotStore(settings.index_dir))
-    writer.add(store.embeddings([m.id for m in chosen]))
-    writer.close()
-    image_ids, tags = store.image_hashtags()
-    HashtagModel.fit_with(settings, image_ids, tags).save(settings.hashtag_model_dir)
-    bounds = FollowerBoundsCache(store, settings.follower_outlier_k).get()
-    rebuild_profiles(store, sorted({m.owner.id for m in chosen}), settings.profile_half_life_days, bounds)
+    publish_read_side(settings, store, [m.id for m in chosen], sorted({m.owner.id for m in chosen}))
     return UiDeployment(settings, {m.id: m for m in chosen}, images)
