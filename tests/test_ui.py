@@ -25,6 +25,7 @@ from deeptarget.runtime.embedded_redis import EmbeddedRedis
 from deeptarget.ui.pages import UI_ROUTES
 from deeptarget.ui.thumbnails import BOX_COLOUR
 from tests.conftest import make_settings
+from tests.helpers import route_table
 from tests.ui_data import BOMB_ID, UiDeployment, build_ui_deployment
 
 Client = TestClient[web.Request, web.Application]
@@ -86,11 +87,10 @@ COVERED = {
 
 def test_every_route_of_the_ui_is_covered_here(tmp_path: Path) -> None:
     app = create_app(make_settings(tmp_path / "data", "redis://127.0.0.1:1/0"))
-    routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.resource is not None}
-    assert routes >= UI_ROUTES and set(COVERED) == UI_ROUTES
+    assert route_table(app) >= UI_ROUTES and set(COVERED) == UI_ROUTES
     assert all(callable(globals().get(name)) for name in COVERED.values())
     off = create_app(make_settings(tmp_path / "data", "redis://127.0.0.1:1/0", ui_enabled=False))
-    assert not {(r.method.lower(), r.resource.canonical) for r in off.router.routes() if r.resource} & UI_ROUTES
+    assert not route_table(off) & UI_ROUTES
 
 
 async def test_search_by_post_shows_the_post_first_then_its_neighbours(ui: Client, deployment: UiDeployment) -> None:
@@ -210,6 +210,9 @@ async def test_an_audience_lists_accounts_with_their_posts_and_exports_as_the_cl
     async with ui.get("/ui/audiences.json", params={"interest": f"#{topic_tag}"}) as response:
         body = await response.json(content_type=None)
     assert body["interest"] == f"hashtag:{topic_tag}" and [u["user_id"] for u in body["users"]] == accounts
+    for bad in ({"min_posts": "0"}, {"min_score": "1.5"}, {"min_score": "nan"}, {"min_posts": "many"}):
+        async with ui.get("/ui/audiences", params={"interest": f"#{topic_tag}", **bad}) as response:
+            assert response.status == 400 and 'class="problems"' in await response.text(), bad
     async with ui.get("/ui/audiences", params={"interest": "#nobody-posts-this"}) as response:
         assert response.status == 404 and "no profile shows interest" in await response.text()
 

@@ -191,11 +191,17 @@ class QueryService:
         return embedding
 
     def similar_to_vector(self, vector: np.ndarray, k: int = 10, where: PostFilter = NO_FILTER) -> list[Neighbour]:
-        """The k nearest posts that pass ``where``: with a filter, candidates are fetched in growing rounds (4k, 16k,
-        ...) until k pass or the index (or ``MAX_FILTERED_CANDIDATES``) is exhausted. From a quantized base
-        (``index_memory_budget``), ``index.rerank`` times as many candidates (a depth tuned with nprobe) are scored
-        again exactly, from the float embeddings the metadata store keeps (a quantized code alone finds about 0.86
-        of the exact top 10 at SQ4)."""
+        """The k nearest posts that pass ``where`` (``similar_posts``), as the API answers them."""
+        return [Neighbour.of(stored, score) for stored, score in self.similar_posts(vector, k, where)]
+
+    def similar_posts(
+        self, vector: np.ndarray, k: int = 10, where: PostFilter = NO_FILTER
+    ) -> list[tuple[StoredPost, float]]:
+        """The k nearest posts that pass ``where``, with their scores, best first. With a filter, candidates are
+        fetched in growing rounds (4k, 16k, ...) until k pass or the index (or ``MAX_FILTERED_CANDIDATES``) is
+        exhausted. From a quantized base (``index_memory_budget``), ``index.rerank`` times as many candidates (a
+        depth tuned with nprobe) are scored again exactly, from the float embeddings the metadata store keeps (a
+        quantized code alone finds about 0.86 of the exact top 10 at SQ4)."""
         index = self.index()
         rerank = index.rerank > 1
         fetch = (k * 4 if where.active else k) * index.rerank
@@ -205,7 +211,7 @@ class QueryService:
             posts = self.store.posts_by_vector_ids(i for i, _ in found)
             if rerank:
                 found = self._exactly(vector, found, posts)
-            passing = [Neighbour.of(posts[i], s) for i, s in found if i in posts and where(posts[i])]
+            passing = [(posts[i], s) for i, s in found if i in posts and where(posts[i])]
             if len(passing) >= k or fetch >= index.ntotal or fetch >= MAX_FILTERED_CANDIDATES:
                 return passing[:k]
             fetch *= 4
@@ -223,10 +229,14 @@ class QueryService:
         return sorted(rescored, key=lambda pair: -pair[1])
 
     def similar_to_post(self, post_id: str, k: int = 10, where: PostFilter = NO_FILTER) -> list[Neighbour]:
+        return self.similar_to_vector(self.post_vector(post_id), k, where)
+
+    def post_vector(self, post_id: str) -> np.ndarray:
+        """An indexed post's vector, as the index holds it (``NotFoundError`` when it does not)."""
         vector = self.index().reconstruct(vector_id(post_id))
         if vector is None:
             raise NotFoundError(f"post {post_id} is not in the index")
-        return self.similar_to_vector(vector, k, where)
+        return vector
 
     def similar_to_image(self, data: bytes, k: int = 10, where: PostFilter = NO_FILTER) -> list[Neighbour]:
         return self.similar_to_vector(self.embed_image(data), k, where)

@@ -47,11 +47,12 @@ def local_path(raw: str | None) -> str:
     return raw
 
 
-def refusal(request: web.Request) -> web.HTTPException:
+def refusal(request: web.Request) -> web.Response:
     """A browser asking for a page goes to the login page; anything else (a thumbnail, a script) gets a 401."""
     if request.method == "GET" and "text/html" in request.headers.get("Accept", ""):
-        return web.HTTPSeeOther(f"/ui/login?next={quote(request.path_qs, safe='')}")
-    return web.HTTPUnauthorized(text="the web UI needs its key: log in at /ui/login")
+        return web.Response(status=303, headers={"Location": f"/ui/login?next={quote(request.path_qs, safe='')}"})
+    return web.json_response({"error": "the web UI needs its key: log in at /ui/login", "reason": "ui_key_required"},
+                             status=401)  # fmt: skip
 
 
 def set_session(response: web.StreamResponse, request: web.Request, settings: Settings) -> None:

@@ -34,6 +34,8 @@ from aiohttp import web
 from deeptarget.api import health
 from deeptarget.api.app import (
     _HAS_FACE,
+    _MIN_POSTS,
+    _MIN_SCORE,
     DECODES_KEY,
     MAX_K,
     REDIS_KEY,
@@ -41,6 +43,7 @@ from deeptarget.api.app import (
     SETTINGS_KEY,
     _body_deadline,
     _bool_param,
+    _check_bounds,
     _decode,
     _run,
     _upload,
@@ -52,8 +55,8 @@ from deeptarget.core.errors import (
     ModelNotReadyError,
     NotFoundError,
 )
-from deeptarget.core.records import PostStatus, Profile, vector_id
-from deeptarget.query.service import Neighbour, PostFilter, QueryService
+from deeptarget.core.records import PostStatus, Profile
+from deeptarget.query.service import PostFilter, QueryService
 from deeptarget.store.blobs import StorageUnavailable
 from deeptarget.store.posts import StoredPost
 from deeptarget.ui import access, charts
@@ -131,13 +134,22 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
 CSP = "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
 
 
+def behind_key(handler: Handler) -> Handler:
+    """A route behind the UI key (``access``): a thumbnail or a report file as it is, errors staying JSON."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        if not access.allowed(request, request.app[SETTINGS_KEY]):
+            return access.refusal(request)
+        return await handler(request)
+
+    return guarded
+
+
 def page(handler: Handler) -> Handler:
     """An HTML page: behind the UI key, and with errors shown as a page (the JSON API's middleware would answer
     them as JSON)."""
 
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        if not access.allowed(request, request.app[SETTINGS_KEY]):
-            return _refused(request)
+    async def shown(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
         except (web.HTTPBadRequest, web.HTTPNotFound) as err:
@@ -151,18 +163,7 @@ def page(handler: Handler) -> Handler:
         except DeepTargetError as err:
             return render(request, "error.html", 400, message=str(err))
 
-    return guarded
-
-
-def guarded_file(handler: Handler) -> Handler:
-    """A thumbnail or a report file: behind the UI key; errors stay JSON."""
-
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        if not access.allowed(request, request.app[SETTINGS_KEY]):
-            return _refused(request)
-        return await handler(request)
-
-    return guarded
+    return behind_key(shown)
 
 
 def same_site(handler: Handler) -> Handler:
@@ -183,13 +184,6 @@ def same_site(handler: Handler) -> Handler:
     return checked
 
 
-def _refused(request: web.Request) -> web.Response:
-    refusal = access.refusal(request)
-    if isinstance(refusal, web.HTTPSeeOther):
-        return web.Response(status=303, headers={"Location": str(refusal.location)})
-    return web.json_response({"error": refusal.text, "reason": "ui_key_required"}, status=401)
-
-
 # -- search ------------------------------------------------------------------------------------------------------
 def _count(request: web.Request) -> int:
     raw = request.query.get("k", str(RESULT_COUNTS[1]))
@@ -208,24 +202,19 @@ def _filter(request: web.Request) -> PostFilter:
         raise web.HTTPBadRequest(text=str(err)) from None
 
 
-def cards_of(service: QueryService, neighbours: list[Neighbour]) -> list[Card]:
-    stored = service.store.posts_by_vector_ids(vector_id(n.post_id) for n in neighbours)
-    by_id = {s.post.id: s for s in stored.values()}
-    return [Card.of(by_id[n.post_id], n.score) for n in neighbours if n.post_id in by_id]
+def _search_post(service: QueryService, post_id: str, k: int, where: PostFilter) -> tuple[list[Card], Card | None]:
+    """The grid for an indexed post, and the post itself."""
+    found = service.similar_posts(service.post_vector(post_id), k, where)
+    stored = service.store.post(post_id)
+    return [Card.of(p, score) for p, score in found], Card.of(stored) if stored is not None else None
 
 
 async def search_page(request: web.Request) -> web.Response:
-    service = request.app[SERVICE_KEY]
     query = request.query
     k, where = _count(request), _filter(request)
     post_id = query.get("post_id", "").strip() or None
-    cards: list[Card] | None = None
-    origin = None
-    if post_id:
-        neighbours = await _run(service.similar_to_post, post_id, k, where)
-        cards = await _run(cards_of, service, neighbours)
-        stored = await _run(service.store.post, post_id)
-        origin = Card.of(stored) if stored is not None else None
+    cards, origin = (None, None) if post_id is None else await _run(_search_post, request.app[SERVICE_KEY], post_id,
+                                                                      k, where)  # fmt: skip
     return render(request, "search.html", cards=cards, origin=origin, hashtags=None, query=dict(query), k=k,
                   counts=RESULT_COUNTS)  # fmt: skip
 
@@ -234,7 +223,7 @@ def _search_upload(service: QueryService, data: bytes, k: int, where: PostFilter
                    n_tags: int) -> tuple[list[Card], list[tuple[str, float]] | str]:  # fmt: skip
     """The grid for an upload and its hashtags (or why there are none), from one embedding."""
     vector = service.embed_image(data)
-    cards = cards_of(service, service.similar_to_vector(vector, k, where))
+    cards = [Card.of(p, score) for p, score in service.similar_posts(vector, k, where)]
     try:
         tags: list[tuple[str, float]] | str = service.suggest_hashtags_for_vector(vector, n_tags)
     except ModelNotReadyError as err:
@@ -266,28 +255,30 @@ def _audience(
     interest = query.get("interest", "").strip()
     if not interest:
         return None
-    try:
-        min_score = float(query.get("min_score") or 0)
-        min_posts = int(query.get("min_posts") or 1)
+    try:  # a blank field is its default, as the form shows it
+        min_score = float(query.get("min_score") or _MIN_SCORE.default)  # type: ignore[arg-type]
+        min_posts = int(query.get("min_posts") or _MIN_POSTS.default)  # type: ignore[arg-type]
     except ValueError:
         raise web.HTTPBadRequest(text="min_score must be a number and min_posts a whole number") from None
-    if not (math.isfinite(min_score) and 0 <= min_score <= 1 and 1 <= min_posts <= 1_000_000):
-        raise web.HTTPBadRequest(text="min_score must be between 0 and 1, min_posts between 1 and 1000000")
+    if not math.isfinite(min_score):
+        raise web.HTTPBadRequest(text="min_score must be a finite number")
+    _check_bounds(_MIN_SCORE, min_score)
+    _check_bounds(_MIN_POSTS, min_posts)
     service = request.app[SERVICE_KEY]
-    key, members = service.audience(interest, min_score, min_posts, AUDIENCE_LIMIT, query.get("exclude") == "1")
+    key, members = service.audience(interest, min_score, min_posts, limit, query.get("exclude") == "1")
+    if not with_posts:
+        return key, [Member(m.user_id, m.score, m.profile, []) for m in members]
     return key, [
-        Member(
-            m.user_id, m.score, m.profile, [Card.of(p) for p in _shown_posts(service, m.user_id, POSTS_PER_MEMBER, key)]
-        )
+        Member(m.user_id, m.score, m.profile,
+               [Card.of(p) for p in _shown_posts(service, m.user_id, POSTS_PER_MEMBER, key)])
         for m in members
-    ]
+    ]  # fmt: skip
 
 
 def _shown_posts(service: QueryService, user_id: str, limit: int, interest: str | None = None) -> list[StoredPost]:
     """A user's latest posts that have an image and are not deleted (of the last ``CANDIDATE_POSTS``); for an
-    interest key (``hashtag:sushi``,
-    ``class:food:sushi``), the posts that make the user into it first: those with the hashtag, or by the class's
-    probability."""
+    interest key (``hashtag:sushi``, ``class:food:sushi``), the posts that make the user into it first: those with
+    the hashtag, or by the class's probability."""
     posts = service.store.recent_user_posts(user_id, CANDIDATE_POSTS)
     kind, _, name = (interest or "").partition(":")
     if kind == "hashtag":
@@ -500,8 +491,8 @@ def add_ui(app: web.Application) -> None:
         ("get", "/ui/audiences.{format:csv|json}"): page(audience_export),
         ("get", "/ui/accounts/{user}"): page(account_page),
         ("get", "/ui/system"): page(system_page),
-        ("get", "/ui/thumbs/{post_id}"): guarded_file(thumbnail),
-        ("get", "/ui/reports/{folder}/{name}"): guarded_file(report_file),
+        ("get", "/ui/thumbs/{post_id}"): behind_key(thumbnail),
+        ("get", "/ui/reports/{folder}/{name}"): behind_key(report_file),
         ("get", "/ui/static/{name}"): static_file,
         ("get", "/ui/login"): login_page,
         ("post", "/ui/login"): same_site(login),
