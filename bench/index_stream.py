@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -341,20 +342,15 @@ def exact_over_live_set(writer: Writer, data: ClusteredVectors, queries: np.ndar
 def run(args: argparse.Namespace) -> None:
     console = Console()
     data = ClusteredVectors(dim=args.dim, n_clusters=args.clusters, seed=0)
-    if args.reuse:  # a previous run's folder: its base and float16 file, a fresh Redis and stand-in of the adds
-        folder = Path(args.reuse)
-        shutil.rmtree(folder / "redis", ignore_errors=True)
+    # a reused folder (a previous run's base and float16 file) is kept; a new run's is a temporary one
+    place = contextlib.nullcontext(args.reuse) if args.reuse else tempfile.TemporaryDirectory(dir=args.work_dir)
+    with place as name:
+        folder = Path(name)
+        shutil.rmtree(folder / "redis", ignore_errors=True)  # a fresh Redis, and a fresh stand-in of the adds
         (folder / "added.f16").unlink(missing_ok=True)
         server = EmbeddedRedis(folder / "redis").start()
         try:
             _run(args, console, data, folder, server.url)
-        finally:
-            server.stop()
-        return
-    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
-        server = EmbeddedRedis(Path(tmp) / "redis").start()
-        try:
-            _run(args, console, data, Path(tmp), server.url)
         finally:
             server.stop()
 
