@@ -43,6 +43,7 @@ import redis.asyncio as aioredis
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from kombu.exceptions import OperationalError as KombuOperationalError
+from pydantic import SecretStr
 from redis.exceptions import RedisError
 
 from deeptarget import jobs
@@ -615,15 +616,19 @@ HANDLERS: dict[tuple[str, str], Callable[[web.Request], Awaitable[web.Response]]
 }
 
 
+def key_equals(given: str, key: SecretStr) -> bool:
+    """Whether text a client sent is the key, compared in constant time. aiohttp reads header (and form) bytes as
+    UTF-8 with surrogateescape: any bytes at all come back out as they went in."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), key.get_secret_value().encode())
+
+
 def _requires_key(
     settings: Settings, handler: Callable[[web.Request], Awaitable[web.Response]]
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def checked(request: web.Request) -> web.Response:
         if settings.api_key is None or not settings.api_key.get_secret_value().strip():
             raise web.HTTPForbidden(text="write endpoints are disabled: set DEEPTARGET_API_KEY on the API")
-        # aiohttp reads header bytes as UTF-8 with surrogateescape: any bytes at all come back out as they went in.
-        given = request.headers.get(API_KEY_HEADER, "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, settings.api_key.get_secret_value().encode()):
+        if not key_equals(request.headers.get(API_KEY_HEADER, ""), settings.api_key):
             raise web.HTTPUnauthorized(text=f"this endpoint needs the {API_KEY_HEADER} header with the API key")
         return await handler(request)
 

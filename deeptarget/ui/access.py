@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from deeptarget.api.app import key_equals
 from deeptarget.core.settings import Settings
 
 COOKIE = "deeptarget_ui"
@@ -37,7 +38,7 @@ def allowed(request: web.Request, settings: Settings) -> bool:
 def key_matches(given: str, settings: Settings) -> bool:
     if settings.ui_key is None:
         return True
-    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), settings.ui_key.get_secret_value().encode())
+    return key_equals(given, settings.ui_key)
 
 
 def local_path(raw: str | None) -> str:

@@ -168,7 +168,8 @@ def page(handler: Handler) -> Handler:
 
 def same_site(handler: Handler) -> Handler:
     """A form POST only from this site's own pages: a browser says where a request comes from (``Sec-Fetch-Site``,
-    else ``Origin``), so another site's page cannot log a user out or in, or search with their session."""
+    W3C "Fetch Metadata Request Headers": same-origin, same-site, cross-site or none; else ``Origin``, RFC 6454), so
+    another site's page cannot log a user out or in, or search with their session."""
 
     async def checked(request: web.Request) -> web.StreamResponse:
         fetch_site = request.headers.get("Sec-Fetch-Site")
