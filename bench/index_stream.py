@@ -35,6 +35,7 @@ import argparse
 import base64
 import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -134,6 +135,8 @@ def reader_main(folder: str, url: str, clients: int, out: str, n: int, dim: int,
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
 
     faiss.omp_set_num_threads(1)  # as the API's query threads (one OpenMP thread each)
+    # the reader's own log (each base it installs), timed, to set beside the slowest probes
+    logging.basicConfig(level=logging.INFO, format="%(created).3f reader %(threadName)s: %(message)s")
     client = redis.Redis.from_url(url)
     reader = LiveReader(SnapshotStore(Path(folder)), DeltaStream.from_url(url), block_ms=100)
     assert reader.get() is not None
@@ -141,7 +144,7 @@ def reader_main(folder: str, url: str, clients: int, out: str, n: int, dim: int,
     embeddings = EmbeddingFile(Path(folder).parent, n, dim)
     queries = data.sample(2000, stream=1)
     latencies: list[list[float]] = [[] for _ in range(clients)]
-    visible: list[float] = []
+    visible: list[tuple[float, float]] = []  # (when the probe was added, how long until a query found it)
     stop = threading.Event()
 
     def query_client(slot: int) -> None:
@@ -167,11 +170,11 @@ def reader_main(folder: str, url: str, clients: int, out: str, n: int, dim: int,
             while time.time() < deadline:  # a cheap look by id every 2 ms, then the query that must find it
                 index = reader.get()
                 if index is not None and probe["id"] in index and probe["id"] in answer(index, vector[0], embeddings):
-                    visible.append(time.time() - probe["added"])
+                    visible.append((probe["added"], time.time() - probe["added"]))
                     break
                 time.sleep(0.002)
             else:
-                visible.append(float("inf"))
+                visible.append((probe["added"], float("inf")))
 
     threads = [threading.Thread(target=query_client, args=(s,), daemon=True) for s in range(clients)]
     threads.append(threading.Thread(target=follow_probes, daemon=True))
@@ -225,6 +228,8 @@ class Writer:
         self.probes: set[int] = set()  # never removed: the reader waits for each
         self.live_base = args.n
         self.seals_s: list[float] = []
+        self.published_at: list[float] = []  # when each seal was published (time.time())
+        self.started_at = 0.0
         self.fork_ms: list[float] = []
         self.changes_since_seal = 0
         self.sealing: threading.Thread | None = None
@@ -237,6 +242,7 @@ class Writer:
         task = progress.add_task("streaming", total=args.seconds)
         interval = args.batch / args.rate
         start = next_batch = time.monotonic()
+        self.started_at = time.time()
         stream = 10
         while (now := time.monotonic()) < start + args.seconds:
             if now < next_batch:
@@ -289,6 +295,7 @@ class Writer:
         def finish() -> None:
             write.finish()
             self.seals_s.append(time.perf_counter() - started)
+            self.published_at.append(time.time())
             self.sealed_ids.append(sealed_id)
             if len(self.sealed_ids) >= 2:  # as IndexWriter: a reader still on the previous base needs what follows it
                 self.deltas.trim_before(self.sealed_ids[-2])
@@ -414,7 +421,8 @@ def _run(args: argparse.Namespace, console: Console, data: ClusteredVectors, fol
     console.print("exact search over the live set, for recall ...")
     exact = exact_over_live_set(writer, data, queries, args.n)
     recall = recall_at_k(np.array(result["found"]), exact, np.full(len(queries), -1), K)
-    lat, vis, alone = np.array(result["latencies_ms"]), np.array(result["visible_s"]), result["alone_ms"]
+    lat, alone = np.array(result["latencies_ms"]), result["alone_ms"]
+    added, vis = np.array(result["visible_s"]).reshape(-1, 2).T
     table = Table("what", "value")
     rows = [
         ("index", f"IVF{index.nlist},{index.codec} nprobe {index.nprobe} (budget {args.budget_gb:g} GB)"
@@ -440,6 +448,11 @@ def _run(args: argparse.Namespace, console: Console, data: ClusteredVectors, fol
     for what, value in rows:
         table.add_row(what, value)
     console.print(table)
+    slowest = np.argsort(-vis)[:5]
+    published = ", ".join(f"{at - writer.started_at:.1f}" for at in writer.published_at)
+    console.print("slowest probes (added at s into the stream: took s): "
+                  + ", ".join(f"{added[i] - writer.started_at:.1f}: {vis[i]:.2f}" for i in slowest)
+                  + f"; seals published at {published} s")  # fmt: skip
     print(f"recall@10 = {recall:.3f}")
     print(f"p99 = {np.percentile(lat, 99):.2f} ms")
     print(f"visible p99 = {np.percentile(vis, 99):.3f} s")

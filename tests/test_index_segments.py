@@ -118,13 +118,17 @@ def test_changes_reach_readers_through_the_stream_without_a_snapshot(tmp_path: P
     reader.close()
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivf+graph"])
 def test_a_reader_under_adds_and_removals_answers_as_exact_search_over_the_live_set(
-    tmp_path: Path, redis_url: str, kind: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, redis_url: str, kind: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Random adds, removals and replacements, a seal in the middle, and a reader started late (on a trimmed
-    stream): every answer is exact search's over the live set (flat), or within the recall target (IVF)."""
+    stream): every answer is exact search's over the live set (flat), or within the recall target (IVF; with
+    ``+graph`` the readers find a query's lists through a graph of the centroids, as they do from 1,024 lists on)."""
     caplog.set_level(logging.INFO, "deeptarget.index.segments")
+    graph = kind.endswith("+graph")
+    kind = kind.removesuffix("+graph")
+    monkeypatch.setattr("deeptarget.index.vectors.CENTROID_GRAPH_FROM", 1 if graph else 10**9)
     policy = IndexPolicy(ivf_from=1000 if kind == "ivf" else 10**6, regrow_factor=100)
     f = Fixture(tmp_path, redis_url, policy=policy)
     data = ClusteredVectors(dim=DIM, n_clusters=40, n_groups=8, rank=8, seed=1)
@@ -159,6 +163,7 @@ def test_a_reader_under_adds_and_removals_answers_as_exact_search_over_the_live_
         _, found = index.search(queries, 10)
         assert all(len(set(row.tolist())) == 10 for row in found)  # no id twice: no stale copy beside its new one
         assert index.kind == kind
+        assert index.base.probes_by_graph == graph
         if kind == "flat":
             np.testing.assert_array_equal(found, exact)
         else:

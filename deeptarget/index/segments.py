@@ -34,7 +34,7 @@ import redis
 from prometheus_client import Counter
 
 from deeptarget.index.deltas import Change, DeltaStream, Entry, older
-from deeptarget.index.vectors import SnapshotStore, VectorIndex, add_to_lists
+from deeptarget.index.vectors import SnapshotStore, VectorIndex, add_to_lists, search_lists
 
 LOG = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class DeltaSegment:
         self._exclusion: Exclusion | None = None  # the tombstones, for a base search; rebuilt when they change
         self.skipped = 0  # changes of another model's vectors (see apply)
         self.touched: dict[int, str] = {}  # id -> the last stream entry that changed it (see carried_to)
+        self.present: set[int] = set()  # the ids in the delta's index (an IVF's reconstruct raises for the others)
 
     @property
     def ntotal(self) -> int:
@@ -94,6 +95,7 @@ class DeltaSegment:
                 add_to_lists(ivf, ids, vectors, change.lists)  # type: ignore[arg-type]  # the writer's assignment
             else:
                 self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+            self.present.update(ids.tolist())
 
     def _remove(self, present: list[int]) -> None:
         """Take these ids (each in the delta) out of it."""
@@ -103,13 +105,20 @@ class DeltaSegment:
         # an IVF's hash-table direct map removes only by IDSelectorArray
         ivf = faiss.try_extract_index_ivf(self.index)
         self.index.remove_ids(faiss.IDSelectorArray(ids) if ivf is not None else faiss.IDSelectorBatch(ids))
+        self.present.difference_update(present)
 
     def _has(self, vector_id: int) -> bool:
-        try:
-            self.index.reconstruct(vector_id, np.empty(self.index.d, np.float32))
-        except RuntimeError:
-            return False
-        return True
+        return vector_id in self.present
+
+    def search(
+        self, queries: np.ndarray, k: int, probed: tuple[np.ndarray, np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the delta's vectors nearest the queries; ``probed``: the lists the base's coarse
+        quantizer found for them (``VectorIndex.probe``), which are this delta's lists too."""
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is None or probed is None:
+            return self.index.search(queries, k)
+        return search_lists(ivf, queries, k, probed)
 
     def carried_to(self, base: VectorIndex, upto: str) -> DeltaSegment | None:
         """This delta made the delta of a newer ``base`` holding every change up to stream entry ``upto``: the ids
@@ -124,6 +133,7 @@ class DeltaSegment:
         carried.base, carried.index, carried.skipped, carried._exclusion = base, self.index, 0, None
         carried.touched = {i: at for i, at in self.touched.items() if older(upto, at)}
         self._remove([i for i in self.touched if i not in carried.touched and self._has(i)])
+        carried.present = self.present
         carried.tombstones = {i for i in carried.touched if i in base}
         return carried
 
@@ -237,14 +247,16 @@ class LiveIndex:
         lock (the follower changes it); the base, which nothing changes, outside it, so that concurrent queries
         share the cores, with the tombstones as they were when the delta was searched."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        # the base's coarse quantizer finds the lists once, for the base and the delta (which shares it)
+        probed = None if self.base.on_gpu_now else self.base.probe(queries)
         with self._lock:
             successor = self._successor
             if successor is None:
                 exclusion = self.delta.exclusion()
-                found = self.delta.index.search(queries, k) if self.delta.ntotal else None
+                found = self.delta.search(queries, k, probed) if self.delta.ntotal else None
         if successor is not None:
             return successor.search(queries, k)
-        base_scores, base_ids = self._search_base(queries, k, exclusion)
+        base_scores, base_ids = self._search_base(queries, k, exclusion, probed)
         if found is None:
             return base_scores, base_ids
         scores = np.hstack([base_scores, found[0]])
@@ -253,10 +265,14 @@ class LiveIndex:
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, best, axis=1), np.take_along_axis(ids, best, axis=1)
 
-    def _search_base(self, queries: np.ndarray, k: int, exclusion: Exclusion) -> tuple[np.ndarray, np.ndarray]:
+    def _search_base(
+        self, queries: np.ndarray, k: int, exclusion: Exclusion, probed: tuple[np.ndarray, np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         base = self.base
         if base.ntotal == 0:
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        if probed is not None:
+            return base.search_lists(queries, k, probed, exclusion.selector)
         if exclusion.selector is None:
             return base.search(queries, k)
         if base.on_gpu_now:  # GPU indexes take no selector: ask for more, then filter
@@ -404,8 +420,8 @@ class LiveReader:
             LOG.warning("reader could not load index v%s (%s); still serving the one it has",
                         self.store.versions.current(), err)  # fmt: skip
             return None
-        if base is not None and self.gpu:
-            base.on_gpu()
+        if base is not None and not (self.gpu and base.on_gpu()):
+            base.index_centroids()  # here, before the base serves: queries never wait for the graph
         return base
 
     def _load_new_base(self) -> bool:
