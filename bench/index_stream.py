@@ -202,6 +202,7 @@ def reader_main(folder: str, url: str, clients: int, out: str, n: int, dim: int,
         "latencies_ms": [x * 1000 for x in all_latencies], "alone_ms": alone, "qps": len(all_latencies) / elapsed,
         "visible_s": visible,
         "rss_gb": memory_gb("VmRSS"), "peak_rss_gb": memory_gb("VmHWM"), "found": found,
+        "anon_gb": memory_gb("RssAnon"), "file_gb": memory_gb("RssFile"),
         "ntotal": index.ntotal, "delta": index.delta.ntotal, "tombstones": len(index.delta.tombstones),
     }))  # fmt: skip
 
@@ -442,7 +443,8 @@ def _run(args: argparse.Namespace, console: Console, data: ClusteredVectors, fol
                                                      f"{np.percentile(writer.seals_s or [0], 50):.1f} "
                                                      f"({len(writer.seals_s)})"),
         ("writer RSS now / peak GB", f"{writer_rss:.2f} / {writer_peak:.2f}"),
-        ("reader RSS now / peak GB", f"{result['rss_gb']:.2f} / {result['peak_rss_gb']:.2f}"),
+        ("reader RSS now / peak GB (now: anonymous + mapped files)",
+         f"{result['rss_gb']:.2f} / {result['peak_rss_gb']:.2f} ({result['anon_gb']:.2f} + {result['file_gb']:.2f})"),
         ("disk per vector (base snapshot)", f"{disk:,.0f} B"),
     ]  # fmt: skip
     for what, value in rows:
