@@ -143,7 +143,7 @@ def reader_main(folder: str, url: str, clients: int, out: str, n: int, dim: int,
     data = ClusteredVectors(dim=dim, n_clusters=clusters, seed=0)
     embeddings = EmbeddingFile(Path(folder).parent, n, dim)
     queries = data.sample(2000, stream=1)
-    latencies: list[list[float]] = [[] for _ in range(clients)]
+    latencies: list[list[tuple[float, float]]] = [[] for _ in range(clients)]  # (when it started, seconds)
     visible: list[tuple[float, float]] = []  # (when the probe was added, how long until a query found it)
     stop = threading.Event()
 
@@ -153,9 +153,9 @@ def reader_main(folder: str, url: str, clients: int, out: str, n: int, dim: int,
         while not stop.is_set():
             index = reader.get()
             assert index is not None
-            started = time.perf_counter()
+            at, started = time.time(), time.perf_counter()
             answer(index, queries[i % len(queries)], embeddings)
-            latencies[slot].append(time.perf_counter() - started)
+            latencies[slot].append((at, time.perf_counter() - started))
             i += clients
 
     def follow_probes() -> None:
@@ -198,8 +198,10 @@ def reader_main(folder: str, url: str, clients: int, out: str, n: int, dim: int,
         answer(index, query, embeddings)
         alone.append((time.perf_counter() - started) * 1000)
     all_latencies = [x for slot in latencies for x in slot]
+    slowest = sorted(all_latencies, key=lambda x: -x[1])[:10]
     Path(out).write_text(json.dumps({
-        "latencies_ms": [x * 1000 for x in all_latencies], "alone_ms": alone, "qps": len(all_latencies) / elapsed,
+        "latencies_ms": [x * 1000 for _, x in all_latencies], "alone_ms": alone, "qps": len(all_latencies) / elapsed,
+        "slowest": slowest,
         "visible_s": visible,
         "rss_gb": memory_gb("VmRSS"), "peak_rss_gb": memory_gb("VmHWM"), "found": found,
         "anon_gb": memory_gb("RssAnon"), "file_gb": memory_gb("RssFile"),
@@ -455,6 +457,10 @@ def _run(args: argparse.Namespace, console: Console, data: ClusteredVectors, fol
     console.print("slowest probes (added at s into the stream: took s): "
                   + ", ".join(f"{added[i] - writer.started_at:.1f}: {vis[i]:.2f}" for i in slowest)
                   + f"; seals published at {published} s")  # fmt: skip
+    console.print(
+        "slowest queries (started at s into the stream: took ms): "
+        + ", ".join(f"{at - writer.started_at:.1f}: {took * 1000:.1f}" for at, took in result["slowest"])
+    )
     print(f"recall@10 = {recall:.3f}")
     print(f"p99 = {np.percentile(lat, 99):.2f} ms")
     print(f"visible p99 = {np.percentile(vis, 99):.3f} s")

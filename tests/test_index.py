@@ -165,3 +165,27 @@ def test_readers_map_snapshots_and_serve_them_after_a_prune_deletes_the_file(tmp
     assert not list((tmp_path / "index").glob("v000001*"))
     np.testing.assert_array_equal(first.search(vectors[:3], 3)[1], index.search(vectors[:3], 3)[1])
     assert reader.get() is not first and reader.get().version == 2  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_a_mapped_index_answers_membership_from_its_ids(tmp_path: Path, kind: str) -> None:
+    """A reader's base answers which ids it holds from its sorted ids (``index_ids``), as the writer's changeable
+    index answers by a lookup each: removed ids and ids never added are not held."""
+    rng = np.random.default_rng(6)
+    vectors = unit(rng, 2000)
+    ids = np.arange(2000, dtype=np.int64) * 11 + 5
+    index = VectorIndex.empty(16, "m") if kind == "flat" else VectorIndex.trained_ivf(16, "m", vectors, 16)
+    index.upsert(ids, vectors)
+    index.remove(ids[:100])
+    store = SnapshotStore(tmp_path / "index")
+    store.save(index)
+    mapped = store.load(mapped=True)
+    assert mapped is not None
+    asked = np.concatenate([ids, ids + 1, np.array([-1, 2**62], np.int64)])  # held, removed, never added
+    wanted = index.holds(asked)
+    assert wanted.sum() == 1900 and not index.index_ids()  # the writer's ids change: no array of them
+    assert mapped.index_ids()
+    np.testing.assert_array_equal(mapped.holds(asked), wanted)
+    store.save(VectorIndex.empty(16, "m"))
+    empty = store.load(mapped=True)
+    assert empty is not None and empty.index_ids() and not empty.holds(asked).any()

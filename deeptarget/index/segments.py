@@ -76,7 +76,7 @@ class DeltaSegment:
                             change.vectors.shape[1], self.base.dim)  # fmt: skip
             self.skipped += len(ids)
             return
-        fresh = {int(i) for i in ids if int(i) in self.base} - self.tombstones
+        fresh = set(ids[self.base.holds(ids)].tolist()) - self.tombstones
         if fresh:
             self.tombstones |= fresh
             self._exclusion = None
@@ -134,7 +134,8 @@ class DeltaSegment:
         carried.touched = {i: at for i, at in self.touched.items() if older(upto, at)}
         self._remove([i for i in self.touched if i not in carried.touched and self._has(i)])
         carried.present = self.present
-        carried.tombstones = {i for i in carried.touched if i in base}
+        touched = np.fromiter(carried.touched, np.int64, len(carried.touched))
+        carried.tombstones = set(touched[base.holds(touched)].tolist())
         return carried
 
     def exclusion(self) -> Exclusion:
@@ -420,8 +421,10 @@ class LiveReader:
             LOG.warning("reader could not load index v%s (%s); still serving the one it has",
                         self.store.versions.current(), err)  # fmt: skip
             return None
-        if base is not None and not (self.gpu and base.on_gpu()):
-            base.index_centroids()  # here, before the base serves: queries never wait for the graph
+        if base is not None:
+            base.index_ids()  # here, before the base serves: the follower and queries never wait for these
+            if not (self.gpu and base.on_gpu()):
+                base.index_centroids()
         return base
 
     def _load_new_base(self) -> bool:

@@ -72,6 +72,7 @@ class VectorIndex:
     # answers are re-scored exactly over rerank x k candidates (1: the index's own ranking); tuned with nprobe
     rerank: int = 1
     _centroids: Any = field(default=None, repr=False)  # an HNSW graph of the IVF's centroids (see index_centroids)
+    _sorted_ids: np.ndarray | None = field(default=None, repr=False)  # a read-only index's ids (see index_ids)
     _gpu: Any = field(default=None, repr=False)  # a read-only GPU copy for searches (see on_gpu)
     _gpu_resources: Any = field(default=None, repr=False)
     _gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -273,6 +274,42 @@ class VectorIndex:
 
     def __contains__(self, vector_id: int) -> bool:
         return self.reconstruct(vector_id) is not None
+
+    def index_ids(self) -> bool:
+        """Make ``holds`` answer from a sorted array of a read-only index's ids (80 MB at 10M; 16 ms to gather and sort
+        300,000 of them here); True when it did. FAISS answers membership only through ``reconstruct``, which raises
+        for an absent id: 12 us a miss, 5 a hit, measured here on a mapped IVF, so the 30,000 ids a reader tests as it
+        carries its delta over to a new base held its lock for a second. Readers call this as they map a base."""
+        if not self.read_only:  # a changeable index's ids change: an array would go stale
+            return False
+        ivf = self._ivf
+        if ivf is None:  # exact: IndexIDMap2's ids (faiss's stubs know neither id_map nor release_ids, 1.15)
+            id_map: Any = faiss.downcast_index(self.index)
+            ids = faiss.vector_to_array(id_map.id_map) if self.ntotal else np.empty(0)
+        else:
+            lists: Any = ivf.invlists
+            parts = []
+            for list_no in range(ivf.nlist):
+                if size := lists.list_size(list_no):
+                    pointer = lists.get_ids(list_no)
+                    parts.append(faiss.rev_swig_ptr(pointer, size).copy())
+                    lists.release_ids(list_no, pointer)
+            ids = np.concatenate(parts) if parts else np.empty(0)
+        self._sorted_ids = np.sort(ids.astype(np.int64, copy=False))
+        return True
+
+    def holds(self, ids: np.ndarray) -> np.ndarray:
+        """Which of ``ids`` the index holds, a bool each: from the sorted ids once ``index_ids`` made them, else by
+        a lookup each."""
+        ids = np.asarray(ids, dtype=np.int64)
+        known = self._sorted_ids
+        if known is None:
+            return np.fromiter((int(i) in self for i in ids.tolist()), bool, len(ids))
+        if not len(known):
+            return np.zeros(len(ids), bool)
+        at = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+        held: np.ndarray = known[at] == ids
+        return held
 
 
 def search_lists(

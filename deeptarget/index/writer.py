@@ -318,10 +318,11 @@ class IndexWriter:
         self._start_publisher()
         self._wake.notify_all()
 
-    def _snapshot_or_defer(self) -> int | None:
-        """A snapshot now; when it fails, one later (the change it publishes is safe: see the module's docstring)."""
+    def _snapshot_or_defer(self, due_only: bool = False) -> int | None:
+        """A snapshot now; when it fails, one later (the change it publishes is safe: see the module's docstring).
+        ``due_only``: none if, by the time it could start, another snapshot took the changes and none is due."""
         try:
-            return self.snapshot()
+            return self.snapshot(due_only=due_only)
         except (OSError, RuntimeError) as err:  # RuntimeError: FAISS's own I/O errors
             with self._lock:
                 self._snapshot_failures += 1
@@ -360,7 +361,7 @@ class IndexWriter:
                 if self._closed:
                     return
             try:  # outside the lock: a forked snapshot lets adds go on while it is written
-                self._snapshot_or_defer()
+                self._snapshot_or_defer(due_only=True)
             except Exception:  # keep the thread: the next change, or this retry, tries again
                 LOG.exception("deferred index snapshot failed; trying again in %.0f s", MAX_RETRY_FAILED_SNAPSHOT_S)
                 with self._lock:
@@ -390,13 +391,17 @@ class IndexWriter:
                 return None
         return self._snapshot_or_defer()
 
-    def snapshot(self) -> int | None:
+    def snapshot(self, due_only: bool = False) -> int | None:
         """Write and publish a snapshot of the index as it is now; returns its version. One at a time: a call while
         another is written waits for it. The index is frozen only while the write starts (a fork, for a large
-        index: ``SnapshotStore.begin``); changes made while the file is written go to the next snapshot."""
+        index: ``SnapshotStore.begin``); changes made while the file is written go to the next snapshot.
+        ``due_only`` (the publisher's): None, and no snapshot, unless one is due by now; the publisher decides
+        outside the lock, and an explicit snapshot may have published the changes since."""
         with self._lock:
             while self._sealing:
                 self._wake.wait()
+            if due_only and (self._publish_at is None or self._publish_at > time.monotonic()):
+                return None
             if self.index is None:
                 self._publish_at = None
                 return None
