@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -190,21 +189,3 @@ def test_a_mapped_index_answers_membership_from_its_ids(tmp_path: Path, kind: st
     store.save(VectorIndex.empty(16, "m"))
     empty = store.load(mapped=True)
     assert empty is not None and empty.index_ids() and not empty.holds(asked).any()
-
-
-def test_a_mapped_base_maps_its_pages_at_once_and_answers_the_same(tmp_path: Path) -> None:
-    """``map_pages`` asks the kernel for every page of a mapped IVF's lists (MADV_POPULATE_READ, Linux 5.14 on);
-    the index answers as before, and an index that is not mapped is left alone."""
-    rng = np.random.default_rng(7)
-    vectors = unit(rng, 3000)
-    index = VectorIndex.trained_ivf(16, "m", vectors, 16)
-    index.upsert(np.arange(3000, dtype=np.int64), vectors)
-    index.nprobe = 4
-    store = SnapshotStore(tmp_path / "index")
-    store.save(index)
-    mapped = store.load(mapped=True)
-    assert mapped is not None and not index.map_pages()
-    kernel = tuple(int(part) for part in platform.release().split(".")[:2] if part.isdigit())
-    assert mapped.map_pages() == (platform.system() == "Linux" and kernel >= (5, 14))
-    for want, got in zip(index.search(vectors[:50], 5), mapped.search(vectors[:50], 5), strict=True):
-        np.testing.assert_array_equal(want, got)

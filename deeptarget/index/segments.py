@@ -411,16 +411,8 @@ class LiveReader:
         faiss.omp_set_num_threads(1)
         stamp = self.store.versions.stamp()  # before the load: a newer version than this is mapped again later
         base = self._map()
-        if base is None:
-            return
-        self._mapped = (base, stamp)
-        # Once the follower serves it (and the old base is let go, so that the two are not both resident): its
-        # pages into this process at once, where the first queries on it would each fault some in
-        while self._mapped is not None and not self._stopped.wait(0.01):
-            pass
-        live = self._live
-        if live is not None and live.base is base and base.map_pages():
-            LOG.info("reader mapped every page of index v%s", base.version)
+        if base is not None:
+            self._mapped = (base, stamp)
 
     def _map(self) -> VectorIndex | None:
         try:

@@ -37,7 +37,6 @@ import faiss
 import numpy as np
 
 from deeptarget.core.errors import IndexMismatchError
-from deeptarget.index import residency
 from deeptarget.store.versioned import VersionedDir, atomic_write, fsync_dir
 
 LOG = logging.getLogger(__name__)
@@ -298,27 +297,6 @@ class VectorIndex:
             ids = np.concatenate(parts) if parts else np.empty(0)
         self._sorted_ids = np.sort(ids.astype(np.int64, copy=False))
         return True
-
-    def map_pages(self) -> bool:
-        """Bring a mapped IVF's lists into this process's page tables at once (``index.residency``), so that the
-        first queries on a new base do not fault them in; True when it did. Its lists lie in one stretch of the file
-        (each list's codes, then its ids), which FAISS maps whole."""
-        ivf = self._ivf
-        if not self.read_only or ivf is None or not self.ntotal:
-            return False
-        lists: Any = ivf.invlists
-        start, end = None, 0
-        for list_no in range(ivf.nlist):
-            if size := lists.list_size(list_no):
-                codes, ids = lists.get_codes(list_no), lists.get_ids(list_no)
-                for pointer, length in ((codes, size * lists.code_size), (ids, size * 8)):
-                    at = int(faiss.rev_swig_ptr(pointer, 1).ctypes.data)
-                    start, end = at if start is None else min(start, at), max(end, at + length)
-                lists.release_codes(list_no, codes)
-                lists.release_ids(list_no, ids)
-        if start is None or end - start > 2 * self.ntotal * (lists.code_size + 8):  # not one stretch: leave it
-            return False
-        return residency.populate(start, end)
 
     def holds(self, ids: np.ndarray) -> np.ndarray:
         """Which of ``ids`` the index holds, a bool each: from the sorted ids once ``index_ids`` made them, else by
