@@ -75,6 +75,20 @@ def memory_gb(field: str = "VmRSS", pid: str = "self") -> float:
     return float("nan")
 
 
+def mapped_files_gb(pid: str = "self") -> dict[str, float]:
+    """The resident GB of each file this process maps (from /proc/PID/smaps): which bases a reader still holds."""
+    resident: dict[str, float] = {}
+    name = ""
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 6:  # a mapping's header: address perms ... path
+                name = Path(fields[5]).name + (" (deleted)" if fields[-1] == "(deleted)" else "")
+            elif fields and fields[0] == "Rss:" and name.split(" ")[0].endswith((".faiss", ".f16")):
+                resident[name] = resident.get(name, 0.0) + int(fields[1]) / 1024**2
+    return resident
+
+
 def base_ids(n: int) -> np.ndarray:
     return np.arange(n, dtype=np.int64) * 7919 + 13  # arbitrary int64 ids, as the blake2b ones are
 
@@ -204,7 +218,7 @@ def reader_main(folder: str, url: str, clients: int, out: str, n: int, dim: int,
         "slowest": slowest,
         "visible_s": visible,
         "rss_gb": memory_gb("VmRSS"), "peak_rss_gb": memory_gb("VmHWM"), "found": found,
-        "anon_gb": memory_gb("RssAnon"), "file_gb": memory_gb("RssFile"),
+        "anon_gb": memory_gb("RssAnon"), "file_gb": memory_gb("RssFile"), "mapped": mapped_files_gb(),
         "ntotal": index.ntotal, "delta": index.delta.ntotal, "tombstones": len(index.delta.tombstones),
     }))  # fmt: skip
 
@@ -454,6 +468,10 @@ def _run(args: argparse.Namespace, console: Console, data: ClusteredVectors, fol
     console.print(table)
     slowest = np.argsort(-vis)[:5]
     published = ", ".join(f"{at - writer.started_at:.1f}" for at in writer.published_at)
+    console.print(
+        "the reader's mapped files at the end, resident GB: "
+        + ", ".join(f"{name} {gb:.2f}" for name, gb in sorted(result["mapped"].items()))
+    )
     console.print("slowest probes (added at s into the stream: took s): "
                   + ", ".join(f"{added[i] - writer.started_at:.1f}: {vis[i]:.2f}" for i in slowest)
                   + f"; seals published at {published} s")  # fmt: skip
