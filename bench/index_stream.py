@@ -84,7 +84,7 @@ def mapped_files_gb(pid: str = "self") -> dict[str, float]:
             fields = line.split()
             if fields and "-" in fields[0] and len(fields) >= 6:  # a mapping's header: address perms ... path
                 name = Path(fields[5]).name + (" (deleted)" if fields[-1] == "(deleted)" else "")
-            elif fields and fields[0] == "Rss:" and name.split(" ")[0].endswith((".faiss", ".f16")):
+            elif fields and fields[0] == "Rss:" and name.split(" ")[0].endswith(".faiss"):
                 resident[name] = resident.get(name, 0.0) + int(fields[1]) / 1024**2
     return resident
 

@@ -178,10 +178,10 @@ class VectorIndex:
         common upsert of new posts then costs nothing here, whatever the index size.
         """
         self._check_writable()
-        present = [int(i) for i in ids if int(i) in self] if self.ntotal else []
-        if not present:
+        ids = np.asarray(ids, dtype=np.int64)
+        wanted = ids[self.holds(ids)] if self.ntotal else ids[:0]
+        if not len(wanted):
             return 0
-        wanted = np.array(present, dtype=np.int64)
         # IVF's hash-table direct map removes an array of ids directly (O(m)); the flat index scans, with a hash set.
         selector = faiss.IDSelectorBatch(wanted) if self.kind == "flat" else faiss.IDSelectorArray(wanted)
         return int(self.index.remove_ids(selector))
